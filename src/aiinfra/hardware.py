@@ -1,0 +1,113 @@
+"""The hardware catalog: accelerators with their peaks, memory, links and power, each row with its source.
+
+The data lives in `hardware.csv` beside this module (copied from public datasheets and papers; the `sources`
+column names them). Users extend it with their own CSV through `load_catalog(extra_csv)`. Torch-free: the
+trainer reads it for MFU, the planner for everything.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+CATALOG_CSV = Path(__file__).with_name("hardware.csv")
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """One accelerator model. Rates are dense (no sparsity); bandwidths are per direction unless named."""
+
+    id: str
+    kind: str  # gpu, tpu, edge
+    bf16_dense_tflops: float | None
+    fp8_dense_tflops: float | None
+    int8_dense_tops: float | None
+    memory_gb: float
+    memory_bw_gbs: float
+    scaleup_domain: int
+    scaleup_bw_gbs_per_dir: float | None
+    scaleout_gbps_per_device: float | None
+    tdp_w: float | None
+    sources: str
+    notes: str = ""
+
+    def peak_flops(self, dtype: str = "bf16") -> float:
+        """Dense peak in FLOP/s for `dtype` (bf16, fp8 or int8); raises if the catalog has no figure."""
+        value = {"bf16": self.bf16_dense_tflops, "fp8": self.fp8_dense_tflops, "int8": self.int8_dense_tops}.get(
+            dtype
+        )
+        if value is None:
+            raise ValueError(f"hardware {self.id!r} has no {dtype} peak in the catalog")
+        return value * 1e12
+
+
+def _number(text: str) -> float | None:
+    return float(text) if text.strip() else None
+
+
+def _row_to_accelerator(row: dict[str, str]) -> Accelerator:
+    return Accelerator(
+        id=row["id"].strip(),
+        kind=row["kind"].strip(),
+        bf16_dense_tflops=_number(row["bf16_dense_tflops"]),
+        fp8_dense_tflops=_number(row["fp8_dense_tflops"]),
+        int8_dense_tops=_number(row["int8_dense_tops"]),
+        memory_gb=float(row["memory_gb"]),
+        memory_bw_gbs=float(row["memory_bw_gbs"]),
+        scaleup_domain=int(row["scaleup_domain"] or 1),
+        scaleup_bw_gbs_per_dir=_number(row["scaleup_bw_gbs_per_dir"]),
+        scaleout_gbps_per_device=_number(row["scaleout_gbps_per_device"]),
+        tdp_w=_number(row["tdp_w"]),
+        sources=row["sources"],
+        notes=row.get("notes") or "",
+    )
+
+
+def read_csv(path: Path) -> dict[str, Accelerator]:
+    """Parse one catalog CSV into accelerators keyed by id."""
+    with open(path, newline="") as handle:
+        return {acc.id: acc for acc in map(_row_to_accelerator, csv.DictReader(handle))}
+
+
+@cache
+def _builtin() -> dict[str, Accelerator]:
+    return read_csv(CATALOG_CSV)
+
+
+def load_catalog(extra_csv: Path | None = None) -> dict[str, Accelerator]:
+    """The built-in catalog, with rows from `extra_csv` added or replacing those of the same id."""
+    catalog = dict(_builtin())
+    if extra_csv is not None:
+        catalog.update(read_csv(extra_csv))
+    return catalog
+
+
+def get_accelerator(name: str, extra_csv: Path | None = None) -> Accelerator:
+    """Look up one accelerator by id, with an error that lists the known ids."""
+    catalog = load_catalog(extra_csv)
+    if name not in catalog:
+        raise KeyError(f"unknown hardware {name!r}; known: {', '.join(sorted(catalog))}")
+    return catalog[name]
+
+
+# torch.cuda.get_device_name() substrings -> catalog ids, most specific first.
+_CUDA_NAMES = [
+    ("GB200", "gb200"),
+    ("B200", "b200"),
+    ("H200", "h200"),
+    ("H800", "h800"),
+    ("H100", "h100-sxm-80gb"),
+    ("A100-SXM4-40GB", "a100-sxm-40gb"),
+    ("A100", "a100-sxm-80gb"),
+    ("MI300X", "mi300x"),
+]
+
+
+def match_device_name(device_name: str) -> Accelerator | None:
+    """The catalog entry for a CUDA device name such as 'NVIDIA H100 80GB HBM3', or None if unknown."""
+    for needle, accelerator_id in _CUDA_NAMES:
+        if needle.lower() in device_name.lower():
+            return _builtin()[accelerator_id]
+    return None
