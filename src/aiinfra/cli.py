@@ -2,9 +2,60 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+from aiinfra.config import ConfigError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__)
+
+
+def fail(message: str) -> typer.Exit:
+    """A user mistake: one clear line on stderr, exit status 2, no traceback."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+@app.command("train")
+def train_command(
+    config: Annotated[Path | None, typer.Argument(help="TOML config (default: the embedded tiny model)")] = None,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="section.key=value, repeatable")] = None,
+) -> None:
+    """Train a model; with no arguments, the embedded default on this interpreter's standard library."""
+    from aiinfra.config import load_config
+    from aiinfra.train import train
+
+    try:
+        result = train(load_config(config, overrides or []))
+    except ConfigError as error:
+        raise fail(str(error)) from None
+    typer.echo(f"\nsample:\n{result.sample}\n")
+    typer.echo(
+        f"done in {result.wall_time_s:.0f} s: validation loss {result.final_val_loss:.3f} nats/token "
+        f"(unigram entropy {result.unigram_entropy_nats:.3f}), {result.tokens_per_s:,.0f} tokens/s, "
+        f"MFU {100 * result.mfu:.1f}%\nrun saved to {result.run_dir}; try: aiinfra generate {result.run_dir} "
+        f'--prompt "def "'
+    )
+
+
+@app.command("generate")
+def generate_command(
+    run: Annotated[Path, typer.Argument(help="a finished run directory")],
+    prompt: Annotated[str, typer.Option(help="text to continue")] = "def ",
+    max_tokens: Annotated[int, typer.Option(min=1, help="tokens to generate")] = 200,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy")] = 0.7,
+    top_k: Annotated[int, typer.Option(min=0, help="sample among the k likeliest (0: all)")] = 40,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+) -> None:
+    """Sample text from a trained run."""
+    from aiinfra.train.generate import generate
+
+    try:
+        typer.echo(generate(run, prompt, max_tokens, temperature, top_k, seed))
+    except (ConfigError, ValueError) as error:
+        raise fail(str(error)) from None
 
 
 @app.callback()

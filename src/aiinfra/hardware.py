@@ -35,9 +35,7 @@ class Accelerator:
 
     def peak_flops(self, dtype: str = "bf16") -> float:
         """Dense peak in FLOP/s for `dtype` (bf16, fp8 or int8); raises if the catalog has no figure."""
-        value = {"bf16": self.bf16_dense_tflops, "fp8": self.fp8_dense_tflops, "int8": self.int8_dense_tops}.get(
-            dtype
-        )
+        value = {"bf16": self.bf16_dense_tflops, "fp8": self.fp8_dense_tflops, "int8": self.int8_dense_tops}.get(dtype)
         if value is None:
             raise ValueError(f"hardware {self.id!r} has no {dtype} peak in the catalog")
         return value * 1e12

@@ -94,8 +94,8 @@ class ModelSpec(BaseModel):
         return experts * self.expert_params() + self.dim * self.n_experts
 
     def norm_params(self) -> int:
-        """Parameters of one norm layer (scale, and shift when biased)."""
-        return self.dim * (2 if self.bias else 1)
+        """Parameters of one norm layer: a scale, plus a shift for a biased LayerNorm."""
+        return self.dim * (2 if self.bias and self.norm == "layernorm" else 1)
 
     def layer_params(self, active_only: bool = False) -> int:
         return self.attention_params() + self.mlp_params(active_only) + 2 * self.norm_params()
@@ -109,9 +109,7 @@ class ModelSpec(BaseModel):
 
     def num_params(self, active_only: bool = False) -> int:
         """Exact number of parameters (what `sum(p.numel())` gives on the built module)."""
-        return (
-            self.n_layers * self.layer_params(active_only) + self.embedding_params() + self.norm_params()
-        )
+        return self.n_layers * self.layer_params(active_only) + self.embedding_params() + self.norm_params()
 
     # ---- FLOP counts ------------------------------------------------------------------------------------
     def matmul_params_per_token(self) -> int:
@@ -138,14 +136,33 @@ class ModelSpec(BaseModel):
 
 
 def _llama(vocab: int, dim: int, layers: int, heads: int, kv: int, ffn: int, seq: int, theta: float) -> dict:
-    return dict(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv, ffn_dim=ffn,
-                max_seq_len=seq, rope_theta=theta)
+    return dict(
+        vocab_size=vocab,
+        dim=dim,
+        n_layers=layers,
+        n_heads=heads,
+        n_kv_heads=kv,
+        ffn_dim=ffn,
+        max_seq_len=seq,
+        rope_theta=theta,
+    )
 
 
 def _gpt(vocab: int, dim: int, layers: int, heads: int, seq: int) -> dict:
-    return dict(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=heads, ffn_dim=4 * dim,
-                max_seq_len=seq, mlp="gelu", norm="layernorm", position="learned", bias=True,
-                tie_embeddings=True)
+    return dict(
+        vocab_size=vocab,
+        dim=dim,
+        n_layers=layers,
+        n_heads=heads,
+        n_kv_heads=heads,
+        ffn_dim=4 * dim,
+        max_seq_len=seq,
+        mlp="gelu",
+        norm="layernorm",
+        position="learned",
+        bias=True,
+        tie_embeddings=True,
+    )
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -1,1 +1,1 @@
-"""checkpoint"""
+"""Everything written to disk by training: run directories, checkpoints, export."""

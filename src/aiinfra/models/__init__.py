@@ -1,1 +1,6 @@
-"""models"""
+"""Single-device model code, built from the torch-free `ModelSpec`."""
+
+from aiinfra.models.llama import Transformer, apply_rotary, rotary_tables
+from aiinfra.models.sampling import sample
+
+__all__ = ["Transformer", "apply_rotary", "rotary_tables", "sample"]

@@ -1,1 +1,1 @@
-"""observe"""
+"""Observability: metrics, the step logger, device peaks for MFU, plots."""

@@ -1,1 +1,5 @@
-"""train"""
+"""Training: the loop, its schedule and its entry point."""
+
+from aiinfra.train.trainer import Trainer, TrainResult, train
+
+__all__ = ["Trainer", "TrainResult", "train"]

@@ -1,0 +1,140 @@
+"""The training configuration: a tree of validated sections, loaded from TOML, overridden by `--set key=value`.
+
+Every field has a one-line description. Unknown keys and bad values are rejected with a `ConfigError` whose
+message names the key, where it came from (the file or `--set`) and what was expected.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from aiinfra.spec import ModelSpec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration the user wrote is wrong; the message says which key and why."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    corpus: str = Field("stdlib", description="'stdlib' (this interpreter's standard library) or a text file/dir")
+    val_fraction: float = Field(0.05, gt=0, lt=1, description="share of documents held out for validation")
+    cache_dir: str | None = Field(None, description="where tokenized corpora are cached (default ~/.cache/aiinfra)")
+
+
+class TrainConfig(Section):
+    steps: int = Field(300, ge=1, description="optimizer steps")
+    seq_len: int = Field(256, ge=8, description="tokens per training sequence")
+    micro_batch: int = Field(16, ge=1, description="sequences per forward/backward pass on one process")
+    grad_accum: int = Field(1, ge=1, description="micro-batches accumulated into one optimizer step")
+    lr: float = Field(3e-3, gt=0, description="peak learning rate")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final learning rate as a fraction of the peak")
+    warmup_steps: int = Field(30, ge=0, description="linear warmup steps before the cosine decay (capped at steps)")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay (matrices only)")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2")
+    grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this (0 disables)")
+    eval_every: int = Field(100, ge=0, description="evaluate on the validation split every N steps (0: only at end)")
+    eval_batches: int = Field(8, ge=1, description="validation batches per evaluation")
+    seed: int = Field(1234, description="seed of weights, data order and dropout-free sampling")
+    dtype: Literal["bf16", "fp32"] = Field("bf16", description="autocast compute dtype; weights stay fp32")
+    device: str = Field("auto", description="'auto' (cuda if present, else cpu), 'cpu' or 'cuda[:N]'")
+    threads: int = Field(0, ge=0, description="CPU threads for torch (0: all cores)")
+    compile: bool = Field(False, description="torch.compile the model")
+    deterministic: bool = Field(False, description="use deterministic algorithms (for bitwise-reproducible runs)")
+
+
+class RunConfig(Section):
+    dir: str | None = Field(None, description="run directory (default runs/<preset>-<timestamp>)")
+    log_every: int = Field(10, ge=1, description="print a progress line every N steps when not on a terminal")
+    progress: bool = Field(True, description="show the live progress bar")
+    sample_tokens: int = Field(120, ge=0, description="tokens of the sample printed at the end (0: none)")
+    sample_prompt: str = Field("def ", description="prompt of the sample printed at the end")
+
+
+class Config(Section):
+    """The whole training configuration."""
+
+    model: ModelSpec = Field(default_factory=lambda: ModelSpec(preset="tiny"))
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for TOML/JSON, with None values left out (TOML has no null)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'train.lr=1e-3' -> (['train', 'lr'], 0.001). The value is read as TOML, else taken as a plain string."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item}: expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _merge(tree: dict[str, Any], path: list[str], value: Any, origin: str) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: {'.'.join(path)} is not inside a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _describe(error: dict[str, Any], origins: dict[str, str], default_origin: str) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    # A section-level error (say, model: unknown preset) is blamed on the --set that touched that section.
+    related = [origin for name, origin in origins.items() if key and name.startswith(key + ".")]
+    origin = origins.get(key) or (related[-1] if related else default_origin)
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    return f"{origin}: {key}: {message}" if key else f"{origin}: {message}"
+
+
+def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a TOML file (or the defaults), apply `section.key=value` overrides, validate everything."""
+    tree: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    if path is not None:
+        try:
+            tree = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {error}") from None
+    for item in overrides:
+        keys, value = parse_override(item)
+        _merge(tree, keys, value, f"--set {item}")
+        origins[".".join(keys)] = f"--set {item}"
+    if isinstance(tree.get("model"), dict) and "preset" not in tree["model"]:
+        tree["model"]["preset"] = "tiny"  # fields given without a preset override the default preset
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as error:
+        default_origin = str(path) if path is not None else "config"
+        raise ConfigError("; ".join(_describe(e, origins, default_origin) for e in error.errors())) from None

@@ -1,0 +1,282 @@
+"""The single-process training loop: AdamW, warmup + cosine, clipping, accumulation, evaluation, MFU.
+
+One step reads: take a batch, forward/backward each micro-batch, clip, step the optimizer and schedule, log.
+Everything that must survive a restart lives in `state_dict()` (model, optimizer, schedule, step, sampler).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from aiinfra.checkpoint.run_dir import save_run
+from aiinfra.config import Config, ConfigError
+from aiinfra.data.dataset import default_cache_dir, prepare_dataset, unigram_entropy_nats
+from aiinfra.data.sampler import WindowSampler, eval_batches
+from aiinfra.data.tokenizer import decode, encode
+from aiinfra.models import Transformer, sample
+from aiinfra.observe.device_peak import device_peak
+from aiinfra.observe.plots import plot_loss_curve
+from aiinfra.observe.step_log import StepLogger, read_metrics
+
+
+@dataclass
+class TrainResult:
+    """Headline figures of a finished run."""
+
+    run_dir: str
+    steps: int
+    final_train_loss: float
+    final_val_loss: float
+    unigram_entropy_nats: float
+    tokens_per_s: float
+    mfu: float
+    peak_flops_source: str
+    wall_time_s: float
+    sample: str
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present, else the CPU; anything else must be a device torch knows."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device={name!r}: expected 'auto', 'cpu' or 'cuda[:N]'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r}: CUDA is not available on this machine")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Learning-rate multiplier: linear from 1/warmup to 1, then cosine down to `min_lr_ratio` at the end."""
+    warmup_steps = min(warmup_steps, total_steps)
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (embeddings included), none on norm scales and biases."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    cfg = config.train
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        fused=next(model.parameters()).device.type == "cuda",
+    )
+
+
+def default_run_dir(config: Config) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{config.model.preset or 'custom'}-{stamp}"
+
+
+class Trainer:
+    """Owns the model, optimizer, schedule and data of one run."""
+
+    def __init__(self, config: Config, run_dir: Path | None = None):
+        self.config = config
+        cfg = config.train
+        self.device = resolve_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.use_deterministic_algorithms(cfg.deterministic)
+        seed_everything(cfg.seed)
+
+        cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else default_cache_dir()
+        self.dataset = prepare_dataset(config.data.corpus, config.model.vocab_size, config.data.val_fraction, cache_dir)
+        tokenizer_vocab = self.dataset.tokenizer.get_vocab_size()
+        if tokenizer_vocab > config.model.vocab_size:
+            raise ConfigError(f"model.vocab_size={config.model.vocab_size} < the tokenizer's {tokenizer_vocab}")
+
+        self.model = Transformer(config.model).to(self.device)
+        self.train_model = torch.compile(self.model) if cfg.compile else self.model
+        self.optimizer = build_optimizer(self.model, config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+        )
+        self.sampler = WindowSampler(self.dataset.train, cfg.seq_len, cfg.micro_batch * cfg.grad_accum, cfg.seed)
+        self.step = 0
+
+        self.autocast_dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
+        self.peak = device_peak(self.device, self.autocast_dtype or torch.float32, cache_dir)
+        self.flops_per_token = config.model.train_flops_per_token(cfg.seq_len)
+        self.tokens_per_step = cfg.micro_batch * cfg.grad_accum * cfg.seq_len
+
+        self.run_dir = Path(run_dir or config.run.dir or default_run_dir(config))
+        if (self.run_dir / "model.safetensors").exists():
+            raise ConfigError(f"run.dir={str(self.run_dir)!r} already holds a finished run; choose another")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            logits = self.train_model(inputs)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over `grad_accum` micro-batches; returns the step's metrics."""
+        cfg = self.config.train
+        inputs, targets = self.sampler.next_batch()
+        inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+        loss_sum = torch.zeros((), device=self.device)
+        for micro_inputs, micro_targets in zip(inputs.chunk(cfg.grad_accum), targets.chunk(cfg.grad_accum)):
+            loss = self._loss(micro_inputs, micro_targets) / cfg.grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            if cfg.grad_clip > 0
+            else torch.zeros(())
+        )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.step += 1
+        return {"loss": loss_sum.item(), "grad_norm": float(grad_norm), "lr": lr}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the fixed validation windows."""
+        cfg = self.config.train
+        self.model.eval()
+        losses = [
+            self._loss(inputs.to(self.device), targets.to(self.device)).item()
+            for inputs, targets in eval_batches(self.dataset.val, cfg.seq_len, cfg.micro_batch, cfg.eval_batches)
+        ]
+        self.model.train()
+        return sum(losses) / len(losses)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "step": self.step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step = state["step"]
+
+    def sample_text(self, prompt: str, max_new_tokens: int) -> str:
+        tokenizer = self.dataset.tokenizer
+        with self._autocast():
+            ids = sample(
+                self.model.eval(),
+                encode(tokenizer, prompt),
+                max_new_tokens,
+                temperature=0.7,
+                top_k=40,
+                seed=self.config.train.seed,
+                stop_id=tokenizer.token_to_id("<|endoftext|>"),
+            )
+        self.model.train()
+        return prompt + decode(tokenizer, ids)
+
+    def fit(self) -> TrainResult:
+        """Train for `train.steps` steps, evaluate, and write the self-contained run directory."""
+        cfg, run = self.config.train, self.config.run
+        logger = StepLogger(self.run_dir, cfg.steps, progress=run.progress, log_every=run.log_every)
+        started = time.perf_counter()
+        logger.print(
+            f"run {self.run_dir}: {self.config.model.num_params() / 1e6:.2f}M parameters, "
+            f"{self.tokens_per_step} tokens/step, {self.device} {cfg.dtype}, {torch.get_num_threads()} threads; "
+            f"MFU peak {self.peak.flops_per_s / 1e12:.3f} TFLOP/s ({self.peak.source})"
+        )
+        train_loss = val_loss = float("nan")
+        timed_tokens, timed_seconds = 0, 0.0
+        try:
+            self.model.train()
+            while self.step < cfg.steps:
+                step_start = time.perf_counter()
+                metrics = self.train_step()
+                step_time_s = time.perf_counter() - step_start
+                tokens_per_s = self.tokens_per_step / step_time_s
+                if self.step > 1:  # the first step pays one-off warm-up costs
+                    timed_tokens, timed_seconds = timed_tokens + self.tokens_per_step, timed_seconds + step_time_s
+                record = {
+                    "step": self.step,
+                    **metrics,
+                    "step_time_s": step_time_s,
+                    "tokens_per_s": tokens_per_s,
+                    "mfu": tokens_per_s * self.flops_per_token / self.peak.flops_per_s,
+                    "tokens": self.step * self.tokens_per_step,
+                }
+                train_loss = metrics["loss"]
+                if not math.isfinite(train_loss):
+                    raise FloatingPointError(f"loss became {train_loss} at step {self.step}; lower train.lr")
+                if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps:
+                    val_loss = record["val_loss"] = self.evaluate()
+                    logger.print(f"step {self.step}: train loss {train_loss:.3f}, validation loss {val_loss:.3f}")
+                logger.log(record)
+        finally:
+            logger.close()
+
+        tokens_per_s = timed_tokens / timed_seconds if timed_seconds else tokens_per_s
+        entropy = unigram_entropy_nats(self.dataset.train, self.dataset.tokenizer.get_vocab_size())
+        text = self.sample_text(run.sample_prompt, run.sample_tokens) if run.sample_tokens else ""
+        result = TrainResult(
+            run_dir=str(self.run_dir),
+            steps=self.step,
+            final_train_loss=train_loss,
+            final_val_loss=val_loss,
+            unigram_entropy_nats=entropy,
+            tokens_per_s=tokens_per_s,
+            mfu=tokens_per_s * self.flops_per_token / self.peak.flops_per_s,
+            peak_flops_source=self.peak.source,
+            wall_time_s=time.perf_counter() - started,
+            sample=text,
+        )
+        save_run(self.run_dir, self.model, self.config, self.dataset.tokenizer, asdict(result))
+        plot_loss_curve(read_metrics(self.run_dir), self.run_dir / "loss_curve.png", reference_nats=entropy)
+        _point_latest(self.run_dir)
+        return result
+
+
+def _point_latest(run_dir: Path) -> None:
+    """Make <runs>/latest a symlink to the newest finished run (best effort: some filesystems refuse links)."""
+    latest = run_dir.parent / "latest"
+    try:
+        tmp = run_dir.parent / f".latest-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(run_dir.name)
+        os.replace(tmp, latest)
+    except OSError:
+        pass
+
+
+def train(config: Config) -> TrainResult:
+    """Train one model as `config` says; the entry point of `aiinfra train`."""
+    return Trainer(config).fit()

@@ -1,0 +1,39 @@
+"""The command line end to end, run as a user runs it: a subprocess, exit codes, stdout and stderr."""
+
+import subprocess
+import sys
+
+import pytest
+import tomli_w
+
+
+def aiinfra(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "aiinfra", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("train", "--set", "train.lr=abc"),
+        ("train", "--set", "model.n_layers=0"),
+        ("train", "missing.toml"),
+        ("generate", "no-such-run"),
+    ],
+)
+def test_user_mistakes_exit_2_without_traceback(args, tmp_path) -> None:
+    result = aiinfra(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.startswith("error: ")
+
+
+def test_train_then_generate_end_to_end(tiny_config, tmp_path) -> None:
+    config_path = tmp_path / "tiny.toml"
+    config_path.write_text(tomli_w.dumps(tiny_config.to_dict()))
+    trained = aiinfra("train", str(config_path), "--set", "train.steps=20", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    assert "validation loss" in trained.stdout and "sample:" in trained.stdout
+    generated = aiinfra("generate", tiny_config.run.dir, "--prompt", "def ", "--max-tokens", "20", cwd=tmp_path)
+    assert generated.returncode == 0, generated.stderr
+    assert generated.stdout.startswith("def ") and len(generated.stdout) > len("def \n")
