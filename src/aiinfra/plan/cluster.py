@@ -1,0 +1,129 @@
+"""The cluster: devices, their peaks, the scale-up domain and the scale-out network, and collective costs on them.
+
+Collective times use the alpha-beta model of ring algorithms (Thakur, Rabenseifner and Gropp 2005; the NCCL
+tests' "bus bandwidth" convention): an all-gather or reduce-scatter over n ranks moves (n-1)/n of the full
+buffer through each rank's link in n-1 steps; an all-reduce is a reduce-scatter plus an all-gather.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+from aiinfra.hardware import Accelerator, get_accelerator
+from aiinfra.plan.efficiency import EfficiencyProfile, profile_for
+from aiinfra.plan.errors import PlanError
+
+Collective = Literal["all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p"]
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A homogeneous cluster of `n_devices` accelerators and the links between them."""
+
+    accelerator: Accelerator
+    n_devices: int
+    efficiency: EfficiencyProfile
+    scaleup_domain: int  # devices joined by the fast fabric (NVLink node, NVL72 rack, TPU slice)
+    scaleup_bw_bytes_per_s: float  # per device, per direction
+    scaleout_bw_bytes_per_s: float  # per device, per direction (NIC or data-centre network)
+    topology: Literal["switch", "torus"] = "switch"
+
+    @property
+    def memory_bytes(self) -> float:
+        return self.accelerator.memory_gb * 1e9
+
+    @property
+    def memory_bw_bytes_per_s(self) -> float:
+        return self.accelerator.memory_bw_gbs * 1e9
+
+    def peak_flops(self, precision: str) -> float:
+        """Dense peak in FLOP/s for a training or serving precision (fp16 and bf16 share a peak)."""
+        dtype = "bf16" if precision in ("bf16", "fp16", "fp32") else precision
+        try:
+            return self.accelerator.peak_flops(dtype)
+        except ValueError as error:
+            raise PlanError(str(error)) from None
+
+
+def make_cluster(
+    hardware: str | Accelerator,
+    n_devices: int,
+    scaleup_domain: int | None = None,
+    scaleout_gbps_per_device: float | None = None,
+    extra_csv: Path | None = None,
+) -> Cluster:
+    """A cluster of `n_devices` catalog accelerators, with optional overrides of the topology figures."""
+    if n_devices < 1:
+        raise PlanError(f"--devices={n_devices}: must be >= 1")
+    if isinstance(hardware, str):
+        try:
+            accelerator = get_accelerator(hardware, extra_csv)
+        except KeyError as error:
+            raise PlanError(error.args[0]) from None
+    else:
+        accelerator = hardware
+    domain = scaleup_domain or accelerator.scaleup_domain
+    scaleup_gbs = accelerator.scaleup_bw_gbs_per_dir
+    # A device without a scale-up fabric talks to its peers over the scale-out network only.
+    scaleout_gbps = scaleout_gbps_per_device or accelerator.scaleout_gbps_per_device or 0.0
+    scaleout_bytes = scaleout_gbps * 1e9 / 8
+    return Cluster(
+        accelerator=accelerator,
+        n_devices=n_devices,
+        efficiency=profile_for(accelerator.id, accelerator.kind),
+        scaleup_domain=max(1, domain),
+        scaleup_bw_bytes_per_s=(scaleup_gbs or 0.0) * 1e9 or scaleout_bytes,
+        scaleout_bw_bytes_per_s=scaleout_bytes or (scaleup_gbs or 0.0) * 1e9,
+        topology="torus" if accelerator.kind == "tpu" else "switch",
+    )
+
+
+def with_efficiency(cluster: Cluster, efficiency: EfficiencyProfile) -> Cluster:
+    """The same cluster with another efficiency profile (used by calibration and sensitivity studies)."""
+    return replace(cluster, efficiency=efficiency)
+
+
+def group_bandwidth_bytes_per_s(cluster: Cluster, group_size: int, stride: int) -> tuple[float, float]:
+    """Bus bandwidth and per-step latency for a group of `group_size` ranks spaced `stride` ranks apart.
+
+    Ranks are packed into scale-up domains in order, so a group stays on the fast fabric when
+    stride x size <= domain. A group that spans domains with k members in each is limited by the scale-out
+    links; NCCL runs one ring per NIC, so each domain pushes its share through k NICs at once (k x NIC rate),
+    but never faster than the scale-up fabric.
+    """
+    eff = cluster.efficiency
+    if group_size <= 1:
+        return float("inf"), 0.0
+    if stride * group_size <= cluster.scaleup_domain:
+        bandwidth = cluster.scaleup_bw_bytes_per_s
+        if cluster.topology == "torus":
+            # A bidirectional ring on a torus axis with wrap-around uses both directions of its links
+            # (jax-ml scaling book, "How to think about TPUs": all-gather cost V / (2 W_ici) per axis).
+            bandwidth *= 2
+        return bandwidth * eff.collective_bw_efficiency, eff.scaleup_latency_s
+    members_per_domain = max(1, cluster.scaleup_domain // stride) if stride < cluster.scaleup_domain else 1
+    bandwidth = min(cluster.scaleup_bw_bytes_per_s, members_per_domain * cluster.scaleout_bw_bytes_per_s)
+    return bandwidth * eff.collective_bw_efficiency, eff.scaleout_latency_s
+
+
+def collective_time_s(cluster: Cluster, kind: Collective, size_bytes: float, group_size: int, stride: int = 1) -> float:
+    """Time of one collective over `size_bytes` (the full, unsharded buffer) on a group of ranks.
+
+    all_gather / reduce_scatter: (n-1)/n x size / bw + (n-1) alpha; all_reduce: twice that;
+    all_to_all: (n-1)/n x size / bw + (n-1) alpha (each rank keeps 1/n and sends the rest);
+    p2p: size / bw + alpha (one send).
+    """
+    if group_size <= 1 or size_bytes <= 0:
+        return 0.0
+    bandwidth, latency = group_bandwidth_bytes_per_s(cluster, group_size, stride)
+    n = group_size
+    if kind == "p2p":
+        return size_bytes / bandwidth + latency
+    steps = n - 1
+    if cluster.topology == "torus" and stride * n <= cluster.scaleup_domain and n > 16:
+        # Over a 3D torus the collective runs one ring per axis in turn: about 3 (n^(1/3) - 1) latency steps.
+        steps = 3 * (round(n ** (1 / 3)) - 1)
+    one_pass = (n - 1) / n * size_bytes / bandwidth + steps * latency
+    return 2 * one_pass if kind == "all_reduce" else one_pass

@@ -1,0 +1,80 @@
+"""Per-generation efficiency parameters and the shape-dependent GEMM efficiency built on them.
+
+The values live in `efficiency.csv` (one row per hardware generation, with the reasoning behind each value in its
+`basis` column). Every published run of a generation is predicted with the same row: no per-run tuning.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+EFFICIENCY_CSV = Path(__file__).with_name("efficiency.csv")
+
+
+@dataclass(frozen=True)
+class EfficiencyProfile:
+    """How close one hardware generation gets to its datasheet peaks, as fractions of those peaks."""
+
+    generation: str
+    accelerators: tuple[str, ...]
+    gemm_efficiency_max: float  # share of the bf16 peak reached by a large GEMM
+    gemm_half_dim: float  # GEMM dimension at which efficiency is half of the ceiling
+    fp8_gemm_efficiency_max: float | None  # share of the fp8 peak reached by a large fp8 GEMM
+    attention_efficiency: float  # share of peak reached by a fused (flash) attention kernel
+    memory_bw_efficiency: float  # share of HBM bandwidth reached by elementwise (memory-bound) kernels
+    collective_bw_efficiency: float  # bus bandwidth of ring collectives over link bandwidth
+    scaleup_latency_s: float  # per ring step inside the scale-up domain (NVLink, ICI)
+    scaleout_latency_s: float  # per ring step across the scale-out network
+    validated_on: str = ""
+    basis: str = ""
+
+    def gemm_efficiency(self, m: float, k: float, n: float, dtype: str = "bf16") -> float:
+        """Share of peak for an (m x k) @ (k x n) GEMM.
+
+        A saturating curve in the smallest dimension: a GEMM whose narrowest side is much wider than a
+        tensor-core tile runs at the ceiling, a thin one leaves most of the chip idle (NVIDIA Deep Learning
+        Performance Guide, "Matrix Multiplication Background": throughput rises with each dimension until the
+        tiles fill every SM).
+        """
+        ceiling = self.gemm_efficiency_max
+        if dtype in ("fp8", "int8") and self.fp8_gemm_efficiency_max is not None:
+            ceiling = self.fp8_gemm_efficiency_max
+        smallest = max(min(m, k, n), 1e-9)
+        return ceiling * smallest / (smallest + self.gemm_half_dim)
+
+
+def _row_to_profile(row: dict[str, str]) -> EfficiencyProfile:
+    fp8 = row["fp8_gemm_efficiency_max"].strip()
+    return EfficiencyProfile(
+        generation=row["generation"],
+        accelerators=tuple(row["accelerators"].split()),
+        gemm_efficiency_max=float(row["gemm_efficiency_max"]),
+        gemm_half_dim=float(row["gemm_half_dim"]),
+        fp8_gemm_efficiency_max=float(fp8) if fp8 else None,
+        attention_efficiency=float(row["attention_efficiency"]),
+        memory_bw_efficiency=float(row["memory_bw_efficiency"]),
+        collective_bw_efficiency=float(row["collective_bw_efficiency"]),
+        scaleup_latency_s=float(row["scaleup_latency_s"]),
+        scaleout_latency_s=float(row["scaleout_latency_s"]),
+        validated_on=row["validated_on"],
+        basis=row["basis"],
+    )
+
+
+@cache
+def efficiency_table() -> dict[str, EfficiencyProfile]:
+    """All generations in `efficiency.csv`, keyed by generation name."""
+    with open(EFFICIENCY_CSV, newline="") as handle:
+        return {p.generation: p for p in map(_row_to_profile, csv.DictReader(handle))}
+
+
+def profile_for(accelerator_id: str, kind: str = "gpu") -> EfficiencyProfile:
+    """The efficiency row that lists `accelerator_id`; unknown GPUs get Hopper's, unknown TPUs TPU v4's."""
+    table = efficiency_table()
+    for profile in table.values():
+        if accelerator_id in profile.accelerators:
+            return profile
+    return table[{"tpu": "tpu-v4", "edge": "edge"}.get(kind, "hopper")]

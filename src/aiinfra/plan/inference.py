@@ -1,0 +1,252 @@
+"""Inference fleet sizing: KV-cache memory bounds the batch, rooflines per kernel give the step time.
+
+The model of one serving replica (tp devices) in steady state under in-flight (continuous) batching with chunked
+prefill, as TensorRT-LLM and vLLM run it:
+- memory: weights (quantized linear layers, 16-bit embeddings and head), a runtime workspace, and a KV cache that
+  takes a fixed share of what is left (TensorRT-LLM's KvCacheConfig free_gpu_memory_fraction, default 0.9);
+- batch: the sequences whose KV fits, each holding on average its prompt plus half its output, capped by the
+  engine's max batch size and per-step token budget (TensorRT-LLM defaults 2048 and 8192);
+- step: every engine step decodes one token per sequence and prefills new prompts at the rate sequences finish
+  (B x input/output tokens); each kernel runs at its own roofline, max(FLOPs / compute, bytes / bandwidth)
+  (Williams et al. 2009), and kernels run one after another, so their times add (Pope et al. 2022 sec. 2 for the
+  decode memory bound).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiinfra.plan.cluster import Cluster, collective_time_s
+from aiinfra.plan.errors import PlanError
+from aiinfra.spec import ModelSpec
+
+INFERENCE_RUNS_CSV = Path(__file__).with_name("published_inference_runs.csv")
+WEIGHT_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
+# CUDA context, cuBLAS/NCCL workspaces and allocator slack outside the planner's explicit terms (an assumption of
+# about 1 GB, the size of a CUDA context plus library workspaces on a recent GPU).
+RUNTIME_OVERHEAD_BYTES = 1.0e9
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """The serving workload and the engine's limits."""
+
+    input_tokens: int
+    output_tokens: int
+    weight_dtype: str = "fp8"
+    kv_dtype: str = "fp8"
+    tp: int = 1
+    max_batch: int = 2048
+    max_tokens_per_step: int = 8192
+    kv_memory_fraction: float = 0.9
+    requests_per_s: float = 1.0
+    ttft_slo_s: float | None = None
+    tpot_slo_s: float | None = None
+
+
+@dataclass(frozen=True)
+class ServePlan:
+    """One replica's steady state and the fleet that meets the request rate."""
+
+    weights_bytes_per_device: float
+    kv_cache_bytes_per_device: float
+    kv_bytes_per_token: float  # whole replica
+    batch: int
+    step_time_s: float  # = time per output token (TPOT)
+    ttft_s: float
+    output_tokens_per_s: float  # per replica
+    replicas: int
+    devices: int
+    limited_by: str  # what bounds the batch: kv-cache, max-batch, token-budget or an SLO
+
+    def cost_per_million_output_tokens(self, price_per_device_hour: float) -> float:
+        """Fleet cost per million output tokens at a price per device-hour."""
+        return self.devices * price_per_device_hour / 3600 / (self.replicas * self.output_tokens_per_s) * 1e6
+
+
+def _compute_dtype(weight_dtype: str) -> str:
+    return weight_dtype if weight_dtype in ("fp8", "int8") else "bf16"
+
+
+def weights_bytes(spec: ModelSpec, weight_dtype: str) -> float:
+    """Weights of the whole model: quantized linear layers, 16-bit embeddings, head and norms."""
+    if weight_dtype not in WEIGHT_BYTES:
+        raise PlanError(f"--quant={weight_dtype!r}: expected one of {', '.join(WEIGHT_BYTES)}")
+    layer_linear = spec.layer_params() - 2 * spec.norm_params()
+    sixteen_bit = spec.num_params() - spec.n_layers * layer_linear
+    return spec.n_layers * layer_linear * WEIGHT_BYTES[weight_dtype] + sixteen_bit * 2.0
+
+
+def kv_bytes_per_token(spec: ModelSpec, kv_dtype: str) -> float:
+    """K and V for every layer of one token (grouped-query attention stores n_kv_heads heads)."""
+    return 2 * spec.n_layers * spec.n_kv_heads * spec.head_dim * WEIGHT_BYTES[kv_dtype]
+
+
+def decode_step_time_s(
+    spec: ModelSpec, cluster: Cluster, settings: ServeSettings, batch: int, prefill: bool = True
+) -> float:
+    """One engine step at `batch` running sequences: decode one token each plus (if `prefill`) the steady
+    prefill share; without it, a pure decode step over contexts of `input_tokens`."""
+    eff = cluster.efficiency
+    tp = settings.tp
+    dtype = _compute_dtype(settings.weight_dtype)
+    peak = cluster.peak_flops(dtype)
+    bandwidth = cluster.memory_bw_bytes_per_s * eff.memory_bw_efficiency
+    w_bytes = WEIGHT_BYTES[settings.weight_dtype]
+    prefill_tokens = batch * settings.input_tokens / settings.output_tokens if prefill else 0.0
+    tokens = batch + prefill_tokens
+    h = spec.dim
+    q = spec.n_heads * spec.head_dim
+    kv = spec.n_kv_heads * spec.head_dim
+    experts = spec.experts_per_token if spec.is_moe else 1
+    mlp_in = (2 if spec.mlp == "swiglu" else 1) * spec.ffn_dim
+    linears = [(h, q + 2 * kv, 1), (q, h, 1), (h, mlp_in, experts), (spec.ffn_dim, h, experts)]
+    gemm = 0.0
+    for k, n, count in linears:
+        flops = 2 * tokens * k * n * count / tp
+        compute = flops / (peak * eff.gemm_efficiency(tokens, k, n / tp, dtype))
+        # Under MoE the step touches every expert that any token routes to; at serving batch sizes that is all.
+        stored = k * n * (spec.n_experts if spec.is_moe else 1) * w_bytes / tp
+        gemm += max(compute, stored / bandwidth)
+    gemm *= spec.n_layers
+    # The head stays in 16 bits and runs only for the last position of each sequence.
+    head_flops = 2 * batch * h * spec.vocab_size / tp
+    head = max(head_flops / (cluster.peak_flops("bf16") * eff.gemm_efficiency(batch, h, spec.vocab_size / tp)),
+               h * spec.vocab_size * 2 / tp / bandwidth)
+    # Decode attention streams each sequence's whole KV cache; prefill attention is compute-bound (causal half).
+    context = settings.input_tokens + (settings.output_tokens / 2 if prefill else 0.0)
+    kv_read = batch * context * kv_bytes_per_token(spec, settings.kv_dtype) / tp / bandwidth
+    new_requests = batch / settings.output_tokens if prefill else 0.0
+    prefill_attention_flops = new_requests * 4 * spec.n_layers * q / tp * settings.input_tokens ** 2 / 2
+    # With fp8 weights and KV cache, TensorRT-LLM runs the context (prefill) attention in fp8 too
+    # (use_fp8_context_fmha); otherwise it runs at the 16-bit peak.
+    attention_peak = cluster.peak_flops("fp8" if settings.kv_dtype == "fp8" else "bf16")
+    attention = kv_read + prefill_attention_flops / (attention_peak * eff.attention_efficiency)
+    # Norms, residuals, activation function, rotary: read and write per token (2 bytes per element).
+    elementwise = tokens * spec.n_layers * 2 * (10 * h + 3 * spec.ffn_dim * experts / tp) / bandwidth
+    tp_comm = spec.n_layers * 2 * collective_time_s(cluster, "all_reduce", tokens * h * 2, tp, 1)
+    return gemm + head + attention + elementwise + tp_comm
+
+
+def plan_serving(spec: ModelSpec, cluster: Cluster, settings: ServeSettings) -> ServePlan:
+    """Size one replica (batch, KV cache, throughput, TTFT, TPOT) and the fleet for the request rate."""
+    tp = settings.tp
+    if tp < 1 or spec.n_heads % tp:
+        raise PlanError(f"--tp={tp}: must be >= 1 and divide n_heads={spec.n_heads}")
+    if settings.input_tokens < 1 or settings.output_tokens < 1:
+        raise PlanError("--input-tokens and --output-tokens must be >= 1")
+    weights = weights_bytes(spec, settings.weight_dtype) / tp
+    per_token_kv = kv_bytes_per_token(spec, settings.kv_dtype)
+    workspace = settings.max_tokens_per_step * (3 * spec.ffn_dim / tp + 4 * spec.dim) * 2
+    workspace += settings.max_batch * spec.vocab_size / tp * 4  # fp32 logits of the decoding positions
+    free = cluster.memory_bytes - weights - workspace - RUNTIME_OVERHEAD_BYTES
+    if free <= 0:
+        raise PlanError(
+            f"{cluster.accelerator.id} x tp={tp}: weights need {weights / 1e9:.1f} GB per device of "
+            f"{cluster.memory_bytes / 1e9:.0f} GB; raise --tp or quantize"
+        )
+    kv_cache = settings.kv_memory_fraction * free
+    context = settings.input_tokens + settings.output_tokens / 2
+    limits = {
+        "kv-cache": math.floor(kv_cache * tp / (context * per_token_kv)),
+        "max-batch": settings.max_batch,
+        "token-budget": math.floor(settings.max_tokens_per_step / (1 + settings.input_tokens / settings.output_tokens)),
+    }
+    limited_by = min(limits, key=lambda k: limits[k])
+    batch = limits[limited_by]
+    if batch < 1:
+        raise PlanError(f"one sequence of {settings.input_tokens + settings.output_tokens} tokens does not fit "
+                        f"the KV cache on {cluster.accelerator.id} x tp={tp}")
+
+    def ttft(b: int, step: float) -> float:
+        # Chunked prefill gives a prompt what the step's token budget leaves after the decode tokens.
+        chunk = max(1, settings.max_tokens_per_step - b)
+        return math.ceil(settings.input_tokens / chunk) * step
+
+    def meets_slo(b: int) -> bool:
+        step = decode_step_time_s(spec, cluster, settings, b)
+        ok_tpot = settings.tpot_slo_s is None or step <= settings.tpot_slo_s
+        ok_ttft = settings.ttft_slo_s is None or ttft(b, step) <= settings.ttft_slo_s
+        return ok_tpot and ok_ttft
+
+    if not meets_slo(batch):
+        if not meets_slo(1):
+            raise PlanError(f"the SLOs cannot be met on {cluster.accelerator.id} x tp={tp} even at batch 1")
+        low, high = 1, batch  # step time grows with batch, so bisect for the largest batch within the SLOs
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if meets_slo(mid) else (low, mid)
+        batch, limited_by = low, "slo"
+    step = decode_step_time_s(spec, cluster, settings, batch)
+    throughput = batch / step
+    replicas = max(1, math.ceil(settings.requests_per_s * settings.output_tokens / throughput))
+    return ServePlan(
+        weights_bytes_per_device=weights,
+        kv_cache_bytes_per_device=kv_cache,
+        kv_bytes_per_token=per_token_kv,
+        batch=batch,
+        step_time_s=step,
+        ttft_s=ttft(batch, step),
+        output_tokens_per_s=throughput,
+        replicas=replicas,
+        devices=replicas * tp,
+        limited_by=limited_by,
+    )
+
+
+@dataclass(frozen=True)
+class InferenceValidationRow:
+    """One published serving figure, predicted."""
+
+    run_id: str
+    metric: str
+    published: float
+    predicted: float
+    batch: int
+    limited_by: str
+    headline: bool  # counted in the headline error (the TensorRT-LLM maximum-throughput rows)
+
+    @property
+    def error(self) -> float:
+        return (self.predicted - self.published) / self.published
+
+
+# Model names in the inference table -> (preset name, ModelSpec overrides).
+_INFERENCE_MODELS = {"llama-3.1-8b": "llama3-8b"}
+
+
+def _palm_540b() -> ModelSpec:
+    # PaLM 540B (Chowdhery et al. 2022, Table 1); see validation.spec_from_row for the family's choices.
+    return ModelSpec(vocab_size=256000, dim=18432, n_layers=118, n_heads=48, n_kv_heads=1, ffn_dim=73728,
+                     max_seq_len=2048, mlp="swiglu", norm="layernorm", position="rope", tie_embeddings=True)
+
+
+def validate_inference(path: Path = INFERENCE_RUNS_CSV) -> list[InferenceValidationRow]:
+    """Predict every row of the published inference runs."""
+    from aiinfra.plan.cluster import make_cluster
+    from aiinfra.spec import preset
+
+    results = []
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            tp = int(row["tp"] or row["n_devices"])
+            cluster = make_cluster(row["hardware"], tp)
+            if row["model"] == "palm-540b":
+                spec = _palm_540b()
+                # Pope et al.: int8 weights, bf16 KV cache; low batch -> one sequence, decode only.
+                settings = ServeSettings(int(row["input_tokens"]), 1, weight_dtype="int8", kv_dtype="bf16", tp=tp)
+                predicted = 1e3 * decode_step_time_s(spec, cluster, settings, 1, prefill=False)
+                results.append(InferenceValidationRow(row["id"], row["metric"], float(row["value"]), predicted, 1,
+                                                      "latency", False))
+                continue
+            spec = preset(_INFERENCE_MODELS[row["model"]])
+            precision = row["precision"]
+            settings = ServeSettings(int(row["input_tokens"]), int(row["output_tokens"]), weight_dtype=precision,
+                                     kv_dtype=precision, tp=tp)
+            plan = plan_serving(spec, cluster, settings)
+            results.append(InferenceValidationRow(row["id"], row["metric"], float(row["value"]),
+                                                  plan.output_tokens_per_s, plan.batch, plan.limited_by, True))
+    return results

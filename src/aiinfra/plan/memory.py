@@ -1,0 +1,182 @@
+"""Memory per device: weights, gradients and optimizer state under ZeRO 0-3, and activations.
+
+Activations are counted tensor by tensor, as Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+Transformer Models", arXiv 2205.05198, section 4.1) do for a GPT layer, so the same code also covers grouped-query
+attention, SwiGLU, mixture-of-experts, flash attention and layers without dropout. For a GPT layer with dropout it
+reduces to their Table 2: s b h (34 + 5 a s / h) bytes without parallelism, s b h (10 + 24/t + 5 a s /(h t)) with
+tensor parallelism, s b h (34/t + 5 a s/(h t)) with sequence parallelism, 34 s b h / t with selective
+recomputation on top, and 2 s b h (/t under sequence parallelism) with full recomputation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from aiinfra.plan.layout import Layout, TrainSettings, layers_per_stage, micro_batches
+from aiinfra.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class ActivationTerms:
+    """Bytes stored per token per layer for one micro-batch, split by how tensor parallelism divides them."""
+
+    replicated_bytes: float  # norms, residual inputs, dropout masks: split only under sequence parallelism
+    split_bytes: float  # tensors inside the TP-sharded matmuls (Q, K, V, MLP hidden), always / t
+    scores_bytes: float  # materialized attention scores (softmax, dropout): dropped by selective recomputation
+
+
+def activation_terms(spec: ModelSpec, settings: TrainSettings, tp: int) -> ActivationTerms:
+    """Per-token, per-layer stored activations (bytes) of one device's TP shard, before sequence parallelism."""
+    a = settings.activation_bytes
+    mask = 1 if settings.dropout else 0  # dropout masks are one byte per element (Korthikanti 4.1)
+    h = spec.dim
+    q_local = spec.n_heads * spec.head_dim / tp
+    heads_local = spec.n_heads / tp
+    # K/V heads are replicated when tp exceeds them (every TP rank needs at least one).
+    kv_local = spec.head_dim * math.ceil(spec.n_kv_heads / tp)
+    ffn_local = spec.ffn_dim / tp
+    experts = spec.experts_per_token if spec.is_moe else 1
+    # Norm input and matmul input for attention and MLP, plus the dropout mask after each.
+    replicated = 4 * a * h + 2 * mask * h
+    attention = a * q_local + 2 * a * kv_local + a * q_local  # Q, K, V for the score/value products; proj input
+    if spec.mlp == "gelu":
+        mlp = 2 * a * ffn_local  # GELU input (FC1 output) and FC2 input
+    else:
+        mlp = 3 * a * ffn_local  # gate output, up output, their product (down-projection input)
+    mlp *= experts
+    if settings.attention_kernel == "flash":
+        scores = 0.0
+        attention += 4 * heads_local  # fp32 log-sum-exp per head, kept for the backward pass
+    else:
+        # softmax output (2 bytes), dropout mask (1) and dropout output (2) per score: 5 a s in Table 2.
+        scores = (a + mask + a * mask) * heads_local * settings.seq_len
+    return ActivationTerms(replicated_bytes=replicated, split_bytes=attention + mlp, scores_bytes=scores)
+
+
+def layer_activation_bytes(spec: ModelSpec, settings: TrainSettings, layout: Layout) -> float:
+    """Activations one layer stores for one micro-batch on one device, under the layout's recomputation."""
+    tokens = layout.micro_batch * settings.seq_len / layout.cp
+    terms = activation_terms(spec, settings, layout.tp)
+    sp_divisor = layout.tp if layout.sequence_parallel else 1
+    if layout.recompute == "full":
+        # Only the layer input survives the forward pass (Chen et al. 2016; Korthikanti Table 2: 2 s b h).
+        return tokens * settings.activation_bytes * spec.dim / sp_divisor
+    stored = terms.replicated_bytes / sp_divisor + terms.split_bytes
+    if layout.recompute == "none":
+        stored += terms.scores_bytes
+    return tokens * stored
+
+
+def in_flight_micro_batches(settings: TrainSettings, layout: Layout) -> float:
+    """Micro-batches whose activations the first pipeline stage holds at its peak.
+
+    GPipe keeps all m; 1F1B keeps min(p, m) (Narayanan et al. 2021, 2.2.1); interleaved 1F1B keeps p (1 + (p-1)/(p v))
+    layer-stacks' worth (Korthikanti et al. 2022, 4.2.3).
+    """
+    m = micro_batches(settings, layout)
+    p = layout.pp
+    if p == 1:
+        return 1.0
+    if layout.schedule == "gpipe":
+        return float(m)
+    in_flight = float(min(p, m))
+    if layout.schedule == "interleaved":
+        in_flight *= 1 + (p - 1) / (p * layout.virtual_stages)
+    return in_flight
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameters held by the most loaded device before any ZeRO sharding."""
+
+    dense_params: float  # attention, norms, embeddings, router: replicated across data parallel
+    expert_params: float  # MoE expert weights: split across expert parallel
+
+    @property
+    def total(self) -> float:
+        return self.dense_params + self.expert_params
+
+
+def device_param_counts(spec: ModelSpec, layout: Layout) -> ParamCounts:
+    """Parameters on the heaviest pipeline stage's device: its layers / tp, plus embedding or output head."""
+    layers = layers_per_stage(spec, layout)
+    expert_layer = spec.n_experts * spec.expert_params() if spec.is_moe else 0
+    dense_layer = spec.layer_params() - expert_layer
+    vocab_rows = spec.vocab_size * spec.dim
+    positions = spec.max_seq_len * spec.dim if spec.position == "learned" else 0
+    first_stage_extra = vocab_rows + positions
+    # Megatron keeps a copy of a tied embedding on the last stage for the output head.
+    last_stage_extra = vocab_rows + spec.norm_params()
+    extra = first_stage_extra + last_stage_extra if layout.pp == 1 else max(first_stage_extra, last_stage_extra)
+    if layout.pp == 1 and spec.tie_embeddings:
+        extra -= vocab_rows
+    dense = (layers * dense_layer + extra) / layout.tp
+    expert = layers * expert_layer / (layout.tp * layout.ep)
+    return ParamCounts(dense_params=dense, expert_params=expert)
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Bytes per device at the peak of a training step."""
+
+    weights_bytes: float
+    gradients_bytes: float
+    optimizer_bytes: float
+    activations_bytes: float
+
+    @property
+    def states_bytes(self) -> float:
+        return self.weights_bytes + self.gradients_bytes + self.optimizer_bytes
+
+    @property
+    def total_bytes(self) -> float:
+        return self.states_bytes + self.activations_bytes
+
+
+def activation_memory_bytes(spec: ModelSpec, settings: TrainSettings, layout: Layout) -> float:
+    """Activations held by the first pipeline stage's device at its peak."""
+    per_layer = layer_activation_bytes(spec, settings, layout)
+    stage_layers = layers_per_stage(spec, layout)
+    in_flight = in_flight_micro_batches(settings, layout)
+    stored = per_layer * stage_layers * in_flight
+    tokens = layout.micro_batch * settings.seq_len / layout.cp
+    sp_divisor = layout.tp if layout.sequence_parallel else 1
+    if layout.recompute == "full":
+        # The layer being recomputed holds its full activations for one micro-batch during its backward.
+        stored += layer_activation_bytes(spec, settings, Layout(**{**layout.__dict__, "recompute": "none"}))
+    if settings.dropout:
+        stored += tokens * spec.dim / sp_divisor * in_flight  # embedding dropout mask (Korthikanti 4.3)
+    if layout.pp == 1:
+        # Final norm and head inputs plus fp32 logits: 4 s b h / t (1 + v / h) in Korthikanti 4.3.
+        a = settings.activation_bytes
+        stored += tokens * (2 * a * spec.dim / sp_divisor + 4 * spec.vocab_size / layout.tp)
+    return stored
+
+
+def memory_breakdown(spec: ModelSpec, settings: TrainSettings, layout: Layout) -> MemoryBreakdown:
+    """Weights, gradients, optimizer state (ZeRO-sharded over dp x cp) and activations per device.
+
+    ZeRO stages follow Rajbhandari et al. 2020: stage 1 shards optimizer state, stage 2 also gradients, stage 3
+    (FSDP, Zhao et al. 2023) also parameters, which are all-gathered one layer at a time (two with prefetch).
+    """
+    counts = device_param_counts(spec, layout)
+    shard = layout.dp * layout.cp
+    expert_shard = max(1, shard // layout.ep)
+
+    def sharded(stage: int) -> float:
+        if layout.zero_stage < stage:
+            return counts.total
+        return counts.dense_params / shard + counts.expert_params / expert_shard
+
+    weights = settings.param_bytes * sharded(3)
+    if layout.zero_stage == 3:
+        # Gathered working copies: the layer being computed and the one being prefetched.
+        layer = (spec.layer_params() / layout.tp) if spec.n_layers else 0
+        weights += 2 * settings.param_bytes * layer
+    return MemoryBreakdown(
+        weights_bytes=weights,
+        gradients_bytes=settings.grad_bytes * sharded(2),
+        optimizer_bytes=settings.optimizer_bytes_per_param * sharded(1),
+        activations_bytes=activation_memory_bytes(spec, settings, layout),
+    )

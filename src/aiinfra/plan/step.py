@@ -1,0 +1,311 @@
+"""Step time of one training step: computation, collectives, pipeline bubble and optimizer, per device.
+
+Conventions (see aiinfra.spec for the FLOP count): model FLOPs = 3 x forward (6N + attention, full sequence, no
+causal discount); MFU divides them by step time x devices x dense peak (PaLM, Chowdhery et al. 2022, appendix B);
+HFU also counts recomputed forward work, which is what Megatron-LM reports as "achieved TFLOP/s per GPU"
+(Narayanan et al. 2021, eq. 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiinfra.plan.cluster import Cluster, collective_time_s
+from aiinfra.plan.layout import Layout, TrainSettings, check_layout, layers_per_stage, micro_batches
+from aiinfra.plan.memory import device_param_counts, memory_breakdown
+from aiinfra.spec import ModelSpec
+
+# Bytes moved per logit by a fused vocab-parallel cross-entropy (write bf16 logits, read them, write fp32
+# softmax statistics and gradient): a stated approximation, small next to the head GEMM.
+CROSS_ENTROPY_BYTES_PER_LOGIT = 10
+# Backward elementwise kernels read the saved input and the incoming gradient and write a gradient: about twice
+# the forward traffic. Flash attention's backward does 5 matmuls to the forward's 2 (Dao 2023, FlashAttention-2).
+BACKWARD_ELEMENTWISE_FACTOR = 2.0
+FLASH_BACKWARD_FACTOR = 2.5
+FLASH_BLOCK = 128  # query/key tile: a causal mask skips every tile above the diagonal
+# A collective that overlaps computation still runs kernels on the same chip: NCCL gives each channel one thread
+# block, and its default of up to 32 channels over NVLink occupies about a quarter of an A100's 108 or an H100's
+# 132 SMs (NCCL environment docs, NCCL_MAX_NCHANNELS). Overlapped time therefore slows the computation it hides
+# behind by this fraction.
+OVERLAP_SM_TAX = 0.25
+
+
+def overlapped_s(comm_s: float, compute_s: float) -> float:
+    """Time a collective adds when it runs concurrently with `compute_s` of work: the excess plus the SM tax."""
+    return max(0.0, comm_s - compute_s) + OVERLAP_SM_TAX * min(comm_s, compute_s)
+
+
+@dataclass(frozen=True)
+class PassTimes:
+    """Seconds of one layer's forward pass for one micro-batch on one device, by kind of work."""
+
+    gemm_s: float
+    attention_s: float  # score and value products (materialized or fused)
+    scores_elementwise_s: float  # softmax/dropout on materialized scores (recomputed by selective recompute)
+    elementwise_s: float  # norms, residuals, activations, rotary
+    tp_comm_s: float  # tensor/sequence-parallel collectives, before any overlap
+    cp_comm_s: float  # context-parallel K/V all-gather
+    ep_comm_s: float  # expert-parallel all-to-all (dispatch and combine)
+
+
+def _gemm_time_s(cluster: Cluster, precision: str, m: float, k: float, n: float, count: float = 1.0) -> float:
+    flops = 2.0 * m * k * n * count
+    return flops / (cluster.peak_flops(precision) * cluster.efficiency.gemm_efficiency(m, k, n, precision))
+
+
+def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster) -> PassTimes:
+    """Forward-pass costs of one transformer layer for one micro-batch on one device."""
+    eff = cluster.efficiency
+    precision = settings.precision
+    a = settings.activation_bytes
+    tp = layout.tp
+    h = spec.dim
+    m = layout.micro_batch * settings.seq_len / layout.cp  # tokens this device computes
+    q_local = spec.n_heads * spec.head_dim / tp
+    heads_local = spec.n_heads / tp
+    kv_local = spec.head_dim * -(-spec.n_kv_heads // tp)
+    ffn_local = spec.ffn_dim / tp
+
+    gemm = _gemm_time_s(cluster, precision, m, h, q_local + 2 * kv_local)  # fused QKV projection
+    gemm += _gemm_time_s(cluster, precision, m, q_local, h)  # output projection
+    mlp_in = (2 if spec.mlp == "swiglu" else 1) * ffn_local
+    if spec.is_moe:
+        gemm += _gemm_time_s(cluster, precision, m, h, spec.n_experts)  # router
+        local_experts = spec.n_experts / layout.ep
+        tokens_per_expert = m * spec.experts_per_token * layout.ep / spec.n_experts
+        gemm += _gemm_time_s(cluster, precision, tokens_per_expert, h, mlp_in, local_experts)
+        gemm += _gemm_time_s(cluster, precision, tokens_per_expert, ffn_local, h, local_experts)
+    else:
+        gemm += _gemm_time_s(cluster, precision, m, h, mlp_in)
+        gemm += _gemm_time_s(cluster, precision, m, ffn_local, h)
+
+    seq = settings.seq_len
+    attention_flops = 4.0 * m * seq * q_local  # QK^T and PV over the full key range (spec convention)
+    scores_bytes = 0.0
+    if settings.attention_kernel == "flash":
+        # Tiles above the causal diagonal are skipped; the kernel runs at its own efficiency.
+        causal_fraction = 0.5 * (1 + FLASH_BLOCK / seq) if seq > FLASH_BLOCK else 1.0
+        attention = attention_flops * causal_fraction / (cluster.peak_flops(precision) * eff.attention_efficiency)
+    else:
+        # Batched GEMMs per head, (s x d) @ (d x s) and (s x s) @ (s x d): thin in the head dimension.
+        per_head_eff = eff.gemm_efficiency(m, spec.head_dim, seq, precision)
+        attention = attention_flops / (cluster.peak_flops(precision) * per_head_eff)
+        mask = 1 if settings.dropout else 0
+        # Fused scale-mask-softmax reads and writes each score; dropout reads, writes and stores a mask.
+        scores_bytes = m * heads_local * seq * (2 * a + (2 * a + 1) * mask)
+
+    sp_divisor = tp if layout.sequence_parallel else 1
+    mask = 1 if settings.dropout else 0
+    # Two norms (read + write) and two residual adds (read two, write one, plus dropout mask).
+    replicated_bytes = m * h * (10 * a + 2 * mask) / sp_divisor
+    activation_bytes = m * (2 if spec.mlp == "gelu" else 3) * a * ffn_local
+    if spec.is_moe:
+        activation_bytes *= spec.experts_per_token
+    rotary_bytes = m * 2 * a * (q_local + kv_local) if spec.position == "rope" else 0.0
+    bandwidth = cluster.memory_bw_bytes_per_s * eff.memory_bw_efficiency
+    elementwise = (replicated_bytes + activation_bytes + rotary_bytes) / bandwidth
+
+    # Two all-reduces per layer (Shoeybi et al. 2019), or the same bytes as all-gather + reduce-scatter pairs
+    # under sequence parallelism (Korthikanti et al. 2022, 4.2.2).
+    tp_comm = 2 * collective_time_s(cluster, "all_reduce", m * h * a, tp, 1)
+    kv_bytes = layout.micro_batch * seq * 2 * kv_local * a
+    cp_comm = collective_time_s(cluster, "all_gather", kv_bytes, layout.cp, tp)  # all-gather CP (Llama 3, 3.3.2)
+    ep_comm = 0.0
+    if spec.is_moe and layout.ep > 1:
+        routed_bytes = m * spec.experts_per_token * h * a
+        ep_comm = 2 * collective_time_s(cluster, "all_to_all", routed_bytes, layout.ep, tp * layout.cp)
+    return PassTimes(
+        gemm_s=gemm,
+        attention_s=attention,
+        scores_elementwise_s=scores_bytes / bandwidth,
+        elementwise_s=elementwise,
+        tp_comm_s=tp_comm,
+        cp_comm_s=cp_comm,
+        ep_comm_s=ep_comm,
+    )
+
+
+@dataclass(frozen=True)
+class MicroBatchTimes:
+    """Seconds one device spends on one micro-batch through one layer (forward, backward, recomputation)."""
+
+    compute_s: float
+    tp_comm_exposed_s: float
+    other_comm_exposed_s: float  # context and expert parallel
+    backward_s: float  # the backward share, the window that data-parallel reductions overlap
+
+    @property
+    def total_s(self) -> float:
+        return self.compute_s + self.tp_comm_exposed_s + self.other_comm_exposed_s
+
+
+def layer_micro_batch_times(
+    spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster
+) -> MicroBatchTimes:
+    """Forward + backward (+ recomputation) of one layer for one micro-batch."""
+    fwd = layer_forward_times(spec, settings, layout, cluster)
+    attention_bwd = FLASH_BACKWARD_FACTOR if settings.attention_kernel == "flash" else 2.0
+    fwd_compute = fwd.gemm_s + fwd.attention_s + fwd.scores_elementwise_s + fwd.elementwise_s
+    bwd_compute = (
+        2 * fwd.gemm_s
+        + attention_bwd * fwd.attention_s
+        + BACKWARD_ELEMENTWISE_FACTOR * (fwd.scores_elementwise_s + fwd.elementwise_s)
+    )
+    recompute = 0.0
+    passes_with_tp_comm = 2  # forward and backward
+    if layout.recompute == "full":
+        recompute = fwd_compute
+        passes_with_tp_comm = 3
+    elif layout.recompute == "selective" and settings.attention_kernel == "materialized":
+        recompute = fwd.attention_s + fwd.scores_elementwise_s
+
+    def exposed(comm: float, hidden_behind: float) -> float:
+        return overlapped_s(comm, hidden_behind) if settings.tp_overlap else comm
+
+    tp_exposed = exposed(fwd.tp_comm_s, fwd.gemm_s) + exposed(fwd.tp_comm_s, 2 * fwd.gemm_s)
+    if passes_with_tp_comm == 3:
+        tp_exposed += exposed(fwd.tp_comm_s, fwd.gemm_s)
+    # K/V gathers overlap the attention of the chunk already present; the backward gathers and reduce-scatters.
+    cp_exposed = overlapped_s(fwd.cp_comm_s, fwd.attention_s)
+    cp_exposed += overlapped_s(2 * fwd.cp_comm_s, attention_bwd * fwd.attention_s)
+    ep_exposed = 2 * fwd.ep_comm_s  # dispatch/combine block the expert GEMMs in both passes
+    return MicroBatchTimes(
+        compute_s=fwd_compute + bwd_compute + recompute,
+        tp_comm_exposed_s=tp_exposed,
+        other_comm_exposed_s=cp_exposed + ep_exposed,
+        backward_s=bwd_compute + recompute,
+    )
+
+
+def head_micro_batch_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster) -> float:
+    """Output projection and cross-entropy for one micro-batch (forward + backward), on the last stage."""
+    m = layout.micro_batch * settings.seq_len / layout.cp
+    vocab_local = spec.vocab_size / layout.tp
+    gemm = _gemm_time_s(cluster, settings.precision, m, spec.dim, vocab_local)
+    bandwidth = cluster.memory_bw_bytes_per_s * cluster.efficiency.memory_bw_efficiency
+    loss = m * vocab_local * CROSS_ENTROPY_BYTES_PER_LOGIT / bandwidth
+    return 3 * gemm + (1 + BACKWARD_ELEMENTWISE_FACTOR) * loss
+
+
+def hardware_flops_per_token(spec: ModelSpec, seq_len: int, recompute: str, attention_kernel: str) -> float:
+    """Training FLOPs per token including recomputation (the HFU numerator; Megatron's eq. 3 for full)."""
+    flops = float(spec.train_flops_per_token(seq_len))
+    head = 2.0 * spec.vocab_size * spec.dim
+    if recompute == "full":
+        flops += spec.forward_flops_per_token(seq_len) - head  # the output head is not recomputed
+    elif recompute == "selective" and attention_kernel == "materialized":
+        flops += spec.attention_flops_per_token(seq_len)
+    return flops
+
+
+@dataclass(frozen=True)
+class StepBreakdown:
+    """One training step on the critical pipeline stage; all times in seconds."""
+
+    compute_s: float  # all micro-batches' computation on the slowest stage
+    tp_comm_s: float  # exposed tensor/sequence-parallel communication
+    other_comm_s: float  # exposed context/expert-parallel communication
+    pp_p2p_s: float  # pipeline sends and receives
+    bubble_s: float  # pipeline fill and drain
+    dp_comm_s: float  # exposed data-parallel / ZeRO / FSDP collectives
+    optimizer_s: float  # the optimizer update (memory-bound)
+    step_time_s: float
+    micro_batches: int
+    model_flops: float  # per step, whole cluster
+    hardware_flops: float  # per step, whole cluster, recomputation included
+
+    def mfu(self, cluster: Cluster, precision: str) -> float:
+        """Model FLOPs utilisation: model FLOPs / (step time x devices x dense peak)."""
+        return self.model_flops / (self.step_time_s * cluster.n_devices * cluster.peak_flops(precision))
+
+    def hfu(self, cluster: Cluster, precision: str) -> float:
+        """Hardware FLOPs utilisation: like MFU but counting recomputed forward work."""
+        return self.hardware_flops / (self.step_time_s * cluster.n_devices * cluster.peak_flops(precision))
+
+
+def _dp_comm_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster, mb: MicroBatchTimes,
+               stage_layers: int, m: int) -> float:
+    """Exposed data-parallel time: gradient reduction, parameter gathers, and how much the passes hide."""
+    shard_group = layout.dp * layout.cp
+    if shard_group == 1:
+        return 0.0
+    params = device_param_counts(spec, layout).total
+    grads = params * settings.grad_reduce_bytes
+    weights = params * settings.param_bytes
+    stride = layout.tp
+    backward_window = mb.backward_s * stage_layers
+    forward_window = (mb.compute_s - mb.backward_s) * stage_layers
+    if layout.zero_stage == 3:
+        # FSDP gathers weights for the forward and again for the backward and reduce-scatters gradients, every
+        # micro-batch, prefetching one layer ahead so each collective hides behind the neighbouring compute
+        # (Zhao et al. 2023, PyTorch FSDP, 3.4).
+        gather = collective_time_s(cluster, "all_gather", weights, shard_group, stride)
+        scatter = collective_time_s(cluster, "reduce_scatter", grads, shard_group, stride)
+        per_micro_batch = overlapped_s(gather, forward_window) + overlapped_s(gather + scatter, backward_window)
+        if not settings.dp_overlap:
+            per_micro_batch = 2 * gather + scatter
+        return m * per_micro_batch
+    if layout.zero_stage == 0:
+        reduce = collective_time_s(cluster, "all_reduce", grads, shard_group, stride)
+        gather = 0.0
+    else:
+        # ZeRO-1/2 (Megatron's distributed optimizer): reduce-scatter gradients, all-gather updated weights.
+        reduce = collective_time_s(cluster, "reduce_scatter", grads, shard_group, stride)
+        gather = collective_time_s(cluster, "all_gather", weights, shard_group, stride)
+    if not settings.dp_overlap:
+        return reduce + gather
+    # Gradients are final only in the last micro-batch's backward, which is all the reduction can hide behind
+    # (bucketed overlap, Li et al. 2020, PyTorch DDP); the weight gather hides behind the first forward.
+    return overlapped_s(reduce, backward_window) + overlapped_s(gather, forward_window)
+
+
+def step_breakdown(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster) -> StepBreakdown:
+    """Predict one training step: slowest stage x micro-batches + bubble + data-parallel + optimizer."""
+    check_layout(spec, settings, layout, cluster.n_devices)
+    m = micro_batches(settings, layout)
+    mb = layer_micro_batch_times(spec, settings, layout, cluster)
+    head = head_micro_batch_s(spec, settings, layout, cluster)
+    stage_layers = layers_per_stage(spec, layout)
+    if layout.pp == 1:
+        slowest, typical = stage_layers * mb.total_s + head, stage_layers * mb.total_s + head
+    else:
+        # The last stage carries the output head; uneven splits put fewer layers there (Llama 3, 3.3.2).
+        last_stage = (spec.n_layers - (layout.pp - 1) * stage_layers) * mb.total_s + head
+        slowest = max(stage_layers * mb.total_s, last_stage)
+        typical = stage_layers * mb.total_s
+    # Each chunk boundary sends activations forward and gradients back; SP or the scatter/gather optimization
+    # sends 1/t of them per TP rank (Narayanan et al. 2021, 4.1).
+    p2p_bytes = layout.micro_batch * settings.seq_len / layout.cp * spec.dim * settings.activation_bytes
+    if layout.sequence_parallel or settings.p2p_scatter_gather:
+        p2p_bytes /= layout.tp
+    stage_stride = layout.tp * layout.cp * layout.dp
+    p2p_one = collective_time_s(cluster, "p2p", p2p_bytes, 2 if layout.pp > 1 else 1, stage_stride)
+    p2p_per_micro_batch = 2 * layout.virtual_stages * p2p_one
+    # Fill and drain: (p - 1) / v micro-batch slots (GPipe, Huang et al. 2019; 1F1B and interleaved 1F1B,
+    # Narayanan et al. 2021, 2.2).
+    bubble = (layout.pp - 1) / layout.virtual_stages * (typical + p2p_per_micro_batch)
+    dp = _dp_comm_s(spec, settings, layout, cluster, mb, stage_layers, m)
+
+    states = memory_breakdown(spec, settings, layout)
+    params_updated = states.optimizer_bytes / settings.optimizer_bytes_per_param
+    # Adam reads and writes master weights and moments, reads the gradient, writes the working weights.
+    touched = params_updated * (2 * settings.optimizer_bytes_per_param + settings.grad_bytes + settings.param_bytes)
+    optimizer = touched / (cluster.memory_bw_bytes_per_s * cluster.efficiency.memory_bw_efficiency)
+
+    compute = m * (slowest - stage_layers * (mb.tp_comm_exposed_s + mb.other_comm_exposed_s))
+    step = m * (slowest + p2p_per_micro_batch) + bubble + dp + optimizer
+    tokens = settings.tokens_per_step
+    return StepBreakdown(
+        compute_s=compute,
+        tp_comm_s=m * stage_layers * mb.tp_comm_exposed_s,
+        other_comm_s=m * stage_layers * mb.other_comm_exposed_s,
+        pp_p2p_s=m * p2p_per_micro_batch,
+        bubble_s=bubble,
+        dp_comm_s=dp,
+        optimizer_s=optimizer,
+        step_time_s=step,
+        micro_batches=m,
+        model_flops=tokens * float(spec.train_flops_per_token(settings.seq_len)),
+        hardware_flops=tokens
+        * hardware_flops_per_token(spec, settings.seq_len, layout.recompute, settings.attention_kernel),
+    )
