@@ -1,0 +1,181 @@
+"""The scheduler: each step, which requests run and how many tokens each computes. Pure bookkeeping, no torch.
+
+Scheduling is a token budget, not prefill and decode phases: every request's computed-token count catches up to
+its token count (prompt plus output). A step spends at most `max_num_batched_tokens`; a prompt longer than what
+is left is computed in chunks over several steps (chunked prefill). A prefix-cache hit moves the computed count
+forward before the first step, always leaving the last prompt token to compute so that there are logits to sample.
+When the block manager says no, the last-admitted running request is preempted: its blocks are freed and it
+returns to the front of the queue, to be recomputed later (its full blocks usually remain in the prefix cache).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from aiinfra.serve.block_manager import BlockManager
+from aiinfra.serve.request import Request, SamplingParams, Status
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a step: compute `token_ids` at positions start_position..., then maybe sample."""
+
+    request_id: str
+    token_ids: list[int]
+    start_position: int
+    block_table: list[int]
+    sample: bool  # the chunk reaches the last known token, so its logits give the next token
+    params: SamplingParams
+    suppress_token_ids: tuple[int, ...] = ()  # stop tokens banned until min_tokens are out
+
+
+@dataclass
+class SchedulerOutput:
+    """The plain, serializable decision of one step."""
+
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted_ids: list[str] = field(default_factory=list)
+    finished_ids: list[str] = field(default_factory=list)  # left the engine since the previous step
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(len(item.token_ids) for item in self.scheduled)
+
+
+@dataclass
+class StepUpdate:
+    """What a step changed for one request: the token it produced (if any) and whether it finished."""
+
+    request: Request
+    new_token_ids: list[int]
+    finished: bool
+
+
+class Scheduler:
+    """Continuous batching over a paged KV cache: requests join and leave the running batch at every step."""
+
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_seq_len: int):
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_seq_len = max_seq_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.finished_since_last_step: list[str] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        """Queue a new request; its prompt plus max_tokens must fit the context and the whole cache."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in the engine")
+        if not request.prompt_token_ids:
+            raise ValueError("the prompt must hold at least one token")
+        needed = len(request.prompt_token_ids) + request.params.max_tokens
+        if needed > self.max_seq_len:
+            raise ValueError(f"prompt plus max_tokens is {needed} tokens; the context holds {self.max_seq_len}")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests) or bool(self.finished_since_last_step)
+
+    def finish(self, request_id: str, reason: str) -> Request | None:
+        """Remove a request (finished or aborted) and free its blocks at once."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        if request.status is Status.RUNNING:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status, request.finish_reason = Status.FINISHED, reason
+        self.blocks.free(request_id)
+        self.finished_since_last_step.append(request_id)
+        return request
+
+    def _preempt(self, request: Request) -> None:
+        self.blocks.free(request.request_id)
+        request.num_computed_tokens = 0
+        request.status = Status.WAITING
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1
+
+    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        end = start + num_new
+        params = request.params
+        suppress = tuple(request.stop_ids()) if len(request.output_token_ids) < params.min_tokens else ()
+        return ScheduledRequest(
+            request_id=request.request_id,
+            token_ids=request.all_token_ids[start:end],
+            start_position=start,
+            block_table=list(self.blocks.block_table(request.request_id)),
+            sample=end == request.num_tokens,
+            params=params,
+            suppress_token_ids=suppress,
+        )
+
+    def schedule(self) -> SchedulerOutput:
+        """Decide one step: running requests first (in admission order), then waiting ones while budget lasts."""
+        output = SchedulerOutput(finished_ids=self.finished_since_last_step)
+        self.finished_since_last_step = []
+        budget = self.max_num_batched_tokens
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.blocks.allocate(request.request_id, request.num_computed_tokens + num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                output.preempted_ids.append(victim.request_id)
+                if victim is request:
+                    break
+            if request.status is not Status.RUNNING:
+                break
+            output.scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+            index += 1
+        # After a preemption memory is tight: admitting new work now would only cause more of them.
+        while not output.preempted_ids and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            # Keep the last token uncached: its logits are needed to sample the next token.
+            cached = self.blocks.find_cached_prefix(request.all_token_ids[: request.num_tokens - 1])
+            num_computed = len(cached) * self.blocks.block_size
+            num_new = min(request.num_tokens - num_computed, budget)
+            if not self.blocks.allocate(request.request_id, num_computed + num_new, cached):
+                break
+            self.waiting.popleft()
+            if not request.output_token_ids:
+                request.num_cached_tokens = num_computed
+            request.num_computed_tokens = num_computed
+            request.status = Status.RUNNING
+            self.running.append(request)
+            output.scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+        return output
+
+    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[StepUpdate]:
+        """Advance computed counts, append sampled tokens, and finish requests that hit a stop condition."""
+        updates = []
+        for item in output.scheduled:
+            request = self.requests.get(item.request_id)
+            if request is None:  # aborted while the step ran
+                continue
+            request.num_computed_tokens += len(item.token_ids)
+            self.blocks.cache_full_blocks(request.request_id, request.all_token_ids, request.num_computed_tokens)
+            if not item.sample:
+                continue
+            token = sampled[item.request_id]
+            reason = None
+            if token in request.stop_ids():
+                reason = "stop"
+            else:
+                request.output_token_ids.append(token)
+                if len(request.output_token_ids) >= request.params.max_tokens or request.num_tokens >= self.max_seq_len:
+                    reason = "length"
+            if reason is not None:
+                self.finish(request.request_id, reason)
+            updates.append(StepUpdate(request, [] if reason == "stop" else [token], reason is not None))
+        return updates
