@@ -73,12 +73,17 @@ CLUSTER_FACTS: dict[str, dict[str, float]] = {
 }
 
 
+def source_key(source: str) -> str:
+    """The `SOFTWARE` key (paper or code base) a row's source column starts with."""
+    for prefix in SOFTWARE:
+        if source.startswith(prefix):
+            return prefix
+    raise KeyError(f"no software facts for source {source!r}")
+
+
 def software_for(source: str) -> SoftwareFacts:
     """The software facts for a row's source."""
-    for prefix, facts in SOFTWARE.items():
-        if source.startswith(prefix):
-            return facts
-    raise KeyError(f"no software facts for source {source!r}")
+    return SOFTWARE[source_key(source)]
 
 
 def spec_from_row(row: dict[str, str]) -> ModelSpec:
@@ -240,3 +245,52 @@ def validate_training(
         rows.append(ValidationRow(row["id"], row["metric"], float(row["value"]), predicted_metric(setup, step),
                                   layout.describe(), step.step_time_s))
     return rows
+
+
+@dataclass(frozen=True)
+class MemoryCheckRow:
+    """Our tensor-by-tensor activation count against Korthikanti et al.'s closed form, and parameters."""
+
+    model: str
+    case: str  # "no recompute (TP)" or "SP + selective"
+    predicted_bytes: float
+    reference_bytes: float
+    params: float
+    reference_params: float
+
+    @property
+    def error(self) -> float:
+        return (self.predicted_bytes - self.reference_bytes) / self.reference_bytes
+
+    @property
+    def params_error(self) -> float:
+        return (self.params - self.reference_params) / self.reference_params
+
+
+def memory_check(path: Path = TRAINING_RUNS_CSV) -> list[MemoryCheckRow]:
+    """Activation memory of the first pipeline stage for Korthikanti's 22B, 175B, 530B and 1T models.
+
+    Reference: their Table 2 closed forms times L layers in flight (section 4.3): s b h L (10 + 24/t + 5 a s /(h t))
+    without recomputation (tensor parallelism only) and 34 s b h L / t with sequence parallelism plus selective
+    recomputation. Ours adds the embedding-dropout and output-layer terms they show are small.
+    """
+    results = []
+    for row in load_training_runs(path):
+        if not row["id"].startswith("kort22-") or not row["id"].endswith("-sel"):
+            continue
+        spec = spec_from_row(row)
+        setup = setup_from_row(row)
+        s, b, h, a = spec.max_seq_len, int(row["micro_batch"]), spec.dim, spec.n_heads
+        t, layers = int(row["tp"]), spec.n_layers
+        base = replace(setup.layout, schedule="1f1b", virtual_stages=1)
+        cases = [
+            ("no recompute (TP)", replace(base, recompute="none", sequence_parallel=False),
+             s * b * h * layers * (10 + 24 / t + 5 * a * s / (h * t))),
+            ("SP + selective", replace(base, recompute="selective", sequence_parallel=True),
+             s * b * h * layers * 34 / t),
+        ]
+        for case, layout, reference in cases:
+            predicted = memory_breakdown(spec, setup.settings, layout).activations_bytes
+            results.append(MemoryCheckRow(row["id"].split("-")[1], case, predicted, reference,
+                                          spec.num_params(), float(row["params_b"]) * 1e9))
+    return results
