@@ -1,0 +1,104 @@
+"""`aiinfra serve MODEL` and `aiinfra bench serve`: plain typer-compatible functions (registered by cli.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from aiinfra.config import ConfigError
+
+
+def _fail(message: str) -> typer.Exit:
+    """A user mistake: one clear line on stderr, exit status 2, no traceback."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def serve_command(
+    model: Annotated[Path, typer.Argument(help="a run directory of ours or a Hugging Face Llama-format folder")],
+    host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port")] = 8000,
+    served_model_name: Annotated[str | None, typer.Option(help="model id clients use (default: folder name)")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="AIINFRA_API_KEY", help="require 'Bearer KEY'")] = None,
+    int8: Annotated[bool, typer.Option(help="int8 weight-only quantization (per output channel)")] = False,
+    block_size: Annotated[int, typer.Option(min=1, help="tokens per KV cache block")] = 16,
+    kv_cache_memory_mb: Annotated[float, typer.Option(min=0.001, help="memory budget of the KV cache, MiB")] = 256,
+    max_num_seqs: Annotated[int, typer.Option(min=1, help="requests in the running batch at most")] = 64,
+    max_num_batched_tokens: Annotated[int, typer.Option(min=1, help="tokens computed per step")] = 512,
+    prefix_caching: Annotated[bool, typer.Option(help="share KV blocks of common prompt prefixes")] = True,
+    max_waiting_requests: Annotated[int, typer.Option(min=0, help="queued requests beyond the batch")] = 256,
+    max_waiting_tokens: Annotated[int, typer.Option(min=1, help="queued prompt tokens at most")] = 1 << 18,
+    max_body_bytes: Annotated[int, typer.Option(min=1, help="largest request body")] = 1 << 20,
+    request_timeout_s: Annotated[float, typer.Option(min=0.001, help="per-request time limit")] = 600.0,
+    threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: torch's default)")] = 0,
+) -> None:
+    """Serve MODEL over an OpenAI-compatible HTTP API with continuous batching and a paged KV cache."""
+    import torch
+    import uvicorn
+
+    from aiinfra.serve.api import ServerConfig, build_app
+    from aiinfra.serve.async_engine import AsyncEngine
+    from aiinfra.serve.engine import EngineConfig, LLMEngine
+    from aiinfra.serve.loading import load_model
+    from aiinfra.serve.quantize import quantize_int8
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        served = load_model(model)
+        if int8:
+            quantize_int8(served.model)
+        if served_model_name:
+            served.name = served_model_name
+        engine_config = EngineConfig(
+            block_size=block_size, kv_cache_memory_bytes=int(kv_cache_memory_mb * 2**20), max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=prefix_caching,
+        )
+        engine = LLMEngine(served.model, engine_config, served.eos_token_id)
+    except (ConfigError, ValueError, OSError) as error:
+        raise _fail(str(error)) from None
+    server_config = ServerConfig(
+        api_key=api_key, max_body_bytes=max_body_bytes, max_waiting_requests=max_waiting_requests,
+        max_waiting_tokens=max_waiting_tokens, request_timeout_s=request_timeout_s,
+    )
+    app = build_app(AsyncEngine(engine, served.tokenizer), served, server_config)
+    typer.echo(f"serving {served.name!r} ({engine.num_blocks} KV blocks of {block_size} tokens) on http://{host}:{port}")
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
+def bench_serve_command(
+    base_url: Annotated[str, typer.Option(help="server root, e.g. http://127.0.0.1:8000")] = "http://127.0.0.1:8000",
+    model: Annotated[str | None, typer.Option(help="model id (default: the first of /v1/models)")] = None,
+    num_prompts: Annotated[int, typer.Option(min=1, help="requests to send")] = 64,
+    request_rate: Annotated[float, typer.Option(help="mean arrivals per second (inf: all at once)")] = float("inf"),
+    burstiness: Annotated[float, typer.Option(min=0.001, help="gamma shape: 1 is Poisson, <1 burstier")] = 1.0,
+    max_concurrency: Annotated[int | None, typer.Option(min=1, help="requests in flight at most")] = None,
+    input_len: Annotated[int, typer.Option(min=1, help="mean prompt length, in words")] = 64,
+    output_len: Annotated[int, typer.Option(min=1, help="mean max_tokens")] = 64,
+    range_ratio: Annotated[float, typer.Option(min=0, max=0.999, help="lengths uniform in mean*(1 +- ratio)")] = 0.0,
+    slo_ttft_ms: Annotated[float | None, typer.Option(help="goodput SLO on time to first token")] = None,
+    slo_tpot_ms: Annotated[float | None, typer.Option(help="goodput SLO on time per output token")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="OPENAI_API_KEY", help="Bearer key to send")] = None,
+    seed: Annotated[int, typer.Option(help="seed of lengths, prompts and arrivals")] = 0,
+    json_out: Annotated[Path | None, typer.Option(help="also write the results here")] = None,
+) -> None:
+    """Load an OpenAI-compatible server (ours or any other) and report throughput, TTFT, TPOT, ITL and goodput."""
+    from aiinfra.serve.loadgen import LoadSpec, format_report, run_load
+
+    spec = LoadSpec(
+        base_url=base_url, model=model, num_prompts=num_prompts, request_rate=request_rate, burstiness=burstiness,
+        max_concurrency=max_concurrency, input_len=input_len, output_len=output_len, range_ratio=range_ratio,
+        slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, api_key=api_key, seed=seed,
+    )
+    try:
+        report = asyncio.run(run_load(spec))
+    except (ConnectionError, ValueError) as error:
+        raise _fail(str(error)) from None
+    typer.echo(format_report(report))
+    if json_out is not None:
+        json_out.write_text(json.dumps(report, indent=2))
+    typer.echo(json.dumps(report))

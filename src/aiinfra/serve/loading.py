@@ -1,0 +1,149 @@
+"""Load a model to serve: one of our run directories or a Hugging Face Llama-format folder.
+
+A Hugging Face folder holds config.json, *.safetensors weights and tokenizer.json. Its names map one to one onto
+ours, and HF Llama uses the same rotate-half rotary layout as we do, so q/k weights need no permutation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+
+from aiinfra.checkpoint.run_dir import load_run
+from aiinfra.config import ConfigError
+from aiinfra.data.tokenizer import END_OF_TEXT, load_tokenizer
+from aiinfra.models.llama import Transformer, rotary_tables
+from aiinfra.spec import ModelSpec
+
+HF_LAYER_NAMES = {
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3",
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+HF_TOP_NAMES = {"model.embed_tokens": "tok_embeddings", "model.norm": "norm", "lm_head": "output"}
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@dataclass
+class ServedModel:
+    """A model ready to serve with its tokenizer, end-of-text id and chat template."""
+
+    name: str
+    model: Transformer
+    tokenizer: Tokenizer
+    eos_token_id: int | None
+    chat_template: str
+    bos_token: str = ""
+
+
+def hf_name_to_ours(name: str) -> str | None:
+    """'model.layers.3.self_attn.q_proj.weight' -> 'layers.3.attention.wq.weight'; None for tensors we skip."""
+    stem, _, kind = name.rpartition(".")
+    if stem in HF_TOP_NAMES:
+        return f"{HF_TOP_NAMES[stem]}.{kind}"
+    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", stem)
+    if match and match.group(2) in HF_LAYER_NAMES:
+        return f"layers.{match.group(1)}.{HF_LAYER_NAMES[match.group(2)]}.{kind}"
+    if stem.endswith("rotary_emb"):  # old exports carry derived inv_freq buffers
+        return None
+    raise ConfigError(f"unexpected tensor {name!r} in the Hugging Face weights: not a Llama-format model?")
+
+
+def spec_from_hf_config(config: dict, source: str) -> ModelSpec:
+    """Our ModelSpec from a Hugging Face LlamaConfig dict; unsupported features are refused by name."""
+    if config.get("model_type", "llama") not in ("llama", "mistral"):
+        raise ConfigError(f"{source}: model_type={config.get('model_type')!r}; only Llama-format models are served")
+    if config.get("rope_scaling"):
+        raise ConfigError(f"{source}: rope_scaling={config['rope_scaling']!r} is not supported")
+    heads = config["num_attention_heads"]
+    if config.get("head_dim") not in (None, config["hidden_size"] // heads):
+        raise ConfigError(f"{source}: head_dim={config['head_dim']} must equal hidden_size / num_attention_heads")
+    if config.get("hidden_act", "silu") != "silu" or config.get("attention_bias") or config.get("mlp_bias"):
+        raise ConfigError(f"{source}: only SiLU-gated MLPs without biases are supported")
+    rope_theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    return ModelSpec(
+        vocab_size=config["vocab_size"],
+        dim=config["hidden_size"],
+        n_layers=config["num_hidden_layers"],
+        n_heads=heads,
+        n_kv_heads=config.get("num_key_value_heads") or heads,
+        ffn_dim=config["intermediate_size"],
+        max_seq_len=config.get("max_position_embeddings", 2048),
+        rope_theta=rope_theta,
+        norm_eps=config.get("rms_norm_eps", 1e-6),
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+    )
+
+
+def load_hf_folder(folder: Path, device: str = "cpu") -> ServedModel:
+    """Load config.json, every *.safetensors file and tokenizer.json of a Hugging Face Llama-format folder."""
+    config = json.loads((folder / "config.json").read_text())
+    spec = spec_from_hf_config(config, str(folder / "config.json"))
+    weight_files = sorted(folder.glob("*.safetensors"))
+    if not weight_files:
+        raise ConfigError(f"{folder}: no *.safetensors weights (pickled .bin weights are not loaded)")
+    if not (folder / "tokenizer.json").is_file():
+        raise ConfigError(f"{folder}: no tokenizer.json")
+    with torch.device("meta"):
+        model = Transformer(spec)
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files:
+        for name, tensor in load_file(str(path), device=device).items():
+            ours = hf_name_to_ours(name)
+            if ours is not None:
+                state[ours] = tensor.float()
+    if spec.tie_embeddings:
+        state.pop("output.weight", None)
+    model.load_state_dict(state, strict=True, assign=True)
+    if spec.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    # Rotary tables are derived buffers, never in the weights: rebuild them (init_weights would also re-draw weights).
+    model.rope_cos, model.rope_sin = rotary_tables(spec.head_dim, spec.max_seq_len, spec.rope_theta)
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer_config_path = folder / "tokenizer_config.json"
+    tokenizer_config = json.loads(tokenizer_config_path.read_text()) if tokenizer_config_path.is_file() else {}
+    eos = config.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    bos = tokenizer_config.get("bos_token") or ""
+    return ServedModel(
+        name=folder.name,
+        model=model.to(device).eval(),
+        tokenizer=tokenizer,
+        eos_token_id=eos,
+        chat_template=tokenizer_config.get("chat_template") or DEFAULT_CHAT_TEMPLATE,
+        bos_token=bos if isinstance(bos, str) else bos.get("content", ""),
+    )
+
+
+def load_model(path: Path, device: str = "cpu") -> ServedModel:
+    """Either kind of model folder; a folder that is neither gives a ConfigError naming what is missing."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"model {str(path)!r} is not a directory (expected a run directory or a HF Llama folder)")
+    if (path / "config.json").is_file():
+        return load_hf_folder(path, device)
+    run = load_run(path, device)
+    tokenizer = load_tokenizer(path / "tokenizer.json")
+    return ServedModel(
+        name=path.name,
+        model=run.model,
+        tokenizer=tokenizer,
+        eos_token_id=tokenizer.token_to_id(END_OF_TEXT),
+        chat_template=DEFAULT_CHAT_TEMPLATE,
+    )
