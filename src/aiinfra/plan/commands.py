@@ -52,11 +52,11 @@ def _clear_errors(command: Callable[..., None]) -> Callable[..., None]:
         try:
             command(*args, **kwargs)
         except (PlanError, KeyError) as error:
-            Console(stderr=True).print(f"error: {error.args[0] if error.args else error}", markup=False)
+            print(f"error: {error.args[0] if error.args else error}", file=sys.stderr)
             raise typer.Exit(2) from None
         except ValidationError as error:
             first = error.errors()[0]
-            Console(stderr=True).print(f"error: model: {first['msg']}", markup=False)
+            print(f"error: model: {first['msg']}", file=sys.stderr)
             raise typer.Exit(2) from None
 
     return wrapper

@@ -1,0 +1,158 @@
+"""Each formula against a hand computation."""
+
+import math
+from dataclasses import replace
+
+import pytest
+
+from aiinfra.plan.cluster import collective_time_s, group_bandwidth_bytes_per_s, make_cluster
+from aiinfra.plan.efficiency import efficiency_table
+from aiinfra.plan.inference import ServeSettings, decode_step_time_s, kv_bytes_per_token, weights_bytes
+from aiinfra.plan.layout import Layout, TrainSettings
+from aiinfra.plan.memory import layer_activation_bytes, memory_breakdown
+from aiinfra.plan.reliability import (
+    ReliabilitySettings,
+    llama3_failures_per_device_hour,
+    plan_reliability,
+    young_daly_interval_s,
+)
+from aiinfra.plan.step import OVERLAP_SM_TAX, hardware_flops_per_token, overlapped_s, step_breakdown
+from aiinfra.spec import ModelSpec, preset
+
+# Korthikanti et al. 2022's 22B model: h 6144, a 64, L 48, s 2048, t 8, GPT-style.
+GPT22B = ModelSpec(vocab_size=51200, dim=6144, n_layers=48, n_heads=64, n_kv_heads=64, ffn_dim=4 * 6144,
+                   max_seq_len=2048, mlp="gelu", norm="layernorm", position="learned", bias=True, tie_embeddings=True)
+GPT_SETTINGS = TrainSettings(seq_len=2048, global_batch_seqs=4, attention_kernel="materialized", dropout=True)
+
+
+def test_ring_all_reduce_time_inside_an_nvlink_node() -> None:
+    cluster = make_cluster("h100-sxm-80gb", 8)
+    # 2 x ((n-1)/n x S / (450 GB/s x 0.80) + (n-1) x 5 us)
+    hand = 2 * (7 / 8 * 1e9 / (450e9 * 0.80) + 7 * 5e-6)
+    assert collective_time_s(cluster, "all_reduce", 1e9, 8, 1) == pytest.approx(hand)
+    assert collective_time_s(cluster, "all_gather", 1e9, 8, 1) == pytest.approx(hand / 2)
+
+
+def test_group_bandwidth_across_nodes_uses_one_nic_per_member() -> None:
+    cluster = make_cluster("h100-sxm-80gb", 256)
+    # Stride 8: one member per node, 400 Gb/s = 50 GB/s per NIC, at 80% bus efficiency.
+    assert group_bandwidth_bytes_per_s(cluster, 32, 8)[0] == pytest.approx(50e9 * 0.8)
+    # Stride 1 over 4 nodes: 8 members per node push through 8 NICs, capped by NVLink's 450 GB/s.
+    assert group_bandwidth_bytes_per_s(cluster, 32, 1)[0] == pytest.approx(min(450e9, 8 * 50e9) * 0.8)
+
+
+def test_gemm_efficiency_is_half_the_ceiling_at_the_half_dimension() -> None:
+    hopper = efficiency_table()["hopper"]
+    half = hopper.gemm_half_dim
+    assert hopper.gemm_efficiency(half, 8192, 8192) == pytest.approx(hopper.gemm_efficiency_max / 2)
+    assert hopper.gemm_efficiency(8192, 8192, 8192) > hopper.gemm_efficiency(8192, 8192, 1024)
+
+
+@pytest.mark.parametrize(
+    ("recompute", "sp", "per_token_factor"),
+    [
+        # Korthikanti Table 2, bytes per (s b h): TP only, TP+SP, TP+SP+selective; full recompute stores 2 s b h.
+        ("none", False, 10 + 24 / 8 + 5 * 64 * 2048 / (6144 * 8)),
+        ("none", True, 34 / 8 + 5 * 64 * 2048 / (6144 * 8)),
+        ("selective", True, 34 / 8),
+        ("full", False, 2.0),
+    ],
+)
+def test_layer_activations_match_korthikanti_table_2(recompute: str, sp: bool, per_token_factor: float) -> None:
+    layout = Layout(tp=8, recompute=recompute, sequence_parallel=sp, micro_batch=1)  # type: ignore[arg-type]
+    sbh = 2048 * 1 * 6144
+    assert layer_activation_bytes(GPT22B, GPT_SETTINGS, layout) == pytest.approx(sbh * per_token_factor)
+
+
+def test_full_recompute_flops_are_megatron_equation_3() -> None:
+    s, h, layers, v = 2048, 6144, 48, 51200
+    megatron = 96 * s * layers * h * h * (1 + s / (6 * h) + v / (16 * layers * h)) / s  # per token
+    assert hardware_flops_per_token(GPT22B, s, "full", "materialized") == pytest.approx(megatron)
+
+
+def test_model_flops_reproduce_korthikanti_22b_mfu() -> None:
+    # 4 x 2048 tokens in 1.10 s on 8 A100s reported as MFU 0.415 (Table 5 note).
+    flops = 4 * 2048 * GPT22B.train_flops_per_token(2048)
+    assert flops / (1.10 * 8 * 312e12) == pytest.approx(0.415, abs=0.003)
+
+
+def test_zero_stages_shard_states_over_data_parallel() -> None:
+    settings = TrainSettings(seq_len=2048, global_batch_seqs=64)
+    spec = preset("llama3-8b")
+    base = memory_breakdown(spec, settings, Layout(dp=4, zero_stage=0))
+    params = base.weights_bytes / 2
+    zero1 = memory_breakdown(spec, settings, Layout(dp=4, zero_stage=1))
+    zero2 = memory_breakdown(spec, settings, Layout(dp=4, zero_stage=2))
+    assert base.optimizer_bytes == pytest.approx(12 * params)
+    assert zero1.optimizer_bytes == pytest.approx(12 * params / 4)
+    assert zero2.gradients_bytes == pytest.approx(4 * params / 4)
+    assert zero2.weights_bytes == pytest.approx(2 * params)
+
+
+def test_bubble_is_p_minus_1_over_v_micro_batch_slots() -> None:
+    spec = preset("llama3-8b", vocab_size=256)  # a negligible output head keeps every stage equal
+    cluster = make_cluster("h100-sxm-80gb", 8)
+    settings = TrainSettings(seq_len=4096, global_batch_seqs=32)
+    one = step_breakdown(spec, settings, Layout(pp=8, micro_batch=1), cluster)
+    # 1F1B: (p - 1) slots of one micro-batch's stage time; the step holds m = 32 such slots plus the bubble.
+    per_slot = (one.step_time_s - one.bubble_s - one.optimizer_s - one.dp_comm_s) / 32
+    assert one.bubble_s == pytest.approx(7 * per_slot, rel=0.02)
+    interleaved = step_breakdown(spec, settings, Layout(pp=8, micro_batch=1, schedule="interleaved",
+                                                        virtual_stages=2), cluster)
+    assert interleaved.bubble_s < 0.6 * one.bubble_s
+
+
+def test_overlapped_collective_costs_its_excess_plus_the_sm_tax() -> None:
+    assert overlapped_s(1.0, 3.0) == pytest.approx(OVERLAP_SM_TAX * 1.0)
+    assert overlapped_s(3.0, 1.0) == pytest.approx(2.0 + OVERLAP_SM_TAX * 1.0)
+
+
+def test_failure_rate_from_llama3_snapshot() -> None:
+    rate = llama3_failures_per_device_hour()
+    assert rate == pytest.approx(419 / (16384 * 54 * 24))
+    assert 1 / rate == pytest.approx(50_700, rel=0.01)  # "about 50,700 GPU-hours per interruption"
+    assert 1 / (rate * 16384) == pytest.approx(3.1, abs=0.05)  # job MTBF about 3.1 h at 16K GPUs
+
+
+def test_young_daly_interval_matches_the_reference_example() -> None:
+    mtbf_s = 185.6 * 60
+    assert young_daly_interval_s(60, mtbf_s) == pytest.approx(math.sqrt(2 * 60 * mtbf_s) - 60)
+    # Young's first-order value is the reliability note's "about 19.3 min"; Daly's subtracts delta.
+    assert (young_daly_interval_s(60, mtbf_s) + 60) / 60 == pytest.approx(19.3, abs=0.05)
+
+
+def test_goodput_by_hand() -> None:
+    # One device failing every 10,000 s; checkpoints of 1e12 bytes at 1e10 B/s = 100 s; no restart cost.
+    settings = ReliabilitySettings(failures_per_device_hour=0.36, storage_write_bytes_per_s=1e10,
+                                   checkpoint_bytes_per_param=1.0, restart_s=0.0)
+    plan = plan_reliability(1, 1e12, 1e6, settings)
+    tau = math.sqrt(2 * 100 * 10_000) - 100
+    assert plan.checkpoint_interval_s == pytest.approx(tau)
+    assert plan.goodput == pytest.approx(1 - (100 / (tau + 100) + tau / 2 / 10_000))
+
+
+def test_kv_cache_and_weight_bytes_for_llama3_8b_fp8() -> None:
+    spec = preset("llama3-8b")
+    assert kv_bytes_per_token(spec, "fp8") == 2 * 32 * 8 * 128
+    linear = 32 * (4096 * 4096 * 2 + 2 * 4096 * 1024 + 3 * 4096 * 14336)
+    assert weights_bytes(spec, "fp8") == pytest.approx(linear + (spec.num_params() - linear) * 2)
+
+
+def test_low_batch_decode_is_bound_by_reading_the_weights() -> None:
+    spec = preset("llama3-8b")
+    cluster = make_cluster("h100-sxm-80gb", 1)
+    settings = ServeSettings(input_tokens=128, output_tokens=1, weight_dtype="bf16", kv_dtype="bf16")
+    step = decode_step_time_s(spec, cluster, settings, 1, prefill=False)
+    # Every weight but the embedding table (one row per token is read) streams from HBM once per step.
+    floor = (weights_bytes(spec, "bf16") - 128256 * 4096 * 2) / (3350e9 * 0.80)
+    assert floor * 0.95 < step < floor * 1.3
+
+
+def test_mfu_is_model_flops_over_time_devices_and_peak() -> None:
+    cluster = make_cluster("a100-sxm-80gb", 8)
+    step = step_breakdown(GPT22B, GPT_SETTINGS, Layout(tp=8, micro_batch=4, sequence_parallel=True,
+                                                       recompute="selective"), cluster)
+    assert step.mfu(cluster, "bf16") == pytest.approx(step.model_flops / (step.step_time_s * 8 * 312e12))
+    assert step.hfu(cluster, "bf16") > step.mfu(cluster, "bf16")
+    slower = replace(cluster, n_devices=8)
+    assert step_breakdown(GPT22B, GPT_SETTINGS, Layout(tp=8, micro_batch=4), slower).step_time_s > 0
