@@ -58,6 +58,15 @@ def generate_command(
         raise fail(str(error)) from None
 
 
+def _mount_planner() -> None:
+    from aiinfra.plan.commands import plan_app
+
+    app.add_typer(plan_app, name="plan", help="Plan GPU/TPU clusters: memory, step time, MFU, cost, goodput.")
+
+
+_mount_planner()
+
+
 @app.callback()
 def main() -> None:
     """Train, serve, plan and watch language models."""

@@ -14,8 +14,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-# Test suites are huge, repetitive and full of deliberately odd text; GUI demos add little. Skip them.
-_SKIPPED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "turtledemo", "__pycache__"}
+# Skipped: test suites (huge, repetitive, full of deliberately odd text), GUI demos, and generated files that
+# are not code a person wrote (the codec tables in encodings/, pydoc's topic dump).
+_SKIPPED_DIRS = {
+    "site-packages",
+    "dist-packages",
+    "test",
+    "tests",
+    "idlelib",
+    "turtledemo",
+    "__pycache__",
+    "encodings",
+    "pydoc_data",
+}
 
 
 @dataclass(frozen=True)

@@ -205,6 +205,29 @@ class Trainer:
         self.model.train()
         return prompt + decode(tokenizer, ids)
 
+    def run_step(self, logger: StepLogger) -> dict[str, Any]:
+        """One training step as `fit` runs it: train, time, evaluate when due, log. Returns the step's record."""
+        cfg = self.config.train
+        step_start = time.perf_counter()
+        metrics = self.train_step()
+        step_time_s = time.perf_counter() - step_start
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"loss became {metrics['loss']} at step {self.step}; lower train.lr")
+        tokens_per_s = self.tokens_per_step / step_time_s
+        record = {
+            "step": self.step,
+            **metrics,
+            "step_time_s": step_time_s,
+            "tokens_per_s": tokens_per_s,
+            "mfu": tokens_per_s * self.flops_per_token / self.peak.flops_per_s,
+            "tokens": self.step * self.tokens_per_step,
+        }
+        if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps:
+            record["val_loss"] = self.evaluate()
+            logger.print(f"step {self.step}: train loss {metrics['loss']:.3f}, validation loss {record['val_loss']:.3f}")
+        logger.log(record)
+        return record
+
     def fit(self) -> TrainResult:
         """Train for `train.steps` steps, evaluate, and write the self-contained run directory."""
         cfg, run = self.config.train, self.config.run
@@ -215,36 +238,19 @@ class Trainer:
             f"{self.tokens_per_step} tokens/step, {self.device} {cfg.dtype}, {torch.get_num_threads()} threads; "
             f"MFU peak {self.peak.flops_per_s / 1e12:.3f} TFLOP/s ({self.peak.source})"
         )
-        train_loss = val_loss = float("nan")
-        timed_tokens, timed_seconds = 0, 0.0
+        records: list[dict[str, Any]] = []
         try:
             self.model.train()
             while self.step < cfg.steps:
-                step_start = time.perf_counter()
-                metrics = self.train_step()
-                step_time_s = time.perf_counter() - step_start
-                tokens_per_s = self.tokens_per_step / step_time_s
-                if self.step > 1:  # the first step pays one-off warm-up costs
-                    timed_tokens, timed_seconds = timed_tokens + self.tokens_per_step, timed_seconds + step_time_s
-                record = {
-                    "step": self.step,
-                    **metrics,
-                    "step_time_s": step_time_s,
-                    "tokens_per_s": tokens_per_s,
-                    "mfu": tokens_per_s * self.flops_per_token / self.peak.flops_per_s,
-                    "tokens": self.step * self.tokens_per_step,
-                }
-                train_loss = metrics["loss"]
-                if not math.isfinite(train_loss):
-                    raise FloatingPointError(f"loss became {train_loss} at step {self.step}; lower train.lr")
-                if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps:
-                    val_loss = record["val_loss"] = self.evaluate()
-                    logger.print(f"step {self.step}: train loss {train_loss:.3f}, validation loss {val_loss:.3f}")
-                logger.log(record)
+                records.append(self.run_step(logger))
         finally:
             logger.close()
 
-        tokens_per_s = timed_tokens / timed_seconds if timed_seconds else tokens_per_s
+        # The first step pays one-off warm-up costs (allocations, kernel selection): leave it out of the rate.
+        timed = records[1:] or records
+        tokens_per_s = len(timed) * self.tokens_per_step / sum(r["step_time_s"] for r in timed)
+        train_loss = records[-1]["loss"]
+        val_loss = next(r["val_loss"] for r in reversed(records) if "val_loss" in r)
         entropy = unigram_entropy_nats(self.dataset.train, self.dataset.tokenizer.get_vocab_size())
         text = self.sample_text(run.sample_prompt, run.sample_tokens) if run.sample_tokens else ""
         result = TrainResult(
