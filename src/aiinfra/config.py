@@ -56,6 +56,54 @@ class TrainConfig(Section):
     deterministic: bool = Field(False, description="use deterministic algorithms (for bitwise-reproducible runs)")
 
 
+class ParallelConfig(Section):
+    """How the model is spread over processes (world size = dp_replicate * dp_shard * tp * pp)."""
+
+    dp_replicate: int = Field(
+        1, ge=1, description="data-parallel replicas that all-reduce gradients (DDP; HSDP with dp_shard)"
+    )
+    dp_shard: int = Field(1, ge=1, description="data-parallel ranks that shard parameters, grads, optimizer (FSDP2)")
+    tp: int = Field(1, ge=1, description="tensor-parallel ranks (Megatron column/row split with sequence parallel)")
+    pp: int = Field(1, ge=1, description="pipeline stages' ranks (torch.distributed.pipelining)")
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = Field(
+        "1f1b", description="pipeline schedule; interleaved_1f1b holds 2 stages per rank"
+    )
+    microbatches: int = Field(0, ge=0, description="pipeline micro-batches per step (0: 2 x pp)")
+    activation_checkpoint: Literal["none", "selective", "full"] = Field(
+        "none", description="recompute activations in backward: none, selective (keep matmul outputs) or full blocks"
+    )
+    reshard_after_forward: bool = Field(
+        True, description="FSDP frees gathered parameters after forward (ZeRO-3); false keeps them (ZeRO-2-like)"
+    )
+    mixed_precision: Literal["autocast", "fsdp"] = Field(
+        "autocast",
+        description="how train.dtype=bf16 applies: autocast (fp32 params) or FSDP policy (bf16 params, fp32 reduce)",
+    )
+    cpu_offload: bool = Field(
+        False, description="keep FSDP-sharded parameters, grads and optimizer state in CPU memory"
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="process-group backend (auto: nccl on CUDA)")
+    straggler_ratio: float = Field(1.25, gt=1, description="flag a rank whose step time exceeds this x the median")
+    measure_comm_every: int = Field(
+        10, ge=0, description="profile one step in N to measure communication time per rank (0: never)"
+    )
+
+    @property
+    def world_size(self) -> int:
+        """Processes this layout needs."""
+        return self.dp_replicate * self.dp_shard * self.tp * self.pp
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel ranks: each takes its own slice of the global batch."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def pp_microbatches(self) -> int:
+        """Micro-batches per pipeline step."""
+        return self.microbatches or 2 * self.pp
+
+
 class RunConfig(Section):
     dir: str | None = Field(None, description="run directory (default runs/<preset>-<timestamp>)")
     log_every: int = Field(10, ge=1, description="print a progress line every N steps when not on a terminal")
@@ -70,13 +118,44 @@ class Config(Section):
     model: ModelSpec = Field(default_factory=lambda: ModelSpec(preset="tiny"))
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Config:
         if self.train.seq_len > self.model.max_seq_len:
             raise ValueError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        self._check_parallel()
         return self
+
+    def _check_parallel(self) -> None:
+        par, model, train = self.parallel, self.model, self.train
+        if par.tp > 1:
+            for key, value in (("n_heads", model.n_heads), ("n_kv_heads", model.n_kv_heads)):
+                if value % par.tp:
+                    raise ValueError(f"parallel.tp={par.tp} must divide model.{key}={value}")
+            if train.seq_len % par.tp:
+                raise ValueError(f"parallel.tp={par.tp} must divide train.seq_len={train.seq_len} (sequence parallel)")
+            if model.position == "learned" or model.is_moe:
+                raise ValueError(f"parallel.tp={par.tp}: tensor parallel supports dense rope models only")
+        if par.pp > 1:
+            stages = par.pp * (2 if par.pp_schedule == "interleaved_1f1b" else 1)
+            if model.n_layers < stages:
+                raise ValueError(
+                    f"parallel.pp={par.pp} with {par.pp_schedule} needs {stages} stages: model.n_layers="
+                    f"{model.n_layers} is too few"
+                )
+            if model.tie_embeddings:
+                raise ValueError(f"parallel.pp={par.pp}: set model.tie_embeddings=false (first and last stage differ)")
+            local_batch = train.micro_batch
+            if local_batch % par.pp_microbatches:
+                raise ValueError(
+                    f"parallel.microbatches={par.pp_microbatches} must divide train.micro_batch={local_batch}"
+                )
+        if par.mixed_precision == "fsdp" and par.dp_shard == 1:
+            raise ValueError("parallel.mixed_precision=fsdp needs parallel.dp_shard > 1")
+        if par.cpu_offload and par.dp_shard == 1:
+            raise ValueError("parallel.cpu_offload=true needs parallel.dp_shard > 1 (it offloads FSDP shards)")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for TOML/JSON, with None values left out (TOML has no null)."""

@@ -1,1 +1,15 @@
-"""distributed"""
+"""Distributed training on torch.distributed: layouts, device meshes, parallelize, pipelines, launch, benchmarks.
+
+The model code (models/) never mentions ranks. This package applies parallelism from outside:
+
+- `layout.ParallelLayout` holds the degrees (dp_replicate, dp_shard, tp, pp) and builds a named DeviceMesh.
+- `parallelize.parallelize(model, mesh, config)` applies TP (+ sequence parallel), activation checkpointing,
+  compile, then FSDP2 or DDP, in that order.
+- `pipeline` splits the model into stages and builds a `torch.distributed.pipelining` schedule.
+- `runtime` is what the trainer talks to: one object per process that hides whether it is alone or one of many.
+- `launch` starts torchrun workers; `comm_bench` measures collectives with nccl-tests' definitions.
+"""
+
+from aiinfra.distributed.layout import ParallelLayout
+
+__all__ = ["ParallelLayout"]

@@ -154,10 +154,16 @@ class Transformer(nn.Module):
         seq = tokens.shape[1]
         if seq > self.spec.max_seq_len:
             raise ValueError(f"sequence of {seq} tokens exceeds max_seq_len={self.spec.max_seq_len}")
-        x = self.tok_embeddings(tokens)
-        if self.pos_embeddings is not None:
-            x = x + self.pos_embeddings(torch.arange(seq, device=tokens.device))
+        # A pipeline stage other than the first has no embedding and receives hidden states instead of token ids;
+        # a stage other than the last has no norm and output and returns hidden states (torchtitan's convention).
+        x = tokens
+        if self.tok_embeddings is not None:
+            x = self.tok_embeddings(tokens)
+            if self.pos_embeddings is not None:
+                x = x + self.pos_embeddings(torch.arange(seq, device=tokens.device))
         rope = (self.rope_cos[:seq], self.rope_sin[:seq]) if self.spec.position == "rope" else None
         for block in self.layers.values():
             x = block(x, rope)
+        if self.output is None:
+            return x
         return self.output(self.norm(x))

@@ -1,7 +1,9 @@
-"""The single-process training loop: AdamW, warmup + cosine, clipping, accumulation, evaluation, MFU.
+"""The training loop: AdamW, warmup + cosine, clipping, accumulation, evaluation, MFU; on one process or many.
 
-One step reads: take a batch, forward/backward each micro-batch, clip, step the optimizer and schedule, log.
-Everything that must survive a restart lives in `state_dict()` (model, optimizer, schedule, step, sampler).
+One step reads: take this rank's slice of the batch, forward/backward each micro-batch, clip, step the optimizer
+and schedule, log. Everything that must survive a restart lives in `state_dict()` (model, optimizer, schedule,
+step, sampler). Under torchrun the same loop runs on every rank: `distributed.runtime` supplies the process
+group, the parallelized model (or pipeline schedule), the data-parallel coordinates and the per-rank figures.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from aiinfra.config import Config, ConfigError
 from aiinfra.data.dataset import default_cache_dir, prepare_dataset, unigram_entropy_nats
 from aiinfra.data.sampler import WindowSampler, eval_batches
 from aiinfra.data.tokenizer import decode, encode
+from aiinfra.distributed.runtime import SilentLogger, make_runtime
 from aiinfra.models import Transformer, sample
 from aiinfra.observe.device_peak import device_peak
 from aiinfra.observe.plots import plot_loss_curve
@@ -88,90 +91,99 @@ def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.AdamW
     )
 
 
+def _loss_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, computed in fp32 whatever the compute dtype."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
 def default_run_dir(config: Config) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{config.model.preset or 'custom'}-{stamp}"
 
 
 class Trainer:
-    """Owns the model, optimizer, schedule and data of one run."""
+    """Owns the model, optimizer, schedule and data of one run (of this rank's share of it, under torchrun)."""
 
     def __init__(self, config: Config, run_dir: Path | None = None):
         self.config = config
         cfg = config.train
-        self.device = resolve_device(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.use_deterministic_algorithms(cfg.deterministic)
-        seed_everything(cfg.seed)
+        self.runtime = make_runtime(config, resolve_device(cfg.device))
+        self.device = self.runtime.device
 
         cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else default_cache_dir()
-        self.dataset = prepare_dataset(config.data.corpus, config.model.vocab_size, config.data.val_fraction, cache_dir)
+        with self.runtime.main_first():  # rank 0 fills the tokenizer, token and peak-FLOP/s caches; the rest read
+            self.dataset = prepare_dataset(
+                config.data.corpus, config.model.vocab_size, config.data.val_fraction, cache_dir
+            )
+            self.autocast_dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
+            self.peak = device_peak(self.device, self.autocast_dtype or torch.float32, cache_dir)
         tokenizer_vocab = self.dataset.tokenizer.get_vocab_size()
         if tokenizer_vocab > config.model.vocab_size:
             raise ConfigError(f"model.vocab_size={config.model.vocab_size} < the tokenizer's {tokenizer_vocab}")
 
+        # Every rank builds the same full model from the same seed, then keeps its part. Seeded here, after the
+        # peak-FLOP/s measurement, which draws random matrices only when its cache is cold.
+        seed_everything(cfg.seed)
         self.model = Transformer(config.model).to(self.device)
-        self.train_model = torch.compile(self.model) if cfg.compile else self.model
-        self.optimizer = build_optimizer(self.model, config)
+        self.runner = self.runtime.build_runner(self.model, self._autocast, _loss_from_logits)
+        self.optimizer = build_optimizer(self.runner.root, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
         )
-        self.sampler = WindowSampler(self.dataset.train, cfg.seq_len, cfg.micro_batch * cfg.grad_accum, cfg.seed)
+        # train.micro_batch is per data-parallel rank: the global batch grows with the data-parallel degree.
+        dp_rank, dp_size = self.runtime.dp_rank, self.runtime.dp_size
+        global_batch = cfg.micro_batch * cfg.grad_accum * dp_size
+        self.sampler = WindowSampler(self.dataset.train, cfg.seq_len, global_batch, cfg.seed, dp_rank, dp_size)
         self.step = 0
 
-        self.autocast_dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
-        self.peak = device_peak(self.device, self.autocast_dtype or torch.float32, cache_dir)
         self.flops_per_token = config.model.train_flops_per_token(cfg.seq_len)
-        self.tokens_per_step = cfg.micro_batch * cfg.grad_accum * cfg.seq_len
+        self.tokens_per_step = global_batch * cfg.seq_len
+        self.peak_flops_per_s = self.peak.flops_per_s * self.runtime.world_size
 
-        self.run_dir = Path(run_dir or config.run.dir or default_run_dir(config))
+        self.run_dir = Path(self.runtime.share(str(run_dir or config.run.dir or default_run_dir(config))))
         if (self.run_dir / "model.safetensors").exists():
             raise ConfigError(f"run.dir={str(self.run_dir)!r} already holds a finished run; choose another")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.runtime.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
+        if self.autocast_dtype is None or self.config.parallel.mixed_precision == "fsdp":
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
-            logits = self.train_model(inputs)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-
     def train_step(self) -> dict[str, float]:
-        """One optimizer step over `grad_accum` micro-batches; returns the step's metrics."""
+        """One optimizer step over `grad_accum` micro-batches; returns the step's metrics (loss averaged over ranks)."""
         cfg = self.config.train
         inputs, targets = self.sampler.next_batch()
         inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-        loss_sum = torch.zeros((), device=self.device)
-        for micro_inputs, micro_targets in zip(inputs.chunk(cfg.grad_accum), targets.chunk(cfg.grad_accum)):
-            loss = self._loss(micro_inputs, micro_targets) / cfg.grad_accum
-            loss.backward()
-            loss_sum += loss.detach()
-        grad_norm = (
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            if cfg.grad_clip > 0
-            else torch.zeros(())
-        )
+        losses = []
+        for index, (micro_inputs, micro_targets) in enumerate(
+            zip(inputs.chunk(cfg.grad_accum), targets.chunk(cfg.grad_accum))
+        ):
+            with self.runner.grad_sync(index == cfg.grad_accum - 1):
+                losses.append(self.runner.forward_backward(micro_inputs, micro_targets, 1 / cfg.grad_accum))
+        grad_norm = self.runner.clip_grad_norm(cfg.grad_clip) if cfg.grad_clip > 0 else torch.zeros(())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.step += 1
-        return {"loss": loss_sum.item(), "grad_norm": float(grad_norm), "lr": lr}
+        local_loss = None if losses[0] is None else torch.stack(losses).sum()
+        return {"loss": self.runtime.mean_loss(local_loss), "grad_norm": float(grad_norm), "lr": lr}
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over the fixed validation windows."""
+        """Mean loss over the fixed validation windows (every rank evaluates them all, in step)."""
         cfg = self.config.train
-        self.model.eval()
+        self.runner.module.eval()
         losses = [
-            self._loss(inputs.to(self.device), targets.to(self.device)).item()
+            self.runtime.mean_loss(self.runner.loss(inputs.to(self.device), targets.to(self.device)))
             for inputs, targets in eval_batches(self.dataset.val, cfg.seq_len, cfg.micro_batch, cfg.eval_batches)
         ]
-        self.model.train()
+        self.runner.module.train()
         return sum(losses) / len(losses)
 
     def state_dict(self) -> dict[str, Any]:
@@ -190,11 +202,12 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.step = state["step"]
 
-    def sample_text(self, prompt: str, max_new_tokens: int) -> str:
+    def sample_text(self, model: Transformer, prompt: str, max_new_tokens: int) -> str:
+        """`prompt` continued by `model` (the full model: on one process, or the main rank's export)."""
         tokenizer = self.dataset.tokenizer
         with self._autocast():
             ids = sample(
-                self.model.eval(),
+                model.eval(),
                 encode(tokenizer, prompt),
                 max_new_tokens,
                 temperature=0.7,
@@ -202,15 +215,16 @@ class Trainer:
                 seed=self.config.train.seed,
                 stop_id=tokenizer.token_to_id("<|endoftext|>"),
             )
-        self.model.train()
+        model.train()
         return prompt + decode(tokenizer, ids)
 
     def run_step(self, logger: StepLogger) -> dict[str, Any]:
         """One training step as `fit` runs it: train, time, evaluate when due, log. Returns the step's record."""
         cfg = self.config.train
-        step_start = time.perf_counter()
-        metrics = self.train_step()
-        step_time_s = time.perf_counter() - step_start
+        with self.runtime.measure_step(self.step + 1) as measured:
+            step_start = time.perf_counter()
+            metrics = self.train_step()
+            step_time_s = time.perf_counter() - step_start
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"loss became {metrics['loss']} at step {self.step}; lower train.lr")
         tokens_per_s = self.tokens_per_step / step_time_s
@@ -219,28 +233,37 @@ class Trainer:
             **metrics,
             "step_time_s": step_time_s,
             "tokens_per_s": tokens_per_s,
-            "mfu": tokens_per_s * self.flops_per_token / self.peak.flops_per_s,
+            "mfu": tokens_per_s * self.flops_per_token / self.peak_flops_per_s,
             "tokens": self.step * self.tokens_per_step,
+            **self.runtime.step_record(step_time_s, measured),
         }
         if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps:
             record["val_loss"] = self.evaluate()
-            logger.print(f"step {self.step}: train loss {metrics['loss']:.3f}, validation loss {record['val_loss']:.3f}")
+            logger.print(
+                f"step {self.step}: train loss {metrics['loss']:.3f}, validation loss {record['val_loss']:.3f}"
+            )
         logger.log(record)
         return record
 
     def fit(self) -> TrainResult:
         """Train for `train.steps` steps, evaluate, and write the self-contained run directory."""
         cfg, run = self.config.train, self.config.run
-        logger = StepLogger(self.run_dir, cfg.steps, progress=run.progress, log_every=run.log_every)
+        # Only the main rank writes metrics and prints; the others train silently beside it.
+        logger = (
+            StepLogger(self.run_dir, cfg.steps, progress=run.progress, log_every=run.log_every)
+            if self.runtime.is_main
+            else SilentLogger()
+        )
         started = time.perf_counter()
         logger.print(
             f"run {self.run_dir}: {self.config.model.num_params() / 1e6:.2f}M parameters, "
-            f"{self.tokens_per_step} tokens/step, {self.device} {cfg.dtype}, {torch.get_num_threads()} threads; "
-            f"MFU peak {self.peak.flops_per_s / 1e12:.3f} TFLOP/s ({self.peak.source})"
+            f"{self.tokens_per_step} tokens/step, {self.runtime.describe()}, {self.device} {cfg.dtype}, "
+            f"{torch.get_num_threads()} threads each; MFU peak {self.peak.flops_per_s / 1e12:.3f} TFLOP/s per process "
+            f"({self.peak.source})"
         )
         records: list[dict[str, Any]] = []
         try:
-            self.model.train()
+            self.runner.module.train()
             while self.step < cfg.steps:
                 records.append(self.run_step(logger))
         finally:
@@ -252,7 +275,10 @@ class Trainer:
         train_loss = records[-1]["loss"]
         val_loss = next(r["val_loss"] for r in reversed(records) if "val_loss" in r)
         entropy = unigram_entropy_nats(self.dataset.train, self.dataset.tokenizer.get_vocab_size())
-        text = self.sample_text(run.sample_prompt, run.sample_tokens) if run.sample_tokens else ""
+        full_model = self.runtime.export_model(self.runner)  # a collective: every rank takes part
+        text = ""
+        if full_model is not None and run.sample_tokens:
+            text = self.sample_text(full_model, run.sample_prompt, run.sample_tokens)
         result = TrainResult(
             run_dir=str(self.run_dir),
             steps=self.step,
@@ -260,14 +286,15 @@ class Trainer:
             final_val_loss=val_loss,
             unigram_entropy_nats=entropy,
             tokens_per_s=tokens_per_s,
-            mfu=tokens_per_s * self.flops_per_token / self.peak.flops_per_s,
+            mfu=tokens_per_s * self.flops_per_token / self.peak_flops_per_s,
             peak_flops_source=self.peak.source,
             wall_time_s=time.perf_counter() - started,
             sample=text,
         )
-        save_run(self.run_dir, self.model, self.config, self.dataset.tokenizer, asdict(result))
-        plot_loss_curve(read_metrics(self.run_dir), self.run_dir / "loss_curve.png", reference_nats=entropy)
-        _point_latest(self.run_dir)
+        if full_model is not None:
+            save_run(self.run_dir, full_model, self.config, self.dataset.tokenizer, asdict(result))
+            plot_loss_curve(read_metrics(self.run_dir), self.run_dir / "loss_curve.png", reference_nats=entropy)
+            _point_latest(self.run_dir)
         return result
 
 
@@ -284,5 +311,9 @@ def _point_latest(run_dir: Path) -> None:
 
 
 def train(config: Config) -> TrainResult:
-    """Train one model as `config` says; the entry point of `aiinfra train`."""
-    return Trainer(config).fit()
+    """Train one model as `config` says; the entry point of `aiinfra train` (and of each torchrun worker)."""
+    trainer = Trainer(config)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.runtime.close()
