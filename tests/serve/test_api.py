@@ -206,11 +206,15 @@ def test_metrics_and_health(server) -> None:
     assert float(generated.split()[-1]) >= 4
 
 
-def test_non_streaming_client_disconnect_frees_its_blocks(server) -> None:
-    body = {"prompt": "def", "max_tokens": 240, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=0.2)
-    wait_until_idle(server)
+def test_non_streaming_client_disconnect_frees_its_blocks() -> None:
+    # A 2000-token request takes seconds here: the client surely leaves while it runs.
+    with running_server(tiny_served_model(max_seq_len=2048)) as server:
+        body = {"prompt": "def", "max_tokens": 2000, "ignore_eos": True}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=0.3)
+        wait_until_idle(server)
+        metrics = httpx.get(f"{server.base_url}/metrics", timeout=30).text
+        assert 'aiinfra_serve_requests_finished_total{finish_reason="abort"} 1.0' in metrics
 
 
 def test_200_streaming_clients_with_random_disconnects_leak_no_blocks(served) -> None:
