@@ -54,9 +54,8 @@ class ParallelLayout:
                 f"to {world_size}, or launch with --nproc {self.world_size}"
             )
 
-    def build_mesh(self, device_type: str) -> DeviceMesh:
-        """A DeviceMesh with one named axis per degree, plus the flattened 'dp' axis (both data-parallel axes)."""
+    def build_mesh(self, device_type: str) -> tuple[DeviceMesh, DeviceMesh]:
+        """A DeviceMesh with one named axis per degree (size-1 axes included, so code can always ask for any
+        axis), and the flattened 'dp' mesh over both data-parallel axes: where the batch is split."""
         mesh = init_device_mesh(device_type, tuple(self.degrees().values()), mesh_dim_names=MESH_AXES)
-        # 'dp' is where the batch is split and the loss averaged; 'dp_shard_tp' is not needed: FSDP takes dp_shard.
-        mesh["dp_replicate", "dp_shard"]._flatten("dp")
-        return mesh
+        return mesh, mesh["dp_replicate", "dp_shard"]._flatten("dp")

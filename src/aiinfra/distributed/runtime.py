@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
@@ -216,8 +215,8 @@ class DistributedRuntime(Runtime):
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         self.layout.validate(self.world_size)
-        self.mesh: DeviceMesh = self.layout.build_mesh(device.type)
-        self.dp_rank, self.dp_size = self.mesh["dp"].get_local_rank(), self.mesh["dp"].size()
+        self.mesh, dp_mesh = self.layout.build_mesh(device.type)
+        self.dp_rank, self.dp_size = dp_mesh.get_local_rank(), dp_mesh.size()
         # Pin the measurement tensor to the device the collective runs on.
         self._gather_device = device
 
@@ -298,9 +297,9 @@ class DistributedRuntime(Runtime):
             dtype=torch.float64,
             device=self._gather_device,
         )
-        everyone = torch.empty(self.world_size, 4, dtype=torch.float64, device=self._gather_device)
+        everyone = torch.empty(self.world_size * 4, dtype=torch.float64, device=self._gather_device)
         dist.all_gather_into_tensor(everyone, mine)
-        step_times, comm_s, compute_s, peak = everyone.cpu().T.tolist()
+        step_times, comm_s, compute_s, peak = everyone.view(self.world_size, 4).cpu().T.tolist()
         record: dict[str, Any] = {
             "rank_step_time_s": step_times,
             "rank_peak_memory_bytes": [int(value) for value in peak],

@@ -55,7 +55,10 @@ class Attention(nn.Module):
         k = self.wk(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            # Tables cover max_seq_len; slice here, where the full sequence is known (under sequence parallelism
+            # the block's input holds only this rank's slice of it).
+            cos, sin = rope[0][:seq], rope[1][:seq]
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
@@ -161,7 +164,7 @@ class Transformer(nn.Module):
             x = self.tok_embeddings(tokens)
             if self.pos_embeddings is not None:
                 x = x + self.pos_embeddings(torch.arange(seq, device=tokens.device))
-        rope = (self.rope_cos[:seq], self.rope_sin[:seq]) if self.spec.position == "rope" else None
+        rope = (self.rope_cos, self.rope_sin) if self.spec.position == "rope" else None
         for block in self.layers.values():
             x = block(x, rope)
         if self.output is None:
