@@ -5,7 +5,7 @@ gradient clipping, all cores. Baseline: a plain loop (forward, cross-entropy, ba
 identical model fed the same batches. The two alternate in short rounds (ABAB...) so that the noise of this
 shared machine hits both alike, and the median step time of each is compared.
 
-    python bench/train_overhead.py [--rounds 6] [--steps-per-round 5] [--dtype bf16]
+    python bench/train_overhead.py [--rounds 20] [--steps-per-round 1]
 
 Prints the ratio trainer tokens/s / plain tokens/s (target >= 0.97), the trainer's MFU, and the bf16-autocast
 speedup over fp32 for the same trainer step; ends with one line of JSON.
@@ -89,8 +89,8 @@ def measure(dtype_name: str, rounds: int, steps_per_round: int, workdir: Path) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--steps-per-round", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--steps-per-round", type=int, default=1)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         results = {name: measure(name, args.rounds, args.steps_per_round, Path(workdir)) for name in ("bf16", "fp32")}
