@@ -1,0 +1,460 @@
+"""Sharded, asynchronous, verified training checkpoints over torch.distributed.checkpoint (DCP).
+
+    <checkpoint_dir>/step_000000100/__0_0.distcp ...   one data file per rank (DCP)
+    <checkpoint_dir>/step_000000100/.metadata          DCP's index of every tensor shard
+    <checkpoint_dir>/step_000000100/manifest.json      ours, written last: the commit record (see commit.py)
+
+A checkpoint holds the model and optimizer (through `get_state_dict`, so plain, DDP, FSDP2 and TP modules all
+work and DCP reshards on load), the LR scheduler, the step, the RNG states of every rank and the data position of
+every data-parallel rank. The trainer calls, on every rank:
+
+    manager = CheckpointManager(run_dir / "checkpoints", CheckpointPolicy(every_steps=100, keep_last=3))
+    state = TrainingState(model, optimizer, lr_scheduler, data=sampler, extra={"goodput": goodput})
+    start_step = manager.load_latest(state) or 0
+    for step in range(start_step + 1, steps + 1):
+        ...train one step...
+        manager.maybe_save(step, state)
+    manager.save(steps, state); manager.close()
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from aiinfra.checkpoint.commit import (
+    MANIFEST_FILE,
+    CheckpointError,
+    FaultHook,
+    HashingFileSystemWriter,
+    fault_hook_from_env,
+    read_manifest,
+    verify_files,
+    write_manifest,
+)
+
+log = logging.getLogger(__name__)
+STEP_PREFIX = "step_"
+
+
+class Stateful(Protocol):
+    """Anything with state_dict/load_state_dict (a sampler, a trainer's counters)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class CheckpointPolicy:
+    """When to save and what to keep."""
+
+    every_steps: int = 0
+    """save when step % every_steps == 0 (0: never by step count)"""
+    every_seconds: float = 0.0
+    """save when this long has passed since the last save (0: never by time); rank 0's clock decides for all"""
+    keep_last: int = 3
+    """complete checkpoints kept on disk (older ones are deleted once a newer one commits); 0 keeps all"""
+    async_save: bool = True
+    """write in a background thread: only the copy of the state to CPU memory blocks training"""
+
+
+@dataclass
+class TrainingState:
+    """Everything a checkpoint captures. `model` may be a list of modules (pipeline stages on this rank)."""
+
+    model: nn.Module | list[nn.Module]
+    optimizer: torch.optim.Optimizer | None = None
+    lr_scheduler: Stateful | None = None
+    data: Stateful | None = None
+    """this rank's data position, saved once per data-parallel rank"""
+    extra: dict[str, Stateful] = field(default_factory=dict)
+    """other global state, the same on every rank (e.g. the trainer's token counter)"""
+
+
+@dataclass
+class CheckpointMetrics:
+    """What checkpointing cost so far, for the trainer's metrics line."""
+
+    saves: int = 0
+    last_step: int | None = None
+    last_blocking_s: float = 0.0
+    last_save_s: float = 0.0
+    last_bytes: int = 0
+    total_blocking_s: float = 0.0
+    total_save_s: float = 0.0
+    total_bytes: int = 0
+    load_s: float = 0.0
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        """Flat metric names for metrics.jsonl."""
+        return {
+            "checkpoint_saves": self.saves,
+            "checkpoint_last_step": self.last_step,
+            "checkpoint_blocking_s": self.last_blocking_s,
+            "checkpoint_save_s": self.last_save_s,
+            "checkpoint_bytes": self.last_bytes,
+            "checkpoint_blocking_s_total": self.total_blocking_s,
+            "checkpoint_save_s_total": self.total_save_s,
+            "checkpoint_bytes_total": self.total_bytes,
+            "checkpoint_load_s": self.load_s,
+        }
+
+
+def checkpoint_name(step: int) -> str:
+    """The directory name of the checkpoint of `step` (zero-padded so names sort by step)."""
+    return f"{STEP_PREFIX}{step:09d}"
+
+
+def list_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint directory, complete or not, oldest first."""
+    found = []
+    for path in Path(checkpoint_dir).glob(f"{STEP_PREFIX}*"):
+        suffix = path.name.removeprefix(STEP_PREFIX)
+        if path.is_dir() and suffix.isdigit():
+            found.append((int(suffix), path))
+    return sorted(found)
+
+
+def _remove_checkpoint(path: Path) -> None:
+    # Decommit first: a crash halfway through the deletion must leave a directory that reads as incomplete.
+    (path / MANIFEST_FILE).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+    state["python"] = random.getstate()
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class CheckpointManager:
+    """Saves and loads `TrainingState`s under one directory; create and call it on every rank alike."""
+
+    def __init__(
+        self,
+        checkpoint_dir: Path,
+        policy: CheckpointPolicy | None = None,
+        *,
+        dp_rank: int | None = None,
+        dp_size: int | None = None,
+        fault_hook: FaultHook | None = None,
+    ):
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.policy = policy or CheckpointPolicy()
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+        self.dp_rank = self.rank if dp_rank is None else dp_rank
+        self.dp_size = self.world_size if dp_size is None else dp_size
+        self.fault_hook = fault_hook or fault_hook_from_env()
+        self.metrics = CheckpointMetrics()
+        # Two dedicated gloo groups (torchtitan does the same for async saves): the background writer's collectives
+        # (DCP planning, the manifest gather) must not interleave with the training loop's collectives, nor with
+        # this manager's own main-thread ones (the time-based save decision, barriers, loads).
+        self._main_group = dist.new_group(backend="gloo") if self.distributed else None
+        self._writer_group = dist.new_group(backend="gloo") if self.distributed else None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-commit")
+        self._pending: Future | None = None
+        self._last_save_time = time.monotonic()
+        self._last_saved_step: int | None = None
+        if self.rank == 0:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+
+    # ----- saving -----
+
+    def maybe_save(self, step: int, state: TrainingState) -> bool:
+        """Save if the policy says this step is due; True if a save was started."""
+        due = bool(self.policy.every_steps) and step % self.policy.every_steps == 0
+        if self.policy.every_seconds and not due:
+            due_by_time = time.monotonic() - self._last_save_time >= self.policy.every_seconds
+            if self.distributed:
+                # Every rank must take part in the save: rank 0's clock decides for all.
+                decision = [due_by_time]
+                dist.broadcast_object_list(decision, src=0, group=self._main_group)
+                due_by_time = bool(decision[0])
+            due = due_by_time
+        if not due or step == self._last_saved_step:
+            return False
+        self.save(step, state)
+        return True
+
+    def save(self, step: int, state: TrainingState, *, block: bool | None = None) -> None:
+        """Checkpoint `state` as `step`; asynchronous per the policy unless `block` says otherwise.
+
+        A save still in flight is waited for first (its time counts as blocking). Raises CheckpointError if the
+        previous background save failed.
+        """
+        started = time.perf_counter()
+        self.wait()
+        path = self.checkpoint_dir / checkpoint_name(step)
+        if self.rank == 0 and path.exists():
+            # A torn (or superseded) attempt at the same step, from before a restart: it is rewritten whole.
+            log.warning("checkpoint %s exists from an earlier attempt: replacing it", path)
+            _remove_checkpoint(path)
+        self._barrier()
+        state_dict = self._state_dict(state, step)
+        writer = HashingFileSystemWriter(path, lambda phase: self._fault(phase, step))
+        info = {"step": step, "world_size": self.world_size, "dp_size": self.dp_size}
+        use_async = self.policy.async_save if block is None else not block
+        if use_async:
+            dcp_future = dcp.async_save(
+                state_dict, storage_writer=writer, process_group=self._writer_group, no_dist=not self.distributed
+            )
+            self._pending = self._executor.submit(self._commit, dcp_future, writer, path, info, started)
+        else:
+            dcp.save(state_dict, storage_writer=writer, process_group=self._writer_group, no_dist=not self.distributed)
+            self._commit(None, writer, path, info, started)
+        blocking_s = time.perf_counter() - started
+        self.metrics.last_blocking_s = blocking_s
+        self.metrics.total_blocking_s += blocking_s
+        self._last_save_time = time.monotonic()
+        self._last_saved_step = step
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) has committed; re-raise its failure here."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Wait for the last save and stop the background thread."""
+        try:
+            self.wait()
+        finally:
+            self._executor.shutdown(wait=True)
+
+    @property
+    def save_in_flight(self) -> bool:
+        """True while an asynchronous save has not yet committed."""
+        return self._pending is not None and not self._pending.done()
+
+    def _commit(
+        self, dcp_future: Future | None, writer: HashingFileSystemWriter, path: Path, info: dict, started: float
+    ) -> None:
+        """After DCP has written and fsynced every rank's files: gather their hashes, write the manifest on rank 0."""
+        try:
+            if dcp_future is not None:
+                dcp_future.result()
+            files = writer.fs.files
+            if self.distributed:
+                gathered: list[dict] = [{} for _ in range(self.world_size)]
+                dist.all_gather_object(gathered, files, group=self._writer_group)
+                files = {name: entry for rank_files in gathered for name, entry in rank_files.items()}
+            total_bytes = sum(entry["bytes"] for entry in files.values())
+            self._fault("before_manifest", info["step"])
+            if self.rank == 0:
+                write_manifest(path, files, {**info, "created_unix_s": time.time()})
+            self._fault("after_manifest", info["step"])
+            if self.rank == 0:
+                self._apply_retention()
+        except Exception as error:
+            raise CheckpointError(f"saving checkpoint {path} failed: {error}") from error
+        save_s = time.perf_counter() - started
+        self.metrics.saves += 1
+        self.metrics.last_step = info["step"]
+        self.metrics.last_save_s = save_s
+        self.metrics.total_save_s += save_s
+        self.metrics.last_bytes = total_bytes
+        self.metrics.total_bytes += total_bytes
+
+    def _fault(self, phase: str, step: int) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook(phase, step)
+
+    def _apply_retention(self) -> None:
+        """Keep the newest `keep_last` complete checkpoints; drop older ones and torn leftovers older than them."""
+        checkpoints = list_checkpoints(self.checkpoint_dir)
+        complete = [(step, path) for step, path in checkpoints if (path / MANIFEST_FILE).is_file()]
+        if not complete:
+            return
+        kept = complete[-self.policy.keep_last :] if self.policy.keep_last else complete
+        oldest_kept = kept[0][0]
+        for step, path in checkpoints:
+            if step < oldest_kept or (step < complete[-1][0] and (step, path) not in complete):
+                _remove_checkpoint(path)
+
+    def _barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self._main_group)
+
+    # ----- the state dict -----
+
+    def _state_dict(self, state: TrainingState, step: int, *, for_load: bool = False) -> dict[str, Any]:
+        """The flat-keyed dict DCP saves (or loads into). Per-rank values get rank-unique keys: DCP deduplicates
+        equal keys across ranks and would hand one rank's value to all."""
+        optimizers = [state.optimizer] if state.optimizer is not None else []
+        model_sd, optim_sd = get_state_dict(state.model, optimizers)
+        result: dict[str, Any] = {"step": step, "model": model_sd}
+        if optimizers:
+            result["optimizer"] = optim_sd
+        if state.lr_scheduler is not None:
+            result["lr_scheduler"] = state.lr_scheduler.state_dict()
+        for name, stateful in state.extra.items():
+            result[f"extra.{name}"] = stateful.state_dict()
+        if not for_load:
+            result[f"rng.rank{self.rank}"] = _rng_state()
+            if state.data is not None:
+                result[f"data.dp{self.dp_rank}"] = state.data.state_dict()
+        return result
+
+    # ----- loading -----
+
+    def load_latest(self, state: TrainingState) -> int | None:
+        """Load the newest checkpoint that verifies into `state` and return its step; None if there is none.
+
+        A torn or corrupted checkpoint is reported in one warning line and the previous one is tried.
+        """
+        self.wait()
+        candidates = list_checkpoints(self.checkpoint_dir) if self.rank == 0 else []
+        if self.distributed:
+            box = [candidates]
+            dist.broadcast_object_list(box, src=0, group=self._main_group)
+            candidates = box[0]
+        for step, path in reversed(candidates):
+            manifest, problem = self._verify(path)
+            if problem is not None:
+                if self.rank == 0:
+                    log.warning("checkpoint %s is unusable (%s): falling back to an earlier one", path, problem)
+                continue
+            self.load(path, state, manifest)
+            return step
+        return None
+
+    def _verify(self, path: Path) -> tuple[dict[str, Any] | None, str | None]:
+        """Every rank checks a share of the files; all ranks return the same verdict (the first problem found)."""
+        problem: str | None = None
+        manifest: dict[str, Any] | None = None
+        try:
+            manifest = read_manifest(path)
+            names = sorted(manifest["files"])
+            verify_files(path, manifest, names[self.rank :: self.world_size])
+        except CheckpointError as error:
+            problem = str(error)
+        except OSError as error:
+            problem = f"unreadable: {error}"
+        if self.distributed:
+            problems: list[str | None] = [None] * self.world_size
+            dist.all_gather_object(problems, problem, group=self._main_group)
+            problem = next((p for p in problems if p is not None), None)
+        return manifest, problem
+
+    def load(self, path: Path, state: TrainingState, manifest: dict[str, Any] | None = None) -> int:
+        """Load one checkpoint directory into `state` (any world size or layout DCP can reshard to); its step."""
+        started = time.perf_counter()
+        path = Path(path)
+        manifest = manifest or read_manifest(path)
+        saved_dp, saved_world = manifest["dp_size"], manifest["world_size"]
+        to_load = self._state_dict(state, manifest["step"], for_load=True)
+        # RNG streams belong to ranks: restored only when the world is the same shape, else left as seeded.
+        same_world = saved_world == self.world_size
+        if same_world:
+            to_load[f"rng.rank{self.rank}"] = _rng_state()
+        if state.data is not None:
+            # The data position must be exact; with another data-parallel size it carries over only if every saved
+            # data-parallel rank was at the same position (true of WindowSampler, which tracks the global batch).
+            dp_keys = [self.dp_rank] if saved_dp == self.dp_size else list(range(saved_dp))
+            for dp in dp_keys:
+                to_load[f"data.dp{dp}"] = state.data.state_dict()
+        try:
+            dcp.load(to_load, checkpoint_id=path, process_group=self._main_group, no_dist=not self.distributed)
+        except Exception as error:
+            raise CheckpointError(
+                f"checkpoint {path} (world size {saved_world}) does not fit this model/layout "
+                f"(world size {self.world_size}): {error}"
+            ) from error
+        optimizers = [state.optimizer] if state.optimizer is not None else []
+        set_state_dict(
+            state.model, optimizers, model_state_dict=to_load["model"], optim_state_dict=to_load.get("optimizer", {})
+        )
+        if state.lr_scheduler is not None:
+            state.lr_scheduler.load_state_dict(to_load["lr_scheduler"])
+        for name, stateful in state.extra.items():
+            stateful.load_state_dict(to_load[f"extra.{name}"])
+        if state.data is not None:
+            positions = [to_load[f"data.dp{dp}"] for dp in dp_keys]
+            if any(position != positions[0] for position in positions):
+                raise CheckpointError(
+                    f"checkpoint {path} was saved on {saved_dp} data-parallel ranks at different data positions "
+                    f"({positions}); it cannot be resumed exactly on {self.dp_size}"
+                )
+            state.data.load_state_dict(positions[0])
+        if same_world:
+            _set_rng_state(to_load[f"rng.rank{self.rank}"])
+        elif self.rank == 0:
+            log.info("checkpoint %s: saved on %d ranks, loaded on %d; RNG states not restored", path, saved_world,
+                     self.world_size)
+        self.metrics.load_s = time.perf_counter() - started
+        self._last_saved_step = manifest["step"]
+        return int(manifest["step"])
+
+
+def effective_training_time_ratio(productive_s: float, wall_s: float) -> float:
+    """Productive step time over wall time (Llama 3 reports > 0.9): 1.0 means no time lost to checkpoints,
+    restarts, recomputed steps or start-up."""
+    if wall_s <= 0:
+        raise ValueError(f"wall_s={wall_s}: must be > 0")
+    return productive_s / wall_s
+
+
+class Goodput:
+    """Tracks productive training time across restarts; save it in the checkpoint (`TrainingState.extra`).
+
+    Steps lost to a crash are not in the checkpoint, so after a resume they no longer count as productive, while
+    the wall clock keeps running from the job's first start: the ratio falls exactly by the work that was lost.
+    """
+
+    def __init__(self) -> None:
+        self.first_start_unix_s = time.time()
+        self.productive_s = 0.0
+
+    def add_step(self, step_time_s: float) -> None:
+        """Count one finished training step."""
+        self.productive_s += step_time_s
+
+    def ratio(self) -> float:
+        """The effective training time ratio since the job first started."""
+        return effective_training_time_ratio(self.productive_s, max(time.time() - self.first_start_unix_s, 1e-9))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"first_start_unix_s": self.first_start_unix_s, "productive_s": self.productive_s}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.first_start_unix_s = float(state["first_start_unix_s"])
+        self.productive_s = float(state["productive_s"])
+
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointManager",
+    "CheckpointMetrics",
+    "CheckpointPolicy",
+    "Goodput",
+    "TrainingState",
+    "checkpoint_name",
+    "effective_training_time_ratio",
+    "list_checkpoints",
+]
