@@ -102,3 +102,13 @@ def launch():
 def single_process():
     """`single_process(overrides, run_dir)`: the reference run (see reference)."""
     return reference
+
+
+@pytest.fixture(scope="session")
+def references(base: list[str], single_process, tmp_path_factory: pytest.TempPathFactory) -> dict[bool, dict]:
+    """Single-process runs, tied and untied embeddings."""
+    workdir = tmp_path_factory.mktemp("reference")
+    return {
+        tied: single_process(base + ([] if tied else ["model.tie_embeddings=false"]), workdir / str(tied))
+        for tied in (True, False)
+    }

@@ -42,13 +42,6 @@ FOUR_PROCESS_LAYOUTS = {
 
 
 @pytest.fixture(scope="module")
-def references(base: list[str], single_process, tmp_path_factory: pytest.TempPathFactory) -> dict[bool, dict]:
-    """Single-process runs, tied and untied embeddings."""
-    workdir = tmp_path_factory.mktemp("reference")
-    return {tied: single_process(base + ([] if tied else [UNTIED]), workdir / str(tied)) for tied in (True, False)}
-
-
-@pytest.fixture(scope="module")
 def two_process(base: list[str], launch, references, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     return launch(2, TWO_PROCESS_LAYOUTS, base, tmp_path_factory.mktemp("two"))
 

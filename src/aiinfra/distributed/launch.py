@@ -1,0 +1,115 @@
+"""Start training (or the communication benchmark) on several processes through torchrun.
+
+`aiinfra train --nproc N ...` calls `launch_train`, which runs `python -m torch.distributed.run` with the same
+train command line in every worker; each worker finds torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR...)
+and joins the process group. The same entry point runs under a user's own torchrun on a cluster:
+
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \\
+        -m aiinfra train CONFIG --set parallel.dp_shard=16
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from aiinfra.config import ConfigError
+
+
+def torchrun_command(
+    nproc: int, nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None, max_restarts: int = 0
+) -> list[str]:
+    """The `python -m torch.distributed.run ...` prefix for these launch settings."""
+    if nproc < 1 or nnodes < 1:
+        raise ConfigError(f"--nproc={nproc} --nnodes={nnodes}: both must be >= 1")
+    if not 0 <= node_rank < nnodes:
+        raise ConfigError(f"--node-rank={node_rank}: expected 0..{nnodes - 1} for --nnodes={nnodes}")
+    if nnodes > 1 and not rdzv_endpoint:
+        raise ConfigError(f"--nnodes={nnodes}: give --rdzv-endpoint HOST:PORT (the same on every node)")
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+    if rdzv_endpoint:
+        # c10d rendezvous: the first node to arrive hosts the store at the endpoint; node ranks are assigned there.
+        command += [
+            f"--nnodes={nnodes}",
+            f"--node-rank={node_rank}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={rdzv_endpoint}",
+            "--rdzv-id=aiinfra",
+        ]
+    else:
+        command.append("--standalone")  # one node, a free port chosen by torchrun
+    # Each worker's output goes to a log file; only local rank 0 is echoed here (others train silently).
+    command += [f"--max-restarts={max_restarts}", "--role=rank", "--tee=3", "--local-ranks-filter=0"]
+    return command
+
+
+def worker_env(nproc: int) -> dict[str, str]:
+    """The environment for workers: the machine's cores split among them unless the user chose OMP_NUM_THREADS."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return env
+
+
+def launch_train(
+    config: Path | None,
+    overrides: list[str],
+    nproc: int,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: str | None = None,
+    max_restarts: int = 0,
+) -> int:
+    """Run `aiinfra train CONFIG --set ...` in `nproc` workers on this node (of `nnodes`); return the exit status."""
+    train_args = ["-m", "aiinfra", "train", *([str(config)] if config else [])]
+    for item in overrides:
+        train_args += ["--set", item]
+    command = torchrun_command(nproc, nnodes, node_rank, rdzv_endpoint, max_restarts) + train_args
+    return subprocess.call(command, env=worker_env(nproc))
+
+
+def bench_comm(
+    nproc: int = 2,
+    ops: list[str] | None = None,
+    min_bytes: int = 1024,
+    max_bytes: int = 256 * 2**20,
+    step_factor: int = 4,
+    backend: str = "auto",
+    json_path: Path | None = None,
+) -> int:
+    """`aiinfra bench comm`: the collectives benchmark on `nproc` local workers (or in this torchrun job)."""
+    args = [f"--min-bytes={min_bytes}", f"--max-bytes={max_bytes}", f"--step-factor={step_factor}"]
+    args += [f"--backend={backend}", *(f"--op={op}" for op in ops or [])]
+    if json_path:
+        args.append(f"--json={json_path}")
+    module = ["-m", "aiinfra.distributed.comm_bench", *args]
+    if "WORLD_SIZE" in os.environ:  # already a torchrun worker: run here
+        return subprocess.call([sys.executable, *module])
+    return subprocess.call(torchrun_command(nproc) + module, env=worker_env(nproc))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m aiinfra.distributed.launch --nproc N [--nnodes ..] [CONFIG] [--set k=v ...]`: as `aiinfra train`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("config", nargs="?", type=Path)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--nnodes", type=int, default=1)
+    parser.add_argument("--node-rank", type=int, default=0)
+    parser.add_argument("--rdzv-endpoint")
+    parser.add_argument("--max-restarts", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        return launch_train(
+            args.config, args.overrides, args.nproc, args.nnodes, args.node_rank, args.rdzv_endpoint, args.max_restarts
+        )
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Single-process pieces of distributed/: layout validation, stage splits, bandwidth and timing arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+
+from aiinfra.config import ConfigError, load_config
+from aiinfra.distributed.comm_bench import bus_factor, message_sizes
+from aiinfra.distributed.layout import ParallelLayout
+from aiinfra.distributed.measure import is_comm_event, stragglers, union_seconds
+from aiinfra.distributed.pipeline import split_layers
+
+
+def test_layout_must_multiply_to_the_world_size() -> None:
+    layout = ParallelLayout.from_config(load_config(None, ["parallel.dp_shard=2", "parallel.tp=2"]).parallel)
+    assert layout.world_size == 4 and layout.dp_size == 2 and layout.describe() == "dp_shard=2 x tp=2"
+    layout.validate(4)
+    with pytest.raises(ConfigError, match="needs 4 processes .* the world has 2"):
+        layout.validate(2)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["parallel.tp=3"], "parallel.tp=3 must divide model.n_heads=8"),
+        (["parallel.pp=2", "model.n_layers=1", "model.tie_embeddings=false"], "needs 2 stages"),
+        (["parallel.pp=2"], "set model.tie_embeddings=false"),
+        (["parallel.pp=2", "model.tie_embeddings=false", "parallel.microbatches=3"], "must divide train.micro_batch"),
+        (["parallel.mixed_precision=fsdp"], "needs parallel.dp_shard > 1"),
+        (["parallel.pp_schedule=zb"], "parallel.pp_schedule"),
+    ],
+)
+def test_bad_parallel_settings_name_the_key(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_stages_are_contiguous_and_balanced() -> None:
+    assert split_layers(4, 2) == [[0, 1], [2, 3]]
+    assert split_layers(5, 4) == [[0, 1], [2], [3], [4]]
+
+
+def test_nccl_tests_bus_bandwidth_factors() -> None:
+    assert bus_factor("all_reduce", 8) == pytest.approx(2 * 7 / 8)
+    assert bus_factor("all_gather", 2) == bus_factor("reduce_scatter", 2) == bus_factor("all_to_all", 2) == 0.5
+    assert message_sizes(1024, 256 * 2**20, 4)[-1] == 256 * 2**20 and len(message_sizes(1024, 4096, 2)) == 3
+
+
+def test_timing_helpers() -> None:
+    assert union_seconds([(0, 10), (5, 20), (30, 40)]) == pytest.approx(30e-6)
+    assert is_comm_event("gloo:all_reduce") and is_comm_event("nccl:all_gather") and not is_comm_event("aten::mm")
+    assert stragglers([1.0, 1.0, 1.1, 2.0], ratio=1.25) == [3]
