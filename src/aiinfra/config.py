@@ -152,8 +152,6 @@ class Config(Section):
                 raise ValueError(
                     f"parallel.microbatches={par.pp_microbatches} must divide train.micro_batch={local_batch}"
                 )
-        if par.mixed_precision == "fsdp" and par.dp_shard == 1:
-            raise ValueError("parallel.mixed_precision=fsdp needs parallel.dp_shard > 1")
         if par.cpu_offload and par.dp_shard == 1:
             raise ValueError("parallel.cpu_offload=true needs parallel.dp_shard > 1 (it offloads FSDP shards)")
 

@@ -26,7 +26,7 @@ def test_layout_must_multiply_to_the_world_size() -> None:
         (["parallel.pp=2", "model.n_layers=1", "model.tie_embeddings=false"], "needs 2 stages"),
         (["parallel.pp=2"], "set model.tie_embeddings=false"),
         (["parallel.pp=2", "model.tie_embeddings=false", "parallel.microbatches=3"], "must divide train.micro_batch"),
-        (["parallel.mixed_precision=fsdp"], "needs parallel.dp_shard > 1"),
+        (["parallel.cpu_offload=true"], "needs parallel.dp_shard > 1"),
         (["parallel.pp_schedule=zb"], "parallel.pp_schedule"),
     ],
 )

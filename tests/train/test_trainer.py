@@ -74,3 +74,22 @@ def test_schedule_warms_up_then_decays_to_the_floor() -> None:
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(values[9:], values[10:]))
     assert values[100] == pytest.approx(0.1) and math.isclose(values[55], 0.55, rel_tol=1e-9)
+
+
+def test_activation_checkpointing_changes_memory_not_numerics(tiny_config, tmp_path) -> None:
+    def first_steps(mode: str) -> list[float]:
+        config = tiny_config.model_copy(deep=True)
+        config.parallel.activation_checkpoint, config.run.dir = mode, None
+        trainer = Trainer(config, run_dir=tmp_path / mode)
+        return [trainer.train_step()["loss"] for _ in range(3)]
+
+    plain = first_steps("none")
+    assert first_steps("full") == pytest.approx(plain, rel=1e-6)
+    assert first_steps("selective") == pytest.approx(plain, rel=1e-6)
+
+
+def test_a_multi_process_layout_without_torchrun_says_how_to_launch(tiny_config) -> None:
+    config = tiny_config.model_copy(deep=True)
+    config.parallel.dp_shard = 2
+    with pytest.raises(ConfigError, match="--nproc 2"):
+        Trainer(config)

@@ -61,7 +61,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, config: Config) -> nn
             block.compile()
     if mesh is None:
         return model
-    if par.dp_shard > 1:
+    # FSDP on a single rank shards nothing but still brings its mixed-precision policy (bf16 parameters).
+    if par.dp_shard > 1 or par.mixed_precision == "fsdp":
         return apply_fsdp(model, mesh, config)
     if par.dp_replicate > 1:
         return DistributedDataParallel(model, process_group=mesh["dp_replicate"].get_group())

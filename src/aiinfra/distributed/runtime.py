@@ -175,6 +175,8 @@ class Runtime:
         return value
 
     def build_runner(self, model: Transformer, autocast: Autocast, loss_from_logits: LossFromLogits) -> ModelRunner:
+        if self.config.parallel.mixed_precision == "fsdp":
+            raise ConfigError("parallel.mixed_precision=fsdp needs FSDP: launch with `aiinfra train --nproc N`")
         return ModelRunner(parallelize(model, None, self.config), model, autocast, loss_from_logits)
 
     def mean_loss(self, local: torch.Tensor | None) -> float:
@@ -321,11 +323,10 @@ class DistributedRuntime(Runtime):
 
 
 def make_runtime(config: Config, device: torch.device) -> Runtime:
-    """A DistributedRuntime under torchrun (WORLD_SIZE > 1, or a layout that needs several ranks), else Runtime."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1 and config.parallel.world_size > 1:
+    """A DistributedRuntime under torchrun (even with one process: FSDP then works on one GPU), else Runtime."""
+    if "WORLD_SIZE" not in os.environ and config.parallel.world_size > 1:
         raise ConfigError(
             f"parallel layout needs {config.parallel.world_size} processes: run `aiinfra train --nproc "
             f"{config.parallel.world_size}` (or under torchrun)"
         )
-    return DistributedRuntime(config) if world_size > 1 else Runtime(config, device)
+    return DistributedRuntime(config) if "WORLD_SIZE" in os.environ else Runtime(config, device)
