@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from aiinfra.checkpoint.commit import (
@@ -133,6 +134,13 @@ def _remove_checkpoint(path: Path) -> None:
     # Decommit first: a crash halfway through the deletion must leave a directory that reads as incomplete.
     (path / MANIFEST_FILE).unlink(missing_ok=True)
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _describe(error: BaseException) -> str:
+    """One line per failing rank instead of DCP's CheckpointException with every rank's traceback."""
+    if isinstance(error, CheckpointException):
+        return "; ".join(f"rank {rank}: {failure[0]}" for rank, failure in sorted(error.failures.items()))
+    return str(error)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -271,8 +279,8 @@ class CheckpointManager:
             self._fault("after_manifest", info["step"])
             if self.rank == 0:
                 self._apply_retention()
-        except Exception as error:
-            raise CheckpointError(f"saving checkpoint {path} failed: {error}") from error
+        except (Exception, CheckpointException) as error:
+            raise CheckpointError(f"saving checkpoint {path} failed: {_describe(error)}") from error
         save_s = time.perf_counter() - started
         self.metrics.saves += 1
         self.metrics.last_step = info["step"]
@@ -381,10 +389,10 @@ class CheckpointManager:
                 to_load[f"data.dp{dp}"] = state.data.state_dict()
         try:
             dcp.load(to_load, checkpoint_id=path, process_group=self._main_group, no_dist=not self.distributed)
-        except Exception as error:
+        except (Exception, CheckpointException) as error:
             raise CheckpointError(
                 f"checkpoint {path} (world size {saved_world}) does not fit this model/layout "
-                f"(world size {self.world_size}): {error}"
+                f"(world size {self.world_size}): {_describe(error)}"
             ) from error
         optimizers = [state.optimizer] if state.optimizer is not None else []
         set_state_dict(

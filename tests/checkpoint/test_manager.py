@@ -1,0 +1,194 @@
+"""Single-process checkpointing: round trip, integrity checks and fallback, retention, async save, policy, metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from ckpt_helpers import build_model, full_state, make_state, train_step
+
+from aiinfra.checkpoint.commit import MANIFEST_FILE, CheckpointError
+from aiinfra.checkpoint.manager import (
+    CheckpointManager,
+    CheckpointPolicy,
+    Goodput,
+    TrainingState,
+    effective_training_time_ratio,
+    list_checkpoints,
+)
+
+
+def trained_state(steps: int, seed: int = 0) -> TrainingState:
+    state = make_state(build_model(seed, tie_embeddings=True))
+    for _ in range(steps):
+        train_step(state)
+    return state
+
+
+def assert_same(loaded: TrainingState, saved: dict, saved_extras: dict) -> None:
+    """Model, optimizer, scheduler and data position of `loaded` equal what was saved, bit for bit."""
+    current = full_state(loaded)
+    assert current.keys() == saved.keys()
+    for name, tensor in saved.items():
+        assert torch.equal(current[name], tensor), name
+    assert loaded.lr_scheduler.state_dict() == saved_extras["lr_scheduler"]
+    assert loaded.data.state_dict() == saved_extras["data"]
+
+
+def extras(state: TrainingState) -> dict:
+    return {"lr_scheduler": state.lr_scheduler.state_dict(), "data": state.data.state_dict()}
+
+
+def test_round_trip_restores_everything_and_resumes_identically(tmp_path: Path):
+    state = trained_state(3)
+    saved, saved_extras = full_state(state), extras(state)
+    goodput = Goodput()
+    goodput.add_step(1.5)
+    state.extra["goodput"] = goodput
+    manager = CheckpointManager(tmp_path, CheckpointPolicy(async_save=False))
+    manager.save(3, state)
+    rng_after_save = torch.get_rng_state()
+    next_loss = train_step(state)
+
+    torch.manual_seed(12345)  # a fresh start draws different random numbers until the RNG state is restored
+    restored = make_state(build_model(seed=1, tie_embeddings=True))
+    restored.extra["goodput"] = Goodput()
+    assert CheckpointManager(tmp_path).load_latest(restored) == 3
+    assert_same(restored, saved, saved_extras)
+    assert torch.equal(torch.get_rng_state(), rng_after_save)
+    assert restored.extra["goodput"].productive_s == 1.5
+    assert train_step(restored) == next_loss
+
+
+def test_empty_directory_has_nothing_to_load(tmp_path: Path):
+    assert CheckpointManager(tmp_path / "none").load_latest(trained_state(0)) is None
+
+
+def corrupt_flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def corrupt_truncate(path: Path) -> None:
+    os.truncate(path, path.stat().st_size - 100)
+
+
+def data_file(checkpoint: Path) -> Path:
+    return next(checkpoint.glob("*.distcp"))
+
+
+@pytest.mark.parametrize(
+    ("damage", "reported"),
+    [
+        (lambda ckpt: corrupt_flip_byte(data_file(ckpt)), "sha256"),
+        (lambda ckpt: corrupt_truncate(data_file(ckpt)), "truncated"),
+        (lambda ckpt: corrupt_flip_byte(ckpt / ".metadata"), "sha256"),
+        (lambda ckpt: data_file(ckpt).unlink(), "missing file"),
+        (lambda ckpt: (ckpt / MANIFEST_FILE).write_text('{"format": "aiinfra-checkpoint/1", "fil'), "corrupted"),
+    ],
+    ids=["flipped-data-byte", "truncated-data", "flipped-metadata-byte", "missing-data", "torn-manifest"],
+)
+def test_damaged_checkpoint_is_reported_and_previous_used(tmp_path: Path, caplog, damage, reported: str):
+    state = trained_state(1)
+    manager = CheckpointManager(tmp_path, CheckpointPolicy(async_save=False))
+    manager.save(1, state)
+    saved, saved_extras = full_state(state), extras(state)
+    train_step(state)
+    manager.save(2, state)
+    damage(tmp_path / "step_000000002")
+
+    restored = trained_state(0, seed=5)
+    with caplog.at_level(logging.WARNING, logger="aiinfra.checkpoint.manager"):
+        assert CheckpointManager(tmp_path).load_latest(restored) == 1
+    assert_same(restored, saved, saved_extras)
+    lines = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert len(lines) == 1
+    assert "step_000000002" in lines[0] and reported in lines[0] and "falling back" in lines[0]
+
+
+def test_retention_keeps_last_k_and_drops_torn_leftovers(tmp_path: Path):
+    state = trained_state(0)
+    manager = CheckpointManager(tmp_path, CheckpointPolicy(every_steps=2, keep_last=3, async_save=True))
+    (tmp_path / "step_000000007").mkdir()  # torn leftover of an earlier attempt
+    saved_at = [step for step in range(1, 11) if (train_step(state), manager.maybe_save(step, state))[1]]
+    manager.close()
+    assert saved_at == [2, 4, 6, 8, 10]
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [6, 8, 10]
+    assert all((path / MANIFEST_FILE).is_file() for _, path in list_checkpoints(tmp_path))
+    assert manager.metrics.saves == 5 and manager.metrics.last_step == 10 and manager.metrics.last_bytes > 0
+
+
+def test_time_policy_and_no_double_save(tmp_path: Path):
+    state = trained_state(0)
+    always = CheckpointManager(tmp_path / "a", CheckpointPolicy(every_seconds=1e-9, async_save=False))
+    assert always.maybe_save(1, state) and always.maybe_save(2, state)
+    assert not always.maybe_save(2, state)  # the same step is never written twice
+    never = CheckpointManager(tmp_path / "b", CheckpointPolicy(every_seconds=1e9, async_save=False))
+    assert not never.maybe_save(1, state)
+
+
+def test_async_save_returns_before_the_write_and_equals_a_sync_save(tmp_path: Path):
+    release = threading.Event()
+    reached_data = threading.Event()
+
+    def hold_mid_data(phase: str, step: int) -> None:
+        if phase == "mid_data":
+            reached_data.set()
+            assert release.wait(timeout=120), "the test never released the writer"
+
+    state = trained_state(2)
+    saved, saved_extras = full_state(state), extras(state)
+    CheckpointManager(tmp_path / "sync", CheckpointPolicy(async_save=False)).save(2, state)
+    manager = CheckpointManager(tmp_path / "async", CheckpointPolicy(async_save=True), fault_hook=hold_mid_data)
+    manager.save(2, state)
+    # save() has returned while the writer is held inside the data file: nothing is committed yet.
+    assert manager.save_in_flight
+    assert not (tmp_path / "async" / "step_000000002" / MANIFEST_FILE).exists()
+    train_step(state)  # training goes on and changes every tensor while the checkpoint is being written
+    assert reached_data.wait(timeout=120)
+    release.set()
+    manager.wait()
+    assert not manager.save_in_flight and manager.metrics.saves == 1
+
+    from_async, from_sync = trained_state(0, seed=3), trained_state(0, seed=4)
+    assert CheckpointManager(tmp_path / "async").load_latest(from_async) == 2
+    assert CheckpointManager(tmp_path / "sync").load_latest(from_sync) == 2
+    assert_same(from_async, saved, saved_extras)
+    assert_same(from_sync, saved, saved_extras)
+    async_manifest = json.loads((tmp_path / "async" / "step_000000002" / MANIFEST_FILE).read_text())
+    sync_manifest = json.loads((tmp_path / "sync" / "step_000000002" / MANIFEST_FILE).read_text())
+    # The data files are byte-identical; only DCP's .metadata differs (it records the checkpoint's path).
+    assert async_manifest["files"]["__0_0.distcp"] == sync_manifest["files"]["__0_0.distcp"]
+
+
+def test_background_failure_is_raised_on_the_next_call(tmp_path: Path):
+    def fail(phase: str, step: int) -> None:
+        if phase == "before_manifest":
+            raise OSError("disk full")
+
+    manager = CheckpointManager(tmp_path, CheckpointPolicy(async_save=True), fault_hook=fail)
+    manager.save(1, trained_state(0))
+    with pytest.raises(CheckpointError, match="step_000000001 failed: disk full"):
+        manager.wait()
+
+
+def test_checkpoint_of_another_model_fails_clearly(tmp_path: Path):
+    CheckpointManager(tmp_path, CheckpointPolicy(async_save=False)).save(1, trained_state(0))
+    wider = make_state(build_model(seed=0, tie_embeddings=True, dim=128))
+    with pytest.raises(CheckpointError, match="does not fit this model/layout"):
+        CheckpointManager(tmp_path).load_latest(wider)
+
+
+def test_effective_training_time_ratio():
+    assert effective_training_time_ratio(90.0, 100.0) == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="wall_s=0"):
+        effective_training_time_ratio(1.0, 0.0)
+    goodput = Goodput()
+    goodput.load_state_dict({"first_start_unix_s": goodput.first_start_unix_s - 100.0, "productive_s": 50.0})
+    assert 0.0 < goodput.ratio() <= 0.5
