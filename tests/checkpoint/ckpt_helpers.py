@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -59,13 +60,15 @@ def make_state(model: nn.Module, dp_rank: int = 0, dp_size: int = 1) -> Training
     return TrainingState(model, optimizer, scheduler, data=sampler)
 
 
-def train_step(state: TrainingState, group: torch.distributed.ProcessGroup | None = None) -> float:
+def train_step(state: TrainingState, group: dist.ProcessGroup | None = None, dropout: bool = True) -> float:
     """One optimizer step; returns the global-batch loss (averaged over data-parallel ranks when `group` is given).
 
-    A random token dropout makes the step depend on the torch RNG, so a resume that loses RNG state shows up.
+    A random token dropout makes the step depend on the torch RNG, so a resume that loses RNG state shows up; it is
+    turned off to compare layouts, whose ranks draw different random numbers.
     """
     inputs, targets = state.data.next_batch()
-    inputs = torch.where(torch.rand(inputs.shape) < 0.1, torch.zeros_like(inputs), inputs)
+    if dropout:
+        inputs = torch.where(torch.rand(inputs.shape) < 0.1, torch.zeros_like(inputs), inputs)
     logits = state.model(inputs)
     loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
     loss.backward()
@@ -74,8 +77,8 @@ def train_step(state: TrainingState, group: torch.distributed.ProcessGroup | Non
     state.lr_scheduler.step()
     loss = loss.detach()
     if group is not None:
-        torch.distributed.all_reduce(loss, group=group)
-        loss /= torch.distributed.get_world_size(group)
+        dist.all_reduce(loss, group=group)
+        loss /= dist.get_world_size(group)
     return loss.item()
 
 
