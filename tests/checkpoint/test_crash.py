@@ -71,31 +71,25 @@ def test_kill_at_each_phase_then_resume(tmp_path: Path, caplog: pytest.LogCaptur
         returncode = run_writer(checkpoints, killed_run, fault).returncode
     assert returncode == -signal.SIGKILL
 
-    # The next start, in this process (one thread, as the writer): the newest checkpoint that committed, holding
+    # The next start (in this process, on one thread as the writer): the newest checkpoint that committed, holding
     # the weights saved at that step; a torn step 3 is reported in one warning line.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        state = make_state(build_model(seed=99, tie_embeddings=True))
-        manager = CheckpointManager(checkpoints, CheckpointPolicy(every_steps=1, async_save=False))
-        with caplog.at_level(logging.WARNING, logger="aiinfra.checkpoint.manager"):
-            assert manager.load_latest(state) == survivor
-        saved = torch.load(killed_run / f"step{survivor}.pt")
-        assert_equal_states(full_state(state), saved)
-        warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
-        if survivor == 2:
-            assert len(warnings) == 1 and "step_000000003" in warnings[0] and "no manifest.json" in warnings[0]
-            # Resuming rewrites the torn step 3 and ends bit for bit where the killed run was before that save.
-            train_step(state)
-            assert manager.maybe_save(3, state)
-        else:
-            assert warnings == []
-        manager.close()
-        final = make_state(build_model(seed=98, tie_embeddings=True))
-        assert CheckpointManager(checkpoints).load_latest(final) == 3
-        assert_equal_states(full_state(final), torch.load(killed_run / "step3.pt"))
-    finally:
-        torch.set_num_threads(threads)
+    state = make_state(build_model(seed=99, tie_embeddings=True))
+    manager = CheckpointManager(checkpoints, CheckpointPolicy(every_steps=1, async_save=False))
+    with caplog.at_level(logging.WARNING, logger="aiinfra.checkpoint.manager"):
+        assert manager.load_latest(state) == survivor
+    assert_equal_states(full_state(state), torch.load(killed_run / f"step{survivor}.pt"))
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    if survivor == 2:
+        assert len(warnings) == 1 and "step_000000003" in warnings[0] and "no manifest.json" in warnings[0]
+        # Resuming rewrites the torn step 3 and ends bit for bit where the killed run was before that save.
+        train_step(state)
+        assert manager.maybe_save(3, state)
+    else:
+        assert warnings == []
+    manager.close()
+    final = make_state(build_model(seed=98, tie_embeddings=True))
+    assert CheckpointManager(checkpoints).load_latest(final) == 3
+    assert_equal_states(full_state(final), torch.load(killed_run / "step3.pt"))
 
 
 def assert_equal_states(loaded: dict, saved: dict) -> None:

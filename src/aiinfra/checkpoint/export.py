@@ -1,0 +1,132 @@
+"""Export a finished run as a Hugging Face Llama folder that transformers loads with LlamaForCausalLM.
+
+    <out>/config.json              LlamaConfig (architectures, sizes, rope, tie_word_embeddings)
+    <out>/generation_config.json   bos/eos token ids
+    <out>/model.safetensors        weights under Hugging Face names, fp32
+    <out>/tokenizer.json           the run's tokenizer, unchanged
+    <out>/tokenizer_config.json    PreTrainedTokenizerFast with <|endoftext|> as bos/eos
+    <out>/special_tokens_map.json
+
+Our names map one to one onto Hugging Face's, and both use the rotate-half rotary layout, so no tensor is permuted.
+Only Llama-style specs (SwiGLU, RMSNorm, rotary positions, no biases, dense) have a Llama equivalent.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from aiinfra.checkpoint.run_dir import atomic_write, load_run
+from aiinfra.config import ConfigError
+from aiinfra.data.tokenizer import END_OF_TEXT
+from aiinfra.spec import ModelSpec
+
+OUR_LAYER_TO_HF = {
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+OUR_TOP_TO_HF = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+
+
+def check_llama_exportable(spec: ModelSpec) -> None:
+    """Raise ConfigError naming every spec field that has no Hugging Face Llama equivalent."""
+    problems = []
+    if spec.mlp != "swiglu":
+        problems.append(f"model.mlp={spec.mlp!r} (Llama uses 'swiglu')")
+    if spec.norm != "rmsnorm":
+        problems.append(f"model.norm={spec.norm!r} (Llama uses 'rmsnorm')")
+    if spec.position != "rope":
+        problems.append(f"model.position={spec.position!r} (Llama uses 'rope')")
+    if spec.bias:
+        problems.append("model.bias=true (Llama has no biases)")
+    if spec.is_moe:
+        problems.append(f"model.n_experts={spec.n_experts} (Llama is dense)")
+    if problems:
+        raise ConfigError(f"cannot export as Hugging Face Llama: {'; '.join(problems)}")
+
+
+def hf_name(ours: str) -> str:
+    """'layers.3.attention.wq.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
+    stem, _, kind = ours.rpartition(".")
+    if stem in OUR_TOP_TO_HF:
+        return f"{OUR_TOP_TO_HF[stem]}.{kind}"
+    _, index, module = stem.split(".", 2)
+    return f"model.layers.{index}.{OUR_LAYER_TO_HF[module]}.{kind}"
+
+
+def hf_config(spec: ModelSpec, eos_token_id: int | None) -> dict[str, Any]:
+    """The LlamaConfig dict of `spec` (rope given both ways, for transformers 4 and 5)."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": spec.vocab_size,
+        "hidden_size": spec.dim,
+        "intermediate_size": spec.ffn_dim,
+        "num_hidden_layers": spec.n_layers,
+        "num_attention_heads": spec.n_heads,
+        "num_key_value_heads": spec.n_kv_heads,
+        "head_dim": spec.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": spec.max_seq_len,
+        "rms_norm_eps": spec.norm_eps,
+        "rope_theta": spec.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": spec.rope_theta},
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "tie_word_embeddings": spec.tie_embeddings,
+        "bos_token_id": eos_token_id,
+        "eos_token_id": eos_token_id,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def export_hf(run_dir: Path, out_dir: Path) -> Path:
+    """Write a Hugging Face Llama folder for the finished run in `run_dir` to `out_dir`; returns `out_dir`."""
+    run = load_run(Path(run_dir))
+    spec = run.config.model
+    check_llama_exportable(spec)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    weights = {}
+    for name, tensor in run.model.state_dict().items():
+        if spec.tie_embeddings and name == "output.weight":
+            continue  # the same tensor as the embedding; transformers re-ties it from tie_word_embeddings
+        weights[hf_name(name)] = tensor.detach().to(torch.float32).contiguous()
+    atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
+
+    eos_id = run.tokenizer.token_to_id(END_OF_TEXT)
+    special = {"bos_token": END_OF_TEXT, "eos_token": END_OF_TEXT} if eos_id is not None else {}
+    _write_json(out_dir / "config.json", hf_config(spec, eos_id))
+    _write_json(out_dir / "generation_config.json", {"bos_token_id": eos_id, "eos_token_id": eos_id})
+    atomic_write(out_dir / "tokenizer.json", lambda tmp: run.tokenizer.save(str(tmp)))
+    # Our tokenizer adds no special tokens when encoding, so PreTrainedTokenizerFast needs no post-processor hints.
+    _write_json(
+        out_dir / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": spec.max_seq_len,
+            "clean_up_tokenization_spaces": False,
+            **special,
+        },
+    )
+    _write_json(out_dir / "special_tokens_map.json", special)
+    return out_dir
