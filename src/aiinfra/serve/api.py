@@ -463,8 +463,7 @@ def build_app(engine: AsyncEngine, served: ServedModel, config: ServerConfig | N
 
     @app.get("/health")
     async def health() -> Response:
-        thread = engine._thread
-        if thread is None or not thread.is_alive():
+        if not engine.is_running:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
         return JSONResponse({"status": "ok", "running": engine.stats.num_running,
                              "waiting": engine.stats.num_waiting, "kv_cache_usage": engine.stats.kv_cache_usage})

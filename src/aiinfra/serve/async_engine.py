@@ -39,19 +39,30 @@ class Delta:
 
 
 class Detokenizer:
-    """Incremental text of a growing list of token ids, cut at the first stop string."""
+    """Incremental text of a growing list of token ids, cut at the first stop string.
+
+    Each step decodes only a short window (vLLM's prefix/read offsets), so text costs O(1) per token; a window
+    whose text ends in U+FFFD is held back, as it is usually a character whose remaining bytes come next.
+    """
 
     def __init__(self, tokenizer: Tokenizer, stop: list[str]):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self.holdback = max((len(s) for s in self.stop), default=1) - 1
         self.token_ids: list[int] = []
+        self.prefix_offset = self.read_offset = 0
+        self.text = ""
         self.emitted = 0
 
     def add(self, new_token_ids: list[int], final: bool) -> tuple[str, bool]:
         """Text to emit now, and whether a stop string ended the request."""
         self.token_ids += new_token_ids
-        text = decode(self.tokenizer, self.token_ids)
+        prefix_text = decode(self.tokenizer, self.token_ids[self.prefix_offset : self.read_offset])
+        new_text = decode(self.tokenizer, self.token_ids[self.prefix_offset :])
+        if len(new_text) > len(prefix_text) and (final or not new_text.endswith("\ufffd")):
+            self.text += new_text[len(prefix_text) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
+        text = self.text
         if self.stop:
             search_from = max(0, self.emitted - self.holdback)
             hits = [i for i in (text.find(s, search_from) for s in self.stop) if i >= 0]
@@ -59,12 +70,9 @@ class Detokenizer:
                 end = min(hits)
                 out, self.emitted = text[self.emitted : end], end
                 return out, True
-        end = len(text)
-        if not final:
-            # A trailing U+FFFD is usually the first bytes of a character whose remaining bytes come next.
-            end = len(text.rstrip("\ufffd"))
-            end = max(self.emitted, end - self.holdback)
-        out, self.emitted = text[self.emitted : end], max(self.emitted, end)
+        # Hold back what could be the beginning of a stop string until the next tokens settle it.
+        end = len(text) if final else max(self.emitted, len(text) - self.holdback)
+        out, self.emitted = text[self.emitted : end], end
         return out, False
 
 
@@ -83,6 +91,10 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
         """Start the engine thread; call from the event loop that will consume the outputs."""

@@ -94,6 +94,12 @@ class BlockManager:
             table.append(block_id)
         return True
 
+    def has_new_full_blocks(self, request_id: str, num_computed_tokens: int) -> bool:
+        """Whether `cache_full_blocks` has anything to do (cheap, so callers skip building the token list)."""
+        return self.enable_prefix_caching and num_computed_tokens // self.block_size > self.hashed_counts.get(
+            request_id, num_computed_tokens
+        )
+
     def cache_full_blocks(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
         """Enter the request's newly filled blocks (their KV is computed) into the prefix cache."""
         if not self.enable_prefix_caching or request_id not in self.tables:

@@ -60,7 +60,7 @@ class ModelRunner:
         tokens = torch.tensor(token_ids, device=device)
         position_ids = torch.tensor(positions, device=device)
         slot_ids = torch.tensor(slots, device=device)
-        attention = _AttentionPlan(items, self._slots, device)
+        attention = _AttentionPlan(items, self.block_size, device)
 
         x = model.tok_embeddings(tokens)
         if model.pos_embeddings is not None:
@@ -127,48 +127,60 @@ class ModelRunner:
         return generator
 
 
+def _context_slots(tables: torch.Tensor, block_size: int, length: int) -> torch.Tensor:
+    """Cache slots of positions 0..length-1 for each row of block tables (rows, blocks) -> (rows, length)."""
+    offsets = torch.arange(block_size, device=tables.device)
+    return (tables[:, :, None] * block_size + offsets).reshape(tables.shape[0], -1)[:, :length]
+
+
 class _AttentionPlan:
     """Index tensors for one step's attention, built once and reused by every layer."""
 
-    def __init__(self, items: list[ScheduledRequest], slots_of, device: torch.device):
-        self.decode_rows: list[int] = []
+    def __init__(self, items: list[ScheduledRequest], block_size: int, device: torch.device):
         self.prefills: list[tuple[int, int, int, torch.Tensor]] = []  # (first row, rows, start position, slots)
-        decode_slots: list[list[int]] = []
+        decode_rows: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lengths: list[int] = []
         row = 0
         for item in items:
             count, start = len(item.token_ids), item.start_position
-            context = slots_of(item.block_table, 0, start + count)
             if count == 1:
-                self.decode_rows.append(row)
-                decode_slots.append(context)
+                decode_rows.append(row)
+                decode_tables.append(item.block_table)
+                decode_lengths.append(start + 1)
             else:
-                self.prefills.append((row, count, start, torch.tensor(context, device=device)))
+                table = torch.tensor([item.block_table], device=device)
+                self.prefills.append((row, count, start, _context_slots(table, block_size, start + count)[0]))
             row += count
-        self.decode_index = self.decode_mask = None
-        if decode_slots:
-            longest = max(len(context) for context in decode_slots)
-            padded = [context + [0] * (longest - len(context)) for context in decode_slots]
-            self.decode_index = torch.tensor(padded, device=device)
-            lengths = torch.tensor([len(context) for context in decode_slots], device=device)
+        self.decode_index = self.decode_mask = self.decode_rows = None
+        if decode_rows:
+            widest = max(len(table) for table in decode_tables)
+            tables = torch.tensor([table + [0] * (widest - len(table)) for table in decode_tables], device=device)
+            longest = max(decode_lengths)
+            # Padding slots point at real cache rows; the mask keeps them out of the softmax.
+            self.decode_index = _context_slots(tables, block_size, longest)
+            lengths = torch.tensor(decode_lengths, device=device)
             # (batch, 1 head, 1 query, keys): True where the key is part of that request's context.
             self.decode_mask = (torch.arange(longest, device=device) < lengths[:, None])[:, None, None, :]
-            self.decode_rows_tensor = torch.tensor(self.decode_rows, device=device)
-        self.total_rows = row
+            self.decode_rows = torch.tensor(decode_rows, device=device)
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """q: (tokens, heads, head_dim) -> attention output of the same shape."""
         out = torch.empty_like(q)
         gqa = q.shape[1] != k_cache.shape[1]
         if self.decode_index is not None:
-            query = q[self.decode_rows_tensor].unsqueeze(2)  # (batch, heads, 1, head_dim)
-            keys = k_cache[self.decode_index].transpose(1, 2)  # (batch, kv_heads, keys, head_dim)
-            values = v_cache[self.decode_index].transpose(1, 2)
+            query = q[self.decode_rows].unsqueeze(2)  # (batch, heads, 1, head_dim)
+            # index_select on the flat slot axis is about twice as fast as advanced indexing with a 2-D index.
+            shape = (*self.decode_index.shape, *k_cache.shape[1:])
+            flat = self.decode_index.reshape(-1)
+            keys = k_cache.index_select(0, flat).view(shape).transpose(1, 2)  # (batch, kv_heads, keys, head_dim)
+            values = v_cache.index_select(0, flat).view(shape).transpose(1, 2)
             attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=self.decode_mask, enable_gqa=gqa)
-            out[self.decode_rows_tensor] = attended.squeeze(2)
+            out[self.decode_rows] = attended.squeeze(2)
         for first, count, start, context in self.prefills:
             query = q[first : first + count].transpose(0, 1).unsqueeze(0)
-            keys = k_cache[context].transpose(0, 1).unsqueeze(0)
-            values = v_cache[context].transpose(0, 1).unsqueeze(0)
+            keys = k_cache.index_select(0, context).transpose(0, 1).unsqueeze(0)
+            values = v_cache.index_select(0, context).transpose(0, 1).unsqueeze(0)
             if start == 0:
                 attended = F.scaled_dot_product_attention(query, keys, values, is_causal=True, enable_gqa=gqa)
             else:

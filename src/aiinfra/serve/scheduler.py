@@ -107,9 +107,13 @@ class Scheduler:
         end = start + num_new
         params = request.params
         suppress = tuple(request.stop_ids()) if len(request.output_token_ids) < params.min_tokens else ()
+        prompt_len = len(request.prompt_token_ids)
+        # A decode step needs one output token: slice it without concatenating prompt and output (O(length)).
+        tokens = (request.output_token_ids[start - prompt_len : end - prompt_len] if start >= prompt_len
+                  else request.all_token_ids[start:end])
         return ScheduledRequest(
             request_id=request.request_id,
-            token_ids=request.all_token_ids[start:end],
+            token_ids=tokens,
             start_position=start,
             block_table=list(self.blocks.block_table(request.request_id)),
             sample=end == request.num_tokens,
@@ -164,7 +168,8 @@ class Scheduler:
             if request is None:  # aborted while the step ran
                 continue
             request.num_computed_tokens += len(item.token_ids)
-            self.blocks.cache_full_blocks(request.request_id, request.all_token_ids, request.num_computed_tokens)
+            if self.blocks.has_new_full_blocks(request.request_id, request.num_computed_tokens):
+                self.blocks.cache_full_blocks(request.request_id, request.all_token_ids, request.num_computed_tokens)
             if not item.sample:
                 continue
             token = sampled[item.request_id]
