@@ -50,3 +50,10 @@ def test_timing_helpers() -> None:
     assert union_seconds([(0, 10), (5, 20), (30, 40)]) == pytest.approx(30e-6)
     assert is_comm_event("gloo:all_reduce") and is_comm_event("nccl:all_gather") and not is_comm_event("aten::mm")
     assert stragglers([1.0, 1.0, 1.1, 2.0], ratio=1.25) == [3]
+
+
+def test_launch_checks_the_layout_before_starting_workers() -> None:
+    from aiinfra.distributed.launch import launch_train
+
+    with pytest.raises(ConfigError, match="needs 4 processes .* launch with --nproc 4"):
+        launch_train(None, ["parallel.dp_shard=2", "parallel.tp=2"], nproc=2)

@@ -15,7 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from aiinfra.config import ConfigError
+from aiinfra.config import ConfigError, load_config
+from aiinfra.distributed.layout import ParallelLayout
 
 
 def torchrun_command(
@@ -61,7 +62,17 @@ def launch_train(
     rdzv_endpoint: str | None = None,
     max_restarts: int = 0,
 ) -> int:
-    """Run `aiinfra train CONFIG --set ...` in `nproc` workers on this node (of `nnodes`); return the exit status."""
+    """Run `aiinfra train CONFIG --set ...` in `nproc` workers on this node (of `nnodes`); return the exit status.
+
+    The config is checked here first, so a mistake is reported once rather than by every worker. With no
+    parallel degrees set, every process is a data-parallel replica (DDP).
+    """
+    world_size = nproc * nnodes
+    layout = ParallelLayout.from_config(load_config(config, overrides).parallel)
+    if layout.world_size == 1 and world_size > 1:
+        overrides = [*overrides, f"parallel.dp_replicate={world_size}"]
+    else:
+        layout.validate(world_size)
     train_args = ["-m", "aiinfra", "train", *([str(config)] if config else [])]
     for item in overrides:
         train_args += ["--set", item]

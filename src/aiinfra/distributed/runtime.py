@@ -95,9 +95,16 @@ class ModelRunner:
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         return clip_grad_norm(self.parameters(), max_norm, self.pp_group)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's parameters under the full model's names (DTensor shards under FSDP/TP)."""
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state)
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every parameter, unsharded, on this rank's CPU (a collective under FSDP/TP: all ranks call it)."""
-        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+        """Every parameter, unsharded, in rank 0's CPU memory; empty elsewhere (a collective: all ranks call it)."""
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 class PipelineRunner(ModelRunner):
@@ -133,7 +140,16 @@ class PipelineRunner(ModelRunner):
     def grad_sync(self, enabled: bool) -> Iterator[None]:
         yield  # the schedule reduces gradients once, after its last micro-batch
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        # Stages keep the full model's names ("layers.5..."), so their state dicts merge without clashes.
+        return {name: value for stage in self.stages for name, value in stage.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for stage in self.stages:
+            stage.load_state_dict({name: state[name] for name in stage.state_dict()})
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's stages, unsharded, on its CPU: the runtime merges the stages on rank 0."""
         state: dict[str, torch.Tensor] = {}
         for stage in self.stages:
             state.update(get_model_state_dict(stage, options=StateDictOptions(full_state_dict=True)))
@@ -274,16 +290,21 @@ class DistributedRuntime(Runtime):
 
     def export_model(self, runner: ModelRunner) -> Transformer | None:
         state = runner.full_state_dict()
-        # One copy of each stage is enough: the first data-parallel and tensor-parallel rank of every stage sends.
-        tp_rank = self.mesh["tp"].get_local_rank()
-        pieces: list[Any] = [None] * self.world_size if self.is_main else None
-        dist.gather_object(state if self.dp_rank == 0 and tp_rank == 0 else None, pieces, dst=0)
+        if self.config.parallel.pp > 1:
+            state = self._merge_stages(state)
         if not self.is_main:
             return None
         model = Transformer(self.config.model)
-        merged = {name: tensor for piece in pieces if piece for name, tensor in piece.items()}
-        model.load_state_dict(merged)
+        model.load_state_dict(state)
         return model.to(self.device)
+
+    def _merge_stages(self, stage_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """All stages' parameters on rank 0. One copy of each stage is enough: its first data-parallel and
+        tensor-parallel rank sends it."""
+        tp_rank = self.mesh["tp"].get_local_rank()
+        pieces: list[Any] = [None] * self.world_size if self.is_main else None
+        dist.gather_object(stage_state if self.dp_rank == 0 and tp_rank == 0 else None, pieces, dst=0)
+        return {name: tensor for piece in pieces or [] if piece for name, tensor in piece.items()}
 
     def measure_step(self, step: int) -> contextlib.AbstractContextManager:
         every = self.config.parallel.measure_comm_every

@@ -127,8 +127,10 @@ class Trainer:
         # Every rank builds the same full model from the same seed, then keeps its part. Seeded here, after the
         # peak-FLOP/s measurement, which draws random matrices only when its cache is cold.
         seed_everything(cfg.seed)
-        self.model = Transformer(config.model).to(self.device)
-        self.runner = self.runtime.build_runner(self.model, self._autocast, _loss_from_logits)
+        full_model = Transformer(config.model).to(self.device)
+        self.runner = self.runtime.build_runner(full_model, self._autocast, _loss_from_logits)
+        # What this rank trains: the model (sharded in place under FSDP/TP), or its pipeline stages.
+        self.model = self.runner.model
         self.optimizer = build_optimizer(self.runner.root, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
@@ -188,7 +190,7 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "model": self.model.state_dict(),
+            "model": self.runner.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
@@ -196,7 +198,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        self.runner.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
