@@ -138,7 +138,7 @@ def test_async_save_returns_before_the_write_and_equals_a_sync_save(tmp_path: Pa
     reached_data = threading.Event()
 
     def hold_mid_data(phase: str, step: int) -> None:
-        if phase == "mid_data":
+        if phase == "mid_data" and step == 2:
             reached_data.set()
             assert release.wait(timeout=120), "the test never released the writer"
 
@@ -164,7 +164,19 @@ def test_async_save_returns_before_the_write_and_equals_a_sync_save(tmp_path: Pa
     async_manifest = json.loads((tmp_path / "async" / "step_000000002" / MANIFEST_FILE).read_text())
     sync_manifest = json.loads((tmp_path / "sync" / "step_000000002" / MANIFEST_FILE).read_text())
     # The data files are byte-identical; only DCP's .metadata differs (it records the checkpoint's path).
-    assert async_manifest["files"]["__0_0.distcp"] == sync_manifest["files"]["__0_0.distcp"]
+    data_files = [name for name in sync_manifest["files"] if name.endswith(".distcp")]
+    assert data_files and all(async_manifest["files"][name] == sync_manifest["files"][name] for name in data_files)
+
+    # A second async save reuses the staging buffers: it holds the new state, and the first checkpoint is intact.
+    saved3, saved3_extras = full_state(state), extras(state)
+    manager.save(3, state)
+    train_step(state)
+    manager.close()
+    from_step3 = trained_state(0, seed=6)
+    assert CheckpointManager(tmp_path / "async").load_latest(from_step3) == 3
+    assert_same(from_step3, saved3, saved3_extras)
+    assert CheckpointManager(tmp_path / "async").load(tmp_path / "async" / "step_000000002", from_async) == 2
+    assert_same(from_async, saved, saved_extras)
 
 
 def test_background_failure_is_raised_on_the_next_call(tmp_path: Path):

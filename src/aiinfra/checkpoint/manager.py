@@ -46,6 +46,7 @@ from aiinfra.checkpoint.commit import (
     verify_files,
     write_manifest,
 )
+from aiinfra.checkpoint.staging import ReusedBufferStager
 
 log = logging.getLogger(__name__)
 STEP_PREFIX = "step_"
@@ -71,6 +72,8 @@ class CheckpointPolicy:
     """complete checkpoints kept on disk (older ones are deleted once a newer one commits); 0 keeps all"""
     async_save: bool = True
     """write in a background thread: only the copy of the state to CPU memory blocks training"""
+    writer_threads: int = 2
+    """files written in parallel per rank (one thread's hashing and serialization overlap another's disk writes)"""
 
 
 @dataclass
@@ -186,6 +189,7 @@ class CheckpointManager:
         self._main_group = dist.new_group(backend="gloo") if self.distributed else None
         self._writer_group = dist.new_group(backend="gloo") if self.distributed else None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-commit")
+        self._stager = ReusedBufferStager()
         self._pending: Future | None = None
         self._last_save_time = time.monotonic()
         self._last_saved_step: int | None = None
@@ -225,12 +229,13 @@ class CheckpointManager:
             _remove_checkpoint(path)
         self._barrier()
         state_dict = self._state_dict(state, step)
-        writer = HashingFileSystemWriter(path, lambda phase: self._fault(phase, step))
+        writer = HashingFileSystemWriter(path, lambda phase: self._fault(phase, step), self.policy.writer_threads)
         info = {"step": step, "world_size": self.world_size, "dp_size": self.dp_size}
         use_async = self.policy.async_save if block is None else not block
         if use_async:
             dcp_future = dcp.async_save(
-                state_dict, storage_writer=writer, process_group=self._writer_group, no_dist=not self.distributed
+                state_dict, storage_writer=writer, process_group=self._writer_group, no_dist=not self.distributed,
+                async_stager=self._stager,
             )
             self._pending = self._executor.submit(self._commit, dcp_future, writer, path, info, started)
         else:
@@ -254,6 +259,7 @@ class CheckpointManager:
             self.wait()
         finally:
             self._executor.shutdown(wait=True)
+            self._stager.close()
 
     @property
     def save_in_flight(self) -> bool:

@@ -1,0 +1,128 @@
+"""How fast a checkpoint is written, against what this disk can do, and how little of it blocks training.
+
+Workload: a Llama-style model (default dim 768, 4 layers, 8192-token vocabulary: about 35M parameters) with its
+AdamW state, one process: about 420 MB per checkpoint (weights, two Adam moments, step, RNG, scheduler).
+Baseline, measured in the same run and in the same directory: a dd-like sequential write of the same number of
+bytes in 8 MiB blocks, then fsync. They alternate in rounds (synchronous save, dd, synchronous save with one writer
+thread, asynchronous save) so that the noise of this shared machine hits all alike; medians are compared.
+
+    python bench/checkpoint.py [--rounds 3] [--dim 768] [--layers 4] [--dir /path/on/the/disk/to/test]
+
+Prints save throughput / disk bandwidth (target >= 0.7; the save also hashes every byte with sha256 and writes the
+manifest) and the blocking time of an asynchronous save / the time of a synchronous one (target <= 0.2); ends with
+one line of JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from aiinfra.checkpoint.manager import CheckpointManager, CheckpointPolicy, TrainingState
+from aiinfra.models import Transformer
+from aiinfra.spec import ModelSpec
+
+BLOCK_BYTES = 8 << 20
+
+
+def sequential_write_s(path: Path, total_bytes: int) -> float:
+    """Seconds to write `total_bytes` sequentially in 8 MiB blocks and fsync them (what `dd conv=fsync` does)."""
+    block = os.urandom(BLOCK_BYTES)
+    started = time.perf_counter()
+    with open(path, "wb", buffering=0) as handle:
+        remaining = total_bytes
+        while remaining > 0:
+            remaining -= handle.write(block[: min(remaining, BLOCK_BYTES)])
+        os.fsync(handle.fileno())
+    elapsed = time.perf_counter() - started
+    path.unlink()
+    return elapsed
+
+
+def build_state(dim: int, layers: int) -> TrainingState:
+    """The model with AdamW state allocated (one step on a tiny batch), as a trainer would checkpoint it."""
+    spec = ModelSpec(
+        vocab_size=8192, dim=dim, n_layers=layers, n_heads=max(1, dim // 64), n_kv_heads=max(1, dim // 64),
+        ffn_dim=4 * dim, max_seq_len=64,
+    )
+    model = Transformer(spec)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model(torch.zeros(1, 8, dtype=torch.long)).float().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+    return TrainingState(model, optimizer, scheduler)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--dir", type=Path, default=None, help="a directory on the disk to measure (default: a temp)")
+    args = parser.parse_args()
+
+    state = build_state(args.dim, args.layers)
+    parameters = sum(p.numel() for p in state.model.parameters())
+    with tempfile.TemporaryDirectory(dir=args.dir) as root:
+        root = Path(root)
+        manager = CheckpointManager(root / "ckpt", CheckpointPolicy(keep_last=1))
+        one_writer = CheckpointManager(root / "ckpt1", CheckpointPolicy(keep_last=1, writer_threads=1))
+        dd_s, sync_s, sync_one_writer_s, blocking_s, async_total_s = [], [], [], [], []
+        step = 0
+        for _ in range(args.rounds):
+            step += 1
+            started = time.perf_counter()
+            manager.save(step, state, block=True)
+            sync_s.append(time.perf_counter() - started)
+            checkpoint_bytes = manager.metrics.last_bytes
+            dd_s.append(sequential_write_s(root / "dd.bin", checkpoint_bytes))
+            started = time.perf_counter()
+            one_writer.save(step, state, block=True)
+            sync_one_writer_s.append(time.perf_counter() - started)
+            step += 1
+            started = time.perf_counter()
+            manager.save(step, state, block=False)
+            blocking_s.append(time.perf_counter() - started)
+            manager.wait()
+            async_total_s.append(time.perf_counter() - started)
+        manager.close()
+        one_writer.close()
+
+    disk_bytes_per_s = checkpoint_bytes / statistics.median(dd_s)
+    save_bytes_per_s = checkpoint_bytes / statistics.median(sync_s)
+    throughput_ratio = save_bytes_per_s / disk_bytes_per_s
+    one_writer_ratio = statistics.median(dd_s) / statistics.median(sync_one_writer_s)
+    blocking_ratio = statistics.median(blocking_s) / statistics.median(sync_s)
+    print(f"workload: {parameters / 1e6:.1f}M parameters + AdamW, {checkpoint_bytes / 1e6:.0f} MB per checkpoint, "
+          f"{args.rounds} rounds, medians")
+    print(f"disk sequential write + fsync : {disk_bytes_per_s / 1e6:8.1f} MB/s  ({statistics.median(dd_s):.2f} s)")
+    print(f"synchronous checkpoint save   : {save_bytes_per_s / 1e6:8.1f} MB/s  ({statistics.median(sync_s):.2f} s)")
+    print(f"  save throughput / disk bandwidth       = {throughput_ratio:.2f}  (target >= 0.7; 2 writer threads)")
+    print(f"  the same with one writer thread        = {one_writer_ratio:.2f}")
+    print(f"asynchronous save: blocks {statistics.median(blocking_s):.3f} s, "
+          f"committed after {statistics.median(async_total_s):.2f} s")
+    print(f"  async blocking time / sync save time   = {blocking_ratio:.3f}  (target <= 0.2)")
+    print(json.dumps({
+        "checkpoint_bytes": checkpoint_bytes,
+        "parameters": parameters,
+        "disk_sequential_write_mb_per_s": round(disk_bytes_per_s / 1e6, 1),
+        "sync_save_mb_per_s": round(save_bytes_per_s / 1e6, 1),
+        "save_throughput_over_disk_bandwidth": round(throughput_ratio, 3),
+        "save_throughput_over_disk_bandwidth_one_writer_thread": round(one_writer_ratio, 3),
+        "sync_save_s": round(statistics.median(sync_s), 3),
+        "async_blocking_s": round(statistics.median(blocking_s), 3),
+        "async_blocking_over_sync_save": round(blocking_ratio, 3),
+        "rounds": args.rounds,
+    }))
+
+
+if __name__ == "__main__":
+    main()
