@@ -217,11 +217,14 @@ class CheckpointManager:
     def save(self, step: int, state: TrainingState, *, block: bool | None = None) -> None:
         """Checkpoint `state` as `step`; asynchronous per the policy unless `block` says otherwise.
 
-        A save still in flight is waited for first (its time counts as blocking). Raises CheckpointError if the
-        previous background save failed.
+        A save still in flight is waited for first (its time counts as blocking). A step this manager already saved
+        (or loaded) is not written again, so a final save after `maybe_save` costs nothing. Raises CheckpointError
+        if the previous background save failed.
         """
         started = time.perf_counter()
         self.wait()
+        if step == self._last_saved_step:
+            return
         path = self.checkpoint_dir / checkpoint_name(step)
         if self.rank == 0 and path.exists():
             # A torn (or superseded) attempt at the same step, from before a restart: it is rewritten whole.
