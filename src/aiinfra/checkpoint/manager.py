@@ -23,6 +23,7 @@ import logging
 import random
 import shutil
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,8 @@ from aiinfra.checkpoint.staging import ReusedBufferStager
 
 log = logging.getLogger(__name__)
 STEP_PREFIX = "step_"
+# We pass no_dist=True on purpose when torch.distributed is not initialized; DCP still warns on every call.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 class Stateful(Protocol):
