@@ -10,7 +10,7 @@ from typer import Typer
 from typer.testing import CliRunner
 
 from aiinfra.checkpoint.commands import export_command
-from aiinfra.checkpoint.export import export_hf
+from aiinfra.checkpoint.export import export_hf, export_onnx
 from aiinfra.checkpoint.run_dir import save_run
 from aiinfra.config import ConfigError, load_config
 from aiinfra.data.tokenizer import END_OF_TEXT, encode, load_tokenizer, train_tokenizer
@@ -78,6 +78,29 @@ def test_export_command(tmp_path: Path):
         path.name for path in (tmp_path / "run" / "hf").iterdir()
     }
     wrong_format = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--format", "tflite"])
-    assert wrong_format.exit_code == 2 and "--format tflite: expected one of hf" in wrong_format.output
+    assert wrong_format.exit_code == 2 and "--format tflite: expected one of hf, onnx" in wrong_format.output
     not_a_run = CliRunner().invoke(app, ["export", str(tmp_path / "nothing")])
     assert not_a_run.exit_code == 2 and "is it a finished run?" in not_a_run.output
+
+
+@pytest.mark.parametrize(
+    "model_overrides",
+    [
+        ("model.tie_embeddings=true",),
+        ("model.mlp=gelu", "model.norm=layernorm", "model.position=learned", "model.bias=true"),
+    ],
+    ids=["llama", "gpt"],
+)
+def test_onnx_runtime_gives_our_logits_at_any_shape(tmp_path: Path, model_overrides: tuple[str, ...]):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    ours = make_run(tmp_path / "run", *model_overrides)
+    out = export_onnx(tmp_path / "run", tmp_path / "onnx")
+    assert (out / "tokenizer.json").is_file()
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(2)
+    for shape in [(2, 8), (1, 32), (3, 5)]:  # batch and sequence are dynamic
+        tokens = torch.randint(0, ours.spec.vocab_size, shape, generator=generator)
+        (logits,) = session.run(["logits"], {"input_ids": tokens.numpy()})
+        with torch.no_grad():
+            assert abs(torch.from_numpy(logits) - ours(tokens)).max().item() < 1e-4

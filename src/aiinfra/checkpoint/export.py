@@ -1,4 +1,6 @@
-"""Export a finished run as a Hugging Face Llama folder that transformers loads with LlamaForCausalLM.
+"""Export a finished run: a Hugging Face Llama folder (transformers' LlamaForCausalLM), or an ONNX graph.
+
+Hugging Face (`export_hf`):
 
     <out>/config.json              LlamaConfig (architectures, sizes, rope, tie_word_embeddings)
     <out>/generation_config.json   bos/eos token ids
@@ -9,16 +11,23 @@
 
 Our names map one to one onto Hugging Face's, and both use the rotate-half rotary layout, so no tensor is permuted.
 Only Llama-style specs (SwiGLU, RMSNorm, rotary positions, no biases, dense) have a Llama equivalent.
+
+ONNX (`export_onnx`, needs the `onnx` and `onnxscript` packages): `model.onnx` mapping int64 `input_ids` (batch,
+seq) to fp32 `logits` (batch, seq, vocab), both dimensions dynamic up to max_seq_len, exported from our own module
+by torch.onnx's dynamo exporter, so any spec exports; the tokenizer files sit beside it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import Tokenizer
 
 from aiinfra.checkpoint.run_dir import atomic_write, load_run
 from aiinfra.config import ConfigError
@@ -94,6 +103,25 @@ def hf_config(spec: ModelSpec, eos_token_id: int | None) -> dict[str, Any]:
     }
 
 
+def _write_tokenizer_files(out_dir: Path, tokenizer: Tokenizer, max_seq_len: int) -> int | None:
+    """tokenizer.json plus the PreTrainedTokenizerFast config; returns the end-of-text id (None if absent)."""
+    eos_id = tokenizer.token_to_id(END_OF_TEXT)
+    special = {"bos_token": END_OF_TEXT, "eos_token": END_OF_TEXT} if eos_id is not None else {}
+    atomic_write(out_dir / "tokenizer.json", lambda tmp: tokenizer.save(str(tmp)))
+    # Our tokenizer adds no special tokens when encoding, so PreTrainedTokenizerFast needs no post-processor hints.
+    _write_json(
+        out_dir / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": max_seq_len,
+            "clean_up_tokenization_spaces": False,
+            **special,
+        },
+    )
+    _write_json(out_dir / "special_tokens_map.json", special)
+    return eos_id
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
 
@@ -113,20 +141,41 @@ def export_hf(run_dir: Path, out_dir: Path) -> Path:
         weights[hf_name(name)] = tensor.detach().to(torch.float32).contiguous()
     atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
 
-    eos_id = run.tokenizer.token_to_id(END_OF_TEXT)
-    special = {"bos_token": END_OF_TEXT, "eos_token": END_OF_TEXT} if eos_id is not None else {}
+    eos_id = _write_tokenizer_files(out_dir, run.tokenizer, spec.max_seq_len)
     _write_json(out_dir / "config.json", hf_config(spec, eos_id))
     _write_json(out_dir / "generation_config.json", {"bos_token_id": eos_id, "eos_token_id": eos_id})
-    atomic_write(out_dir / "tokenizer.json", lambda tmp: run.tokenizer.save(str(tmp)))
-    # Our tokenizer adds no special tokens when encoding, so PreTrainedTokenizerFast needs no post-processor hints.
-    _write_json(
-        out_dir / "tokenizer_config.json",
-        {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "model_max_length": spec.max_seq_len,
-            "clean_up_tokenization_spaces": False,
-            **special,
-        },
-    )
-    _write_json(out_dir / "special_tokens_map.json", special)
+    return out_dir
+
+
+def export_onnx(run_dir: Path, out_dir: Path) -> Path:
+    """Write `model.onnx` (input_ids -> logits, dynamic batch and sequence) and the tokenizer files to `out_dir`."""
+    try:
+        import onnxscript  # noqa: F401  (torch.onnx's dynamo exporter needs it; fail here with a clear message)
+    except ImportError:
+        raise ConfigError("--format onnx needs the onnx and onnxscript packages: pip install onnx onnxscript") from None
+    run = load_run(Path(run_dir))
+    spec = run.config.model
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    sequence = torch.export.Dim("sequence", min=2, max=max(2, spec.max_seq_len))
+    example = torch.zeros(2, min(8, spec.max_seq_len), dtype=torch.long)
+    # The exporter logs a line per torchvision operator it cannot find and warns about its own deprecations:
+    # noise for a user who exports a language model.
+    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    previous_level = registration_log.level
+    registration_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            program = torch.onnx.export(
+                run.model, (example,), dynamo=True, input_names=["input_ids"], output_names=["logits"],
+                dynamic_shapes=({0: batch, 1: sequence},), optimize=True, verbose=False,
+            )
+    finally:
+        registration_log.setLevel(previous_level)
+    # Saved in place, not through a temporary name: a graph over 2 GB keeps its weights in an external file that
+    # model.onnx refers to by name.
+    program.save(str(out_dir / "model.onnx"))
+    _write_tokenizer_files(out_dir, run.tokenizer, spec.max_seq_len)
     return out_dir
