@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 
 from aiinfra.checkpoint.run_dir import load_run
 from aiinfra.config import ConfigError
-from aiinfra.data.tokenizer import END_OF_TEXT, load_tokenizer
+from aiinfra.data.tokenizer import END_OF_TEXT
 from aiinfra.models.llama import Transformer, rotary_tables
 from aiinfra.spec import ModelSpec
 
@@ -66,7 +66,7 @@ def hf_name_to_ours(name: str) -> str | None:
 
 def spec_from_hf_config(config: dict, source: str) -> ModelSpec:
     """Our ModelSpec from a Hugging Face LlamaConfig dict; unsupported features are refused by name."""
-    if config.get("model_type", "llama") not in ("llama", "mistral"):
+    if config.get("model_type", "llama") != "llama":
         raise ConfigError(f"{source}: model_type={config.get('model_type')!r}; only Llama-format models are served")
     if config.get("rope_scaling"):
         raise ConfigError(f"{source}: rope_scaling={config['rope_scaling']!r} is not supported")
@@ -139,11 +139,10 @@ def load_model(path: Path, device: str = "cpu") -> ServedModel:
     if (path / "config.json").is_file():
         return load_hf_folder(path, device)
     run = load_run(path, device)
-    tokenizer = load_tokenizer(path / "tokenizer.json")
     return ServedModel(
         name=path.name,
         model=run.model,
-        tokenizer=tokenizer,
-        eos_token_id=tokenizer.token_to_id(END_OF_TEXT),
+        tokenizer=run.tokenizer,
+        eos_token_id=run.tokenizer.token_to_id(END_OF_TEXT),
         chat_template=DEFAULT_CHAT_TEMPLATE,
     )
