@@ -75,7 +75,13 @@ def save(workdir: Path) -> dict:
     if dist.get_rank() == 1:
         restored.data.next_batch()
     CheckpointManager(workdir / "uneven", CheckpointPolicy(async_save=False)).save(3, restored)
+
+    # The time policy: rank 0's clock decides for every rank (a save that only some ranks join would hang).
+    timed = CheckpointManager(workdir / "timed", CheckpointPolicy(every_seconds=1e-9, async_save=True))
+    timed_saves = [timed.maybe_save(step, restored) for step in (4, 5)]
+    timed.close()
     return {
+        "timed_saves": timed_saves,
         "saved": saved, "loss3": loss3, "loaded_step": loaded_step, "loaded": loaded, "resumed_loss3": resumed_loss3,
         "plain_loss3": plain_loss3,
     }

@@ -15,7 +15,7 @@ import torch
 from ckpt_helpers import build_model, full_state, make_state, max_abs_difference, train_step
 
 from aiinfra.checkpoint.commit import CheckpointError
-from aiinfra.checkpoint.manager import CheckpointManager
+from aiinfra.checkpoint.manager import CheckpointManager, list_checkpoints
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 FP32_LOSS_TOLERANCE = 1e-5  # another layout sums in another order: equal up to fp32 rounding
@@ -46,6 +46,12 @@ def test_fsdp_round_trip_is_exact_and_resumes_bitwise(runs):
     assert max_abs_difference(saved["saved"], saved["loaded"]) == 0.0
     assert any(name.startswith("optim.") for name in saved["saved"])
     assert saved["resumed_loss3"] == saved["loss3"]  # same layout, RNG and data position restored
+
+
+def test_time_policy_saves_on_every_rank(runs):
+    workdir, saved, _ = runs
+    assert saved["timed_saves"] == [True, True]
+    assert [step for step, _ in list_checkpoints(workdir / "timed")] == [4, 5]
 
 
 @pytest.mark.parametrize("layout", ["fsdp4", "fsdp2_tp2"])
