@@ -69,14 +69,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--layouts", default="ddp,fsdp,fsdp_no_reshard,tp,pp_gpipe,pp_1f1b")
+    parser.add_argument(
+        "--layouts", default="ddp,fsdp,tp,pp_1f1b", help="of ddp,fsdp,fsdp_no_reshard,tp,pp_gpipe,pp_1f1b"
+    )
     args = parser.parse_args()
     chosen = {name: overrides for name, overrides in layouts(args.nproc).items() if name in args.layouts.split(",")}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         single = [f"train.micro_batch={GLOBAL_BATCH}"]
         first = run("single_first", single, 1, args.steps, workdir)
-        results = {name: run(name, overrides, args.nproc, args.steps, workdir) for name, overrides in chosen.items()}
+        # One process on one thread: separates "more processes" from "fewer threads per process".
+        chosen = {"single_1_thread": [*single, "train.threads=1"], **chosen}
+        results = {
+            name: run(name, overrides, 1 if name.startswith("single") else args.nproc, args.steps, workdir)
+            for name, overrides in chosen.items()
+        }
         last = run("single_last", single, 1, args.steps, workdir)
     baseline = (first["tokens_per_s"] + last["tokens_per_s"]) / 2
     print(f"\nworkload: preset tiny untied, {GLOBAL_BATCH} x 128 tokens/step, bf16, {args.nproc} processes vs 1")

@@ -57,3 +57,13 @@ def test_launch_checks_the_layout_before_starting_workers() -> None:
 
     with pytest.raises(ConfigError, match="needs 4 processes .* launch with --nproc 4"):
         launch_train(None, ["parallel.dp_shard=2", "parallel.tp=2"], nproc=2)
+
+
+def test_auto_layout_keeps_the_global_batch(monkeypatch) -> None:
+    from aiinfra.distributed import launch
+
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert launch.auto_layout(None, ["train.micro_batch=16"]) == (2, ["parallel.dp_replicate=2", "train.micro_batch=8"])
+    assert launch.auto_layout(None, ["train.micro_batch=15"]) == (1, [])
+    assert launch.auto_layout(None, ["parallel.tp=2"]) == (2, [])

@@ -53,6 +53,27 @@ def worker_env(nproc: int) -> dict[str, str]:
     return env
 
 
+def auto_layout(config: Path | None, overrides: list[str]) -> tuple[int, list[str]]:
+    """The fastest layout for this machine when the user set none: (processes, extra overrides).
+
+    One process per GPU. On a CPU with several cores: one single-threaded DDP process per core, with the
+    per-process micro-batch divided so that the global batch (and so the training) is unchanged. Measured by
+    bench/scaling.py on the shared 2-core machine (docs/distributed.md): DDP on 2 processes gave several times
+    the tokens/s of one process with 2 threads, whose OpenMP threads stall whenever a core is taken by another
+    job. A layout the user set decides the process count itself; a batch that does not divide stays on one.
+    """
+    import torch
+
+    loaded = load_config(config, overrides)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else (os.cpu_count() or 1)
+    micro_batch, layout = loaded.train.micro_batch, ParallelLayout.from_config(loaded.parallel)
+    if layout.world_size > 1:
+        return layout.world_size, []
+    if count < 2 or micro_batch % count:
+        return 1, []
+    return count, [f"parallel.dp_replicate={count}", f"train.micro_batch={micro_batch // count}"]
+
+
 def launch_train(
     config: Path | None,
     overrides: list[str],

@@ -111,7 +111,8 @@ class PipelineRunner(ModelRunner):
     """A pipeline schedule over this rank's stages (each parallelized with the data/tensor axes)."""
 
     def __init__(self, stages: list[nn.Module], schedule_for: Callable, has_first: bool, has_last: bool, **kwargs):
-        super().__init__(module=nn.ModuleList(stages), model=nn.ModuleList(stages), **kwargs)
+        stage_list = nn.ModuleList(stages)
+        super().__init__(module=stage_list, model=stage_list, **kwargs)
         self.stages = stages
         self.has_first, self.has_last = has_first, has_last
         self.loss_scale = 1.0
@@ -138,7 +139,9 @@ class PipelineRunner(ModelRunner):
 
     @contextlib.contextmanager
     def grad_sync(self, enabled: bool) -> Iterator[None]:
-        yield  # the schedule reduces gradients once, after its last micro-batch
+        # Each schedule step reduces gradients once, after its last pipeline micro-batch; with gradient
+        # accumulation every accumulated step does so (correct, if not the least communication).
+        yield
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         # Stages keep the full model's names ("layers.5..."), so their state dicts merge without clashes.

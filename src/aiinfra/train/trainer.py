@@ -178,13 +178,22 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over the fixed validation windows (every rank evaluates them all, in step)."""
+        """Mean loss over the fixed validation windows: the same windows, and the same figure, for every layout."""
         cfg = self.config.train
+        dp_rank, dp_size = self.runtime.dp_rank, self.runtime.dp_size
         self.runner.module.eval()
-        losses = [
-            self.runtime.mean_loss(self.runner.loss(inputs.to(self.device), targets.to(self.device)))
-            for inputs, targets in eval_batches(self.dataset.val, cfg.seq_len, cfg.micro_batch, cfg.eval_batches)
-        ]
+        losses = []
+        # Batches of the global batch size, split over data-parallel ranks and micro-batches as in training, so
+        # every layout sees the same windows; a short last batch is evaluated whole on every rank instead.
+        global_batch = cfg.micro_batch * cfg.grad_accum * dp_size
+        for inputs, targets in eval_batches(self.dataset.val, cfg.seq_len, global_batch, cfg.eval_batches):
+            if len(inputs) == global_batch:
+                inputs, targets = inputs.chunk(dp_size)[dp_rank], targets.chunk(dp_size)[dp_rank]
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            micro = [
+                self.runner.loss(i, t) for i, t in zip(inputs.chunk(cfg.grad_accum), targets.chunk(cfg.grad_accum))
+            ]
+            losses.append(self.runtime.mean_loss(None if micro[0] is None else torch.stack(micro).mean()))
         self.runner.module.train()
         return sum(losses) / len(losses)
 
