@@ -6,6 +6,8 @@ launches (2 and 4 processes) each train several layouts, to pay process start-up
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -118,3 +120,12 @@ def test_fsdp_bf16_policy_trains_close_to_fp32_with_fp32_master_weights(two_proc
     # bf16 keeps about 3 significant digits: the curve follows fp32's closely, not exactly.
     assert losses == pytest.approx([record["loss"] for record in expected["records"]], rel=2e-2)
     assert all(tensor.dtype == torch.float32 for tensor in result["state"].values())
+
+
+@pytest.mark.skipif(
+    os.environ.get("AIINFRA_SLOW_TESTS") != "1", reason="8 processes on 2 cores (~40 s): set AIINFRA_SLOW_TESTS=1"
+)
+def test_pp2_x_fsdp2_x_tp2_on_eight_processes(base: list[str], launch, references, tmp_path) -> None:
+    layout = ["parallel.pp=2", "parallel.dp_shard=2", "parallel.tp=2", "parallel.microbatches=2"]
+    results = launch(8, {"pp2_x_fsdp2_x_tp2": [*layout, "train.micro_batch=4", UNTIED]}, base, tmp_path)
+    assert_equivalent(results["pp2_x_fsdp2_x_tp2"], references[False])
