@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -22,15 +23,33 @@ def fail(message: str) -> typer.Exit:
 def train_command(
     config: Annotated[Path | None, typer.Argument(help="TOML config (default: the embedded tiny model)")] = None,
     overrides: Annotated[list[str] | None, typer.Option("--set", help="section.key=value, repeatable")] = None,
+    nproc: Annotated[
+        int | None, typer.Option(min=1, help="processes on this node (default: the fastest layout here)")
+    ] = None,
+    nnodes: Annotated[int, typer.Option(min=1, help="nodes in the job (torchrun c10d rendezvous)")] = 1,
+    node_rank: Annotated[int, typer.Option(min=0, help="this node's rank, 0..nnodes-1")] = 0,
+    rdzv_endpoint: Annotated[str | None, typer.Option(help="HOST:PORT of the rendezvous, same on every node")] = None,
+    max_restarts: Annotated[int, typer.Option(min=0, help="restart all workers this many times on a failure")] = 0,
 ) -> None:
     """Train a model; with no arguments, the embedded default on this interpreter's standard library."""
     from aiinfra.config import load_config
+    from aiinfra.distributed.launch import auto_layout, launch_train
     from aiinfra.train import train
 
+    overrides = overrides or []
     try:
-        result = train(load_config(config, overrides or []))
+        inside_torchrun = "WORLD_SIZE" in os.environ
+        if not inside_torchrun:
+            if nproc is None and nnodes == 1:
+                nproc, extra = auto_layout(config, overrides)
+                overrides = [*overrides, *extra]
+            if nproc > 1 or nnodes > 1 or max_restarts:
+                raise typer.Exit(launch_train(config, overrides, nproc, nnodes, node_rank, rdzv_endpoint, max_restarts))
+        result = train(load_config(config, overrides))
     except ConfigError as error:
         raise fail(str(error)) from None
+    if result is None:  # a worker other than rank 0: rank 0 reports
+        return
     typer.echo(f"\nsample:\n{result.sample}\n")
     typer.echo(
         f"done in {result.wall_time_s:.0f} s: validation loss {result.final_val_loss:.3f} nats/token "
