@@ -118,8 +118,9 @@ def main() -> None:
             cores=os.cpu_count() or 1,
         )
         print(
-            f"profile: matmul {profile.matmul_flops_per_s / 1e9:.1f} GFLOP/s, copy {profile.memory_bw_bytes_per_s / 1e9:.1f}"
-            f" GB/s, gloo all-reduce busbw {bus_bw / 1e9:.2f} GB/s, latency {latency * 1e6:.0f} us"
+            f"profile: matmul {profile.matmul_flops_per_s / 1e9:.1f} GFLOP/s, "
+            f"copy {profile.memory_bw_bytes_per_s / 1e9:.1f} GB/s, "
+            f"gloo all-reduce busbw {bus_bw / 1e9:.2f} GB/s, latency {latency * 1e6:.0f} us"
         )
         spec, seq_len = config.model, config.train.seq_len
         global_batch = config.train.micro_batch * config.train.grad_accum
