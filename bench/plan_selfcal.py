@@ -33,10 +33,11 @@ from aiinfra.observe.device_peak import measure_matmul_flops
 from aiinfra.observe.step_log import read_metrics
 from aiinfra.plan.calibration import CpuProfile, predict_trainer_step
 
+# train.micro_batch is per data-parallel rank: 2 ranks x 8 keep the global batch of one process x 16.
 LAYOUTS = {
-    "single": (1, []),
-    "ddp2": (2, ["parallel.dp_replicate=2"]),
-    "fsdp2": (2, ["parallel.dp_shard=2"]),
+    "single": (1, ["train.micro_batch=16"]),
+    "ddp2": (2, ["parallel.dp_replicate=2", "train.micro_batch=8"]),
+    "fsdp2": (2, ["parallel.dp_shard=2", "train.micro_batch=8"]),
 }
 
 
@@ -84,9 +85,8 @@ def measure_trainer(name: str, overrides: list[str], steps: int, workdir: Path) 
     nproc, layout = LAYOUTS[name]
     run_dir = workdir / name
     args = [*overrides, *layout, f"run.dir={run_dir}"]
-    command = [sys.executable, "-m", "aiinfra", "train", *[a for item in args for a in ("--set", item)]]
-    if nproc > 1:
-        command[3:3] = ["--nproc", str(nproc)]
+    command = [sys.executable, "-m", "aiinfra", "train", "--nproc", str(nproc)]
+    command += [a for item in args for a in ("--set", item)]
     subprocess.run(command, check=True, capture_output=True)
     times = [r["step_time_s"] for r in read_metrics(run_dir) if "step_time_s" in r][2:]
     return statistics.median(times)
