@@ -138,6 +138,9 @@ class Config(Section):
                 raise ValueError(f"parallel.tp={par.tp} must divide train.seq_len={train.seq_len} (sequence parallel)")
             if model.position == "learned" or model.is_moe:
                 raise ValueError(f"parallel.tp={par.tp}: tensor parallel supports dense rope models only")
+            if train.compile:
+                # torch 2.13 CPU: the compiled block's backward hands DTensor redistribution a plain tensor.
+                raise ValueError(f"parallel.tp={par.tp} with train.compile=true is not supported yet")
         if par.pp > 1:
             stages = par.pp * (2 if par.pp_schedule == "interleaved_1f1b" else 1)
             if model.n_layers < stages:

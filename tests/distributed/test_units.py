@@ -27,6 +27,7 @@ def test_layout_must_multiply_to_the_world_size() -> None:
         (["parallel.pp=2"], "set model.tie_embeddings=false"),
         (["parallel.pp=2", "model.tie_embeddings=false", "parallel.microbatches=3"], "must divide train.micro_batch"),
         (["parallel.cpu_offload=true"], "needs parallel.dp_shard > 1"),
+        (["parallel.tp=2", "train.compile=true"], "not supported yet"),
         (["parallel.pp_schedule=zb"], "parallel.pp_schedule"),
     ],
 )
