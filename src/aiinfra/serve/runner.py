@@ -25,14 +25,15 @@ def kv_bytes_per_token(model: Transformer, dtype: torch.dtype) -> int:
 class ModelRunner:
     """Owns the KV cache tensors; turns a `SchedulerOutput` into a dict of sampled token ids."""
 
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int, seed: int = 0):
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, seed: int = 0, decode_group: int = 8):
         self.model = model
         self.spec = model.spec
         self.block_size = block_size
+        self.decode_group = decode_group
         self.device = model.tok_embeddings.weight.device
         dtype = model.tok_embeddings.weight.dtype
-        shape = (num_blocks * block_size, self.spec.n_kv_heads, self.spec.head_dim)
-        # One flat slot axis per layer: slot = block_id * block_size + offset.
+        shape = (num_blocks, block_size, self.spec.n_kv_heads, self.spec.head_dim)
+        # Token slot = block_id * block_size + offset on the flattened first two axes.
         self.k_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(self.spec.n_layers)]
         self.v_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(self.spec.n_layers)]
         self.generators: dict[str, torch.Generator] = {}
@@ -60,7 +61,7 @@ class ModelRunner:
         tokens = torch.tensor(token_ids, device=device)
         position_ids = torch.tensor(positions, device=device)
         slot_ids = torch.tensor(slots, device=device)
-        attention = _AttentionPlan(items, self.block_size, device)
+        attention = _AttentionPlan(items, self.block_size, device, self.decode_group)
 
         x = model.tok_embeddings(tokens)
         if model.pos_embeddings is not None:
@@ -76,8 +77,8 @@ class ModelRunner:
             v = module.wv(hidden).view(len(token_ids), -1, module.head_dim)
             if rope is not None:
                 q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-            self.k_cache[layer].index_copy_(0, slot_ids, k)
-            self.v_cache[layer].index_copy_(0, slot_ids, v)
+            self.k_cache[layer].view(-1, *k.shape[1:]).index_copy_(0, slot_ids, k)
+            self.v_cache[layer].view(-1, *v.shape[1:]).index_copy_(0, slot_ids, v)
             attended = attention.run(q, self.k_cache[layer], self.v_cache[layer])
             x = x + module.wo(attended.reshape(len(token_ids), -1))
             x = x + block.feed_forward(block.ffn_norm(x))
@@ -127,17 +128,16 @@ class ModelRunner:
         return generator
 
 
-def _context_slots(tables: torch.Tensor, block_size: int, length: int) -> torch.Tensor:
-    """Cache slots of positions 0..length-1 for each row of block tables (rows, blocks) -> (rows, length)."""
-    offsets = torch.arange(block_size, device=tables.device)
-    return (tables[:, :, None] * block_size + offsets).reshape(tables.shape[0], -1)[:, :length]
-
-
 class _AttentionPlan:
-    """Index tensors for one step's attention, built once and reused by every layer."""
+    """Block ids and masks for one step's attention, built once and reused by every layer.
 
-    def __init__(self, items: list[ScheduledRequest], block_size: int, device: torch.device):
-        self.prefills: list[tuple[int, int, int, torch.Tensor]] = []  # (first row, rows, start position, slots)
+    The cache is (blocks, block_size, kv_heads, head_dim), so a request's keys are a gather of whole blocks
+    (block_size * kv_heads * head_dim contiguous values each) rather than of single token rows.
+    """
+
+    def __init__(self, items: list[ScheduledRequest], block_size: int, device: torch.device, decode_group: int):
+        self.prefills: list[tuple[int, int, int, torch.Tensor]] = []  # (first row, rows, start position, blocks)
+        self.decodes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (rows, block ids, mask)
         decode_rows: list[int] = []
         decode_tables: list[list[int]] = []
         decode_lengths: list[int] = []
@@ -146,47 +146,47 @@ class _AttentionPlan:
             count, start = len(item.token_ids), item.start_position
             if count == 1:
                 decode_rows.append(row)
-                decode_tables.append(item.block_table)
+                decode_tables.append(item.block_table[: start // block_size + 1])
                 decode_lengths.append(start + 1)
             else:
-                table = torch.tensor([item.block_table], device=device)
-                self.prefills.append((row, count, start, _context_slots(table, block_size, start + count)[0]))
+                blocks = item.block_table[: -(-(start + count) // block_size)]
+                self.prefills.append((row, count, start, torch.tensor(blocks, device=device)))
             row += count
-        self.decode_index = self.decode_mask = self.decode_rows = None
-        if decode_rows:
-            widest = max(len(table) for table in decode_tables)
-            tables = torch.tensor([table + [0] * (widest - len(table)) for table in decode_tables], device=device)
-            longest = max(decode_lengths)
-            # Padding slots point at real cache rows; the mask keeps them out of the softmax.
-            self.decode_index = _context_slots(tables, block_size, longest)
-            lengths = torch.tensor(decode_lengths, device=device)
+        # Decodes go in groups: the gathered keys and values of a small group stay in cache for the attention.
+        for first in range(0, len(decode_rows), decode_group):
+            tables = decode_tables[first : first + decode_group]
+            widest = max(len(table) for table in tables)
+            # Padding points at block 0, a real block; the mask keeps it out of the softmax.
+            block_ids = torch.tensor([table + [0] * (widest - len(table)) for table in tables], device=device)
+            lengths = torch.tensor(decode_lengths[first : first + decode_group], device=device)
             # (batch, 1 head, 1 query, keys): True where the key is part of that request's context.
-            self.decode_mask = (torch.arange(longest, device=device) < lengths[:, None])[:, None, None, :]
-            self.decode_rows = torch.tensor(decode_rows, device=device)
+            mask = (torch.arange(widest * block_size, device=device) < lengths[:, None])[:, None, None, :]
+            rows = torch.tensor(decode_rows[first : first + decode_group], device=device)
+            self.decodes.append((rows, block_ids.reshape(-1), mask))
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        """q: (tokens, heads, head_dim) -> attention output of the same shape."""
+        """q: (tokens, heads, head_dim); caches: (blocks, block_size, kv_heads, head_dim) -> like q."""
         out = torch.empty_like(q)
-        gqa = q.shape[1] != k_cache.shape[1]
-        if self.decode_index is not None:
-            query = q[self.decode_rows].unsqueeze(2)  # (batch, heads, 1, head_dim)
-            # index_select on the flat slot axis is about twice as fast as advanced indexing with a 2-D index.
-            shape = (*self.decode_index.shape, *k_cache.shape[1:])
-            flat = self.decode_index.reshape(-1)
-            keys = k_cache.index_select(0, flat).view(shape).transpose(1, 2)  # (batch, kv_heads, keys, head_dim)
-            values = v_cache.index_select(0, flat).view(shape).transpose(1, 2)
-            attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=self.decode_mask, enable_gqa=gqa)
-            out[self.decode_rows] = attended.squeeze(2)
-        for first, count, start, context in self.prefills:
+        gqa = q.shape[1] != k_cache.shape[2]
+        kv_shape = k_cache.shape[2:]
+        for rows, block_ids, mask in self.decodes:
+            query = q[rows].unsqueeze(2)  # (batch, heads, 1, head_dim)
+            shape = (len(rows), -1, *kv_shape)
+            keys = k_cache.index_select(0, block_ids).view(shape).transpose(1, 2)  # (batch, kv_heads, keys, dim)
+            values = v_cache.index_select(0, block_ids).view(shape).transpose(1, 2)
+            attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=gqa)
+            out[rows] = attended.squeeze(2)
+        for first, count, start, block_ids in self.prefills:
             query = q[first : first + count].transpose(0, 1).unsqueeze(0)
-            keys = k_cache.index_select(0, context).transpose(0, 1).unsqueeze(0)
-            values = v_cache.index_select(0, context).transpose(0, 1).unsqueeze(0)
+            length = start + count
+            keys = k_cache.index_select(0, block_ids).view(-1, *kv_shape)[:length].transpose(0, 1).unsqueeze(0)
+            values = v_cache.index_select(0, block_ids).view(-1, *kv_shape)[:length].transpose(0, 1).unsqueeze(0)
             if start == 0:
                 attended = F.scaled_dot_product_attention(query, keys, values, is_causal=True, enable_gqa=gqa)
             else:
                 # Query i sits at position start + i and sees every key up to there.
-                key_positions = torch.arange(start + count, device=q.device)
-                query_positions = torch.arange(start, start + count, device=q.device)
+                key_positions = torch.arange(length, device=q.device)
+                query_positions = torch.arange(start, length, device=q.device)
                 mask = key_positions[None, :] <= query_positions[:, None]
                 attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=gqa)
             out[first : first + count] = attended[0].transpose(0, 1)
