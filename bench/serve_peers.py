@@ -113,6 +113,8 @@ def main() -> None:
     parser.add_argument("--prompts-per-slot", type=int, default=3)
     parser.add_argument("--min-prompts", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3, help="measurements per peer and concurrency (median)")
+    parser.add_argument("--peers", nargs="+", default=["aiinfra", "hf_generate", "vllm_cpu"],
+                        help="which servers to measure (vllm_cpu also needs --vllm-python)")
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp/aiinfra-bench-logs"))
     args = parser.parse_args()
     folder = build_model_dir(args.model_dir)
@@ -134,6 +136,7 @@ def main() -> None:
              "VLLM_CPU_OMP_THREADS_BIND": "0" if args.threads == 1 else f"0-{args.threads - 1}"},
             420,
         )
+    peers = {name: peer for name, peer in peers.items() if name in args.peers}
     # All servers stay up together (idle ones cost little) and are measured in turn, round after round, so that
     # drift in this shared machine's load hits every peer alike; each figure is the median round.
     processes: dict[str, tuple[subprocess.Popen, int]] = {}
