@@ -74,10 +74,12 @@ def build_schedule(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     device: torch.device,
 ) -> _PipelineSchedule:
-    """A schedule over this rank's (parallelized) stage modules; grads are averaged over micro-batches."""
+    """A schedule over this rank's (parallelized) stage modules. `loss_fn` must divide by `microbatches` itself:
+    the schedule's own scale_grads divides every accumulated gradient, including those of earlier steps of a
+    gradient accumulation, so it is off."""
     group = pp_mesh.get_group()
     stages = [PipelineStage(module, index, n_stages, device, group=group) for module, index in zip(modules, indices)]
     schedule_class = SCHEDULES[schedule]
     if stages_per_rank(schedule) == 1:
-        return schedule_class(stages[0], n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=True)
-    return schedule_class(stages, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=True)
+        return schedule_class(stages[0], n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
+    return schedule_class(stages, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)

@@ -110,24 +110,33 @@ class ModelRunner:
 class PipelineRunner(ModelRunner):
     """A pipeline schedule over this rank's stages (each parallelized with the data/tensor axes)."""
 
-    def __init__(self, stages: list[nn.Module], schedule_for: Callable, has_first: bool, has_last: bool, **kwargs):
+    def __init__(
+        self,
+        stages: list[nn.Module],
+        schedule_for: Callable,
+        microbatches: int,
+        has_first: bool,
+        has_last: bool,
+        **kwargs: Any,
+    ):
         stage_list = nn.ModuleList(stages)
         super().__init__(module=stage_list, model=stage_list, **kwargs)
         self.stages = stages
+        self.microbatches = microbatches
         self.has_first, self.has_last = has_first, has_last
         self.loss_scale = 1.0
         self.schedule = schedule_for(self._stage_loss)
 
     def _stage_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.loss_from_logits(logits, targets) * self.loss_scale
+        # Micro-batches are equal in size: each contributes 1/microbatches of the batch's mean loss.
+        return self.loss_from_logits(logits, targets) * (self.loss_scale / self.microbatches)
 
     def _run(self, run: Callable, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
         losses: list[torch.Tensor] = []
         args = (inputs,) if self.has_first else ()
         with self.autocast():
             run(*args, target=targets if self.has_last else None, losses=losses)
-        # Micro-batches are equal in size, so the mean of their mean losses is the batch's mean loss.
-        return torch.stack(losses).mean().detach() if self.has_last else None
+        return torch.stack(losses).sum().detach() if self.has_last else None
 
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
         self.loss_scale = 1.0
@@ -274,6 +283,7 @@ class DistributedRuntime(Runtime):
         runner = PipelineRunner(
             stages,
             schedule_for,
+            microbatches=par.pp_microbatches,
             has_first=0 in indices,
             has_last=n_stages - 1 in indices,
             autocast=autocast,
