@@ -321,10 +321,14 @@ def _point_latest(run_dir: Path) -> None:
         pass
 
 
-def train(config: Config) -> TrainResult:
-    """Train one model as `config` says; the entry point of `aiinfra train` (and of each torchrun worker)."""
+def train(config: Config) -> TrainResult | None:
+    """Train one model as `config` says; the entry point of `aiinfra train` (and of each torchrun worker).
+
+    Returns the result on the main rank, None on the other workers (the main rank reports).
+    """
     trainer = Trainer(config)
     try:
-        return trainer.fit()
+        result = trainer.fit()
     finally:
         trainer.runtime.close()
+    return result if trainer.runtime.is_main else None
