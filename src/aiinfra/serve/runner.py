@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aiinfra.models.llama import Transformer, apply_rotary
+from aiinfra.models.llama import FeedForward, Transformer, apply_rotary
 from aiinfra.serve.scheduler import ScheduledRequest, SchedulerOutput
 
 
@@ -37,10 +37,38 @@ def store_weights_transposed(model: nn.Module) -> None:
                 module.weight.data = module.weight.data.t().contiguous().t()
 
 
+class PackedLinear:
+    """An nn.Linear with a second copy of its weight prepacked for oneDNN, used for inputs of 3 rows or more.
+
+    fp32 on one thread, the packed matmul measured 1.3x to 2.2x faster than the plain weight's at 4 to 100 rows;
+    at 1 or 2 rows the plain weight (stored (in, out)) is faster, so those rows take the module's own path.
+    """
+
+    min_rows = 3
+
+    def __init__(self, linear: nn.Linear, rows_hint: int):
+        self.linear = linear
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().contiguous(), rows_hint)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (rows, in_features) -> (rows, out_features)."""
+        if x.shape[0] < self.min_rows:
+            return self.linear(x)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def can_pack(module: nn.Module) -> bool:
+    """Whether `PackedLinear` applies: a float Linear on a CPU with oneDNN."""
+    return (isinstance(module, nn.Linear) and module.weight.device.type == "cpu"
+            and module.weight.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available())
+
+
 class ModelRunner:
     """Owns the KV cache tensors; turns a `SchedulerOutput` into a dict of sampled token ids."""
 
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int, seed: int = 0, decode_group: int = 8):
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, seed: int = 0, decode_group: int = 8,
+                 pack_weights: bool = True, rows_hint: int = 64):
         self.model = model
         self.spec = model.spec
         self.block_size = block_size
@@ -48,6 +76,17 @@ class ModelRunner:
         self.device = model.tok_embeddings.weight.device
         if self.device.type == "cpu":
             store_weights_transposed(model)
+        # The projections the runner calls, by parameter name (Int8Linear and MoE experts stay modules).
+        names = ["output"]
+        for name, block in model.layers.items():
+            names += [f"layers.{name}.attention.{w}" for w in ("wq", "wk", "wv", "wo")]
+            if isinstance(block.feed_forward, FeedForward):
+                names += [f"layers.{name}.feed_forward.{w}" for w in ("w1", "w2", "w3")
+                          if getattr(block.feed_forward, w) is not None]
+        self.linears: dict[str, nn.Module | PackedLinear] = {}
+        for name in names:
+            module = model.get_submodule(name)
+            self.linears[name] = PackedLinear(module, rows_hint) if pack_weights and can_pack(module) else module
         dtype = model.tok_embeddings.weight.dtype
         shape = (num_blocks, block_size, self.spec.n_kv_heads, self.spec.head_dim)
         # Token slot = block_id * block_size + offset on the flattened first two axes.
@@ -86,19 +125,20 @@ class ModelRunner:
         rope = None
         if self.spec.position == "rope":
             rope = (model.rope_cos[position_ids].unsqueeze(1), model.rope_sin[position_ids].unsqueeze(1))
-        for layer, block in enumerate(model.layers.values()):
+        linears = self.linears
+        for layer, (name, block) in enumerate(model.layers.items()):
             hidden = block.attention_norm(x)
-            module = block.attention
-            q = module.wq(hidden).view(len(token_ids), -1, module.head_dim)
-            k = module.wk(hidden).view(len(token_ids), -1, module.head_dim)
-            v = module.wv(hidden).view(len(token_ids), -1, module.head_dim)
+            head_dim = block.attention.head_dim
+            q = linears[f"layers.{name}.attention.wq"](hidden).view(len(token_ids), -1, head_dim)
+            k = linears[f"layers.{name}.attention.wk"](hidden).view(len(token_ids), -1, head_dim)
+            v = linears[f"layers.{name}.attention.wv"](hidden).view(len(token_ids), -1, head_dim)
             if rope is not None:
                 q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
             self.k_cache[layer].view(-1, *k.shape[1:]).index_copy_(0, slot_ids, k)
             self.v_cache[layer].view(-1, *v.shape[1:]).index_copy_(0, slot_ids, v)
             attended = attention.run(q, self.k_cache[layer], self.v_cache[layer])
-            x = x + module.wo(attended.reshape(len(token_ids), -1))
-            x = x + block.feed_forward(block.ffn_norm(x))
+            x = x + linears[f"layers.{name}.attention.wo"](attended.reshape(len(token_ids), -1))
+            x = x + self._feed_forward(name, block.feed_forward, block.ffn_norm(x))
 
         sample_rows, sampled_items = [], []
         row = 0
@@ -109,8 +149,18 @@ class ModelRunner:
                 sampled_items.append(item)
         if not sampled_items:
             return {}
-        logits = model.output(model.norm(x[sample_rows])).float()
+        logits = linears["output"](model.norm(x[sample_rows])).float()
         return dict(zip((item.request_id for item in sampled_items), self._sample(logits, sampled_items)))
+
+    def _feed_forward(self, layer: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """`FeedForward.forward` through the runner's linears; other kinds (MoE) run as they are."""
+        if not isinstance(module, FeedForward):
+            return module(x)
+        prefix = f"layers.{layer}.feed_forward"
+        up = self.linears[f"{prefix}.w1"](x)
+        if module.w3 is None:
+            return self.linears[f"{prefix}.w2"](F.gelu(up, approximate="tanh"))
+        return self.linears[f"{prefix}.w2"](F.silu(up) * self.linears[f"{prefix}.w3"](x))
 
     def _sample(self, logits: torch.Tensor, items: list[ScheduledRequest]) -> list[int]:
         """Greedy rows by argmax; others by temperature, top-k, top-p, in the same order as `models.sample`."""
