@@ -88,7 +88,29 @@ def _mount_pillars() -> None:
     app.command("export")(export_command)
     bench_app = typer.Typer(no_args_is_help=True, help="Measured benchmarks with the field's own definitions.")
     bench_app.command("serve")(bench_serve_command)
+    bench_app.command("comm")(bench_comm_command)
     app.add_typer(bench_app, name="bench")
+
+
+def bench_comm_command(
+    nproc: Annotated[int, typer.Option(min=2, help="local worker processes")] = 2,
+    op: Annotated[
+        list[str] | None, typer.Option("--op", help="all_reduce, all_gather, reduce_scatter, all_to_all; repeatable")
+    ] = None,
+    min_bytes: Annotated[int, typer.Option(min=4, help="smallest message")] = 1024,
+    max_bytes: Annotated[int, typer.Option(min=4, help="largest message")] = 256 * 2**20,
+    step_factor: Annotated[int, typer.Option(min=2, help="each size is this times the previous")] = 4,
+    backend: Annotated[str, typer.Option(help="auto, gloo or nccl")] = "auto",
+    json_path: Annotated[Path | None, typer.Option("--json", help="also write the rows here")] = None,
+) -> None:
+    """All-reduce, all-gather, reduce-scatter and all-to-all with nccl-tests' algbw and busbw."""
+    from aiinfra.distributed.comm_bench import OPS
+    from aiinfra.distributed.launch import bench_comm
+
+    unknown = sorted(set(op or []) - set(OPS))
+    if unknown:
+        raise fail(f"--op {', '.join(unknown)}: expected one of {', '.join(OPS)}")
+    raise typer.Exit(bench_comm(nproc, op, min_bytes, max_bytes, step_factor, backend, json_path))
 
 
 _mount_pillars()
