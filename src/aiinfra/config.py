@@ -87,6 +87,9 @@ class ParallelConfig(Section):
     measure_comm_every: int = Field(
         10, ge=0, description="profile one step in N to measure communication time per rank (0: never)"
     )
+    collective_timeout_s: float = Field(
+        600.0, gt=0, description="a collective that waits longer fails the worker (a hung rank becomes a restart)"
+    )
 
     @property
     def world_size(self) -> int:
@@ -102,6 +105,22 @@ class ParallelConfig(Section):
     def pp_microbatches(self) -> int:
         """Micro-batches per pipeline step."""
         return self.microbatches or 2 * self.pp
+
+
+class CheckpointConfig(Section):
+    """When training saves sharded checkpoints under <run.dir>/checkpoints (and resumes from the latest)."""
+
+    every_steps: int = Field(100, ge=0, description="save every N optimizer steps (0: not by step count)")
+    every_seconds: float = Field(0.0, ge=0, description="save when this long has passed since the last save (0: never)")
+    keep_last: int = Field(2, ge=0, description="complete checkpoints kept on disk (0: keep all)")
+    async_save: bool = Field(True, description="write in the background; only the copy to CPU memory blocks training")
+
+
+class FaultConfig(Section):
+    """Fault injection for tests and demos: SIGKILL one rank at one step, on the job's first attempt only."""
+
+    kill_step: int = Field(0, ge=0, description="SIGKILL the rank after this step is logged and saved (0: never)")
+    kill_rank: int = Field(0, ge=0, description="the global rank killed at fault.kill_step")
 
 
 class RunConfig(Section):
@@ -120,6 +139,8 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    fault: FaultConfig = Field(default_factory=FaultConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Config:

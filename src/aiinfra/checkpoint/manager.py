@@ -26,6 +26,7 @@ import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -176,6 +177,7 @@ class CheckpointManager:
         dp_rank: int | None = None,
         dp_size: int | None = None,
         fault_hook: FaultHook | None = None,
+        timeout_s: float | None = None,
     ):
         self.checkpoint_dir = Path(checkpoint_dir)
         self.policy = policy or CheckpointPolicy()
@@ -189,8 +191,10 @@ class CheckpointManager:
         # Two dedicated gloo groups (torchtitan does the same for async saves): the background writer's collectives
         # (DCP planning, the manifest gather) must not interleave with the training loop's collectives, nor with
         # this manager's own main-thread ones (the time-based save decision, barriers, loads).
-        self._main_group = dist.new_group(backend="gloo") if self.distributed else None
-        self._writer_group = dist.new_group(backend="gloo") if self.distributed else None
+        # `timeout_s` bounds their collectives as the training group's are bounded (gloo's default is 30 minutes).
+        timeout = timedelta(seconds=timeout_s) if timeout_s else None
+        self._main_group = dist.new_group(backend="gloo", timeout=timeout) if self.distributed else None
+        self._writer_group = dist.new_group(backend="gloo", timeout=timeout) if self.distributed else None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-commit")
         self._stager = ReusedBufferStager()
         self._pending: Future | None = None

@@ -47,9 +47,13 @@ def torchrun_command(
 
 
 def worker_env(nproc: int) -> dict[str, str]:
-    """The environment for workers: the machine's cores split among them unless the user chose OMP_NUM_THREADS."""
+    """The environment for torchrun and its workers: the machine's cores split among the workers unless the user
+    chose OMP_NUM_THREADS, and a rendezvous store of their own for every attempt."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # Sharing the rendezvous TCP store with the workers made gloo restarts (--max-restarts) unreliable on torch
+    # 2.13: restarted workers reached the dead peer's old address ("Gloo connectFullMesh failed") or hung.
+    env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     return env
 
 

@@ -241,7 +241,7 @@ class DistributedRuntime(Runtime):
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
         if not dist.is_initialized():
-            dist.init_process_group(backend, timeout=timedelta(minutes=10))
+            dist.init_process_group(backend, timeout=timedelta(seconds=config.parallel.collective_timeout_s))
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         self.layout.validate(self.world_size)

@@ -1,17 +1,22 @@
 """The training loop: AdamW, warmup + cosine, clipping, accumulation, evaluation, MFU; on one process or many.
 
 One step reads: take this rank's slice of the batch, forward/backward each micro-batch, clip, step the optimizer
-and schedule, log. Everything that must survive a restart lives in `state_dict()` (model, optimizer, schedule,
-step, sampler). Under torchrun the same loop runs on every rank: `distributed.runtime` supplies the process
-group, the parallelized model (or pipeline schedule), the data-parallel coordinates and the per-rank figures.
+and schedule, log, checkpoint when due. Everything that must survive a restart (model, optimizer, schedule, step,
+every rank's RNG, each data-parallel rank's data position) goes into the checkpoints under <run>/checkpoints, and a
+run directory that holds checkpoints but no finished model resumes from its latest good one. Under torchrun the same
+loop runs on every rank: `distributed.runtime` supplies the process group, the parallelized model (or pipeline
+schedule), the data-parallel coordinates and the per-rank figures.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
+import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -22,12 +27,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aiinfra.checkpoint.run_dir import save_run
+from aiinfra.checkpoint.manager import CheckpointManager, CheckpointPolicy, Goodput, TrainingState
+from aiinfra.checkpoint.run_dir import atomic_write, save_run
 from aiinfra.config import Config, ConfigError
 from aiinfra.data.dataset import default_cache_dir, prepare_dataset, unigram_entropy_nats
 from aiinfra.data.sampler import WindowSampler, eval_batches
 from aiinfra.data.tokenizer import decode, encode
-from aiinfra.distributed.runtime import SilentLogger, make_runtime
+from aiinfra.distributed.runtime import PipelineRunner, SilentLogger, make_runtime
 from aiinfra.models import Transformer, sample
 from aiinfra.observe.device_peak import device_peak
 from aiinfra.observe.plots import plot_loss_curve
@@ -96,6 +102,19 @@ def _loss_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
+class RunCounters:
+    """Run-level counters that the checkpoints carry across restarts."""
+
+    def __init__(self) -> None:
+        self.restarts = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"restarts": self.restarts}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.restarts = int(state["restarts"])
+
+
 def default_run_dir(config: Config) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{config.model.preset or 'custom'}-{stamp}"
@@ -150,6 +169,29 @@ class Trainer:
             raise ConfigError(f"run.dir={str(self.run_dir)!r} already holds a finished run; choose another")
         if self.runtime.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        if config.fault.kill_step and config.fault.kill_rank >= self.runtime.world_size:
+            raise ConfigError(
+                f"fault.kill_rank={config.fault.kill_rank}: expected a rank below the world size "
+                f"{self.runtime.world_size}"
+            )
+
+        ckpt = config.checkpoint
+        self.checkpoints = CheckpointManager(
+            self.run_dir / "checkpoints",
+            CheckpointPolicy(ckpt.every_steps, ckpt.every_seconds, ckpt.keep_last, ckpt.async_save),
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            timeout_s=config.parallel.collective_timeout_s,
+        )
+        self.goodput = Goodput()
+        self.counters = RunCounters()
+        self.training_state = TrainingState(
+            self.runner.stages if isinstance(self.runner, PipelineRunner) else self.model,
+            self.optimizer,
+            self.scheduler,
+            data=self.sampler,
+            extra={"goodput": self.goodput, "counters": self.counters},
+        )
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None or self.config.parallel.mixed_precision == "fsdp":
@@ -248,6 +290,13 @@ class Trainer:
             "tokens": self.step * self.tokens_per_step,
             **self.runtime.step_record(step_time_s, measured),
         }
+        self.goodput.add_step(step_time_s)
+        self.checkpoints.maybe_save(self.step, self.training_state)
+        record |= {
+            **self.checkpoints.metrics.as_dict(),
+            "restarts": self.counters.restarts,
+            "effective_training_time_ratio": self.goodput.ratio(),
+        }
         if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps:
             record["val_loss"] = self.evaluate()
             logger.print(
@@ -256,35 +305,74 @@ class Trainer:
         logger.log(record)
         return record
 
+    def resume(self) -> int:
+        """Load the latest good checkpoint of this run directory, if any (all ranks); return the step it holds.
+
+        The metrics of steps past that step (trained before a crash, lost with it) are dropped from metrics.jsonl,
+        so the file reads as one uninterrupted run.
+        """
+        step = self.checkpoints.load_latest(self.training_state)
+        if step is not None:
+            self.step = step
+            self.counters.restarts += 1
+        if self.runtime.is_main:
+            kept = _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            if step is not None:
+                print(
+                    f"resumed {self.run_dir} at step {step} from its latest checkpoint "
+                    f"(restart {self.counters.restarts}; {kept} metrics lines kept)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        return self.step
+
+    def _maybe_inject_fault(self) -> None:
+        """SIGKILL this rank at fault.kill_step, on the job's first attempt only (torchrun counts restarts)."""
+        fault = self.config.fault
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if fault.kill_step == self.step and fault.kill_rank == self.runtime.rank and first_attempt:
+            # Let a save in flight commit first, so the kill lands between two complete checkpoints (torn saves are
+            # AIINFRA_CHECKPOINT_FAULT's business) and a test knows which one the restart resumes from.
+            self.checkpoints.wait()
+            print(f"fault injection: SIGKILL rank {self.runtime.rank} at step {self.step}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
     def fit(self) -> TrainResult:
-        """Train for `train.steps` steps, evaluate, and write the self-contained run directory."""
+        """Train (or resume) to `train.steps` steps, checkpointing as configured; write the run directory."""
         cfg, run = self.config.train, self.config.run
+        started = time.perf_counter()
+        self.resume()
         # Only the main rank writes metrics and prints; the others train silently beside it.
         logger = (
             StepLogger(self.run_dir, cfg.steps, progress=run.progress, log_every=run.log_every)
             if self.runtime.is_main
             else SilentLogger()
         )
-        started = time.perf_counter()
         logger.print(
             f"run {self.run_dir}: {self.config.model.num_params() / 1e6:.2f}M parameters, "
             f"{self.tokens_per_step} tokens/step, {self.runtime.describe()}, {self.device} {cfg.dtype}, "
             f"{torch.get_num_threads()} threads each; MFU peak {self.peak.flops_per_s / 1e12:.3f} TFLOP/s per process "
             f"({self.peak.source})"
         )
-        records: list[dict[str, Any]] = []
+        records = read_metrics(self.run_dir) if self.runtime.is_main and self.step else []
         try:
             self.runner.module.train()
             while self.step < cfg.steps:
                 records.append(self.run_step(logger))
+                self._maybe_inject_fault()
+            # The final state, for continuing or resharding later (free when the policy just saved this step).
+            self.checkpoints.save(self.step, self.training_state, block=True)
         finally:
             logger.close()
+            self.checkpoints.close()
 
         # The first step pays one-off warm-up costs (allocations, kernel selection): leave it out of the rate.
         timed = records[1:] or records
-        tokens_per_s = len(timed) * self.tokens_per_step / sum(r["step_time_s"] for r in timed)
-        train_loss = records[-1]["loss"]
-        val_loss = next(r["val_loss"] for r in reversed(records) if "val_loss" in r)
+        timed_s = sum(r["step_time_s"] for r in timed)
+        tokens_per_s = len(timed) * self.tokens_per_step / timed_s if timed_s else 0.0
+        # Only the main rank keeps the records of steps trained before a resume.
+        train_loss = records[-1]["loss"] if records else math.nan
+        val_loss = next((r["val_loss"] for r in reversed(records) if "val_loss" in r), math.nan)
         entropy = unigram_entropy_nats(self.dataset.train, self.dataset.tokenizer.get_vocab_size())
         full_model = self.runtime.export_model(self.runner)  # a collective: every rank takes part
         text = ""
@@ -307,6 +395,24 @@ class Trainer:
             plot_loss_curve(read_metrics(self.run_dir), self.run_dir / "loss_curve.png", reference_nats=entropy)
             _point_latest(self.run_dir)
         return result
+
+
+def _truncate_metrics(path: Path, last_step: int) -> int:
+    """Drop the records of steps after `last_step` from a metrics.jsonl (atomically); return how many remain."""
+    if not path.exists():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the torn last line of a killed writer
+            continue
+        if record.get("step", 0) <= last_step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+    return len(kept)
 
 
 def _point_latest(run_dir: Path) -> None:
