@@ -1,13 +1,20 @@
 """The model runner: computes one scheduled step over a paged KV cache and samples the next tokens.
 
 It reuses the modules and weights of `models.llama.Transformer` (norms, projections, MLPs, rotary tables) but
-runs attention itself: the step's tokens of all requests are flattened into one (tokens, dim) batch for every
+runs the layers itself: the step's tokens of all requests are flattened into one (tokens, dim) batch for every
 matrix multiply, each token's K and V are written to its slot in the cache, and attention reads each request's
-keys back through its block table. Requests with one new token (decodes) share one padded attention call;
-requests with several (prefill chunks) each get their own, causal from their first new position.
+keys back through its block table, gathering whole blocks. Requests with one new token (decodes) share padded
+attention calls in groups of 8; requests with several (prefill chunks) each get their own, causal from their first
+new position.
+
+On CPU (fp32 or bf16, as the model is), the projections run on oneDNN-packed copies of the weights for inputs of
+3 rows or more, and the model's own weights are stored (in, out) in memory for the 1- and 2-row case: the two
+faster paths measured for this machine's GEMMs (see `FusedLinear`, `store_weights_transposed`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,31 +44,52 @@ def store_weights_transposed(model: nn.Module) -> None:
                 module.weight.data = module.weight.data.t().contiguous().t()
 
 
-class PackedLinear:
-    """An nn.Linear with a second copy of its weight prepacked for oneDNN, used for inputs of 3 rows or more.
+class FusedLinear:
+    """Projections of one input computed as one matrix multiply, their outputs side by side.
 
-    fp32 on one thread, the packed matmul measured 1.3x to 2.2x faster than the plain weight's at 4 to 100 rows;
-    at 1 or 2 rows the plain weight (stored (in, out)) is faster, so those rows take the module's own path.
+    On CPU the weights are concatenated along the output and prepacked for oneDNN, used for inputs of 3 rows or
+    more: fp32 on one thread, the packed matmul measured 1.3x to 2.2x faster than the plain weight's at 4 to 100
+    rows. At 1 or 2 rows the plain weights (stored (in, out)) are faster, so those rows run each module and
+    concatenate. Modules that cannot be packed (Int8Linear, other devices) always run as they are.
     """
 
     min_rows = 3
 
-    def __init__(self, linear: nn.Linear, rows_hint: int):
-        self.linear = linear
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().contiguous(), rows_hint)
-        self.bias = None if linear.bias is None else linear.bias.detach()
+    def __init__(self, modules: list[nn.Module], rows_hint: int, pack: bool):
+        self.modules = modules
+        self.packed: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+        if pack and all(can_pack(module) for module in modules):
+            weight = torch.cat([module.weight.detach() for module in modules])
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows_hint)
+            if any(module.bias is not None for module in modules):
+                self.bias = torch.cat([
+                    module.bias.detach() if module.bias is not None else module.weight.new_zeros(module.out_features)
+                    for module in modules
+                ])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (rows, in_features) -> (rows, out_features)."""
-        if x.shape[0] < self.min_rows:
-            return self.linear(x)
+        """x: (rows, in_features) -> (rows, sum of out_features)."""
+        if self.packed is None or x.shape[0] < self.min_rows:
+            outs = [module(x) for module in self.modules]
+            return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
 def can_pack(module: nn.Module) -> bool:
-    """Whether `PackedLinear` applies: a float Linear on a CPU with oneDNN."""
+    """Whether `FusedLinear` can pack it: a float Linear on a CPU with oneDNN."""
     return (isinstance(module, nn.Linear) and module.weight.device.type == "cpu"
             and module.weight.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available())
+
+
+@dataclass
+class _LayerProjections:
+    """One block's projections as the runner calls them."""
+
+    qkv: FusedLinear  # wq, wk, wv
+    wo: FusedLinear
+    up: FusedLinear | None  # w1 and w3 (SwiGLU) or w1 (GELU); None for an MoE block, which runs as a module
+    down: FusedLinear | None  # w2
 
 
 class ModelRunner:
@@ -76,17 +104,18 @@ class ModelRunner:
         self.device = model.tok_embeddings.weight.device
         if self.device.type == "cpu":
             store_weights_transposed(model)
-        # The projections the runner calls, by parameter name (Int8Linear and MoE experts stay modules).
-        names = ["output"]
-        for name, block in model.layers.items():
-            names += [f"layers.{name}.attention.{w}" for w in ("wq", "wk", "wv", "wo")]
-            if isinstance(block.feed_forward, FeedForward):
-                names += [f"layers.{name}.feed_forward.{w}" for w in ("w1", "w2", "w3")
-                          if getattr(block.feed_forward, w) is not None]
-        self.linears: dict[str, nn.Module | PackedLinear] = {}
-        for name in names:
-            module = model.get_submodule(name)
-            self.linears[name] = PackedLinear(module, rows_hint) if pack_weights and can_pack(module) else module
+        self.layers: list[_LayerProjections] = []
+        for block in model.layers.values():
+            attention, ffn = block.attention, block.feed_forward
+            dense = isinstance(ffn, FeedForward)
+            self.layers.append(_LayerProjections(
+                qkv=FusedLinear([attention.wq, attention.wk, attention.wv], rows_hint, pack_weights),
+                wo=FusedLinear([attention.wo], rows_hint, pack_weights),
+                up=FusedLinear([m for m in (ffn.w1, ffn.w3) if m is not None], rows_hint, pack_weights)
+                if dense else None,
+                down=FusedLinear([ffn.w2], rows_hint, pack_weights) if dense else None,
+            ))
+        self.output = FusedLinear([model.output], rows_hint, pack_weights)
         dtype = model.tok_embeddings.weight.dtype
         shape = (num_blocks, block_size, self.spec.n_kv_heads, self.spec.head_dim)
         # Token slot = block_id * block_size + offset on the flattened first two axes.
@@ -125,20 +154,26 @@ class ModelRunner:
         rope = None
         if self.spec.position == "rope":
             rope = (model.rope_cos[position_ids].unsqueeze(1), model.rope_sin[position_ids].unsqueeze(1))
-        linears = self.linears
-        for layer, (name, block) in enumerate(model.layers.items()):
+        num_tokens, num_kv_heads = len(token_ids), self.spec.n_kv_heads
+        for layer, (projections, block) in enumerate(zip(self.layers, model.layers.values())):
             hidden = block.attention_norm(x)
-            head_dim = block.attention.head_dim
-            q = linears[f"layers.{name}.attention.wq"](hidden).view(len(token_ids), -1, head_dim)
-            k = linears[f"layers.{name}.attention.wk"](hidden).view(len(token_ids), -1, head_dim)
-            v = linears[f"layers.{name}.attention.wv"](hidden).view(len(token_ids), -1, head_dim)
+            qkv = projections.qkv(hidden).view(num_tokens, -1, block.attention.head_dim)
+            qk, v = qkv[:, :-num_kv_heads], qkv[:, -num_kv_heads:]
             if rope is not None:
-                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+                qk = apply_rotary(qk, *rope)  # queries and keys rotated in one call
+            q, k = qk[:, :-num_kv_heads], qk[:, -num_kv_heads:]
             self.k_cache[layer].view(-1, *k.shape[1:]).index_copy_(0, slot_ids, k)
             self.v_cache[layer].view(-1, *v.shape[1:]).index_copy_(0, slot_ids, v)
             attended = attention.run(q, self.k_cache[layer], self.v_cache[layer])
-            x = x + linears[f"layers.{name}.attention.wo"](attended.reshape(len(token_ids), -1))
-            x = x + self._feed_forward(name, block.feed_forward, block.ffn_norm(x))
+            x = x + projections.wo(attended.reshape(num_tokens, -1))
+            hidden = block.ffn_norm(x)
+            if projections.up is None or projections.down is None:
+                x = x + block.feed_forward(hidden)
+            elif block.feed_forward.w3 is None:
+                x = x + projections.down(F.gelu(projections.up(hidden), approximate="tanh"))
+            else:
+                gate, up = projections.up(hidden).chunk(2, dim=-1)
+                x = x + projections.down(F.silu(gate) * up)
 
         sample_rows, sampled_items = [], []
         row = 0
@@ -149,18 +184,8 @@ class ModelRunner:
                 sampled_items.append(item)
         if not sampled_items:
             return {}
-        logits = linears["output"](model.norm(x[sample_rows])).float()
+        logits = self.output(model.norm(x[sample_rows])).float()
         return dict(zip((item.request_id for item in sampled_items), self._sample(logits, sampled_items)))
-
-    def _feed_forward(self, layer: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """`FeedForward.forward` through the runner's linears; other kinds (MoE) run as they are."""
-        if not isinstance(module, FeedForward):
-            return module(x)
-        prefix = f"layers.{layer}.feed_forward"
-        up = self.linears[f"{prefix}.w1"](x)
-        if module.w3 is None:
-            return self.linears[f"{prefix}.w2"](F.gelu(up, approximate="tanh"))
-        return self.linears[f"{prefix}.w2"](F.silu(up) * self.linears[f"{prefix}.w3"](x))
 
     def _sample(self, logits: torch.Tensor, items: list[ScheduledRequest]) -> list[int]:
         """Greedy rows by argmax; others by temperature, top-k, top-p, in the same order as `models.sample`."""
