@@ -1,0 +1,118 @@
+"""Automatic resume end to end: a run SIGKILLed between two checkpoints (fault.kill_step) and started again ends
+bitwise identical to a run that was never killed: the same loss on every step of metrics.jsonl (no step twice) and
+the same model.safetensors. On 2 processes (DDP, FSDP) torchrun restarts it (`--max-restarts 1`); on one process
+the second `aiinfra train` on the same run directory resumes.
+
+8 steps, a checkpoint every 3, the kill at step 5: the restart resumes from step 3 and trains 4 to 8 again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomli_w
+import torch
+from safetensors.torch import load_file
+
+from aiinfra.config import Config, load_config
+from aiinfra.train import train
+
+STEPS, EVERY, KILL_STEP = 8, 3, 5
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One token and peak-FLOP/s cache for every run of this module (each test's own would re-measure)."""
+    return tmp_path_factory.mktemp("resume_cache")
+
+
+@pytest.fixture
+def config_file(tiny_config: Config, shared_cache: Path, tmp_path: Path) -> Path:
+    """tiny_config at seq 32, deterministic, one thread, checkpointing every 3 of 8 steps, as a TOML file."""
+    path = tmp_path / "config.toml"
+    path.write_text(tomli_w.dumps(tiny_config.to_dict()))
+    config = load_config(
+        path,
+        [
+            f"data.cache_dir={shared_cache}",
+            "model.max_seq_len=32",
+            "train.seq_len=32",
+            f"train.steps={STEPS}",
+            "train.warmup_steps=2",
+            "train.eval_every=0",
+            "train.eval_batches=1",
+            "train.deterministic=true",
+            "train.threads=1",
+            "run.sample_tokens=0",
+            "parallel.measure_comm_every=0",
+            f"checkpoint.every_steps={EVERY}",
+        ],
+    )
+    path.write_text(tomli_w.dumps(config.to_dict()))
+    return path
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(killed: Path, uninterrupted: Path) -> None:
+    """Every step once, the same losses, the same final weights, bit for bit; one restart counted."""
+    got, want = records(killed), records(uninterrupted)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]
+    assert [r["restarts"] for r in got] == [0] * EVERY + [1] * (STEPS - EVERY)
+    assert all(0 < r["effective_training_time_ratio"] <= 1 for r in got)
+    weights, reference = load_file(killed / "model.safetensors"), load_file(uninterrupted / "model.safetensors")
+    assert weights.keys() == reference.keys()
+    assert all(torch.equal(weights[name], reference[name]) for name in reference)
+
+
+def launch(config_file: Path, overrides: list[str]) -> subprocess.Popen:
+    """`aiinfra train --nproc 2 --max-restarts 1` (launch.py's entry point), output captured."""
+    command = [sys.executable, "-m", "aiinfra.distributed.launch", "--nproc=2", "--max-restarts=1", str(config_file)]
+    return subprocess.Popen(
+        [*command, *(f"--set={item}" for item in overrides)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+@pytest.mark.parametrize("layout", ["parallel.dp_replicate=2", "parallel.dp_shard=2"], ids=["ddp", "fsdp"])
+def test_two_process_run_killed_and_restarted_by_torchrun_is_bitwise_identical(
+    layout: str, config_file: Path, tmp_path: Path
+) -> None:
+    common = [layout, "train.micro_batch=4"]
+    # Both jobs at once: most of their time is process start-up, which overlaps well on two cores.
+    uninterrupted = launch(config_file, [*common, f"run.dir={tmp_path / 'uninterrupted'}"])
+    killed = launch(config_file, [*common, f"run.dir={tmp_path / 'killed'}", "fault.kill_rank=1",
+                                  f"fault.kill_step={KILL_STEP}"])
+    outputs = [job.communicate(timeout=240)[0] for job in (uninterrupted, killed)]
+    assert [uninterrupted.returncode, killed.returncode] == [0, 0], "\n".join(out[-4000:] for out in outputs)
+    assert f"resumed {tmp_path / 'killed'} at step {EVERY}" in outputs[1], outputs[1][-4000:]
+    assert_same_run(tmp_path / "killed", tmp_path / "uninterrupted")
+
+
+def test_single_process_run_killed_then_started_again_resumes_bitwise(config_file: Path, tmp_path: Path) -> None:
+    killed_dir = tmp_path / "killed"
+    # The kill: a separate process (SIGKILL would take pytest with it).
+    result = subprocess.run(
+        [sys.executable, "-m", "aiinfra", "train", "--nproc=1", str(config_file), f"--set=run.dir={killed_dir}",
+         f"--set=fault.kill_step={KILL_STEP}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == -9, result.stderr[-4000:]
+    assert len(records(killed_dir)) == KILL_STEP and not (killed_dir / "model.safetensors").exists()
+    # Started again on the same directory (without the fault): resumes from step 3, drops steps 4-5's lines.
+    train(load_config(config_file, [f"run.dir={killed_dir}"]))
+    train(load_config(config_file, [f"run.dir={tmp_path / 'uninterrupted'}"]))
+    assert_same_run(killed_dir, tmp_path / "uninterrupted")
