@@ -146,6 +146,8 @@ class Config(Section):
     def _check(self) -> Config:
         if self.train.seq_len > self.model.max_seq_len:
             raise ValueError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        if self.fault.kill_step > self.train.steps:
+            raise ValueError(f"fault.kill_step={self.fault.kill_step} is past train.steps={self.train.steps}")
         self._check_parallel()
         return self
 

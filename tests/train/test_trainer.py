@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from aiinfra.checkpoint.run_dir import load_run
-from aiinfra.config import ConfigError
+from aiinfra.config import ConfigError, load_config
 from aiinfra.data.dataset import prepare_dataset
 from aiinfra.data.sampler import eval_batches
 from aiinfra.train import Trainer, train
@@ -92,4 +92,26 @@ def test_a_multi_process_layout_without_torchrun_says_how_to_launch(tiny_config)
     config = tiny_config.model_copy(deep=True)
     config.parallel.dp_shard = 2
     with pytest.raises(ConfigError, match="--nproc 2"):
+        Trainer(config)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("checkpoint.every_steps=-1", "checkpoint.every_steps"),
+        ("checkpoint.keep_last=-2", "checkpoint.keep_last"),
+        ("checkpoint.every_seconds=-1", "checkpoint.every_seconds"),
+        ("fault.kill_step=400", "fault.kill_step=400 is past train.steps=300"),
+        ("parallel.collective_timeout_s=0", "parallel.collective_timeout_s"),
+    ],
+)
+def test_checkpoint_and_fault_settings_are_validated(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_fault_rank_outside_the_world_is_refused(tiny_config) -> None:
+    config = tiny_config.model_copy(deep=True)
+    config.fault.kill_step, config.fault.kill_rank = 3, 1
+    with pytest.raises(ConfigError, match="fault.kill_rank=1"):
         Trainer(config)

@@ -33,7 +33,7 @@ from aiinfra.config import Config, ConfigError
 from aiinfra.data.dataset import default_cache_dir, prepare_dataset, unigram_entropy_nats
 from aiinfra.data.sampler import WindowSampler, eval_batches
 from aiinfra.data.tokenizer import decode, encode
-from aiinfra.distributed.runtime import PipelineRunner, SilentLogger, make_runtime
+from aiinfra.distributed.runtime import SilentLogger, make_runtime
 from aiinfra.models import Transformer, sample
 from aiinfra.observe.device_peak import device_peak
 from aiinfra.observe.plots import plot_loss_curve
@@ -186,7 +186,7 @@ class Trainer:
         self.goodput = Goodput()
         self.counters = RunCounters()
         self.training_state = TrainingState(
-            self.runner.stages if isinstance(self.runner, PipelineRunner) else self.model,
+            self.model,  # under pipeline parallelism, a ModuleList of this rank's stages
             self.optimizer,
             self.scheduler,
             data=self.sampler,
