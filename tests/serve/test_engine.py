@@ -11,6 +11,7 @@ from aiinfra.models.sampling import sample
 from aiinfra.serve.block_manager import BlockManager
 from aiinfra.serve.engine import EngineConfig, LLMEngine
 from aiinfra.serve.request import SamplingParams
+from aiinfra.serve.runner import FusedLinear
 from aiinfra.spec import ModelSpec
 
 SMALL = dict(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=96)
@@ -40,12 +41,13 @@ def oracle(model: Transformer, prompts: list[list[int]]) -> list[list[int]]:
     "config",
     [
         EngineConfig(enable_prefix_caching=False),
+        EngineConfig(pack_weights=False),  # the modules' own matmuls instead of the fused oneDNN-packed ones
         EngineConfig(block_size=4, max_num_batched_tokens=7),  # every prompt over 7 tokens is chunked
         EngineConfig(block_size=4),  # prefix caching of the shared prompt blocks
         EngineConfig(block_size=4, num_blocks=30, max_num_batched_tokens=16),  # too few blocks: preemption
         EngineConfig(block_size=8, num_blocks=13, max_num_seqs=3, max_num_batched_tokens=5),  # all of it at once
     ],
-    ids=["plain", "chunked-prefill", "prefix-cache", "preemption", "everything"],
+    ids=["plain", "unpacked-weights", "chunked-prefill", "prefix-cache", "preemption", "everything"],
 )
 def test_greedy_engine_equals_full_recompute(model, prompts, oracle, config: EngineConfig) -> None:
     engine = LLMEngine(model, config)
@@ -56,6 +58,16 @@ def test_greedy_engine_equals_full_recompute(model, prompts, oracle, config: Eng
     assert engine.block_manager.num_free_blocks == engine.num_blocks
     if config.num_blocks == 30:
         assert engine.scheduler.num_preemptions > 0
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 17])
+def test_fused_linear_equals_the_modules(rows: int) -> None:
+    torch.manual_seed(0)
+    modules = [torch.nn.Linear(32, 48), torch.nn.Linear(32, 16, bias=False)]
+    x = torch.randn(rows, 32)
+    fused = FusedLinear(modules, rows_hint=8, pack=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), torch.cat([module(x) for module in modules], dim=-1))
 
 
 def test_prefix_cache_hits_skip_prompt_tokens_and_keep_outputs(model, prompts, oracle) -> None:
