@@ -10,7 +10,6 @@ aborts its request, which frees its KV blocks before the next step.
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -101,11 +100,6 @@ class AsyncEngine:
         """Start the engine thread; call from the event loop that will consume the outputs."""
         self._loop = asyncio.get_running_loop()
         self._stopping = False
-        # The engine thread releases the GIL inside every torch op and needs it back between ops. With Python's
-        # default 5 ms switch interval it waits out each burst of the event loop's per-token work (streaming a
-        # step's outputs); at 0.5 ms the two threads interleave. Measured at 8 streams on this busy 2-core VM:
-        # 11.7-12 ms instead of 15-30 ms per step in two of three pairs, a tie in the third.
-        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         self._thread = threading.Thread(target=self._run, name="aiinfra-engine", daemon=True)
         self._thread.start()
 
