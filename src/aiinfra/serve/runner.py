@@ -35,7 +35,7 @@ def store_weights_transposed(model: nn.Module) -> None:
 
     Same values and same module behaviour; `F.linear` then hands the CPU GEMM a contiguous right-hand side, which
     measured 1.3x to 2.6x faster for wide outputs (the output head, the MLP's up projections) at 1 to 32 rows and
-    no slower elsewhere. A weight shared with an embedding keeps its layout (embedding rows must stay contiguous).
+    about even elsewhere. A weight shared with an embedding keeps its layout (embedding rows must stay contiguous).
     """
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     for module in model.modules():
@@ -50,7 +50,8 @@ class FusedLinear:
     On CPU the weights are concatenated along the output and prepacked for oneDNN, used for inputs of 3 rows or
     more: fp32 on one thread, the packed matmul measured 1.3x to 2.2x faster than the plain weight's at 4 to 100
     rows. At 1 or 2 rows the plain weights (stored (in, out)) are faster, so those rows run each module and
-    concatenate. Modules that cannot be packed (Int8Linear, other devices) always run as they are.
+    concatenate. Modules that cannot be packed (Int8Linear, other devices) always run as they are. The packed
+    copy is a snapshot: weights changed after the engine is built are not seen by it.
     """
 
     min_rows = 3
@@ -244,7 +245,8 @@ class _AttentionPlan:
                 blocks = item.block_table[: -(-(start + count) // block_size)]
                 self.prefills.append((row, count, start, torch.tensor(blocks, device=device)))
             row += count
-        # Decodes go in groups: the gathered keys and values of a small group stay in cache for the attention.
+        # Decodes go in groups so that a group's gathered keys and values are still in cache for its attention
+        # (measured 18 instead of 24 ms per step at batch 32 against one call for all; groups of 2 to 16 tie).
         for first in range(0, len(decode_rows), decode_group):
             tables = decode_tables[first : first + decode_group]
             widest = max(len(table) for table in tables)
