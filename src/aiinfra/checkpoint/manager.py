@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from aiinfra.checkpoint.commit import (
     MANIFEST_FILE,
@@ -52,6 +52,10 @@ from aiinfra.checkpoint.staging import ReusedBufferStager
 
 log = logging.getLogger(__name__)
 STEP_PREFIX = "step_"
+# Optimizer state keyed by parameter name ("param_groups.<fqn>.lr"), not by group index: pipeline ranks hold
+# different parameters, and index-keyed param groups saved under the same key on every rank are deduplicated by DCP
+# (one rank's groups, naming its parameters, came back on all: AdamW then lost "betas" on the others).
+STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 # We pass no_dist=True on purpose when torch.distributed is not initialized; DCP still warns on every call.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
@@ -331,7 +335,7 @@ class CheckpointManager:
         """The flat-keyed dict DCP saves (or loads into). Per-rank values get rank-unique keys: DCP deduplicates
         equal keys across ranks and would hand one rank's value to all."""
         optimizers = [state.optimizer] if state.optimizer is not None else []
-        model_sd, optim_sd = get_state_dict(state.model, optimizers)
+        model_sd, optim_sd = get_state_dict(state.model, optimizers, options=STATE_DICT_OPTIONS)
         result: dict[str, Any] = {"step": step, "model": model_sd}
         if optimizers:
             result["optimizer"] = optim_sd
@@ -412,7 +416,11 @@ class CheckpointManager:
             ) from error
         optimizers = [state.optimizer] if state.optimizer is not None else []
         set_state_dict(
-            state.model, optimizers, model_state_dict=to_load["model"], optim_state_dict=to_load.get("optimizer", {})
+            state.model,
+            optimizers,
+            model_state_dict=to_load["model"],
+            optim_state_dict=to_load.get("optimizer", {}),
+            options=STATE_DICT_OPTIONS,
         )
         if state.lr_scheduler is not None:
             state.lr_scheduler.load_state_dict(to_load["lr_scheduler"])
