@@ -41,8 +41,9 @@ def torchrun_command(
         ]
     else:
         command.append("--standalone")  # one node, a free port chosen by torchrun
-    # Each worker's output goes to a log file; only local rank 0 is echoed here (others train silently).
-    command += [f"--max-restarts={max_restarts}", "--role=rank", "--tee=3", "--local-ranks-filter=0"]
+    # Workers inherit this terminal: rank 0's progress bar and final lines read as in a one-process run, and
+    # machine-readable last lines (a benchmark's JSON) carry no "[rank0]:" prefix. The other ranks print nothing.
+    command += [f"--max-restarts={max_restarts}", "--role=rank"]
     return command
 
 
@@ -75,7 +76,11 @@ def auto_layout(config: Path | None, overrides: list[str]) -> tuple[int, list[st
         return layout.world_size, []
     if count < 2 or micro_batch % count:
         return 1, []
-    return count, [f"parallel.dp_replicate={count}", f"train.micro_batch={micro_batch // count}"]
+    extra = [f"parallel.dp_replicate={count}", f"train.micro_batch={micro_batch // count}"]
+    if "measure_comm_every" not in loaded.parallel.model_fields_set:
+        # Profiling communication is for layout studies; in a default run it costs time and kineto prints lines.
+        extra.append("parallel.measure_comm_every=0")
+    return count, extra
 
 
 def launch_train(
