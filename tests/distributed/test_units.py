@@ -65,6 +65,14 @@ def test_auto_layout_keeps_the_global_batch(monkeypatch) -> None:
 
     monkeypatch.setattr(launch.os, "cpu_count", lambda: 2)
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    assert launch.auto_layout(None, ["train.micro_batch=16"]) == (2, ["parallel.dp_replicate=2", "train.micro_batch=8"])
+    assert launch.auto_layout(None, ["train.micro_batch=16"]) == (
+        2,
+        ["parallel.dp_replicate=2", "train.micro_batch=8", "parallel.measure_comm_every=0"],
+    )
+    # A measurement the user asked for is kept.
+    assert launch.auto_layout(None, ["train.micro_batch=16", "parallel.measure_comm_every=5"]) == (
+        2,
+        ["parallel.dp_replicate=2", "train.micro_batch=8"],
+    )
     assert launch.auto_layout(None, ["train.micro_batch=15"]) == (1, [])
     assert launch.auto_layout(None, ["parallel.tp=2"]) == (2, [])
