@@ -334,7 +334,8 @@ class DistributedRuntime(Runtime):
             device=self._gather_device,
         )
         everyone = torch.empty(self.world_size * 4, dtype=torch.float64, device=self._gather_device)
-        dist.all_gather_into_tensor(everyone, mine)
+        # torch 2.13 renamed all_gather_into_tensor (deprecated, warns every call) to all_gather_single.
+        getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(everyone, mine)
         step_times, comm_s, compute_s, peak = everyone.view(self.world_size, 4).cpu().T.tolist()
         record: dict[str, Any] = {
             "rank_step_time_s": step_times,
