@@ -29,17 +29,21 @@ def test_two_nodes_on_loopback_train_one_model(base: list[str], references, tmp_
     run_dir = tmp_path / "run"
     overrides = [*base, "parallel.dp_replicate=2", "train.micro_batch=4", f"run.dir={run_dir}"]
     endpoint = f"127.0.0.1:{free_port()}"
+    # Each node writes to a file, not a pipe: a pipe read only after the other node finishes can fill up and
+    # stall its writer mid-collective, which hangs both nodes.
+    logs = [tmp_path / f"node{rank}.log" for rank in range(2)]
     nodes = [
         subprocess.Popen(
             [sys.executable, "-m", "aiinfra.distributed.launch", "--nproc=1", "--nnodes=2", f"--node-rank={rank}"]
             + [f"--rdzv-endpoint={endpoint}", *(f"--set={item}" for item in overrides)],
-            stdout=subprocess.PIPE,
+            stdout=open(logs[rank], "w"),
             stderr=subprocess.STDOUT,
-            text=True,
         )
         for rank in range(2)
     ]
-    outputs = [node.communicate(timeout=180)[0] for node in nodes]
+    for node in nodes:
+        node.wait(timeout=180)
+    outputs = [log.read_text() for log in logs]
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(output[-3000:] for output in outputs)
     # One run directory, written once, with the losses of one process on the same global batch.
     assert losses(run_dir) == pytest.approx([r["loss"] for r in references[True]["records"]], rel=1e-5)
