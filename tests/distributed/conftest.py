@@ -69,16 +69,9 @@ def reference(overrides: list[str], run_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="session")
-def dist_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same small corpus as tests/conftest.py's, with its own token cache."""
-    root = tmp_path_factory.mktemp("dist_corpus")
-    for index in range(60):
-        body = "\n".join(
-            f'def function_{index}_{j}(value):\n    """Return value times {j}."""\n    return value * {j}\n'
-            for j in range(20)
-        )
-        (root / f"module_{index:02d}.py").write_text(f"# module {index}\nimport os\n\n{body}")
-    return root
+def dist_corpus(small_corpus: Path) -> Path:
+    """tests/conftest.py's small corpus; `base` gives it a token cache of its own."""
+    return small_corpus
 
 
 @pytest.fixture(scope="session")
