@@ -124,6 +124,21 @@ def test_retention_keeps_last_k_and_drops_torn_leftovers(tmp_path: Path):
     assert manager.metrics.saves == 5 and manager.metrics.last_step == 10 and manager.metrics.last_bytes > 0
 
 
+def test_dropped_checkpoints_leave_the_listing_at_once_and_leftovers_are_deleted(tmp_path: Path):
+    state = trained_state(0)
+    manager = CheckpointManager(tmp_path, CheckpointPolicy(keep_last=1, async_save=False))
+    manager.save(1, state)
+    manager.save(2, state)
+    # Retention decommits and renames at once; the deletion itself runs in the background.
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [2]
+    manager.wait()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["step_000000002"]
+    manager.close()
+    (tmp_path / ".retired-step_000000001").mkdir()  # a deletion cut short by a crash
+    CheckpointManager(tmp_path).close()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["step_000000002"]
+
+
 def test_time_policy_and_no_double_save(tmp_path: Path):
     state = trained_state(0)
     always = CheckpointManager(tmp_path / "a", CheckpointPolicy(every_seconds=1e-9, async_save=False))
