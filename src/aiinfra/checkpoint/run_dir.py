@@ -62,13 +62,18 @@ class LoadedRun:
     tokenizer: Tokenizer
 
 
-def load_run(run_dir: Path, device: str | torch.device = "cpu") -> LoadedRun:
-    """Load a finished run directory; a missing or foreign directory gives a clear error."""
+def load_run(run_dir: Path, device: str | torch.device = "cpu", weights: bool = True) -> LoadedRun:
+    """Load a finished run directory; a missing or foreign directory gives a clear error. With `weights=False` the
+    model is built on the meta device and the weights file is not read."""
     run_dir = Path(run_dir)
     missing = [name for name in (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE) if not (run_dir / name).is_file()]
     if missing:
         raise ConfigError(f"run directory {str(run_dir)!r} has no {', '.join(missing)}: is it a finished run?")
     config = load_config(run_dir / CONFIG_FILE)
+    if not weights:
+        with torch.device("meta"):
+            model = Transformer(config.model)
+        return LoadedRun(config, model.eval(), load_tokenizer(run_dir / TOKENIZER_FILE))
     model = Transformer(config.model)
     load_model(model, str(run_dir / MODEL_FILE), device=str(device))
     return LoadedRun(config, model.to(device).eval(), load_tokenizer(run_dir / TOKENIZER_FILE))

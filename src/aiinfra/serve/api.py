@@ -163,8 +163,8 @@ def build_app(engine: AsyncEngine, served: ServedModel, config: ServerConfig | N
     config = config or ServerConfig()
     metrics = engine.metrics
     tokenizer = served.tokenizer
-    max_seq_len = engine.engine.max_seq_len
-    admission = Admission(engine.engine.config.max_num_seqs, config)
+    max_seq_len = engine.max_seq_len
+    admission = Admission(engine.max_num_seqs, config)
     template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(served.chat_template)
     eos_text = tokenizer.id_to_token(served.eos_token_id) if served.eos_token_id is not None else ""
 

@@ -1,16 +1,15 @@
-"""Drives the synchronous engine from a background thread and streams each request's text to asyncio.
+"""Streams each request's text to asyncio from an engine core that runs the synchronous engine elsewhere.
 
-The engine thread owns the engine: adds and aborts reach it through an inbox it drains before every step, and
-its outputs come back to the event loop in one callback per step. On the event loop, each request turns token
-ids into text incrementally (holding back incomplete UTF-8 and possible beginnings of a stop string), applies
-stop strings, and records latency metrics. A consumer that stops early (client gone, timeout, stop string)
-aborts its request, which frees its KV blocks before the next step.
+The core (a thread, or a process of its own: `serve.engine_core`) owns the engine: adds and aborts reach it as
+commands it drains before every step, and its outputs come back to the event loop in one callback per step. On the
+event loop, each request turns token ids into text incrementally (holding back incomplete UTF-8 and possible
+beginnings of a stop string), applies stop strings, and records latency metrics. A consumer that stops early
+(client gone, timeout, stop string) aborts its request, which frees its KV blocks before the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,13 +17,10 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer
 
 from aiinfra.data.tokenizer import decode
-from aiinfra.serve.engine import EngineStats, LLMEngine, RequestOutput
+from aiinfra.serve.engine import EngineStats, LLMEngine
+from aiinfra.serve.engine_core import EngineCore, EngineDeadError, StepResult, ThreadEngineCore
 from aiinfra.serve.metrics import ServeMetrics
 from aiinfra.serve.request import SamplingParams
-
-
-class EngineDeadError(RuntimeError):
-    """The engine failed during a step; in-flight requests get this error."""
 
 
 @dataclass
@@ -77,97 +73,53 @@ class Detokenizer:
 
 
 class AsyncEngine:
-    """The engine on its own thread, with an async `generate` per request."""
+    """An engine core (a thread or a process, see `serve.engine_core`) with an async `generate` per request."""
 
-    def __init__(self, engine: LLMEngine, tokenizer: Tokenizer, metrics: ServeMetrics | None = None):
-        self.engine = engine
+    def __init__(self, core: EngineCore | LLMEngine, tokenizer: Tokenizer, metrics: ServeMetrics | None = None):
+        self.core = ThreadEngineCore(core) if isinstance(core, LLMEngine) else core
         self.tokenizer = tokenizer
         self.metrics = metrics or ServeMetrics()
-        self.stats = EngineStats(num_blocks=engine.num_blocks)
-        self._inbox: list[tuple] = []
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self.stats = EngineStats(num_blocks=self.core.num_blocks)
         self._queues: dict[str, asyncio.Queue] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = False
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self.core.is_alive
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.core.max_seq_len
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.core.max_num_seqs
 
     def start(self) -> None:
-        """Start the engine thread; call from the event loop that will consume the outputs."""
-        self._loop = asyncio.get_running_loop()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="aiinfra-engine", daemon=True)
-        self._thread.start()
+        """Start the engine core; call from the event loop that will consume the outputs."""
+        self.core.start(asyncio.get_running_loop(), self._dispatch)
 
     def stop(self) -> None:
-        """Stop the engine thread after its current step."""
-        with self._lock:
-            self._stopping = True
-            self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        """Stop the engine core after its current step."""
+        self.core.stop()
 
     def _post(self, command: tuple) -> None:
-        with self._lock:
-            self._inbox.append(command)
-            self._wake.set()
+        self.core.post(command)
 
-    def _run(self) -> None:
-        engine = self.engine
-        while True:
-            with self._lock:
-                commands, self._inbox = self._inbox, []
-                if self._stopping:
-                    return
-                idle = not commands and not engine.has_unfinished()
-                if idle:
-                    self._wake.clear()
-            if idle:
-                self._wake.wait()
-                continue
-            errors: list[tuple[str, Exception]] = []
-            for kind, request_id, *rest in commands:
-                if kind == "add":
-                    try:
-                        engine.add_request(request_id, *rest)
-                    except ValueError as error:
-                        errors.append((request_id, error))
-                else:
-                    engine.abort_request(request_id)
-            outputs: list[RequestOutput] = []
-            failure: Exception | None = None
-            if engine.has_unfinished():
-                try:
-                    outputs = engine.step()
-                except Exception as error:  # a failed step must not hang every waiting client
-                    failure = EngineDeadError(f"engine step failed: {error!r}")
-                    for request_id in list(engine.scheduler.requests):
-                        engine.abort_request(request_id)
-            stats = engine.stats()
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._dispatch, outputs, errors, failure, stats)
-
-    def _dispatch(
-        self, outputs: list[RequestOutput], errors: list[tuple[str, Exception]], failure: Exception | None,
-        stats: EngineStats,
-    ) -> None:
-        self.stats = stats
+    def _dispatch(self, result: StepResult) -> None:
+        """On the event loop: hand one step's outputs, per-request errors and a failure to the waiting requests."""
+        stats = self.stats = result.stats
         self.metrics.observe_engine(stats.num_running, stats.num_waiting, stats.kv_cache_usage, stats.num_preemptions)
-        for output in outputs:
+        for output in result.outputs:
             queue = self._queues.get(output.request_id)
             if queue is not None:
                 queue.put_nowait(output)
-        for request_id, error in errors:
+        for request_id, message in result.errors:
             queue = self._queues.get(request_id)
             if queue is not None:
-                queue.put_nowait(error)
-        if failure is not None:
+                queue.put_nowait(ValueError(message))
+        if result.failure is not None:
             for queue in self._queues.values():
-                queue.put_nowait(failure)
+                queue.put_nowait(EngineDeadError(result.failure))
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, stop: list[str] | None = None,

@@ -37,6 +37,8 @@ def serve_command(
     max_body_bytes: Annotated[int, typer.Option(min=1, help="largest request body")] = 1 << 20,
     request_timeout_s: Annotated[float, typer.Option(min=0.001, help="per-request time limit")] = 600.0,
     threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: torch's default)")] = 0,
+    engine_process: Annotated[bool, typer.Option(
+        help="run the model in a process of its own, beside the HTTP server (as vLLM's V1 engine core does)")] = True,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API with continuous batching and a paged KV cache."""
     import torch
@@ -45,31 +47,38 @@ def serve_command(
     from aiinfra.serve.api import ServerConfig, build_app
     from aiinfra.serve.async_engine import AsyncEngine
     from aiinfra.serve.engine import EngineConfig, LLMEngine
+    from aiinfra.serve.engine_core import EngineRecipe, ProcessEngineCore
     from aiinfra.serve.loading import load_model
     from aiinfra.serve.quantize import quantize_int8
 
     if threads:
         torch.set_num_threads(threads)
     try:
-        served = load_model(model)
-        if int8:
-            quantize_int8(served.model)
-        if served_model_name:
-            served.name = served_model_name
         engine_config = EngineConfig(
             block_size=block_size, kv_cache_memory_bytes=int(kv_cache_memory_mb * 2**20), max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=prefix_caching,
             pack_weights=pack_weights,
         )
-        engine = LLMEngine(served.model, engine_config, served.eos_token_id)
+        # With an engine process, this process needs the tokenizer and the model's shapes, not its weights.
+        served = load_model(model, weights=not engine_process)
+        if served_model_name:
+            served.name = served_model_name
+        if engine_process:
+            core: ProcessEngineCore | LLMEngine = ProcessEngineCore(EngineRecipe(model, engine_config, int8, threads))
+        else:
+            if int8:
+                quantize_int8(served.model)
+            core = LLMEngine(served.model, engine_config, served.eos_token_id)
     except (ConfigError, ValueError, OSError) as error:
         raise _fail(str(error)) from None
     server_config = ServerConfig(
         api_key=api_key, max_body_bytes=max_body_bytes, max_waiting_requests=max_waiting_requests,
         max_waiting_tokens=max_waiting_tokens, request_timeout_s=request_timeout_s,
     )
-    app = build_app(AsyncEngine(engine, served.tokenizer), served, server_config)
-    typer.echo(f"serving {served.name!r} ({engine.num_blocks} KV blocks of {block_size} tokens) on http://{host}:{port}")
+    async_engine = AsyncEngine(core, served.tokenizer)
+    app = build_app(async_engine, served, server_config)
+    typer.echo(f"serving {served.name!r} ({async_engine.core.num_blocks} KV blocks of {block_size} tokens) on "
+               f"http://{host}:{port}")
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
 
 

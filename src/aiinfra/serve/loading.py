@@ -90,8 +90,11 @@ def spec_from_hf_config(config: dict, source: str) -> ModelSpec:
     )
 
 
-def load_hf_folder(folder: Path, device: str = "cpu") -> ServedModel:
-    """Load config.json, every *.safetensors file and tokenizer.json of a Hugging Face Llama-format folder."""
+def load_hf_folder(folder: Path, device: str = "cpu", weights: bool = True) -> ServedModel:
+    """Load config.json, every *.safetensors file and tokenizer.json of a Hugging Face Llama-format folder.
+
+    With `weights=False` the model stays on the meta device (its spec and shapes, no memory): what a server process
+    needs when the engine runs in a process of its own."""
     config = json.loads((folder / "config.json").read_text())
     spec = spec_from_hf_config(config, str(folder / "config.json"))
     weight_files = sorted(folder.glob("*.safetensors"))
@@ -101,19 +104,22 @@ def load_hf_folder(folder: Path, device: str = "cpu") -> ServedModel:
         raise ConfigError(f"{folder}: no tokenizer.json")
     with torch.device("meta"):
         model = Transformer(spec)
+    if not weights:
+        device = "meta"
     state: dict[str, torch.Tensor] = {}
-    for path in weight_files:
+    for path in weight_files if weights else []:
         for name, tensor in load_file(str(path), device=device).items():
             ours = hf_name_to_ours(name)
             if ours is not None:
                 state[ours] = tensor.float()
     if spec.tie_embeddings:
         state.pop("output.weight", None)
-    model.load_state_dict(state, strict=True, assign=True)
-    if spec.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    # Rotary tables are derived buffers, never in the weights: rebuild them (init_weights would also re-draw weights).
-    model.rope_cos, model.rope_sin = rotary_tables(spec.head_dim, spec.max_seq_len, spec.rope_theta)
+    if weights:
+        model.load_state_dict(state, strict=True, assign=True)
+        if spec.tie_embeddings:
+            model.output.weight = model.tok_embeddings.weight
+        # Rotary tables are derived buffers, never in the weights: rebuild them (init_weights would re-draw weights).
+        model.rope_cos, model.rope_sin = rotary_tables(spec.head_dim, spec.max_seq_len, spec.rope_theta)
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     tokenizer_config_path = folder / "tokenizer_config.json"
     tokenizer_config = json.loads(tokenizer_config_path.read_text()) if tokenizer_config_path.is_file() else {}
@@ -131,14 +137,15 @@ def load_hf_folder(folder: Path, device: str = "cpu") -> ServedModel:
     )
 
 
-def load_model(path: Path, device: str = "cpu") -> ServedModel:
-    """Either kind of model folder; a folder that is neither gives a ConfigError naming what is missing."""
+def load_model(path: Path, device: str = "cpu", weights: bool = True) -> ServedModel:
+    """Either kind of model folder; a folder that is neither gives a ConfigError naming what is missing.
+    `weights=False`: everything but the weights (the model on the meta device)."""
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"model {str(path)!r} is not a directory (expected a run directory or a HF Llama folder)")
     if (path / "config.json").is_file():
-        return load_hf_folder(path, device)
-    run = load_run(path, device)
+        return load_hf_folder(path, device, weights)
+    run = load_run(path, device, weights)
     return ServedModel(
         name=path.name,
         model=run.model,

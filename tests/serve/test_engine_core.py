@@ -1,0 +1,135 @@
+"""The engine in a process of its own: same outputs as in-process, clean errors, a dead child fails requests
+instead of hanging them, and `aiinfra serve` (which uses it by default) answers over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from aiinfra.serve.async_engine import AsyncEngine
+from aiinfra.serve.engine import EngineConfig, LLMEngine
+from aiinfra.serve.engine_core import EngineDeadError, EngineRecipe, ProcessEngineCore
+from aiinfra.serve.loading import load_model
+from aiinfra.serve.request import SamplingParams
+
+from .server import tiny_served_model
+
+ENGINE_CONFIG = EngineConfig(block_size=4, num_blocks=128, max_num_seqs=8)
+PROMPTS = ["def function_3(value):", "    return value", "# the answer is"]
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    config = transformers.LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rope_theta=10000.0, eos_token_id=0, bos_token_id=0,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_served_model().tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+async def complete_all(engine: AsyncEngine, prompts: list[list[int]], max_tokens: int) -> list[tuple[str, int]]:
+    """Run the prompts concurrently; (text, output tokens) of each."""
+
+    async def one(index: int, prompt: list[int]) -> tuple[str, int]:
+        text, count = "", 0
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        async for delta in engine.generate(f"r{index}", prompt, params):
+            text, count = text + delta.text, delta.num_output_tokens
+        return text, count
+
+    engine.start()
+    try:
+        return await asyncio.gather(*(one(i, prompt) for i, prompt in enumerate(prompts)))
+    finally:
+        engine.stop()
+
+
+def test_process_core_generates_what_the_in_process_engine_does(hf_folder: Path) -> None:
+    served = load_model(hf_folder)
+    prompts = [served.tokenizer.encode(text).ids for text in PROMPTS]
+    in_process = AsyncEngine(LLMEngine(served.model, ENGINE_CONFIG, served.eos_token_id), served.tokenizer)
+    want = asyncio.run(complete_all(in_process, prompts, 12))
+
+    core = ProcessEngineCore(EngineRecipe(hf_folder, ENGINE_CONFIG, threads=1))
+    assert (core.max_seq_len, core.max_num_seqs, core.num_blocks) == (128, 8, 128)
+    got = asyncio.run(complete_all(AsyncEngine(core, served.tokenizer), prompts, 12))
+    assert got == want and all(count == 12 for _, count in got)
+    assert not core.process.is_alive()  # stop() ends the child
+
+
+def test_an_error_while_loading_in_the_child_is_a_clean_value_error(hf_folder: Path) -> None:
+    too_small = EngineConfig(block_size=4, num_blocks=2)
+    with pytest.raises(ValueError, match="KV cache holds 2 blocks"):
+        ProcessEngineCore(EngineRecipe(hf_folder, too_small, threads=1))
+
+
+def test_a_dead_engine_process_fails_requests_instead_of_hanging_them(hf_folder: Path) -> None:
+    served = load_model(hf_folder, weights=False)
+    core = ProcessEngineCore(EngineRecipe(hf_folder, ENGINE_CONFIG, threads=1))
+    engine = AsyncEngine(core, served.tokenizer)
+    prompt = served.tokenizer.encode(PROMPTS[0]).ids
+
+    async def scenario() -> None:
+        engine.start()
+        params = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+        stream = engine.generate("doomed", prompt, params)
+        await stream.__anext__()  # it is running
+        os.kill(core.process.pid, signal.SIGKILL)
+        with pytest.raises(EngineDeadError, match="engine process exited"):
+            async for _ in stream:
+                pass
+        assert not engine.is_running
+        engine.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_aiinfra_serve_answers_through_its_engine_process(hf_folder: Path, tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "server.log"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "aiinfra.serve", str(hf_folder), "--port", str(port), "--threads", "1",
+         "--kv-cache-memory-mb", "4"],
+        stdout=log.open("w"), stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start: " + log.read_text()
+            time.sleep(0.2)
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=30, json={
+            "model": hf_folder.name, "prompt": PROMPTS[1], "max_tokens": 5, "temperature": 0, "ignore_eos": True})
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] == 5
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+    # uvicorn shuts down gracefully (the lifespan stops the engine process), then re-raises the signal it caught.
+    assert server.returncode in (0, -signal.SIGTERM) and "Traceback" not in log.read_text(), log.read_text()
