@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -69,9 +68,7 @@ def free_port() -> int:
 
 def start(command: list[str], port: int, env: dict[str, str], startup_s: float, log: Path) -> subprocess.Popen:
     """Start a server and wait (bounded) until /v1/models answers."""
-    # A session of its own: the server and its children (vLLM's engine process) can be paused as one group.
-    process = subprocess.Popen(command, env={**os.environ, **env}, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    process = subprocess.Popen(command, env={**os.environ, **env}, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + startup_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -86,14 +83,7 @@ def start(command: list[str], port: int, env: dict[str, str], startup_s: float, 
     raise RuntimeError(f"{command[:4]} did not start within {startup_s} s; see {log}")
 
 
-def pause(process: subprocess.Popen, paused: bool) -> None:
-    """Freeze (SIGSTOP) or resume (SIGCONT) a server and its children: an idle server is not quite idle (vLLM's
-    gloo threads wake about 1,500 times a second), so only the server being measured runs."""
-    os.killpg(process.pid, signal.SIGSTOP if paused else signal.SIGCONT)
-
-
 def stop(process: subprocess.Popen) -> None:
-    pause(process, False)
     process.terminate()
     try:
         process.wait(timeout=30)
@@ -147,8 +137,8 @@ def main() -> None:
             420,
         )
     peers = {name: peer for name, peer in peers.items() if name in args.peers}
-    # All servers stay up together, paused but the one being measured, and are measured in turn, round after
-    # round, so that drift in this shared machine's load hits every peer alike; each figure is the median round.
+    # All servers stay up together (idle ones cost little) and are measured in turn, round after round, so that
+    # drift in this shared machine's load hits every peer alike; each figure is the median round.
     processes: dict[str, tuple[subprocess.Popen, int]] = {}
     try:
         for name, (command, env, startup_s) in peers.items():
@@ -161,9 +151,7 @@ def main() -> None:
         rounds: dict[str, dict[int, list[dict]]] = {name: {c: [] for c in args.concurrency} for name in processes}
         for concurrency in args.concurrency:
             for round_index in range(args.rounds):
-                for name, (process, port) in processes.items():
-                    for other, _ in processes.values():
-                        pause(other, other is not process)
+                for name, (_, port) in processes.items():
                     report = measure(port, folder.name, concurrency, args)
                     rounds[name][concurrency].append(report)
                     print(f"round {round_index} {name:>12} c={concurrency:<3} {report['completed']:>3} ok "
