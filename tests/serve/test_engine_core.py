@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from aiinfra.serve.async_engine import AsyncEngine
+from aiinfra.serve.commands import parse_cpu_list
 from aiinfra.serve.engine import EngineConfig, LLMEngine
 from aiinfra.serve.engine_core import EngineDeadError, EngineRecipe, ProcessEngineCore
 from aiinfra.serve.loading import load_model
@@ -133,3 +134,23 @@ def test_aiinfra_serve_answers_through_its_engine_process(hf_folder: Path, tmp_p
         server.wait(timeout=30)
     # uvicorn shuts down gracefully (the lifespan stops the engine process), then re-raises the signal it caught.
     assert server.returncode in (0, -signal.SIGTERM) and "Traceback" not in log.read_text(), log.read_text()
+
+
+def test_engine_cpus_parse_and_refuse_what_this_process_cannot_use() -> None:
+    available = sorted(os.sched_getaffinity(0))
+    assert parse_cpu_list("") == ()
+    assert parse_cpu_list(f"{available[0]}") == (available[0],)
+    assert parse_cpu_list(f" {available[0]}-{available[0]} ,{available[-1]}") == (available[0], available[-1])
+    with pytest.raises(ValueError, match="expected CPU numbers"):
+        parse_cpu_list("first")
+    with pytest.raises(ValueError, match="not available"):
+        parse_cpu_list(str(max(available) + 1))
+
+
+def test_the_engine_process_runs_on_the_cpus_it_was_given(hf_folder: Path) -> None:
+    cpu = sorted(os.sched_getaffinity(0))[-1]
+    core = ProcessEngineCore(EngineRecipe(hf_folder, ENGINE_CONFIG, threads=1, cpus=(cpu,)))
+    try:
+        assert os.sched_getaffinity(core.process.pid) == {cpu}
+    finally:
+        core.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +17,21 @@ def _fail(message: str) -> typer.Exit:
     """A user mistake: one clear line on stderr, exit status 2, no traceback."""
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(2)
+
+
+def parse_cpu_list(text: str) -> tuple[int, ...]:
+    """'0,2-3' -> (0, 2, 3); a ValueError naming the option for anything else or for CPUs this process cannot use."""
+    cpus: list[int] = []
+    for part in filter(None, (piece.strip() for piece in text.split(","))):
+        first, _, last = part.partition("-")
+        if not first.isdigit() or (last and not last.isdigit()):
+            raise ValueError(f"--engine-cpus {text!r}: expected CPU numbers and ranges such as '1' or '0,2-3'")
+        cpus += range(int(first), int(last or first) + 1)
+    unavailable = sorted(set(cpus) - os.sched_getaffinity(0))
+    if unavailable:
+        raise ValueError(f"--engine-cpus {text!r}: CPU(s) {unavailable} are not available to this process "
+                         f"(available: {sorted(os.sched_getaffinity(0))})")
+    return tuple(cpus)
 
 
 def serve_command(
@@ -39,6 +55,8 @@ def serve_command(
     threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: torch's default)")] = 0,
     engine_process: Annotated[bool, typer.Option(
         help="run the model in a process of its own, beside the HTTP server (as vLLM's V1 engine core does)")] = True,
+    engine_cpus: Annotated[str, typer.Option(
+        help="pin the engine process to these CPUs, e.g. '1' or '2-7' (default: not pinned)")] = "",
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API with continuous batching and a paged KV cache."""
     import torch
@@ -63,8 +81,10 @@ def serve_command(
         served = load_model(model, weights=not engine_process)
         if served_model_name:
             served.name = served_model_name
+        cpus = parse_cpu_list(engine_cpus)
         if engine_process:
-            core: ProcessEngineCore | LLMEngine = ProcessEngineCore(EngineRecipe(model, engine_config, int8, threads))
+            recipe = EngineRecipe(model, engine_config, int8, threads, cpus)
+            core: ProcessEngineCore | LLMEngine = ProcessEngineCore(recipe)
         else:
             if int8:
                 quantize_int8(served.model)
