@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,13 @@ def tiny_config(small_corpus: Path, tmp_path: Path) -> Config:
             "run.sample_tokens=10",
         ],
     )
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one thread for the test (then back): for tests that compare with one-thread subprocesses, or whose
+    tiny matmuls gain nothing from a second thread that would only spin against other processes."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

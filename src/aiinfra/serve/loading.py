@@ -15,24 +15,16 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
+from aiinfra.checkpoint.export import OUR_LAYER_TO_HF, OUR_TOP_TO_HF
 from aiinfra.checkpoint.run_dir import load_run
 from aiinfra.config import ConfigError
 from aiinfra.data.tokenizer import END_OF_TEXT
 from aiinfra.models.llama import Transformer, rotary_tables
 from aiinfra.spec import ModelSpec
 
-HF_LAYER_NAMES = {
-    "self_attn.q_proj": "attention.wq",
-    "self_attn.k_proj": "attention.wk",
-    "self_attn.v_proj": "attention.wv",
-    "self_attn.o_proj": "attention.wo",
-    "mlp.gate_proj": "feed_forward.w1",
-    "mlp.down_proj": "feed_forward.w2",
-    "mlp.up_proj": "feed_forward.w3",
-    "input_layernorm": "attention_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
-HF_TOP_NAMES = {"model.embed_tokens": "tok_embeddings", "model.norm": "norm", "lm_head": "output"}
+# One name map for both directions: export writes these names, loading reads them back.
+HF_LAYER_NAMES = {hf: ours for ours, hf in OUR_LAYER_TO_HF.items()}
+HF_TOP_NAMES = {hf: ours for ours, hf in OUR_TOP_TO_HF.items()}
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
