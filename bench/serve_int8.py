@@ -1,7 +1,7 @@
 """Int8 weight-only quantization (per output channel): memory saved, decode speed, and perplexity change.
 
-Workload: a trained run (default: trains the embedded tiny model for 60 steps of 4 x 256 tokens into
-/tmp/aiinfra-bench-int8-run once, a few minutes on a busy 2-core machine). Memory: bytes of weights.
+Workload: a trained run (default: `aiinfra train` with no arguments, the embedded default, trained once into
+/tmp/aiinfra-bench-int8-default, about 4 minutes on 2 cores). Memory: bytes of weights.
 Quality: perplexity on the run's own validation split (16 windows of the run's seq_len). Speed: the engine
 generating --batch greedy requests of --output-len tokens, fp32 baseline and int8 alternated --repeats times
 in this process, best of each.
@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from aiinfra.checkpoint.run_dir import load_run
-from aiinfra.data.dataset import prepare_dataset
+from aiinfra.checkpoint.run_dir import LoadedRun, load_run
+from aiinfra.data.dataset import TokenDataset, prepare_dataset
 from aiinfra.data.sampler import eval_batches
 from aiinfra.serve.engine import EngineConfig, LLMEngine
 from aiinfra.serve.quantize import quantize_int8, weight_bytes
@@ -44,28 +44,30 @@ def decode_tokens_per_s(model: torch.nn.Module, prompts: list[list[int]], output
     return sum(len(output) for output in outputs) / (time.perf_counter() - start)
 
 
+def trained_run(run_dir: Path) -> tuple[LoadedRun, TokenDataset, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The run (trained first if missing), its dataset, and 16 validation windows of its seq_len."""
+    if not (run_dir / "model.safetensors").is_file():
+        print(f"training the embedded default into {run_dir} (about 4 minutes on 2 cores) ...", flush=True)
+        command = [sys.executable, "-m", "aiinfra", "train", "--set", f"run.dir={run_dir}", "--set",
+                   "run.progress=false"]
+        subprocess.run(command, check=True)
+    run = load_run(run_dir)
+    config = run.config
+    dataset = prepare_dataset(config.data.corpus, config.model.vocab_size, config.data.val_fraction,
+                              Path(config.data.cache_dir) if config.data.cache_dir else None)
+    return run, dataset, list(eval_batches(dataset.val, config.train.seq_len, 4, 4))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, default=Path("/tmp/aiinfra-bench-int8-run"))
+    parser.add_argument("--run", type=Path, default=Path("/tmp/aiinfra-bench-int8-default"))
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if not (args.run / "model.safetensors").is_file():
-        print(f"training a run into {args.run} ...", flush=True)
-        overrides = ["train.steps=60", "train.micro_batch=4", "train.warmup_steps=6", f"run.dir={args.run}",
-                     "run.progress=false", "run.sample_tokens=0"]
-        command = [sys.executable, "-m", "aiinfra", "train"]
-        for item in overrides:
-            command += ["--set", item]
-        subprocess.run(command, check=True)
-    run = load_run(args.run)
-    config = run.config
-    dataset = prepare_dataset(config.data.corpus, config.model.vocab_size, config.data.val_fraction,
-                              Path(config.data.cache_dir) if config.data.cache_dir else None)
-    windows = list(eval_batches(dataset.val, config.train.seq_len, 4, 4))
+    run, dataset, windows = trained_run(args.run)
     baseline = run.model
     quantized = quantize_int8(copy.deepcopy(baseline))
     bytes_fp32, bytes_int8 = weight_bytes(baseline), weight_bytes(quantized)

@@ -81,6 +81,8 @@ def test_export_command(tmp_path: Path):
     assert wrong_format.exit_code == 2 and "--format tflite: expected one of hf, onnx" in wrong_format.output
     not_a_run = CliRunner().invoke(app, ["export", str(tmp_path / "nothing")])
     assert not_a_run.exit_code == 2 and "is it a finished run?" in not_a_run.output
+    int8_hf = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--format", "hf", "--int8"])
+    assert int8_hf.exit_code == 2 and "--int8 is for --format onnx" in int8_hf.output
 
 
 @pytest.mark.parametrize(
@@ -104,3 +106,29 @@ def test_onnx_runtime_gives_our_logits_at_any_shape(tmp_path: Path, model_overri
         (logits,) = session.run(["logits"], {"input_ids": tokens.numpy()})
         with torch.no_grad():
             assert abs(torch.from_numpy(logits) - ours(tokens)).max().item() < 1e-4
+
+
+def test_int8_onnx_is_a_quarter_of_the_bytes_and_keeps_the_predictions(tmp_path: Path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    ours = make_run(tmp_path / "run", "model.dim=128", "model.ffn_dim=352")
+    app = Typer()
+    app.command("export")(export_command)
+    app.command("other")(lambda: None)
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--format", "onnx", "--int8"])
+    assert result.exit_code == 0 and "int8 ONNX model" in result.output, result.output
+    fp32_dir = export_onnx(tmp_path / "run", tmp_path / "onnx")
+    int8_dir = tmp_path / "run" / "onnx-int8"
+    assert sorted(path.name for path in int8_dir.iterdir()) == sorted(path.name for path in fp32_dir.iterdir())
+    assert (int8_dir / "model.onnx").stat().st_size < 0.4 * (fp32_dir / "model.onnx").stat().st_size
+    session = onnxruntime.InferenceSession(str(int8_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert any(node.op_type == "MatMulInteger" for node in onnx.load(str(int8_dir / "model.onnx")).graph.node)
+    tokens = torch.randint(0, ours.spec.vocab_size, (2, 32), generator=torch.Generator().manual_seed(3))
+    (logits,) = session.run(["logits"], {"input_ids": tokens.numpy()})
+    with torch.no_grad():
+        reference = ours(tokens)
+    error = (torch.from_numpy(logits) - reference).norm() / reference.norm()
+    assert error < 0.1  # int8 rounding, not a wrong graph (a wrong one is off by order 1)
+    agree = (torch.from_numpy(logits).argmax(-1) == reference.argmax(-1)).float().mean()
+    assert agree > 0.9

@@ -14,13 +14,16 @@ Only Llama-style specs (SwiGLU, RMSNorm, rotary positions, no biases, dense) hav
 
 ONNX (`export_onnx`, needs the `onnx` and `onnxscript` packages): `model.onnx` mapping int64 `input_ids` (batch,
 seq) to fp32 `logits` (batch, seq, vocab), both dimensions dynamic up to max_seq_len, exported from our own module
-by torch.onnx's dynamo exporter, so any spec exports; the tokenizer files sit beside it.
+by torch.onnx's dynamo exporter, so any spec exports; the tokenizer files sit beside it. With `int8` (needs
+`onnxruntime`), ONNX Runtime's dynamic quantization stores every MatMul weight as int8 per output channel.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -147,12 +150,21 @@ def export_hf(run_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def export_onnx(run_dir: Path, out_dir: Path) -> Path:
-    """Write `model.onnx` (input_ids -> logits, dynamic batch and sequence) and the tokenizer files to `out_dir`."""
+def export_onnx(run_dir: Path, out_dir: Path, int8: bool = False) -> Path:
+    """Write `model.onnx` (input_ids -> logits, dynamic batch and sequence) and the tokenizer files to `out_dir`.
+
+    `int8`: the weights of every MatMul quantized to int8 per output channel by ONNX Runtime's dynamic quantization
+    (activations quantized on the fly, MatMulInteger), the usual form for CPU and edge runtimes: about a quarter of
+    the bytes."""
     try:
         import onnxscript  # noqa: F401  (torch.onnx's dynamo exporter needs it; fail here with a clear message)
     except ImportError:
         raise ConfigError("--format onnx needs the onnx and onnxscript packages: pip install onnx onnxscript") from None
+    if int8:
+        try:
+            import onnxruntime.quantization  # noqa: F401
+        except ImportError:
+            raise ConfigError("--int8 needs onnxruntime (its quantizer): pip install onnxruntime") from None
     run = load_run(Path(run_dir))
     spec = run.config.model
     out_dir = Path(out_dir)
@@ -176,6 +188,30 @@ def export_onnx(run_dir: Path, out_dir: Path) -> Path:
         registration_log.setLevel(previous_level)
     # Saved in place, not through a temporary name: a graph over 2 GB keeps its weights in an external file that
     # model.onnx refers to by name.
-    program.save(str(out_dir / "model.onnx"))
+    if int8:
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".fp32-") as scratch:
+            fp32_path = Path(scratch) / "model.onnx"
+            program.save(str(fp32_path))
+            _quantize_int8(fp32_path, out_dir / "model.onnx", large=4 * spec.num_params() > 2**31)
+    else:
+        program.save(str(out_dir / "model.onnx"))
     _write_tokenizer_files(out_dir, run.tokenizer, spec.max_seq_len)
     return out_dir
+
+
+def _quantize_int8(fp32_path: Path, out_path: Path, large: bool) -> None:
+    """ONNX Runtime's dynamic int8 quantization of `fp32_path` into `out_path` (via a temporary name, then a rename;
+    a model of over 2 GB of fp32 weights keeps its int8 weights in an external file)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantizer_log = logging.getLogger()  # the quantizer advises pre-processing on the root logger, every call
+    previous_level = quantizer_log.level
+    quantizer_log.setLevel(logging.ERROR)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    try:
+        quantize_dynamic(str(fp32_path), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
+                         use_external_data_format=large)
+        os.replace(tmp, out_path)
+    finally:
+        quantizer_log.setLevel(previous_level)
+        tmp.unlink(missing_ok=True)
