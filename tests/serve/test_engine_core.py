@@ -125,10 +125,21 @@ def test_aiinfra_serve_answers_through_its_engine_process(hf_folder: Path, tmp_p
                 pass
             assert time.monotonic() < deadline, "the server did not start: " + log.read_text()
             time.sleep(0.2)
-        response = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=30, json={
-            "model": hf_folder.name, "prompt": PROMPTS[1], "max_tokens": 5, "temperature": 0, "ignore_eos": True})
+        url = f"http://127.0.0.1:{port}"
+        body = {"model": hf_folder.name, "prompt": PROMPTS[1], "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+        response = httpx.post(f"{url}/v1/completions", timeout=30, json=body)
         assert response.status_code == 200, response.text
         assert response.json()["usage"]["completion_tokens"] == 5
+        # The engine process dies: the server stays up, says so, and refuses work at once instead of hanging it.
+        engine_pid = httpx.get(f"{url}/health").json()["engine_pid"]
+        assert engine_pid != server.pid
+        os.kill(engine_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{url}/health").status_code != 503:
+            assert time.monotonic() < deadline, "/health still reports a running engine"
+            time.sleep(0.1)
+        refused = httpx.post(f"{url}/v1/completions", timeout=5, json=body)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_stopped"
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)

@@ -227,6 +227,9 @@ def build_app(engine: AsyncEngine, served: ServedModel, config: ServerConfig | N
                            param="model", code="model_not_found")
         if parsed.logprobs not in (None, False, 0):
             raise reject(400, "invalid", "logprobs are not supported by this server", param="logprobs")
+        if not engine.is_running:  # a dead engine process: fail now, not at the request timeout
+            raise reject(503, "engine_stopped", "the model engine is not running (see /health); restart the server",
+                         type_="server_error", code="engine_stopped")
         if admission.in_flight + parsed.n > admission.max_requests:
             raise reject(503, "queue_full_requests", "the server is at capacity; retry later", type_="server_error",
                          code="queue_full", headers={"Retry-After": str(config.retry_after_s)})
@@ -464,9 +467,10 @@ def build_app(engine: AsyncEngine, served: ServedModel, config: ServerConfig | N
     @app.get("/health")
     async def health() -> Response:
         if not engine.is_running:
-            return JSONResponse({"status": "engine stopped"}, status_code=503)
+            return JSONResponse({"status": "engine stopped", "engine_pid": engine.core.pid}, status_code=503)
         return JSONResponse({"status": "ok", "running": engine.stats.num_running,
-                             "waiting": engine.stats.num_waiting, "kv_cache_usage": engine.stats.kv_cache_usage})
+                             "waiting": engine.stats.num_waiting, "kv_cache_usage": engine.stats.kv_cache_usage,
+                             "engine_pid": engine.core.pid})
 
     @app.get("/metrics")
     async def prometheus() -> Response:

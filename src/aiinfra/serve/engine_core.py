@@ -83,6 +83,8 @@ class EngineCore(Protocol):
     max_seq_len: int
     max_num_seqs: int
     num_blocks: int
+    pid: int
+    """the process the model runs in"""
 
     @property
     def is_alive(self) -> bool: ...
@@ -102,6 +104,7 @@ class ThreadEngineCore:
         self.max_seq_len = engine.max_seq_len
         self.max_num_seqs = engine.config.max_num_seqs
         self.num_blocks = engine.num_blocks
+        self.pid = os.getpid()
         self._inbox: list[tuple] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -240,6 +243,7 @@ class ProcessEngineCore:
             self.process.join(5)
             raise ValueError(message[1])
         _, self.max_seq_len, self.max_num_seqs, self.num_blocks = message
+        self.pid = self.process.pid
         self._outbox: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_commands, name="aiinfra-engine-sender", daemon=True)
         self._sender.start()
