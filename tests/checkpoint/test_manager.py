@@ -12,6 +12,7 @@ import pytest
 import torch
 from ckpt_helpers import build_model, full_state, make_state, train_step
 
+from aiinfra.checkpoint import commit
 from aiinfra.checkpoint.commit import MANIFEST_FILE, CheckpointError
 from aiinfra.checkpoint.manager import (
     CheckpointManager,
@@ -136,6 +137,48 @@ def test_dropped_checkpoints_leave_the_listing_at_once_and_leftovers_are_deleted
     manager.close()
     (tmp_path / ".retired-step_000000001").mkdir()  # a deletion cut short by a crash
     CheckpointManager(tmp_path).close()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["step_000000002"]
+
+
+def test_flush_behind_covers_every_file_in_order_and_keeps_it_loadable(tmp_path: Path, monkeypatch):
+    ranges: dict[int, list[tuple[int, int]]] = {}
+
+    def record(fd: int, offset: int, length: int) -> None:
+        ranges.setdefault(os.fstat(fd).st_ino, []).append((offset, length))
+
+    monkeypatch.setattr(commit, "FLUSH_BEHIND_BYTES", 4096)
+    monkeypatch.setattr(commit, "start_writeback", record)
+    state = trained_state(1)
+    saved, saved_extras = full_state(state), extras(state)
+    manager = CheckpointManager(tmp_path, CheckpointPolicy(async_save=False))
+    manager.save(1, state)
+    files = {path.stat().st_ino: path.stat().st_size for path in (tmp_path / "step_000000001").glob("*.distcp")}
+    assert files and set(files) <= set(ranges)
+    for inode, size in files.items():
+        written_back = 0
+        for offset, length in ranges[inode]:
+            assert offset == written_back and length >= 4096  # contiguous, from the start, in FLUSH_BEHIND steps
+            written_back += length
+        assert size - 4096 < written_back <= size  # only a tail under FLUSH_BEHIND_BYTES is left to fsync
+    restored = make_state(build_model(seed=1, tie_embeddings=True))
+    assert CheckpointManager(tmp_path).load_latest(restored) == 1
+    assert_same(restored, saved, saved_extras)
+
+
+def test_retention_deletes_in_place_where_directories_cannot_be_renamed(tmp_path: Path, monkeypatch):
+    rename = Path.rename
+
+    def no_directory_rename(self: Path, target):
+        if self.is_dir():
+            raise OSError(95, "Operation not supported")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", no_directory_rename)
+    state = trained_state(0)
+    manager = CheckpointManager(tmp_path, CheckpointPolicy(keep_last=1, async_save=False))
+    manager.save(1, state)
+    manager.save(2, state)
+    manager.close()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["step_000000002"]
 
 

@@ -65,9 +65,13 @@ def test_fused_linear_equals_the_modules(rows: int) -> None:
     torch.manual_seed(0)
     modules = [torch.nn.Linear(32, 48), torch.nn.Linear(32, 16, bias=False)]
     x = torch.randn(rows, 32)
-    fused = FusedLinear(modules, rows_hint=8, pack=True)
     with torch.inference_mode():
-        torch.testing.assert_close(fused(x), torch.cat([module(x) for module in modules], dim=-1))
+        # Computed before fusing: afterwards the modules' weights are views of the fused matrix.
+        want = torch.cat([module(x) for module in modules], dim=-1)
+        fused = FusedLinear(modules, rows_hint=8, pack=True)
+        torch.testing.assert_close(fused(x), want)
+        # ... and the modules still compute what they did.
+        torch.testing.assert_close(torch.cat([module(x) for module in modules], dim=-1), want)
 
 
 def test_prefix_cache_hits_skip_prompt_tokens_and_keep_outputs(model, prompts, oracle) -> None:

@@ -163,5 +163,10 @@ def test_the_engine_process_runs_on_the_cpus_it_was_given(hf_folder: Path) -> No
     core = ProcessEngineCore(EngineRecipe(hf_folder, ENGINE_CONFIG, threads=1, cpus=(cpu,)))
     try:
         assert os.sched_getaffinity(core.process.pid) == {cpu}
+        # Ctrl+C reaches the whole process group; the engine leaves the shutdown to the server.
+        os.kill(core.process.pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert core.is_alive
     finally:
         core.stop()
+    assert core.process.exitcode == 0

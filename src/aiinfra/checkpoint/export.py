@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -48,6 +49,7 @@ OUR_LAYER_TO_HF = {
     "attention_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+SCRATCH_PREFIX = ".export-"
 OUR_TOP_TO_HF = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
 
 
@@ -189,10 +191,19 @@ def export_onnx(run_dir: Path, out_dir: Path, int8: bool = False) -> Path:
     # Saved in place, not through a temporary name: a graph over 2 GB keeps its weights in an external file that
     # model.onnx refers to by name.
     if int8:
-        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".fp32-") as scratch:
-            fp32_path = Path(scratch) / "model.onnx"
+        for leftover in out_dir.glob(f"{SCRATCH_PREFIX}*"):  # from an export killed halfway
+            shutil.rmtree(leftover, ignore_errors=True)
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=SCRATCH_PREFIX) as scratch:
+            fp32_path, int8_path = Path(scratch) / "fp32" / "model.onnx", Path(scratch) / "int8" / "model.onnx"
+            fp32_path.parent.mkdir()
+            int8_path.parent.mkdir()
             program.save(str(fp32_path))
-            _quantize_int8(fp32_path, out_dir / "model.onnx", large=4 * spec.num_params() > 2**31)
+            _quantize_int8(fp32_path, int8_path, large=4 * spec.num_params() > 2**31)
+            # A large model's weights sit in model.onnx.data beside the graph, which names it: the data moves first
+            # and the graph last, so a model.onnx in `out_dir` always finds whole weights.
+            for data in int8_path.parent.glob("*.data"):
+                os.replace(data, out_dir / data.name)
+            os.replace(int8_path, out_dir / "model.onnx")
     else:
         program.save(str(out_dir / "model.onnx"))
     _write_tokenizer_files(out_dir, run.tokenizer, spec.max_seq_len)
@@ -200,18 +211,15 @@ def export_onnx(run_dir: Path, out_dir: Path, int8: bool = False) -> Path:
 
 
 def _quantize_int8(fp32_path: Path, out_path: Path, large: bool) -> None:
-    """ONNX Runtime's dynamic int8 quantization of `fp32_path` into `out_path` (via a temporary name, then a rename;
-    a model of over 2 GB of fp32 weights keeps its int8 weights in an external file)."""
+    """ONNX Runtime's dynamic int8 quantization of `fp32_path` into `out_path` (a model of over 2 GB of fp32 weights
+    keeps its int8 weights in `<out_path>.data`)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantizer_log = logging.getLogger()  # the quantizer advises pre-processing on the root logger, every call
     previous_level = quantizer_log.level
     quantizer_log.setLevel(logging.ERROR)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
     try:
-        quantize_dynamic(str(fp32_path), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
+        quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8, per_channel=True,
                          use_external_data_format=large)
-        os.replace(tmp, out_path)
     finally:
         quantizer_log.setLevel(previous_level)
-        tmp.unlink(missing_ok=True)

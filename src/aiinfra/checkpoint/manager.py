@@ -148,14 +148,19 @@ def _remove_checkpoint(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _retire_checkpoint(path: Path) -> Path:
+def _retire_checkpoint(path: Path) -> Path | None:
     """Decommit a checkpoint and move it out of the way (two metadata operations); the caller deletes the returned
     directory at leisure. Freeing a few hundred MB of extents takes a tenth of a second that no save should wait for.
+    Where the file system cannot rename a directory (some object-store mounts), it is deleted here instead (None).
     """
     (path / MANIFEST_FILE).unlink(missing_ok=True)
     retired = path.with_name(f"{RETIRED_PREFIX}{path.name}")
     shutil.rmtree(retired, ignore_errors=True)
-    path.rename(retired)
+    try:
+        path.rename(retired)
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
+        return None
     return retired
 
 
@@ -327,7 +332,11 @@ class CheckpointManager:
                 write_manifest(path, files, {**info, "created_unix_s": time.time()})
             self._fault("after_manifest", info["step"])
             if self.rank == 0:
-                self._apply_retention()
+                try:
+                    self._apply_retention()
+                except OSError as error:  # the checkpoint is committed; failing to drop an old one must not fail it
+                    log.warning("checkpoint retention in %s failed (old checkpoints kept): %s", self.checkpoint_dir,
+                                error)
         except (Exception, CheckpointException) as error:
             raise CheckpointError(f"saving checkpoint {path} failed: {_describe(error)}") from error
         save_s = time.perf_counter() - started
@@ -351,9 +360,10 @@ class CheckpointManager:
         kept = complete[-self.policy.keep_last :] if self.policy.keep_last else complete
         oldest_kept = kept[0][0]
         retired = [
-            _retire_checkpoint(path)
+            moved
             for step, path in checkpoints
             if step < oldest_kept or (step < complete[-1][0] and (step, path) not in complete)
+            if (moved := _retire_checkpoint(path)) is not None
         ]
         if retired:  # one cleanup thread: waiting for the latest deletion waits for all earlier ones
             self._cleanup = self._cleaner.submit(_delete_all, retired)

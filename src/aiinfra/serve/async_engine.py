@@ -118,8 +118,11 @@ class AsyncEngine:
             if queue is not None:
                 queue.put_nowait(ValueError(message))
         if result.failure is not None:
-            for queue in self._queues.values():
-                queue.put_nowait(EngineDeadError(result.failure))
+            failed = self._queues.keys() if result.failed_ids is None else result.failed_ids
+            for request_id in list(failed):
+                queue = self._queues.get(request_id)
+                if queue is not None:
+                    queue.put_nowait(EngineDeadError(result.failure))
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, stop: list[str] | None = None,
@@ -129,6 +132,8 @@ class AsyncEngine:
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already running")
         arrival = arrival_time if arrival_time is not None else time.perf_counter()
+        if not self.core.is_alive:  # checked on the event loop, which is where a death is noticed: no race
+            raise EngineDeadError("the model engine is not running")
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         detokenizer = Detokenizer(self.tokenizer, stop or [])

@@ -82,6 +82,8 @@ def serve_command(
         if served_model_name:
             served.name = served_model_name
         cpus = parse_cpu_list(engine_cpus)
+        if cpus and not engine_process:
+            raise ValueError("--engine-cpus pins the engine process; it has no effect with --no-engine-process")
         if engine_process:
             recipe = EngineRecipe(model, engine_config, int8, threads, cpus)
             core: ProcessEngineCore | LLMEngine = ProcessEngineCore(recipe)

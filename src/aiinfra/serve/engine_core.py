@@ -18,6 +18,7 @@ import asyncio
 import multiprocessing
 import os
 import queue
+import signal
 import threading
 import traceback
 from collections.abc import Callable
@@ -44,7 +45,9 @@ class StepResult:
     errors: list[tuple[str, str]] = field(default_factory=list)
     """(request id, message) of adds the engine refused"""
     failure: str | None = None
-    """the step raised: every in-flight request has been dropped and gets this message"""
+    """the step raised (or the engine process died): the requests in `failed_ids` were dropped and get this message"""
+    failed_ids: list[str] | None = None
+    """the requests the failure dropped; None: every request the server is waiting on (the engine is gone)"""
 
 
 def run_engine_loop(
@@ -66,15 +69,17 @@ def run_engine_loop(
                 engine.abort_request(request_id)
         outputs: list[RequestOutput] = []
         failure: str | None = None
+        failed_ids: list[str] = []
         if engine.has_unfinished():
             try:
                 outputs = engine.step()
             except Exception as error:  # a failed step must not hang every waiting client
                 failure = f"engine step failed: {error!r}"
-                for request_id in list(engine.scheduler.requests):
+                failed_ids = list(engine.scheduler.requests)
+                for request_id in failed_ids:
                     engine.abort_request(request_id)
         if outputs or errors or failure or commands:
-            deliver(StepResult(outputs, engine.stats(), errors, failure))
+            deliver(StepResult(outputs, engine.stats(), errors, failure, failed_ids))
 
 
 class EngineCore(Protocol):
@@ -172,8 +177,9 @@ def _build_engine(recipe: EngineRecipe) -> LLMEngine:
 
     if recipe.cpus:
         os.sched_setaffinity(0, recipe.cpus)
-    if recipe.threads:
-        torch.set_num_threads(recipe.threads)
+    # torch sized its default thread pool from every CPU when it was imported, before the pinning.
+    if recipe.threads or recipe.cpus:
+        torch.set_num_threads(recipe.threads or len(recipe.cpus))
     served = load_model(recipe.model_path)
     if recipe.int8:
         quantize_int8(served.model)
@@ -183,12 +189,20 @@ def _build_engine(recipe: EngineRecipe) -> LLMEngine:
 def _engine_process_main(recipe: EngineRecipe, commands: Connection, results: Connection) -> None:
     """The engine process: build the engine, report ready (or the error), then run the loop until told to stop or
     until the server's end of the pipe closes (the server died)."""
+    # Ctrl+C reaches the whole process group: the server shuts down gracefully and stops this process itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        engine = _build_engine(recipe)
-    except Exception as error:  # reported to the parent, which exits with it as a clean error
-        results.send(("error", f"{error}", traceback.format_exc()))
-        return
-    results.send(("ready", engine.max_seq_len, engine.config.max_num_seqs, engine.num_blocks))
+        try:
+            engine = _build_engine(recipe)
+        except (ValueError, OSError) as error:  # a user mistake (bad folder, cache too small): one clear line
+            results.send(("error", str(error)))
+            return
+        except Exception as error:  # a bug: the parent shows the child's traceback
+            results.send(("error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
+            return
+        results.send(("ready", engine.max_seq_len, engine.config.max_num_seqs, engine.num_blocks))
+    except (BrokenPipeError, EOFError):
+        return  # the server died while this process was loading
 
     def next_commands(block: bool) -> list[tuple] | None:
         received: list[tuple] = []
@@ -230,18 +244,25 @@ class ProcessEngineCore:
         self.process.start()
         command_reader.close()
         result_writer.close()
-        if not self._result_reader.poll(startup_timeout_s):
-            self.process.kill()
-            raise ValueError(f"the engine process did not load {recipe.model_path} within {startup_timeout_s:.0f} s")
         try:
-            message = self._result_reader.recv()
-        except EOFError:
+            if not self._result_reader.poll(startup_timeout_s):
+                raise ValueError(f"the engine process did not load {recipe.model_path} within "
+                                 f"{startup_timeout_s:.0f} s")
+            try:
+                message = self._result_reader.recv()
+            except EOFError:
+                self.process.join(5)
+                raise ValueError(f"the engine process exited with code {self.process.exitcode} while loading "
+                                 f"{recipe.model_path}") from None
+            if message[0] == "error":
+                raise ValueError(message[1])
+        except ValueError:
+            self._close_pipes()
             self.process.join(5)
-            raise ValueError(f"the engine process exited with code {self.process.exitcode} while loading "
-                             f"{recipe.model_path}") from None
-        if message[0] == "error":
-            self.process.join(5)
-            raise ValueError(message[1])
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join(5)
+            raise
         _, self.max_seq_len, self.max_num_seqs, self.num_blocks = message
         self.pid = self.process.pid
         self._outbox: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
@@ -263,24 +284,35 @@ class ProcessEngineCore:
         self._outbox.put(command)
 
     def stop(self) -> None:
-        """Ask the child to stop after its step; kill it if it does not exit within 10 s."""
+        """Ask the child to stop after its step; kill it if it does not exit within 10 s.
+
+        The result pipe is closed first: a child blocked sending a step's results then gets a broken pipe and
+        exits instead of never reading the stop command."""
         if self._loop is not None and not self._dead:
             self._loop.remove_reader(self._result_reader.fileno())
         self._dead = True
         self._outbox.put(STOP)
         self._outbox.put(None)
+        self._result_reader.close()
+        self._sender.join(5)
         self.process.join(10)
         if self.process.is_alive():
             self.process.kill()
             self.process.join(5)
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        self._result_reader.close()
+        self._command_writer.close()
 
     def _send_commands(self) -> None:
-        while (command := self._outbox.get()) is not None:
-            try:
+        try:
+            while (command := self._outbox.get()) is not None:
                 self._command_writer.send(command)
-            except OSError:
-                return  # the child is gone; the result pipe reports it
-        self._command_writer.close()
+        except OSError:
+            pass  # the child is gone; the result pipe reports it
+        finally:
+            self._command_writer.close()
 
     def _on_results(self) -> None:
         """On the event loop, when the result pipe is readable: deliver every step result waiting in it."""

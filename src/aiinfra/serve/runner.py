@@ -52,8 +52,9 @@ class FusedLinear:
     `mm` over it instead of one call per module, with a contiguous right-hand side, which measured 1.3x to 2.6x
     faster than the usual (out, in) layout for wide outputs. For 3 rows or more a oneDNN-packed copy is used: fp32
     on one thread, the packed matmul measured 1.3x to 2.2x faster than the plain weight's at 4 to 100 rows.
-    Modules that cannot take part (Int8Linear, a weight tied to an embedding, other devices) run as they are. The
-    packed copy is a snapshot: weights changed after the engine is built are not seen by it.
+    Modules that cannot take part (Int8Linear, a weight tied to an embedding, other devices) run as they are. Both
+    are built with the engine: weights replaced afterwards (load_state_dict, .to()) are not seen, and the packed copy
+    does not follow in-place changes either; build a new engine after changing weights.
     """
 
     min_packed_rows = 3
@@ -63,7 +64,7 @@ class FusedLinear:
         self.weight_t: torch.Tensor | None = None
         self.packed: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
-        if not all(can_pack(module) and id(module.weight) not in tied for module in modules):
+        if not all(can_fuse(module) and id(module.weight) not in tied for module in modules):
             return
         if any(module.bias is not None for module in modules):
             self.bias = torch.cat([
@@ -75,7 +76,7 @@ class FusedLinear:
         for module in modules:
             module.weight.data = self.weight_t[:, offset : offset + module.out_features].t()
             offset += module.out_features
-        if pack:
+        if pack and all(can_pack(module) for module in modules):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight_t.t().contiguous(), rows_hint)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,10 +89,15 @@ class FusedLinear:
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
-def can_pack(module: nn.Module) -> bool:
-    """Whether `FusedLinear` can pack it: a float Linear on a CPU with oneDNN."""
+def can_fuse(module: nn.Module) -> bool:
+    """Whether `FusedLinear` can take its weight into the fused (in, out) matrix: a float Linear on a CPU."""
     return (isinstance(module, nn.Linear) and module.weight.device.type == "cpu"
-            and module.weight.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available())
+            and module.weight.dtype in (torch.float32, torch.bfloat16))
+
+
+def can_pack(module: nn.Module) -> bool:
+    """Whether `FusedLinear` can also pack it for oneDNN: fusable, and oneDNN present."""
+    return can_fuse(module) and torch.backends.mkldnn.is_available()
 
 
 @dataclass
