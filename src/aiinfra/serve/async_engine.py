@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer
 
 from aiinfra.data.tokenizer import decode
+from aiinfra.observe.serve_metrics import ServeMetrics
 from aiinfra.serve.engine import EngineStats, LLMEngine
 from aiinfra.serve.engine_core import EngineCore, EngineDeadError, StepResult, ThreadEngineCore
-from aiinfra.serve.metrics import ServeMetrics
 from aiinfra.serve.request import SamplingParams
 
 
