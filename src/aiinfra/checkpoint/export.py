@@ -215,11 +215,13 @@ def _quantize_int8(fp32_path: Path, out_path: Path, large: bool) -> None:
     keeps its int8 weights in `<out_path>.data`)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantizer_log = logging.getLogger()  # the quantizer advises pre-processing on the root logger, every call
-    previous_level = quantizer_log.level
-    quantizer_log.setLevel(logging.ERROR)
+    def not_the_preprocessing_advice(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Please consider to run pre-processing")
+
+    root = logging.getLogger()  # the quantizer advises pre-processing on the root logger, every call: drop only that
+    root.addFilter(not_the_preprocessing_advice)
     try:
         quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8, per_channel=True,
                          use_external_data_format=large)
     finally:
-        quantizer_log.setLevel(previous_level)
+        root.removeFilter(not_the_preprocessing_advice)
