@@ -90,11 +90,15 @@ def test_two_process_run_killed_and_restarted_by_torchrun_is_bitwise_identical(
     layout: str, config_file: Path, tmp_path: Path
 ) -> None:
     common = [layout, "train.micro_batch=4"]
-    # Both jobs at once: most of their time is process start-up, which overlaps well on two cores.
+    # One job after the other: two torchruns at once can race for a port (each picks its workers' store port by
+    # binding port 0 and closing it; the other can take it before the workers bind it: EADDRINUSE), and a restart
+    # spent on that race would leave nothing to resume.
+    outputs = []
     uninterrupted = launch(config_file, [*common, f"run.dir={tmp_path / 'uninterrupted'}"])
+    outputs.append(uninterrupted.communicate(timeout=240)[0])
     killed = launch(config_file, [*common, f"run.dir={tmp_path / 'killed'}", "fault.kill_rank=1",
                                   f"fault.kill_step={KILL_STEP}"])
-    outputs = [job.communicate(timeout=240)[0] for job in (uninterrupted, killed)]
+    outputs.append(killed.communicate(timeout=240)[0])
     assert [uninterrupted.returncode, killed.returncode] == [0, 0], "\n".join(out[-4000:] for out in outputs)
     assert f"resumed {tmp_path / 'killed'} at step {EVERY}" in outputs[1], outputs[1][-4000:]
     assert_same_run(tmp_path / "killed", tmp_path / "uninterrupted")
