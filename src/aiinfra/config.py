@@ -56,6 +56,11 @@ class TrainConfig(Section):
     deterministic: bool = Field(False, description="use deterministic algorithms (for bitwise-reproducible runs)")
 
 
+def stages_per_rank(schedule: str) -> int:
+    """Virtual pipeline stages each rank holds under `schedule`."""
+    return 2 if schedule == "interleaved_1f1b" else 1
+
+
 class ParallelConfig(Section):
     """How the model is spread over processes (world size = dp_replicate * dp_shard * tp * pp)."""
 
@@ -165,7 +170,7 @@ class Config(Section):
                 # torch 2.13 CPU: the compiled block's backward hands DTensor redistribution a plain tensor.
                 raise ValueError(f"parallel.tp={par.tp} with train.compile=true is not supported yet")
         if par.pp > 1:
-            stages = par.pp * (2 if par.pp_schedule == "interleaved_1f1b" else 1)
+            stages = par.pp * stages_per_rank(par.pp_schedule)
             if model.n_layers < stages:
                 raise ValueError(
                     f"parallel.pp={par.pp} with {par.pp_schedule} needs {stages} stages: model.n_layers="

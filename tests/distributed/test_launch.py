@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,21 +13,17 @@ from aiinfra.config import ConfigError
 from aiinfra.distributed.launch import launch_train, torchrun_command
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_nodes_on_loopback_train_one_model(base: list[str], references, tmp_path: Path) -> None:
+def test_two_nodes_on_loopback_train_one_model(
+    base: list[str], references, tmp_path: Path, free_port: int
+) -> None:
     """Two torchrun invocations (--nnodes 2, c10d rendezvous on 127.0.0.1), one process each: DDP over both."""
     run_dir = tmp_path / "run"
     overrides = [*base, "parallel.dp_replicate=2", "train.micro_batch=4", f"run.dir={run_dir}"]
-    endpoint = f"127.0.0.1:{free_port()}"
+    endpoint = f"127.0.0.1:{free_port}"
     # Each node writes to a file, not a pipe: a pipe read only after the other node finishes can fill up and
     # stall its writer mid-collective, which hangs both nodes.
     logs = [tmp_path / f"node{rank}.log" for rank in range(2)]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -100,14 +99,8 @@ def test_a_dead_engine_process_fails_requests_instead_of_hanging_them(hf_folder:
     asyncio.run(asyncio.wait_for(scenario(), timeout=60))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_aiinfra_serve_answers_through_its_engine_process(hf_folder: Path, tmp_path: Path) -> None:
-    port = free_port()
+def test_aiinfra_serve_answers_through_its_engine_process(hf_folder: Path, tmp_path: Path, free_port: int) -> None:
+    port = free_port
     log = tmp_path / "server.log"
     server = subprocess.Popen(
         [sys.executable, "-m", "aiinfra.serve", str(hf_folder), "--port", str(port), "--threads", "1",

@@ -159,7 +159,7 @@ def _retire_checkpoint(path: Path) -> Path | None:
     try:
         path.rename(retired)
     except OSError:
-        shutil.rmtree(path, ignore_errors=True)
+        _remove_checkpoint(path)
         return None
     return retired
 

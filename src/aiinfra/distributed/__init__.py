@@ -2,7 +2,8 @@
 
 The model code (models/) never mentions ranks. This package applies parallelism from outside:
 
-- `layout.ParallelLayout` holds the degrees (dp_replicate, dp_shard, tp, pp) and builds a named DeviceMesh.
+- `layout.ParallelLayout` reads the degrees (dp_replicate, dp_shard, tp, pp) off the `parallel` config and builds
+  a named DeviceMesh.
 - `parallelize.parallelize(model, mesh, config)` applies TP (+ sequence parallel), activation checkpointing,
   compile, then FSDP2 or DDP, in that order.
 - `pipeline` splits the model into stages and builds a `torch.distributed.pipelining` schedule.

@@ -71,9 +71,9 @@ def auto_layout(config: Path | None, overrides: list[str]) -> tuple[int, list[st
 
     loaded = load_config(config, overrides)
     count = torch.cuda.device_count() if torch.cuda.is_available() else (os.cpu_count() or 1)
-    micro_batch, layout = loaded.train.micro_batch, ParallelLayout.from_config(loaded.parallel)
-    if layout.world_size > 1:
-        return layout.world_size, []
+    micro_batch, world_size = loaded.train.micro_batch, loaded.parallel.world_size
+    if world_size > 1:
+        return world_size, []
     if count < 2 or micro_batch % count:
         return 1, []
     extra = [f"parallel.dp_replicate={count}", f"train.micro_batch={micro_batch // count}"]

@@ -15,30 +15,27 @@ MESH_AXES = ("pp", "dp_replicate", "dp_shard", "tp")
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """How many ranks each kind of parallelism spans; their product is the world size."""
+    """The `parallel` config section as the runtime uses it: its degrees as mesh axes, checked against a world."""
 
-    dp_replicate: int = 1
-    dp_shard: int = 1
-    tp: int = 1
-    pp: int = 1
+    config: ParallelConfig
 
     @classmethod
     def from_config(cls, config: ParallelConfig) -> ParallelLayout:
         """The layout a `parallel` config section asks for."""
-        return cls(config.dp_replicate, config.dp_shard, config.tp, config.pp)
+        return cls(config)
 
     @property
     def world_size(self) -> int:
-        return self.pp * self.dp_replicate * self.dp_shard * self.tp
+        return self.config.world_size
 
     @property
     def dp_size(self) -> int:
         """Ranks that each take a different slice of the global batch."""
-        return self.dp_replicate * self.dp_shard
+        return self.config.dp_size
 
     def degrees(self) -> dict[str, int]:
         """Axis name -> degree, outermost first."""
-        return {"pp": self.pp, "dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp}
+        return {axis: getattr(self.config, axis) for axis in MESH_AXES}
 
     def describe(self) -> str:
         """'dp_shard=2 x tp=2', or 'single process'."""

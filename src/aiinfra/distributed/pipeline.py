@@ -16,14 +16,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.distributed.pipelining.schedules import _PipelineSchedule
 
+from aiinfra.config import stages_per_rank
 from aiinfra.models import Transformer
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
-
-
-def stages_per_rank(schedule: str) -> int:
-    """Virtual stages each rank holds under `schedule`."""
-    return 2 if schedule == "interleaved_1f1b" else 1
 
 
 def split_layers(n_layers: int, n_stages: int) -> list[list[int]]:

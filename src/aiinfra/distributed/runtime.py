@@ -23,11 +23,11 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from aiinfra.config import Config, ConfigError
+from aiinfra.config import Config, ConfigError, stages_per_rank
 from aiinfra.distributed.layout import ParallelLayout
 from aiinfra.distributed.measure import CommCompute, StepProfiler, peak_memory_bytes, stragglers
 from aiinfra.distributed.parallelize import parallelize
-from aiinfra.distributed.pipeline import build_schedule, build_stages, stages_per_rank
+from aiinfra.distributed.pipeline import build_schedule, build_stages
 from aiinfra.models import Transformer
 
 LossFromLogits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -95,13 +95,6 @@ class ModelRunner:
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         return clip_grad_norm(self.parameters(), max_norm, self.pp_group)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """This rank's parameters under the full model's names (DTensor shards under FSDP/TP)."""
-        return self.model.state_dict()
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(state)
-
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every parameter, unsharded, in rank 0's CPU memory; empty elsewhere (a collective: all ranks call it)."""
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -151,14 +144,6 @@ class PipelineRunner(ModelRunner):
         # Each schedule step reduces gradients once, after its last pipeline micro-batch; with gradient
         # accumulation every accumulated step does so (correct, if not the least communication).
         yield
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        # Stages keep the full model's names ("layers.5..."), so their state dicts merge without clashes.
-        return {name: value for stage in self.stages for name, value in stage.state_dict().items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for stage in self.stages:
-            stage.load_state_dict({name: state[name] for name in stage.state_dict()})
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """This rank's stages, unsharded, on its CPU: the runtime merges the stages on rank 0."""
@@ -247,8 +232,6 @@ class DistributedRuntime(Runtime):
         self.layout.validate(self.world_size)
         self.mesh, dp_mesh = self.layout.build_mesh(device.type)
         self.dp_rank, self.dp_size = dp_mesh.get_local_rank(), dp_mesh.size()
-        # Pin the measurement tensor to the device the collective runs on.
-        self._gather_device = device
 
     def describe(self) -> str:
         return f"{self.world_size} processes ({self.layout.describe()}, {dist.get_backend()})"
@@ -295,7 +278,7 @@ class DistributedRuntime(Runtime):
     def mean_loss(self, local: torch.Tensor | None) -> float:
         # [sum, count] over all ranks: ranks without a loss (early pipeline stages) add zeros; tensor-parallel
         # peers hold the same loss, so averaging over them changes nothing.
-        pair = torch.zeros(2, dtype=torch.float64, device=self._gather_device)
+        pair = torch.zeros(2, dtype=torch.float64, device=self.device)
         if local is not None:
             pair[0], pair[1] = local.double(), 1.0
         dist.all_reduce(pair)
@@ -331,9 +314,9 @@ class DistributedRuntime(Runtime):
         mine = torch.tensor(
             [step_time_s, comm.comm_s, comm.compute_s, float(peak_memory_bytes(self.device))],
             dtype=torch.float64,
-            device=self._gather_device,
+            device=self.device,
         )
-        everyone = torch.empty(self.world_size * 4, dtype=torch.float64, device=self._gather_device)
+        everyone = torch.empty(self.world_size * 4, dtype=torch.float64, device=self.device)
         # torch 2.13 renamed all_gather_into_tensor (deprecated, warns every call) to all_gather_single.
         getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(everyone, mine)
         step_times, comm_s, compute_s, peak = everyone.view(self.world_size, 4).cpu().T.tolist()

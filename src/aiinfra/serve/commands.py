@@ -77,13 +77,13 @@ def serve_command(
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=prefix_caching,
             pack_weights=pack_weights,
         )
+        cpus = parse_cpu_list(engine_cpus)
+        if cpus and not engine_process:
+            raise ValueError("--engine-cpus pins the engine process; it has no effect with --no-engine-process")
         # With an engine process, this process needs the tokenizer and the model's shapes, not its weights.
         served = load_model(model, weights=not engine_process)
         if served_model_name:
             served.name = served_model_name
-        cpus = parse_cpu_list(engine_cpus)
-        if cpus and not engine_process:
-            raise ValueError("--engine-cpus pins the engine process; it has no effect with --no-engine-process")
         if engine_process:
             recipe = EngineRecipe(model, engine_config, int8, threads, cpus)
             core: ProcessEngineCore | LLMEngine = ProcessEngineCore(recipe)

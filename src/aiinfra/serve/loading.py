@@ -96,22 +96,22 @@ def load_hf_folder(folder: Path, device: str = "cpu", weights: bool = True) -> S
         raise ConfigError(f"{folder}: no tokenizer.json")
     with torch.device("meta"):
         model = Transformer(spec)
-    if not weights:
-        device = "meta"
-    state: dict[str, torch.Tensor] = {}
-    for path in weight_files if weights else []:
-        for name, tensor in load_file(str(path), device=device).items():
-            ours = hf_name_to_ours(name)
-            if ours is not None:
-                state[ours] = tensor.float()
-    if spec.tie_embeddings:
-        state.pop("output.weight", None)
     if weights:
+        state: dict[str, torch.Tensor] = {}
+        for path in weight_files:
+            for name, tensor in load_file(str(path), device=device).items():
+                ours = hf_name_to_ours(name)
+                if ours is not None:
+                    state[ours] = tensor.float()
+        if spec.tie_embeddings:
+            state.pop("output.weight", None)
         model.load_state_dict(state, strict=True, assign=True)
         if spec.tie_embeddings:
             model.output.weight = model.tok_embeddings.weight
         # Rotary tables are derived buffers, never in the weights: rebuild them (init_weights would re-draw weights).
         model.rope_cos, model.rope_sin = rotary_tables(spec.head_dim, spec.max_seq_len, spec.rope_theta)
+    else:
+        device = "meta"
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     tokenizer_config_path = folder / "tokenizer_config.json"
     tokenizer_config = json.loads(tokenizer_config_path.read_text()) if tokenizer_config_path.is_file() else {}

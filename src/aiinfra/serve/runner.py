@@ -7,9 +7,10 @@ keys back through its block table, gathering whole blocks. Requests with one new
 attention calls in groups of 8; requests with several (prefill chunks) each get their own, causal from their first
 new position.
 
-On CPU (fp32 or bf16, as the model is), the projections run on oneDNN-packed copies of the weights for inputs of
-3 rows or more, and the model's own weights are stored (in, out) in memory for the 1- and 2-row case: the two
-faster paths measured for this machine's GEMMs (see `FusedLinear`, `store_weights_transposed`).
+On CPU (fp32 or bf16, as the model is), each fused projection's weights are one (in, out) matrix that the modules'
+own weights are views of, multiplied directly for 1- and 2-row inputs, with a oneDNN-packed copy for 3 rows or
+more: the two faster paths measured for this machine's GEMMs (see `FusedLinear`; `store_weights_transposed` gives
+the Linears outside a fused projection the same (in, out) layout).
 """
 
 from __future__ import annotations
@@ -120,8 +121,6 @@ class ModelRunner:
         self.block_size = block_size
         self.decode_group = decode_group
         self.device = model.tok_embeddings.weight.device
-        if self.device.type == "cpu":
-            store_weights_transposed(model)
         tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
 
         def fused(modules: list[nn.Module]) -> FusedLinear:
@@ -138,6 +137,10 @@ class ModelRunner:
                 down=fused([ffn.w2]) if dense else None,
             ))
         self.output = fused([model.output])
+        if self.device.type == "cpu":
+            # The Linears FusedLinear laid out are views of its (in, out) matrices already (not contiguous, so
+            # skipped); this reaches the rest (MoE experts), instead of copying every weight once more.
+            store_weights_transposed(model)
         dtype = model.tok_embeddings.weight.dtype
         shape = (num_blocks, block_size, self.spec.n_kv_heads, self.spec.head_dim)
         # Token slot = block_id * block_size + offset on the flattened first two axes.

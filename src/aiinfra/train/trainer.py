@@ -239,22 +239,6 @@ class Trainer:
         self.runner.module.train()
         return sum(losses) / len(losses)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.runner.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "sampler": self.sampler.state_dict(),
-            "step": self.step,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.runner.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.sampler.load_state_dict(state["sampler"])
-        self.step = state["step"]
-
     def sample_text(self, model: Transformer, prompt: str, max_new_tokens: int) -> str:
         """`prompt` continued by `model` (the full model: on one process, or the main rank's export)."""
         tokenizer = self.dataset.tokenizer
