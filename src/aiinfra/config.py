@@ -122,10 +122,15 @@ class CheckpointConfig(Section):
 
 
 class FaultConfig(Section):
-    """Fault injection for tests and demos: SIGKILL one rank at one step, on the job's first attempt only."""
+    """Fault injection for tests and demos: SIGKILL one rank at one step on the job's first attempt, and/or a random
+    rank at a random step on each of the first `random_kills` attempts (torchrun's restart count numbers them)."""
 
     kill_step: int = Field(0, ge=0, description="SIGKILL the rank after this step is logged and saved (0: never)")
     kill_rank: int = Field(0, ge=0, description="the global rank killed at fault.kill_step")
+    random_kills: int = Field(
+        0, ge=0, description="kill a random rank at a random step on each of the job's first N attempts (0: never)"
+    )
+    random_seed: int = Field(0, description="seed of the random schedule (the same schedule for the same seed)")
 
 
 class RunConfig(Section):

@@ -73,9 +73,10 @@ def assert_same_run(killed: Path, uninterrupted: Path) -> None:
     assert all(torch.equal(weights[name], reference[name]) for name in reference)
 
 
-def launch(config_file: Path, overrides: list[str]) -> subprocess.Popen:
+def launch(config_file: Path, overrides: list[str], max_restarts: int = 1) -> subprocess.Popen:
     """`aiinfra train --nproc 2 --max-restarts 1` (launch.py's entry point), output captured."""
-    command = [sys.executable, "-m", "aiinfra.distributed.launch", "--nproc=2", "--max-restarts=1", str(config_file)]
+    command = [sys.executable, "-m", "aiinfra.distributed.launch", "--nproc=2", f"--max-restarts={max_restarts}",
+               str(config_file)]
     return subprocess.Popen(
         [*command, *(f"--set={item}" for item in overrides)],
         stdout=subprocess.PIPE,
@@ -102,6 +103,28 @@ def test_two_process_run_killed_and_restarted_by_torchrun_is_bitwise_identical(
     assert [uninterrupted.returncode, killed.returncode] == [0, 0], "\n".join(out[-4000:] for out in outputs)
     assert f"resumed {tmp_path / 'killed'} at step {EVERY}" in outputs[1], outputs[1][-4000:]
     assert_same_run(tmp_path / "killed", tmp_path / "uninterrupted")
+
+
+def test_a_random_fault_schedule_kills_each_attempt_and_the_run_still_ends_bitwise_identical(
+    config_file: Path, tmp_path: Path
+) -> None:
+    """fault.random_kills=2: a random rank at a random step on attempts 0 and 1; attempt 2 finishes the run.
+    Seed 11 draws rank 1 at step 4 (resumed from step 3), then rank 1 at step 7 (resumed from step 6)."""
+    common = ["parallel.dp_replicate=2", "train.micro_batch=4"]
+    uninterrupted = launch(config_file, [*common, f"run.dir={tmp_path / 'uninterrupted'}"])
+    want_output = uninterrupted.communicate(timeout=240)[0]
+    chaos = launch(config_file, [*common, f"run.dir={tmp_path / 'chaos'}", "fault.random_kills=2",
+                                 "fault.random_seed=11"], max_restarts=2)
+    output = chaos.communicate(timeout=360)[0]
+    assert [uninterrupted.returncode, chaos.returncode] == [0, 0], want_output[-3000:] + output[-4000:]
+    assert output.count("fault injection: SIGKILL rank") == 2, output[-4000:]
+    got, want = records(tmp_path / "chaos"), records(tmp_path / "uninterrupted")
+    assert f"resumed {tmp_path / 'chaos'} at step {EVERY}" in output and f"at step {2 * EVERY}" in output, output
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1)) and got[-1]["restarts"] == 2
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]
+    weights, reference = load_file(tmp_path / "chaos" / "model.safetensors"), load_file(
+        tmp_path / "uninterrupted" / "model.safetensors")
+    assert all(torch.equal(weights[name], reference[name]) for name in reference)
 
 
 def test_single_process_run_killed_then_started_again_resumes_bitwise(config_file: Path, tmp_path: Path) -> None:

@@ -310,11 +310,21 @@ class Trainer:
                 )
         return self.step
 
-    def _maybe_inject_fault(self) -> None:
-        """SIGKILL this rank at fault.kill_step, on the job's first attempt only (torchrun counts restarts)."""
-        fault = self.config.fault
-        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-        if fault.kill_step == self.step and fault.kill_rank == self.runtime.rank and first_attempt:
+    def _fault_schedule(self, first_step: int) -> list[tuple[int, int]]:
+        """(step, rank) pairs at which this attempt of the job SIGKILLs a rank: fault.kill_step on the first attempt,
+        and a random (step, rank) after `first_step` on each of the first fault.random_kills attempts. Every rank
+        draws the same pair (same seed, same attempt number, same resumed step)."""
+        fault, world = self.config.fault, self.runtime.world_size
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        schedule = [(fault.kill_step, fault.kill_rank)] if fault.kill_step and attempt == 0 else []
+        if attempt < fault.random_kills and first_step < self.config.train.steps:
+            draw = random.Random(f"{fault.random_seed}:{attempt}")
+            schedule.append((draw.randint(first_step + 1, self.config.train.steps), draw.randrange(world)))
+        return schedule
+
+    def _maybe_inject_fault(self, schedule: list[tuple[int, int]]) -> None:
+        """SIGKILL this rank if the schedule names this step and rank."""
+        if (self.step, self.runtime.rank) in schedule:
             # Let a save in flight commit first, so the kill lands between two complete checkpoints (torn saves are
             # AIINFRA_CHECKPOINT_FAULT's business) and a test knows which one the restart resumes from.
             self.checkpoints.wait()
@@ -339,11 +349,12 @@ class Trainer:
             f"({self.peak.source})"
         )
         records = read_metrics(self.run_dir) if self.runtime.is_main and self.step else []
+        faults = self._fault_schedule(self.step)
         try:
             self.runner.module.train()
             while self.step < cfg.steps:
                 records.append(self.run_step(logger))
-                self._maybe_inject_fault()
+                self._maybe_inject_fault(faults)
             # The final state, for continuing or resharding later (free when the policy just saved this step).
             self.checkpoints.save(self.step, self.training_state, block=True)
         finally:
