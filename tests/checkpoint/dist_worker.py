@@ -23,6 +23,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from aiinfra.checkpoint.manager import CheckpointManager, CheckpointPolicy
+from aiinfra.distributed.runtime import release_mesh_groups, shutdown_process_groups
 
 TP_PLAN = {
     "attention.wq": ColwiseParallel(),
@@ -35,10 +36,14 @@ TP_PLAN = {
 }
 
 
+MESHES: list = []  # released at the end, so that every group is freed before the worker exits
+
+
 def parallel_model(seed: int, dp: int, tp: int):
     """The tiny model under TP (if tp > 1) then FSDP over the data-parallel axis; (model, dp_rank, dp_group)."""
     model = build_model(seed)
     mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
+    MESHES.append(mesh)
     if tp > 1:
         for block in model.layers.values():
             parallelize_module(block, mesh["tp"], TP_PLAN)
@@ -107,7 +112,9 @@ def main(mode: str, workdir: Path) -> None:
             torch.save(result, workdir / f"{mode}.pt")
         dist.barrier()
     finally:
-        dist.destroy_process_group()
+        for mesh in MESHES:
+            release_mesh_groups(mesh)
+        shutdown_process_groups()
 
 
 if __name__ == "__main__":

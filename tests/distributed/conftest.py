@@ -86,6 +86,12 @@ def launch_layouts(nproc: int, layouts: dict[str, list[str]], base: list[str], w
 
 
 @pytest.fixture(scope="session")
+def run_worker():
+    """`run_worker(nproc, spec, workdir)`: worker.py under torchrun (see torchrun)."""
+    return torchrun
+
+
+@pytest.fixture(scope="session")
 def launch():
     """`launch(nproc, layouts, base, workdir)`: run layouts under torchrun (see launch_layouts)."""
     return launch_layouts

@@ -55,6 +55,18 @@ def test_launch_train_runs_the_train_entry_point_in_each_worker(base: list[str],
     assert (run_dir / "model.safetensors").exists() and (run_dir / "loss_curve.png").exists()
 
 
+def test_train_frees_every_process_group_before_the_worker_exits(base: list[str], run_worker, tmp_path: Path) -> None:
+    """No gloo thread outlives `train()`: one left running into interpreter shutdown can abort a finished worker
+    (SIGABRT, "terminate called without an active exception"), which torchrun counts as a failure. FSDP with
+    checkpointing, so the mesh, the sharded parameters and the checkpoint manager all hold groups."""
+    overrides = [*base, "parallel.dp_shard=2", "train.micro_batch=4", "checkpoint.every_steps=5",
+                 f"run.dir={tmp_path / 'run'}"]
+    run_worker(2, {"train": overrides, "out": str(tmp_path)}, tmp_path)
+    for rank in range(2):
+        threads = json.loads((tmp_path / f"threads-{rank}.json").read_text())
+        assert not [name for name in threads if "gloo" in name], threads
+
+
 def test_bad_launch_settings_name_the_option() -> None:
     with pytest.raises(ConfigError, match="--rdzv-endpoint"):
         torchrun_command(2, nnodes=2)

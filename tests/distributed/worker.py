@@ -4,11 +4,14 @@
 
 SPEC holds `base` overrides, `layouts` {name: overrides}, `steps` and `out` (a directory). For each layout the
 main rank writes <out>/<name>.pt: the per-step records, the final full parameters, and the FSDP memory figures.
+With `train` (overrides) instead, each rank runs `aiinfra.train.train` and writes <out>/threads-<rank>.json: the
+names of the native threads still running once it has returned.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,8 +19,8 @@ import torch
 
 from aiinfra.config import load_config
 from aiinfra.distributed.memory import state_bytes
-from aiinfra.distributed.runtime import SilentLogger
-from aiinfra.train import Trainer
+from aiinfra.distributed.runtime import SilentLogger, shutdown_process_groups
+from aiinfra.train import Trainer, train
 
 
 def run_layout(name: str, overrides: list[str], steps: int, out: Path) -> None:
@@ -31,14 +34,29 @@ def run_layout(name: str, overrides: list[str], steps: int, out: Path) -> None:
     full_model = trainer.runtime.export_model(trainer.runner)
     if trainer.runtime.is_main:
         torch.save({"records": records, "state": full_model.state_dict(), "memory": memory}, out / f"{name}.pt")
+    trainer.runtime.release_mesh()  # its groups go with the others at the end (shutdown_process_groups)
+
+
+def native_threads() -> list[str]:
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            names.append(Path(f"/proc/self/task/{task}/comm").read_text().strip())
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return names
 
 
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     out = Path(spec["out"])
+    if "train" in spec:
+        train(load_config(None, spec["train"]))
+        (out / f"threads-{os.environ['RANK']}.json").write_text(json.dumps(native_threads()))
+        return
     for name, overrides in spec["layouts"].items():
         run_layout(name, spec["base"] + overrides, spec["steps"], out)
-    torch.distributed.destroy_process_group()
+    shutdown_process_groups()
 
 
 if __name__ == "__main__":

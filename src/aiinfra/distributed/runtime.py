@@ -10,6 +10,7 @@ methods either way, so no rank logic leaks into it.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
@@ -336,8 +338,36 @@ class DistributedRuntime(Runtime):
         return record
 
     def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        """Destroy every process group and free them now (see shutdown_process_groups); drop the trainer (model,
+        optimizer, checkpoint manager) first."""
+        self.release_mesh()
+        shutdown_process_groups()
+
+    def release_mesh(self) -> None:
+        """Let this runtime's groups be freed once destroyed (see release_mesh_groups)."""
+        if self.mesh is not None:
+            release_mesh_groups(self.mesh)
+            self.mesh = None
+
+
+def release_mesh_groups(mesh: DeviceMesh) -> None:
+    """Drop a mesh's references to its process groups (and its submeshes'), which c10d still holds until they are
+    destroyed. DTensor's sharding-propagation caches keep meshes alive for the life of the process, and with them
+    every group a mesh registered."""
+    getattr(mesh, "_pg_registry", {}).clear()
+
+
+def shutdown_process_groups() -> None:
+    """Destroy every process group and free the ones nothing references any more, threads included.
+
+    `destroy_process_group` only unregisters the groups: a gloo group's threads run until its last Python reference
+    (a DeviceMesh, FSDP's DTensors, a checkpoint manager's groups) is collected. Left running into interpreter
+    shutdown, they can abort a worker whose work is done ("terminate called without an active exception", SIGABRT),
+    and torchrun counts that as a failure. References in cycles need the collection.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
 
 
 def make_runtime(config: Config, device: torch.device) -> Runtime:

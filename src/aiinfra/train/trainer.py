@@ -428,8 +428,10 @@ def train(config: Config) -> TrainResult | None:
     Returns the result on the main rank, None on the other workers (the main rank reports).
     """
     trainer = Trainer(config)
+    runtime = trainer.runtime
     try:
         result = trainer.fit()
     finally:
-        trainer.runtime.close()
-    return result if trainer.runtime.is_main else None
+        del trainer  # its model, optimizer and checkpoint manager hold process groups that close() frees
+        runtime.close()
+    return result if runtime.is_main else None
