@@ -19,7 +19,7 @@ import torch
 
 from aiinfra.config import load_config
 from aiinfra.distributed.memory import state_bytes
-from aiinfra.distributed.runtime import SilentLogger, shutdown_process_groups
+from aiinfra.distributed.runtime import SilentLogger, release_mesh_groups, shutdown_process_groups
 from aiinfra.train import Trainer, train
 
 
@@ -34,7 +34,7 @@ def run_layout(name: str, overrides: list[str], steps: int, out: Path) -> None:
     full_model = trainer.runtime.export_model(trainer.runner)
     if trainer.runtime.is_main:
         torch.save({"records": records, "state": full_model.state_dict(), "memory": memory}, out / f"{name}.pt")
-    trainer.runtime.release_mesh()  # its groups go with the others at the end (shutdown_process_groups)
+    release_mesh_groups(trainer.runtime.mesh)  # its groups go with the others at the end (shutdown_process_groups)
 
 
 def native_threads() -> list[str]:

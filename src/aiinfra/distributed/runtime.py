@@ -340,14 +340,8 @@ class DistributedRuntime(Runtime):
     def close(self) -> None:
         """Destroy every process group and free them now (see shutdown_process_groups); drop the trainer (model,
         optimizer, checkpoint manager) first."""
-        self.release_mesh()
+        release_mesh_groups(self.mesh)
         shutdown_process_groups()
-
-    def release_mesh(self) -> None:
-        """Let this runtime's groups be freed once destroyed (see release_mesh_groups)."""
-        if self.mesh is not None:
-            release_mesh_groups(self.mesh)
-            self.mesh = None
 
 
 def release_mesh_groups(mesh: DeviceMesh) -> None:
