@@ -101,6 +101,51 @@ def test_stop_strings_cut_the_text(server, served) -> None:
     wait_until_idle(server)
 
 
+def stream_events(url: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", url, json=body, timeout=30) as response:
+        assert response.status_code == 200, response.read()
+        lines = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+@pytest.mark.parametrize("kind", ["completions", "chat"])
+@pytest.mark.parametrize("stop", [None, ["_3("]])
+def test_a_continuation_resumes_a_stream_exactly_where_it_was_cut(server, kind, stop) -> None:
+    """What the gateway sends on mid-stream failover: the same request plus the token ids it has seen and how much
+    text it has passed on; the two halves together equal the uncut answer, text, token ids and usage alike."""
+    url = f"{server.base_url}/v1/{'completions' if kind == 'completions' else 'chat/completions'}"
+    body: dict = {"max_tokens": 24, "temperature": 0, "stream": True, "return_token_ids": True, "stop": stop,
+                  "stream_options": {"include_usage": True}}
+    body |= {"prompt": "def function_3(value):"} if kind == "completions" else {
+        "messages": [{"role": "user", "content": "def function_3(value):"}]}
+
+    def text_of(chunk: dict) -> str:
+        choice = chunk["choices"][0]
+        return choice["text"] if kind == "completions" else choice["delta"].get("content", "")
+
+    whole = stream_events(url, body)
+    answer_chunks = [chunk for chunk in whole if chunk["choices"]]
+    full_text = "".join(text_of(chunk) for chunk in answer_chunks)
+    full_ids = [token for chunk in answer_chunks for token in chunk["choices"][0]["token_ids"]]
+    assert len(full_ids) == whole[-1]["usage"]["completion_tokens"] and full_text
+    for cut in (1, len(answer_chunks) // 2, len(answer_chunks) - 1):
+        seen = answer_chunks[:cut]
+        ids = [token for chunk in seen for token in chunk["choices"][0]["token_ids"]]
+        if not ids:
+            continue
+        sent = "".join(text_of(chunk) for chunk in seen)
+        rest = stream_events(url, body | {"continuation": {"output_token_ids": ids, "emitted_chars": len(sent)}})
+        rest_chunks = [chunk for chunk in rest if chunk["choices"]]
+        assert sent + "".join(text_of(chunk) for chunk in rest_chunks) == full_text
+        assert ids + [token for chunk in rest_chunks for token in chunk["choices"][0]["token_ids"]] == full_ids
+        assert rest_chunks[-1]["choices"][0]["finish_reason"] == answer_chunks[-1]["choices"][0]["finish_reason"]
+        assert rest[-1]["usage"] == whole[-1]["usage"]
+    too_long = httpx.post(url, json=body | {"stream": False, "continuation": {"output_token_ids": [1] * 24}})
+    assert too_long.status_code == 400 and error_of(too_long)["param"] == "continuation"
+    wait_until_idle(server)
+
+
 @pytest.mark.parametrize(
     ("body", "status", "code", "param"),
     [

@@ -59,6 +59,14 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class Continuation(BaseModel):
+    """An answer another server began (sent by `aiinfra route` on mid-stream failover): its generated token ids
+    and how many characters of their text the client has already received."""
+
+    output_token_ids: list[int] = Field(min_length=1)
+    emitted_chars: int = Field(0, ge=0)
+
+
 class CommonRequest(BaseModel):
     """Parameters shared by completions and chat; extra vendor fields are accepted and ignored."""
 
@@ -78,6 +86,8 @@ class CommonRequest(BaseModel):
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
     logprobs: Any = None
+    return_token_ids: bool = False  # vLLM's name: each choice (each streamed chunk) carries its new token ids
+    continuation: Continuation | None = None
 
 
 class CompletionRequest(CommonRequest):
@@ -235,13 +245,13 @@ def build_app(engine: AsyncEngine, served: ServedModel, config: ServerConfig | N
                          code="queue_full", headers={"Retry-After": str(config.retry_after_s)})
         return parsed
 
-    def sampling_params(parsed: CommonRequest, max_tokens: int, index: int) -> SamplingParams:
+    def sampling_params(parsed: CommonRequest, max_tokens: int, index: int, done_tokens: int) -> SamplingParams:
         try:
             return SamplingParams(
                 max_tokens=max_tokens, temperature=parsed.temperature, top_p=parsed.top_p,
                 top_k=max(parsed.top_k, 0), seed=None if parsed.seed is None else parsed.seed + index,
                 stop_token_ids=tuple(parsed.stop_token_ids or ()), ignore_eos=parsed.ignore_eos,
-                min_tokens=min(parsed.min_tokens, max_tokens),
+                min_tokens=min(max(parsed.min_tokens - done_tokens, 0), max_tokens),
             )
         except ValueError as error:
             raise reject(400, "invalid", str(error)) from None
@@ -300,13 +310,31 @@ def build_app(engine: AsyncEngine, served: ServedModel, config: ServerConfig | N
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    def check_continuation(parsed: CommonRequest, prompts: list[list[int]], max_tokens: list[int]) -> None:
+        if parsed.continuation is None:
+            return
+        if len(prompts) * parsed.n != 1:
+            raise reject(400, "invalid", "continuation continues one choice: give one prompt and n = 1",
+                         param="continuation")
+        done = parsed.continuation.output_token_ids
+        if any(not 0 <= token < served.model.spec.vocab_size for token in done):
+            raise reject(400, "invalid", "continuation.output_token_ids must lie in the vocabulary",
+                         param="continuation.output_token_ids")
+        if len(done) >= max_tokens[0]:
+            raise reject(400, "invalid", f"continuation has {len(done)} tokens: fewer than max_tokens "
+                         f"({max_tokens[0]}) are needed for anything to continue", param="continuation")
+
     def start(prompts: list[list[int]], parsed: CommonRequest, max_tokens: list[int], request_id: str,
               arrival: float) -> AsyncIterator[tuple[int, Delta]]:
         stop = [parsed.stop] if isinstance(parsed.stop, str) else list(parsed.stop or [])
-        choices = [(prompt, sampling_params(parsed, max_tokens[prompt_index], sample_index))
+        done = parsed.continuation.output_token_ids if parsed.continuation is not None else []
+        resume = (done, parsed.continuation.emitted_chars) if parsed.continuation is not None else None
+        choices = [(prompt + done, sampling_params(parsed, max_tokens[prompt_index] - len(done), sample_index,
+                                                   len(done)))
                    for prompt_index, prompt in enumerate(prompts) for sample_index in range(parsed.n)]
         streams: list[AsyncIterator[Delta]] = [
-            _Tracked(admission, engine.generate(f"{request_id}-{choice}", prompt, params, stop, arrival), len(prompt))
+            _Tracked(admission, engine.generate(f"{request_id}-{choice}", prompt, params, stop, arrival, resume),
+                     len(prompt))
             for choice, (prompt, params) in enumerate(choices)
         ]
         return merged(streams)
@@ -332,17 +360,23 @@ def build_app(engine: AsyncEngine, served: ServedModel, config: ServerConfig | N
         request_id = f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         num_choices = len(prompts) * parsed.n
+        check_continuation(parsed, prompts, max_tokens)
         admit_tokens(prompts, parsed.n)
         deltas = start(prompts, parsed, max_tokens, request_id, arrival)
         object_name = "text_completion" if kind == "completion" else "chat.completion"
 
-        def choice_chunk(index: int, text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+        def choice_chunk(index: int, text: str | None, finish: str | None, first: bool = False,
+                         token_ids: list[int] | None = None) -> dict[str, Any]:
             if kind == "completion":
-                return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
-            if text:
-                delta["content"] = text
-            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+                choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            else:
+                delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+                if text:
+                    delta["content"] = text
+                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            if parsed.return_token_ids:
+                choice["token_ids"] = token_ids or []
+            return choice
 
         if parsed.stream:
             include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
@@ -365,7 +399,8 @@ def build_app(engine: AsyncEngine, served: ServedModel, config: ServerConfig | N
                     async with asyncio.timeout(config.request_timeout_s):
                         async for index, delta in deltas:
                             completion_tokens[index] = delta.num_output_tokens
-                            yield chunk([choice_chunk(index, delta.text, delta.finish_reason)])
+                            yield chunk([choice_chunk(index, delta.text, delta.finish_reason,
+                                                      token_ids=delta.token_ids)])
                     if include_usage:
                         yield chunk([], usage(prompts, sum(completion_tokens)))
                 except (TimeoutError, EngineDeadError) as error:
@@ -380,10 +415,12 @@ def build_app(engine: AsyncEngine, served: ServedModel, config: ServerConfig | N
         texts = [echo_texts[i // parsed.n] if getattr(parsed, 'echo', False) else "" for i in range(num_choices)]
         finish_reasons: list[str | None] = [None] * num_choices
         completion_tokens = [0] * num_choices
+        token_ids: list[list[int]] = [[] for _ in range(num_choices)]
 
         async def collect() -> None:
             async for index, delta in deltas:
                 texts[index] += delta.text
+                token_ids[index] += delta.token_ids
                 completion_tokens[index] = delta.num_output_tokens
                 if delta.finish_reason is not None:
                     finish_reasons[index] = delta.finish_reason
@@ -414,6 +451,9 @@ def build_app(engine: AsyncEngine, served: ServedModel, config: ServerConfig | N
         else:
             choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
                         "finish_reason": finish_reasons[i]} for i in range(num_choices)]
+        if parsed.return_token_ids:
+            for choice, ids in zip(choices, token_ids):
+                choice["token_ids"] = ids
         return JSONResponse({"id": request_id, "object": object_name, "created": created, "model": served.name,
                              "choices": choices, "usage": usage(prompts, sum(completion_tokens))})
 

@@ -25,13 +25,18 @@ from aiinfra.serve.request import SamplingParams
 
 @dataclass
 class Delta:
-    """New text of one request since its previous delta."""
+    """New text of one request since its previous delta, and the token ids generated since then.
+
+    A delta's token ids may be ahead of its text (text held back for a stop string or an incomplete character):
+    the ids and the emitted text together are what a continuation on another server resumes from.
+    """
 
     text: str
     finish_reason: str | None
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int
+    token_ids: list[int]
 
 
 class Detokenizer:
@@ -126,9 +131,14 @@ class AsyncEngine:
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, stop: list[str] | None = None,
-        arrival_time: float | None = None,
+        arrival_time: float | None = None, resume: tuple[list[int], int] | None = None,
     ) -> AsyncIterator[Delta]:
-        """Stream a request's text; leaving the loop early (or an exception) aborts it and frees its blocks."""
+        """Stream a request's text; leaving the loop early (or an exception) aborts it and frees its blocks.
+
+        `resume` = (output token ids generated elsewhere, characters of their text already sent): the request
+        continues an answer another server began. The caller puts those ids at the end of the prompt and lowers
+        max_tokens by their count; text and token counts continue exactly where the first server's left off.
+        """
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already running")
         arrival = arrival_time if arrival_time is not None else time.perf_counter()
@@ -137,6 +147,13 @@ class AsyncEngine:
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         detokenizer = Detokenizer(self.tokenizer, stop or [])
+        prior_tokens = 0
+        if resume is not None:
+            prior_ids, emitted_chars = resume
+            detokenizer.add(list(prior_ids), final=False)
+            detokenizer.emitted = min(emitted_chars, len(detokenizer.text))
+            prior_tokens = len(prior_ids)
+        pending_ids: list[int] = []
         metrics = self.metrics
         finished = recorded = False
         last_token_time: float | None = None
@@ -158,12 +175,14 @@ class AsyncEngine:
                     metrics.generation_tokens.inc(len(output.new_token_ids))
                     last_token_time = now
                 text, stopped = detokenizer.add(output.new_token_ids, output.finished)
+                pending_ids += output.new_token_ids
                 reason = "stop" if stopped else output.finish_reason
                 done = stopped or output.finished
                 finished = output.finished
                 if text or done:
-                    yield Delta(text, reason if done else None, output.num_prompt_tokens, output.num_output_tokens,
-                                output.num_cached_tokens)
+                    yield Delta(text, reason if done else None, output.num_prompt_tokens - prior_tokens,
+                                output.num_output_tokens + prior_tokens, output.num_cached_tokens, pending_ids)
+                    pending_ids = []
                 if done:
                     metrics.e2e_request_latency_seconds.observe(now - arrival)
                     metrics.requests_finished.labels(reason).inc()
