@@ -1,0 +1,188 @@
+"""FLEET.toml: the gateway's settings and its backends, validated; a bad key or value is a `ConfigError` naming it.
+
+```toml
+[gateway]
+policy = "least_outstanding"   # round_robin, least_outstanding, latency, cost, prefix, session
+health_interval_s = 0.5
+
+[[backend]]
+name = "eu-a"
+url = "http://127.0.0.1:8001"
+model = "tiny"                 # the model name clients ask for; several backends may serve one model
+tier = "cloud"                 # or "edge"
+region = "eu"
+cost_per_mtok_in = 0.5
+cost_per_mtok_out = 1.5
+max_concurrency = 64           # optional
+```
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from aiinfra.config import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+POLICIES = ("round_robin", "least_outstanding", "latency", "cost", "prefix", "session")
+SCORERS = ("prefix", "queue", "kv", "latency", "cost")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OutlierConfig(Section):
+    """Passive outlier detection, as Envoy's: consecutive failures eject a backend for a growing cooldown."""
+
+    consecutive_failures: int = Field(5, ge=1, description="failures in a row (5xx, resets, timeouts) that eject")
+    base_ejection_s: float = Field(30.0, gt=0, description="first ejection's length; the n-th lasts n times this")
+    max_ejection_s: float = Field(300.0, gt=0, description="no ejection lasts longer than this")
+    max_ejected_fraction: float = Field(
+        0.5, gt=0, le=1, description="share of a pool that may be ejected at once (at least one backend)")
+
+
+class GatewayConfig(Section):
+    """How the gateway picks a backend and how it survives failures."""
+
+    policy: Literal["round_robin", "least_outstanding", "latency", "cost", "prefix", "session"] = Field(
+        "least_outstanding", description="routing policy: " + ", ".join(POLICIES))
+    weights: dict[str, float] = Field(
+        default_factory=dict, description="scorer weights overriding the policy's, e.g. {prefix = 3, queue = 2}")
+    health_interval_s: float = Field(0.5, gt=0, description="seconds between active health checks of a backend")
+    health_timeout_s: float = Field(1.0, gt=0, description="a health check slower than this fails")
+    connect_timeout_s: float = Field(2.0, gt=0, description="time to open a connection to a backend")
+    request_timeout_s: float = Field(600.0, gt=0, description="a client request's whole time limit")
+    max_retries: int = Field(2, ge=0, description="further backends tried for a request (before or mid-stream)")
+    retry_budget_ratio: float = Field(
+        0.2, ge=0, le=1, description="retries in flight at most this share of requests in flight (Envoy's budget)")
+    min_retry_concurrency: int = Field(3, ge=0, description="retries always allowed in flight, whatever the budget")
+    hedge: bool = Field(False, description="send a second copy when the first has not answered by the pool's p95")
+    hedge_quantile: float = Field(0.95, gt=0, lt=1, description="the TTFT quantile after which a request hedges")
+    hedge_min_delay_ms: float = Field(5.0, ge=0, description="never hedge sooner than this")
+    hedge_budget_ratio: float = Field(0.05, ge=0, le=1, description="hedges at most this share of requests")
+    latency_slo_ms: float = Field(
+        2000.0, gt=0, description="the cost policy's limit on predicted latency (TTFT + TPOT x max_tokens)")
+    region: str = Field("", description="preferred region (header x-aiinfra-region overrides); others take spill")
+    session_header: str = Field("x-session-id", description="header naming a session (else the body's `user`)")
+    prefix_block_chars: int = Field(128, ge=8, description="prompt characters per block of the prefix index")
+    prefix_blocks_per_backend: int = Field(100_000, ge=1, description="blocks remembered per backend (LRU)")
+    load_cap_eps: float = Field(
+        0.25, ge=0, description="prefix policy: no backend takes more than (1 + eps) x the mean load")
+    api_keys: list[SecretStr] = Field(default_factory=list, description="client keys (empty: no key needed)")
+    api_keys_env: str = Field("", description="environment variable holding more client keys, comma-separated")
+    max_body_bytes: int = Field(4 << 20, ge=1, description="largest request body accepted")
+    outlier: OutlierConfig = Field(default_factory=OutlierConfig, description="outlier detection")
+
+    @field_validator("weights")
+    @classmethod
+    def _known_scorers(cls, weights: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(weights) - set(SCORERS))
+        if unknown:
+            raise ValueError(f"unknown scorer(s) {', '.join(unknown)}: expected {', '.join(SCORERS)}")
+        if any(weight < 0 for weight in weights.values()):
+            raise ValueError("weights must be >= 0")
+        return weights
+
+    def client_keys(self) -> list[str]:
+        """Every key a client may present: the listed ones and those in `api_keys_env`."""
+        keys = [key.get_secret_value() for key in self.api_keys]
+        if self.api_keys_env:
+            keys += [key.strip() for key in os.environ.get(self.api_keys_env, "").split(",") if key.strip()]
+        return keys
+
+
+class BackendConfig(Section):
+    """One OpenAI-compatible server (ours, vLLM, anything) serving one model."""
+
+    name: str = Field(min_length=1, description="unique name, used in metrics and logs")
+    url: str = Field(description="server root, e.g. http://127.0.0.1:8001 (the /v1/... paths are added)")
+    model: str = Field(min_length=1, description="the model name clients ask for")
+    served_model: str = Field("", description="the name the backend itself knows the model by (default: model)")
+    tier: Literal["cloud", "edge"] = Field("cloud", description="cloud or edge")
+    region: str = Field("", description="where it runs, for region preference")
+    cost_per_mtok_in: float = Field(0.0, ge=0, description="price per million prompt tokens")
+    cost_per_mtok_out: float = Field(0.0, ge=0, description="price per million generated tokens")
+    max_concurrency: int | None = Field(None, ge=1, description="requests in flight at most (default: no cap)")
+    api_key: SecretStr | None = Field(None, description="key sent to the backend (never logged or echoed)")
+    api_key_env: str = Field("", description="environment variable holding the backend's key")
+    health_path: str = Field("/health", description="the path of its health check (200 means healthy)")
+    server: Literal["auto", "aiinfra", "openai"] = Field(
+        "auto", description="aiinfra servers continue a cut stream exactly; auto asks /v1/models")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")) or len(url.split("://", 1)[1].strip("/")) == 0:
+            raise ValueError(f"{url!r}: expected http://HOST:PORT or https://HOST:PORT")
+        return url.rstrip("/")
+
+    def key(self) -> str | None:
+        """The key to send, from the file or the environment."""
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+    @property
+    def backend_model(self) -> str:
+        return self.served_model or self.model
+
+
+class FleetConfig(Section):
+    """The whole file: one [gateway] table and one [[backend]] table per server."""
+
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="gateway settings")
+    backend: list[BackendConfig] = Field(min_length=1, description="the servers")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> FleetConfig:
+        names = [backend.name for backend in self.backend]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"backend names must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+    def pools(self) -> dict[str, list[BackendConfig]]:
+        """Backends by the model name clients ask for."""
+        pools: dict[str, list[BackendConfig]] = {}
+        for backend in self.backend:
+            pools.setdefault(backend.model, []).append(backend)
+        return pools
+
+
+def _describe(error: Any, tree: dict[str, Any]) -> str:
+    parts = [str(part) for part in error["loc"]]
+    if len(parts) >= 2 and parts[0] == "backend" and parts[1].isdigit():
+        backend = tree.get("backend", [])[int(parts[1])] if isinstance(tree.get("backend"), list) else {}
+        name = backend.get("name") if isinstance(backend, dict) else None
+        parts[:2] = [f"backend[{parts[1]}]" + (f" ({name})" if name else "")]
+    message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
+    return f"{'.'.join(parts)}: {message}" if parts else message
+
+
+def parse_fleet(tree: dict[str, Any], origin: str = "FLEET.toml") -> FleetConfig:
+    """Validate a parsed FLEET.toml; the error names the first wrong key."""
+    try:
+        return FleetConfig.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(f"{origin}: {_describe(error.errors()[0], tree)}") from None
+
+
+def load_fleet(path: Path) -> FleetConfig:
+    """Read and validate FLEET.toml."""
+    try:
+        tree = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"fleet file {str(path)!r} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"fleet file {str(path)!r} is not valid TOML: {error}") from None
+    return parse_fleet(tree, str(path))

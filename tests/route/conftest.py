@@ -1,0 +1,126 @@
+"""Real processes on 127.0.0.1 for the gateway tests: a tiny Llama folder, `aiinfra serve` backends on it, and
+`aiinfra route` in front of them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from aiinfra.checkpoint.export import hf_config, hf_name
+
+from ..serve.server import tiny_served_model
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="session")
+def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight dim-64 Llama folder that `aiinfra serve` loads (the serve tests' tiny model)."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    served = tiny_served_model(max_seq_len=512)
+    spec = served.model.spec
+    weights = {hf_name(name): tensor.detach().to(torch.float32).contiguous()
+               for name, tensor in served.model.state_dict().items()
+               if not (spec.tie_embeddings and name == "output.weight")}
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(hf_config(spec, served.eos_token_id)))
+    served.tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+@dataclass
+class Process:
+    """A server process, its port and its log."""
+
+    args: list[str]
+    port: int
+    log: Path
+    process: subprocess.Popen | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Process:
+        self.process = subprocess.Popen(self.args, stdout=self.log.open("a"), stderr=subprocess.STDOUT,
+                                        env=os.environ | self.env, start_new_session=True)
+        return self
+
+    def wait_healthy(self, timeout_s: float = 120.0, path: str = "/health") -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert self.process is not None and self.process.poll() is None, self.log.read_text()
+            try:
+                if httpx.get(self.url + path, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, f"{self.args} did not start: {self.log.read_text()}"
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        """SIGKILL the server and everything it started (an aiinfra server's engine process too)."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def backend_process(folder: Path, port: int, log: Path, *extra: str) -> Process:
+    args = [sys.executable, "-m", "aiinfra.serve", str(folder), "--port", str(port), "--threads", "1",
+            "--served-model-name", MODEL, "--kv-cache-memory-mb", "16", *extra]
+    return Process(args, port, log)
+
+
+def gateway_process(fleet: Path, port: int, log: Path, *extra: str) -> Process:
+    return Process([sys.executable, "-m", "aiinfra", "route", str(fleet), "--port", str(port), *extra], port, log)
+
+
+def write_fleet(path: Path, backends: list[Process], gateway: str = "", **backend_keys: str) -> Path:
+    """A FLEET.toml over the given backends (named b0, b1, ...)."""
+    lines = ["[gateway]", gateway]
+    for index, backend in enumerate(backends):
+        lines += ["[[backend]]", f'name = "b{index}"', f'url = "{backend.url}"', f'model = "{MODEL}"',
+                  *(f"{key} = {value}" for key, value in backend_keys.items())]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Process]]:
+    """Processes a test starts; all stopped at its end, whatever happens."""
+    started: list[Process] = []
+    yield started
+    for process in started:
+        process.stop()
