@@ -20,8 +20,9 @@ import torch
 from safetensors.torch import save_file
 
 from aiinfra.checkpoint.export import hf_config, hf_name
-
-from ..serve.server import tiny_served_model
+from aiinfra.data.tokenizer import END_OF_TEXT, train_tokenizer
+from aiinfra.models.llama import Transformer
+from aiinfra.spec import ModelSpec
 
 MODEL = "tiny"
 
@@ -30,14 +31,17 @@ MODEL = "tiny"
 def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight dim-64 Llama folder that `aiinfra serve` loads (the serve tests' tiny model)."""
     folder = tmp_path_factory.mktemp("tiny-llama")
-    served = tiny_served_model(max_seq_len=512)
-    spec = served.model.spec
+    texts = [f"def function_{i}(value):\n    return value * {i} + {i * 7}  # the answer\n" for i in range(200)]
+    tokenizer = train_tokenizer(texts, 300)
+    torch.manual_seed(0)
+    spec = ModelSpec(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=512)
+    model = Transformer(spec)
     weights = {hf_name(name): tensor.detach().to(torch.float32).contiguous()
-               for name, tensor in served.model.state_dict().items()
+               for name, tensor in model.state_dict().items()
                if not (spec.tie_embeddings and name == "output.weight")}
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(hf_config(spec, served.eos_token_id)))
-    served.tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "config.json").write_text(json.dumps(hf_config(spec, tokenizer.token_to_id(END_OF_TEXT))))
+    tokenizer.save(str(folder / "tokenizer.json"))
     return folder
 
 
