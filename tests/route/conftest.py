@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +25,9 @@ from safetensors.torch import save_file
 from aiinfra.checkpoint.export import hf_config, hf_name
 from aiinfra.data.tokenizer import END_OF_TEXT, train_tokenizer
 from aiinfra.models.llama import Transformer
+from aiinfra.route.app import build_app
+from aiinfra.route.fleet import FleetConfig
+from aiinfra.route.gateway import Gateway
 from aiinfra.spec import ModelSpec
 
 MODEL = "tiny"
@@ -128,3 +134,31 @@ def processes() -> Iterator[list[Process]]:
     yield started
     for process in started:
         process.stop()
+
+
+@contextmanager
+def gateway_in_thread(fleet: FleetConfig) -> Iterator[tuple[str, Gateway]]:
+    """`aiinfra route`'s application on a thread of its own (its own event loop), for tests that look inside."""
+    from aiohttp import web
+
+    gateway = Gateway(fleet, seed=0)
+    app = build_app(fleet, gateway)
+    loop = asyncio.new_event_loop()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    runner = web.AppRunner(app, handler_cancellation=True)
+
+    async def start() -> None:
+        await runner.setup()
+        await web.SockSite(runner, sock).start()
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(start(), loop).result(30)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", gateway
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+        loop.close()

@@ -26,6 +26,8 @@ from aiinfra.route.relay import answer, stream
 from aiinfra.route.requests import ClientError, read_json, route_request
 
 GATEWAY_KEY = web.AppKey("gateway", Gateway)
+CLIENT_KEYS = web.AppKey("client_keys", list)
+MODEL_KEY = web.RequestKey("model", str)
 log = logging.getLogger("aiinfra.route")
 
 
@@ -52,7 +54,7 @@ def _upstream_error(failure: AttemptFailed) -> web.Response:
 async def _proxy(request: web.Request, path: str) -> web.StreamResponse:
     gateway = request.app[GATEWAY_KEY]
     config = gateway.config
-    _authorise(request, request.app["client_keys"])
+    _authorise(request, request.app[CLIENT_KEYS])
     body = await read_json(request, config.max_body_bytes)
     model = body.get("model")
     if model is None and len(gateway.pools) == 1:
@@ -60,7 +62,7 @@ async def _proxy(request: web.Request, path: str) -> web.StreamResponse:
     if model not in gateway.pools:
         raise ClientError(404, f"model {model!r} does not exist; this gateway serves {sorted(gateway.pools)}",
                           param="model", code="model_not_found")
-    request["model"] = model
+    request[MODEL_KEY] = model
     chat = path.endswith("chat/completions")
     route = route_request(body, chat, model, request.headers, config, gateway.policy.uses_prefix)
     streaming = bool(body.get("stream"))
@@ -99,7 +101,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def models(request: web.Request) -> web.Response:
-    _authorise(request, request.app["client_keys"])
+    _authorise(request, request.app[CLIENT_KEYS])
     gateway = request.app[GATEWAY_KEY]
     data = [{"id": model, "object": "model", "created": 0, "owned_by": "aiinfra-route"} for model in gateway.pools]
     return web.json_response({"object": "list", "data": data}, dumps=lambda obj: orjson.dumps(obj).decode())
@@ -135,7 +137,7 @@ async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
         log.exception("request %s failed", request_id)
         response = ClientError(500, f"internal error (request id {request_id}, in the gateway's log)",
                                type_="server_error").response()
-    request.app[GATEWAY_KEY].metrics.client_requests.labels(request.get("model", "-"), str(response.status)).inc()
+    request.app[GATEWAY_KEY].metrics.client_requests.labels(request.get(MODEL_KEY, "-"), str(response.status)).inc()
     return response
 
 
@@ -144,7 +146,7 @@ def build_app(fleet: FleetConfig, gateway: Gateway | None = None) -> web.Applica
     app = web.Application(middlewares=[errors], client_max_size=fleet.gateway.max_body_bytes)
     gateway = gateway or Gateway(fleet)
     app[GATEWAY_KEY] = gateway
-    app["client_keys"] = fleet.gateway.client_keys()
+    app[CLIENT_KEYS] = fleet.gateway.client_keys()
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
         await gateway.start()

@@ -7,6 +7,7 @@ the filters it needs; none of them touches the network, so each is tested on pla
 
 from __future__ import annotations
 
+import math
 import random
 import zlib
 from collections.abc import Callable, Sequence
@@ -103,7 +104,7 @@ def bounded_load(backends: Sequence[BackendState], eps: float) -> list[BackendSt
     Consistent hashing with bounded loads (Mirrokni et al. 2018), the cap SGLang's and llm-d's prefix routers use
     so that a popular prefix cannot pile every request onto one backend.
     """
-    cap = (1.0 + eps) * (sum(b.outstanding for b in backends) + 1) / len(backends)
+    cap = math.ceil((1.0 + eps) * (sum(b.outstanding for b in backends) + 1) / len(backends))
     kept = [b for b in backends if b.outstanding + 1 <= cap]
     return kept or [min(backends, key=lambda b: b.outstanding)]
 

@@ -139,7 +139,7 @@ class Budget:
         self.tokens = min(self.burst, self.tokens + self.ratio)
 
     def try_spend(self) -> bool:
-        if self.tokens >= 1.0:
+        if self.tokens >= 1.0 - 1e-9:  # ten requests at ratio 0.1 earn one, despite rounding
             self.tokens -= 1.0
             return True
         return False
