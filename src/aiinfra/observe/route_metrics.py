@@ -47,6 +47,16 @@ class RouteMetrics:
             f"{prefix}_stream_errors", "Streams ended with an error event because no backend could continue them",
             registry=registry)
 
+        self._children: dict[tuple, object] = {}
+
+    def child(self, metric: Counter | Histogram, *labels: str):  # noqa: ANN201 - prometheus' own child types
+        """`metric.labels(*labels)`, memoised: the per-request paths skip prometheus' label lookup and lock."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
     def render(self) -> bytes:
         """The text exposition format."""
         return generate_latest(self.registry)

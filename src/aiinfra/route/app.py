@@ -137,7 +137,8 @@ async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
         log.exception("request %s failed", request_id)
         response = ClientError(500, f"internal error (request id {request_id}, in the gateway's log)",
                                type_="server_error").response()
-    request.app[GATEWAY_KEY].metrics.client_requests.labels(request.get(MODEL_KEY, "-"), str(response.status)).inc()
+    metrics = request.app[GATEWAY_KEY].metrics
+    metrics.child(metrics.client_requests, request.get(MODEL_KEY, "-"), str(response.status)).inc()
     return response
 
 

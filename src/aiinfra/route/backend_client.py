@@ -59,20 +59,12 @@ class Attempt:
         self.first_byte_s: float | None = None
         self.closed = False
         backend.outstanding += 1
-        metrics.backend_outstanding.labels(backend.name).set(backend.outstanding)
-
-    def headers(self) -> dict[str, str]:
-        key = self.backend.config.key()
-        headers = {"content-type": "application/json"}
-        if key:
-            headers["authorization"] = f"Bearer {key}"
-        return headers
 
     async def open(self) -> None:
         """Send the request and read up to the first event (or the whole answer); AttemptFailed if it cannot."""
-        url = self.backend.config.url + self.path
         try:
-            self.response = await self.session.post(url, data=orjson.dumps(self.body), headers=self.headers())
+            self.response = await self.session.post(self.backend.url(self.path), data=orjson.dumps(self.body),
+                                                    headers=self.backend.headers)
         except aiohttp.ClientConnectorError as error:
             raise AttemptFailed(self.backend, f"cannot connect: {error.os_error or error}",
                                 connect_refused=isinstance(error.os_error, ConnectionRefusedError)) from None
@@ -96,20 +88,35 @@ class Attempt:
             raise AttemptFailed(self.backend, f"answered {self.status}", self.status,
                                 retry_after_seconds(self.response.headers.get("retry-after")))
         if self.stream and self.status == 200:
-            self.metrics.time_to_first_token_seconds.labels(self.backend.name).observe(self.first_byte_s)
+            self.metrics.child(self.metrics.time_to_first_token_seconds, self.backend.name).observe(self.first_byte_s)
 
-    async def events(self) -> AsyncIterator[tuple[bytes, str]]:
-        """Every event of the stream, the ones read by `open` first; the backend's errors propagate."""
+    async def batches(self) -> AsyncIterator[list[tuple[bytes, str]]]:
+        """The stream's events, a list per network read (the ones read by `open` first), so that what arrived
+        together is passed on in one write; the backend's errors propagate."""
         assert self.response is not None
-        for event in self.first:
-            yield event
+        if self.first:
+            yield self.first
         self.first = []
         while True:
             chunk = await self.response.content.readany()
             if not chunk:
                 return
-            for event in self.parser.feed(chunk):
-                yield event
+            events = self.parser.feed(chunk)
+            if events:
+                yield events
+
+    async def finish(self) -> None:
+        """After the last event: read the body's end, so that the connection goes back to the pool for reuse."""
+        content = self.response.content if self.response is not None else None
+
+        async def drain() -> None:
+            while content is not None and await content.readany():
+                pass
+
+        try:
+            await asyncio.wait_for(drain(), timeout=1.0)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            pass  # it will be closed instead: only a connection is lost
 
     def close(self, outcome: str) -> None:
         """Release the connection (aborting the backend's request if it is still running) and the load."""
@@ -120,7 +127,7 @@ class Attempt:
             self.response.close()
         backend = self.backend
         backend.outstanding -= 1
-        self.metrics.backend_outstanding.labels(backend.name).set(backend.outstanding)
-        self.metrics.backend_requests.labels(backend.name, outcome).inc()
+        metrics = self.metrics
+        metrics.child(metrics.backend_requests, backend.name, outcome).inc()
         if outcome == "200":
-            self.metrics.request_latency_seconds.labels(backend.name).observe(time.perf_counter() - self.dispatched)
+            metrics.child(metrics.request_latency_seconds, backend.name).observe(time.perf_counter() - self.dispatched)

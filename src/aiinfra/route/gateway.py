@@ -56,8 +56,10 @@ class Gateway:
     def _state(self, config: BackendConfig) -> BackendState:
         state = BackendState(config, PrefixIndex(self.config.prefix_blocks_per_backend))
         state.server = "aiinfra" if config.server == "aiinfra" else "openai"
-        self.metrics.backend_up.labels(config.name).set(1)
-        self.metrics.backend_outstanding.labels(config.name).set(0)
+        # Read when scraped, never written on the request path.
+        self.metrics.backend_up.labels(config.name).set_function(
+            lambda: int(state.up and not state.outlier.ejected(time.monotonic())))
+        self.metrics.backend_outstanding.labels(config.name).set_function(lambda: state.outstanding)
         return state
 
     async def start(self) -> None:
@@ -104,13 +106,12 @@ class Gateway:
             if failure.status == 429:
                 return  # overload, not a fault: cool down without counting towards ejection
         if failure.connect_refused:
-            self.set_up(backend, False)
+            backend.up = False
         pool = self.pools[backend.config.model]
         ejected_now = sum(b.outlier.ejected(now) for b in pool)
         may_eject = ejected_now < max(1, math.floor(self.config.outlier.max_ejected_fraction * len(pool)))
         if backend.outlier.record_failure(now, self.config.outlier, may_eject):
             self.metrics.ejections.labels(backend.name).inc()
-            self.metrics.backend_up.labels(backend.name).set(0)
 
     def record_success(self, attempt: Attempt, tokens: int) -> None:
         backend = attempt.backend
@@ -123,30 +124,39 @@ class Gateway:
         else:
             backend.record_latency(None, elapsed / max(tokens, 1))
 
-    def set_up(self, backend: BackendState, up: bool) -> None:
-        backend.up = up
-        ejected = backend.outlier.ejected(time.monotonic())
-        self.metrics.backend_up.labels(backend.name).set(int(up and not ejected))
-
     # -- the first byte -----------------------------------------------------------------------------------------
 
-    def _launch(self, model: str, request: RouteRequest, path: str, body_for: BodyFor, stream: bool,
-                exclude: set[str], tasks: dict[asyncio.Task, Attempt]) -> BackendState | None:
-        """Start an attempt on the policy's pick among backends not tried yet; None when there is none."""
+    def _attempt(self, model: str, request: RouteRequest, path: str, body_for: BodyFor, stream: bool,
+                 exclude: set[str]) -> Attempt | None:
+        """An attempt on the policy's pick among backends not tried yet (not sent yet); None when there is none."""
         assert self.session is not None
         while (backend := self.choose(model, request, exclude)) is not None:
             exclude.add(backend.name)
             body = body_for(backend)
             if body is not None:  # None: this kind of server cannot take it (a continuation it cannot do)
-                attempt = Attempt(backend, self.session, self.metrics, path, body, stream)
-                tasks[asyncio.create_task(attempt.open())] = attempt
-                return backend
+                return Attempt(backend, self.session, self.metrics, path, body, stream)
         return None
+
+    def _retry(self, model: str, request: RouteRequest, path: str, body_for: BodyFor, stream: bool,
+               tried: Tried) -> Attempt | None:
+        """Another attempt after a failure, if the request has retries left and the retry budget allows one."""
+        if tried.retries_left <= 0 or not self._may_retry():
+            return None
+        attempt = self._attempt(model, request, path, body_for, stream, tried.names)
+        if attempt is not None:
+            tried.retries_left -= 1
+            self.metrics.retries.labels(attempt.backend.name).inc()
+            self.metrics.failovers.labels("before_stream").inc()
+        return attempt
 
     def _may_retry(self) -> bool:
         """Envoy's retry budget: retries in flight within a share of all requests in flight (or a small floor)."""
         return self.retries_in_flight < max(self.config.min_retry_concurrency,
                                             self.config.retry_budget_ratio * self.in_flight)
+
+    def _failed(self, attempt: Attempt, failure: AttemptFailed) -> None:
+        attempt.close(str(failure.status) if failure.status else "error")
+        self.record_failure(failure)
 
     async def open(self, model: str, request: RouteRequest, path: str, body_for: BodyFor, stream: bool,
                    tried: Tried) -> Attempt:
@@ -155,44 +165,75 @@ class Gateway:
 
         `body_for(backend)` is the request body for that backend (None if it cannot serve it); `tried` names the
         backends tried so far and holds the retries left, for this call and the next (a failover)."""
-        exclude = tried.names
-        tasks: dict[asyncio.Task, Attempt] = {}
-        if self._launch(model, request, path, body_for, stream, exclude, tasks) is None:
+        attempt = self._attempt(model, request, path, body_for, stream, tried.names)
+        if attempt is None:
             raise NoBackend(model)
         hedge_delay = self.hedge_delay_s(model) if self.config.hedge else None
+        if hedge_delay is None:
+            return await self._open_in_turn(attempt, model, request, path, body_for, stream, tried)
+        return await self._open_hedged(attempt, hedge_delay, model, request, path, body_for, stream, tried)
+
+    async def _open_in_turn(self, attempt: Attempt, model: str, request: RouteRequest, path: str,
+                            body_for: BodyFor, stream: bool, tried: Tried) -> Attempt:
+        """One attempt at a time, the next only after the previous failed (no task, no timer: the common path)."""
+        retrying = False
+        try:
+            while True:
+                try:
+                    await attempt.open()
+                except AttemptFailed as failure:
+                    self._failed(attempt, failure)
+                    next_attempt = self._retry(model, request, path, body_for, stream, tried)
+                    if next_attempt is None:
+                        raise
+                    if not retrying:
+                        retrying = True
+                        self.retries_in_flight += 1
+                    attempt = next_attempt
+                    continue
+                except BaseException:
+                    attempt.close("cancelled")
+                    raise
+                self._won(attempt, {}, model)
+                return attempt
+        finally:
+            if retrying:
+                self.retries_in_flight -= 1
+
+    async def _open_hedged(self, attempt: Attempt, hedge_delay: float, model: str, request: RouteRequest, path: str,
+                           body_for: BodyFor, stream: bool, tried: Tried) -> Attempt:
+        """Attempts as tasks: a second copy if the first has no first byte after `hedge_delay`, the loser cancelled."""
+        tasks: dict[asyncio.Task, Attempt] = {asyncio.create_task(attempt.open()): attempt}
+        delay: float | None = hedge_delay
         last_failure: AttemptFailed | None = None
         retrying = False
         try:
             while tasks:
-                done, _ = await asyncio.wait(tasks, timeout=hedge_delay, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(tasks, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
                 if not done:  # the hedging delay passed without a first byte
-                    hedge_delay = None  # one hedge per request
-                    if self.available(model, exclude) and self.hedge_budget.try_spend():
-                        backend = self._launch(model, request, path, body_for, stream, exclude, tasks)
-                        if backend is not None:
-                            self.metrics.hedges.labels(backend.name).inc()
+                    delay = None  # one hedge per request
+                    if self.available(model, tried.names) and self.hedge_budget.try_spend():
+                        hedge = self._attempt(model, request, path, body_for, stream, tried.names)
+                        if hedge is not None:
+                            self.metrics.hedges.labels(hedge.backend.name).inc()
+                            tasks[asyncio.create_task(hedge.open())] = hedge
                     continue
                 for task in done:
-                    attempt = tasks.pop(task)
+                    finished = tasks.pop(task)
                     failure = task.exception()
                     if failure is None:
-                        self._won(attempt, tasks, model)
-                        return attempt
+                        self._won(finished, tasks, model)
+                        return finished
                     assert isinstance(failure, AttemptFailed)
-                    attempt.close(str(failure.status) if failure.status else "error")
-                    self.record_failure(failure)
+                    self._failed(finished, failure)
                     last_failure = failure
                 if tasks:
                     continue
-                backend = None
-                if tried.retries_left > 0 and self._may_retry():
-                    backend = self._launch(model, request, path, body_for, stream, exclude, tasks)
-                if backend is None:
+                retry = self._retry(model, request, path, body_for, stream, tried)
+                if retry is None:
                     assert last_failure is not None
                     raise last_failure
-                tried.retries_left -= 1
-                self.metrics.retries.labels(backend.name).inc()
-                self.metrics.failovers.labels("before_stream").inc()
+                tasks[asyncio.create_task(retry.open())] = retry
                 if not retrying:
                     retrying = True
                     self.retries_in_flight += 1
@@ -200,9 +241,9 @@ class Gateway:
         finally:
             if retrying:
                 self.retries_in_flight -= 1
-            for task, attempt in tasks.items():  # hedges that lost, or everything on cancellation
+            for task, pending in tasks.items():  # hedges that lost, or everything on cancellation
                 task.cancel()
-                attempt.close("cancelled")
+                pending.close("cancelled")
 
     def _won(self, attempt: Attempt, others: dict[asyncio.Task, Attempt], model: str) -> None:
         if others:

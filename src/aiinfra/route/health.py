@@ -58,7 +58,7 @@ async def check(gateway: Gateway, backend: BackendState) -> None:
         if not was_up or not backend.checked:  # a restarted backend may be another server
             await detect_server(gateway.session, backend, gateway.config.health_timeout_s)
         backend.checked = True
-    gateway.set_up(backend, healthy)
+    backend.up = healthy
 
 
 async def health_loop(gateway: Gateway) -> None:

@@ -50,25 +50,35 @@ async def _write(response: web.StreamResponse, data: bytes) -> None:
 
 async def _pump(attempt: Attempt, response: web.StreamResponse, state: StreamState, continuing: bool,
                 strip: bool) -> bool:
-    """Relay the attempt's events to the client until `[DONE]` (True) or until the backend fails (False)."""
+    """Relay the attempt's events to the client until `[DONE]` (True) or until the backend fails (False).
+
+    Events that arrived in one read leave in one write; none waits for a later one."""
+    rewrite = continuing or (strip and attempt.exact)
     try:
-        async for raw, data in attempt.events():
-            if data == DONE:
+        async for events in attempt.batches():
+            out = []
+            done = False
+            for raw, data in events:
+                if data == DONE:
+                    done = True
+                    break
+                try:
+                    chunk = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    out.append(raw)
+                    continue
+                if "error" in chunk and not chunk.get("choices"):
+                    await _write(response, b"".join(out))
+                    return False  # the backend gave up mid-stream (an aiinfra server whose engine died): fail over
+                if continuing and (chunk := state.rewrite(chunk)) is None:
+                    continue
+                state.observe(chunk)
+                out.append(sse(strip_token_ids(chunk) if strip else chunk) if rewrite else raw)
+            if out:
+                await _write(response, b"".join(out))
+            if done:
+                await attempt.finish()
                 return True
-            try:
-                chunk = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                await _write(response, raw)
-                continue
-            if "error" in chunk and not chunk.get("choices"):
-                return False  # the backend gave up mid-stream (an aiinfra server whose engine died): fail over
-            if continuing and (chunk := state.rewrite(chunk)) is None:
-                continue
-            state.observe(chunk)
-            if continuing or (strip and attempt.exact):
-                await _write(response, sse(strip_token_ids(chunk) if strip else chunk))
-            else:
-                await _write(response, raw)
     except BACKEND_ERRORS:
         return False
     return False
@@ -122,8 +132,10 @@ async def stream(request: web.Request, gateway: Gateway, attempt: Attempt, route
             gateway.metrics.stream_errors.inc()
             await _write(response, error_event("the backend failed mid-stream and no other could continue the answer",
                                                "upstream_failed"))
-        await _write(response, sse(DONE))
-        await response.write_eof()
+        try:
+            await response.write_eof(sse(DONE))  # the last event and the end of the body in one write
+        except (ConnectionResetError, RuntimeError) as error:
+            raise ClientGone() from error
     except (ClientGone, ConnectionResetError):
         pass
     finally:

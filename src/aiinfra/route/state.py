@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
+from yarl import URL
+
 from aiinfra.route.fleet import BackendConfig, OutlierConfig
 
 EWMA_ALPHA = 0.2  # weight of the newest sample: about the last ten requests dominate
@@ -89,6 +91,19 @@ class BackendState:
     kv_cache_usage: float | None = None
     cooldown_until: float = 0.0  # a 429/503's Retry-After
     outlier: Outlier = field(default_factory=Outlier)
+    headers: dict[str, str] = field(default_factory=dict)  # sent with every request: content type and key
+    _urls: dict[str, URL] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        key = self.config.key()
+        self.headers = {"content-type": "application/json"} | ({"authorization": f"Bearer {key}"} if key else {})
+
+    def url(self, path: str) -> URL:
+        """The backend's URL for `path`, parsed once."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = URL(self.config.url + path)
+        return url
 
     @property
     def name(self) -> str:

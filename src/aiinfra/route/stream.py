@@ -36,6 +36,9 @@ class SSEParser:
             if end < 0:
                 return events
             raw, self.buffer = self.buffer[: end + size], self.buffer[end + size :]
+            if raw.startswith(b"data: ") and raw.find(b"\n", 6, end) < 0:  # the usual one-line event
+                events.append((raw, raw[6:end].decode("utf-8", "replace")))
+                continue
             data = [line[5:].lstrip() for line in raw.decode("utf-8", "replace").splitlines()
                     if line.startswith("data:")]
             if data:
