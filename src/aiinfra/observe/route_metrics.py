@@ -25,7 +25,7 @@ class RouteMetrics:
             f"{prefix}_backend_requests", "Attempts sent to a backend, by HTTP status (or 'error': no response, "
             "'cut': the stream broke)", ["backend", "status"], registry=registry)
         self.time_to_first_token_seconds = Histogram(
-            f"{prefix}_time_to_first_token_seconds", "From dispatch to the backend's first streamed event",
+            f"{prefix}_time_to_first_token_seconds", "From dispatch to the backend's first streamed token",
             ["backend"], buckets=LATENCY_BUCKETS_S, registry=registry)
         self.request_latency_seconds = Histogram(
             f"{prefix}_request_latency_seconds", "From dispatch to the end of the backend's answer", ["backend"],

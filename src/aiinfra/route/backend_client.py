@@ -16,9 +16,28 @@ import orjson
 
 from aiinfra.observe.route_metrics import RouteMetrics
 from aiinfra.route.state import BackendState
-from aiinfra.route.stream import SSEParser
+from aiinfra.route.stream import DONE, SSEParser
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+
+
+def carries_token(data: str) -> bool:
+    """Whether an event holds generated text, a finish, an error or the end: anything but an empty announcement."""
+    if data == DONE:
+        return True
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return True
+    if not isinstance(chunk, dict) or "error" in chunk:
+        return True
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") or {}
+        if choice.get("text") or delta.get("content") or choice.get("finish_reason") is not None:
+            return True
+        if delta.get("tool_calls") or delta.get("reasoning_content"):
+            return True
+    return not chunk.get("choices")  # a usage-only chunk comes last
 
 
 class AttemptFailed(Exception):
@@ -76,11 +95,13 @@ class Attempt:
             if self.status != 200 or not self.stream:
                 self.payload = await self.response.read()
             else:
-                while not self.first:
+                # Up to the first event that carries a token (or ends the stream): a chat stream's role
+                # announcement comes at once even from a server whose model is stalled, so it decides nothing.
+                while not self.first or not any(carries_token(data) for _, data in self.first):
                     chunk = await self.response.content.readany()
                     if not chunk:
-                        raise AttemptFailed(self.backend, "the stream ended before its first event", 200)
-                    self.first = self.parser.feed(chunk)
+                        raise AttemptFailed(self.backend, "the stream ended before its first token", 200)
+                    self.first += self.parser.feed(chunk)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
             raise AttemptFailed(self.backend, f"broke before the first byte: {error!r}", self.status) from None
         self.first_byte_s = time.perf_counter() - self.dispatched
