@@ -65,6 +65,14 @@ def layer_activation_bytes(spec: ModelSpec, settings: TrainSettings, layout: Lay
     stored = terms.replicated_bytes / sp_divisor + terms.split_bytes
     if layout.recompute == "none":
         stored += terms.scores_bytes
+    elif settings.attention_kernel == "flash":
+        # With fused attention there are no scores to drop; selective policies (torchtitan's per-op AC, MaxText's
+        # "minimal") keep the matmul outputs and recompute the elementwise ops between them: the norm outputs
+        # and, in a gated MLP, the product of gate and up.
+        a = settings.activation_bytes
+        experts = spec.experts_per_token if spec.is_moe else 1
+        gated = a * spec.ffn_dim / layout.tp * experts if spec.mlp == "swiglu" else 0.0
+        stored -= 2 * a * spec.dim / sp_divisor + gated
     return tokens * stored
 
 
@@ -78,10 +86,10 @@ def in_flight_micro_batches(settings: TrainSettings, layout: Layout) -> float:
     p = layout.pp
     if p == 1:
         return 1.0
-    if layout.schedule == "gpipe":
+    if layout.pp_schedule == "gpipe":
         return float(m)
     in_flight = float(min(p, m))
-    if layout.schedule == "interleaved":
+    if layout.pp_schedule == "interleaved_1f1b":
         in_flight *= 1 + (p - 1) / (p * layout.virtual_stages)
     return in_flight
 
@@ -155,13 +163,13 @@ def activation_memory_bytes(spec: ModelSpec, settings: TrainSettings, layout: La
 
 
 def memory_breakdown(spec: ModelSpec, settings: TrainSettings, layout: Layout) -> MemoryBreakdown:
-    """Weights, gradients, optimizer state (ZeRO-sharded over dp x cp) and activations per device.
+    """Weights, gradients, optimizer state (ZeRO-sharded over dp_shard x cp) and activations per device.
 
     ZeRO stages follow Rajbhandari et al. 2020: stage 1 shards optimizer state, stage 2 also gradients, stage 3
     (FSDP, Zhao et al. 2023) also parameters, which are all-gathered one layer at a time (two with prefetch).
     """
     counts = device_param_counts(spec, layout)
-    shard = layout.dp * layout.cp
+    shard = (layout.dp_shard if layout.zero_stage else 1) * layout.cp
     expert_shard = max(1, shard // layout.ep)
 
     def sharded(stage: int) -> float:
@@ -171,9 +179,11 @@ def memory_breakdown(spec: ModelSpec, settings: TrainSettings, layout: Layout) -
 
     weights = settings.param_bytes * sharded(3)
     if layout.zero_stage == 3:
-        # Gathered working copies: the layer being computed and the one being prefetched.
-        layer = (spec.layer_params() / layout.tp) if spec.n_layers else 0
-        weights += 2 * settings.param_bytes * layer
+        # Gathered working copies: the layer being computed and the one being prefetched; without resharding after
+        # the forward pass every gathered layer of the stage stays until its backward.
+        layer = counts.total / layers_per_stage(spec, layout)
+        gathered_layers = 2 if settings.reshard_after_forward else layers_per_stage(spec, layout)
+        weights += gathered_layers * settings.param_bytes * layer
     return MemoryBreakdown(
         weights_bytes=weights,
         gradients_bytes=settings.grad_bytes * sharded(2),

@@ -23,6 +23,7 @@ CROSS_ENTROPY_BYTES_PER_LOGIT = 10
 BACKWARD_ELEMENTWISE_FACTOR = 2.0
 FLASH_BACKWARD_FACTOR = 2.5
 FLASH_BLOCK = 128  # query/key tile: a causal mask skips every tile above the diagonal
+FP8_CAST_BYTES = 3  # a bf16 -> fp8 cast reads 2 bytes and writes 1 per element
 # A collective that overlaps computation still runs kernels on the same chip: NCCL gives each channel one thread
 # block, and its default of up to 32 channels over NVLink occupies about a quarter of an A100's 108 or an H100's
 # 132 SMs (NCCL environment docs, NCCL_MAX_NCHANNELS). Overlapped time therefore slows the computation it hides
@@ -56,7 +57,7 @@ def _gemm_time_s(cluster: Cluster, precision: str, m: float, k: float, n: float,
 def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster) -> PassTimes:
     """Forward-pass costs of one transformer layer for one micro-batch on one device."""
     eff = cluster.efficiency
-    precision = settings.precision
+    precision = settings.gemm_precision
     a = settings.activation_bytes
     tp = layout.tp
     h = spec.dim
@@ -85,11 +86,12 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
     if settings.attention_kernel == "flash":
         # Tiles above the causal diagonal are skipped; the kernel runs at its own efficiency.
         causal_fraction = 0.5 * (1 + FLASH_BLOCK / seq) if seq > FLASH_BLOCK else 1.0
-        attention = attention_flops * causal_fraction / (cluster.peak_flops(precision) * eff.attention_efficiency)
+        # fp8/fp4 recipes keep the attention products in bf16 (Transformer Engine's default DotProductAttention).
+        attention = attention_flops * causal_fraction / (cluster.peak_flops("bf16") * eff.attention_efficiency)
     else:
         # Batched GEMMs per head, (s x d) @ (d x s) and (s x s) @ (s x d): thin in the head dimension.
-        per_head_eff = eff.gemm_efficiency(m, spec.head_dim, seq, precision)
-        attention = attention_flops / (cluster.peak_flops(precision) * per_head_eff)
+        per_head_eff = eff.gemm_efficiency(m, spec.head_dim, seq, "bf16")
+        attention = attention_flops / (cluster.peak_flops("bf16") * per_head_eff)
         mask = 1 if settings.dropout else 0
         # Fused scale-mask-softmax reads and writes each score; dropout reads, writes and stores a mask.
         scores_bytes = m * heads_local * seq * (2 * a + (2 * a + 1) * mask)
@@ -102,6 +104,11 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
     if spec.is_moe:
         activation_bytes *= spec.experts_per_token
     rotary_bytes = m * 2 * a * (q_local + kv_local) if spec.position == "rope" else 0.0
+    if precision in ("fp8", "fp4"):
+        # Each low-precision GEMM casts its input (read 2 bytes, write 1) before it runs (Transformer Engine's
+        # per-tensor or block scaling); the four linear inputs of a layer are h, q_local, h and ffn_local wide.
+        experts = spec.experts_per_token if spec.is_moe else 1
+        activation_bytes += m * FP8_CAST_BYTES * (2 * h * experts + q_local + ffn_local * experts)
     bandwidth = cluster.memory_bw_bytes_per_s * eff.memory_bw_efficiency
     elementwise = (replicated_bytes + activation_bytes + rotary_bytes) / bandwidth
 
@@ -181,7 +188,7 @@ def head_micro_batch_s(spec: ModelSpec, settings: TrainSettings, layout: Layout,
     """Output projection and cross-entropy for one micro-batch (forward + backward), on the last stage."""
     m = layout.micro_batch * settings.seq_len / layout.cp
     vocab_local = spec.vocab_size / layout.tp
-    gemm = _gemm_time_s(cluster, settings.precision, m, spec.dim, vocab_local)
+    gemm = _gemm_time_s(cluster, "bf16", m, spec.dim, vocab_local)  # low-precision recipes keep the head in bf16
     bandwidth = cluster.memory_bw_bytes_per_s * cluster.efficiency.memory_bw_efficiency
     loss = m * vocab_local * CROSS_ENTROPY_BYTES_PER_LOGIT / bandwidth
     return 3 * gemm + (1 + BACKWARD_ELEMENTWISE_FACTOR) * loss
@@ -223,40 +230,57 @@ class StepBreakdown:
         return self.hardware_flops / (self.step_time_s * cluster.n_devices * cluster.peak_flops(precision))
 
 
+def dp_collective_calls(params: float, stage_layers: int, bucket_params: float) -> float:
+    """Collectives per pass over a stage's parameters: one per bucket, or one per layer (FSDP's wrapped units)."""
+    if bucket_params > 0:
+        return max(1.0, params / bucket_params)
+    return float(max(1, stage_layers))
+
+
 def _dp_comm_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster, mb: MicroBatchTimes,
                stage_layers: int, m: int) -> float:
-    """Exposed data-parallel time: gradient reduction, parameter gathers, and how much the passes hide."""
-    shard_group = layout.dp * layout.cp
-    if shard_group == 1:
+    """Exposed data-parallel time: gradient reduction, parameter gathers, and how much the passes hide.
+
+    ZeRO shards over dp_shard x cp (Megatron shards its distributed optimizer over dp x cp); HSDP's dp_replicate
+    replicas then all-reduce the gradient shards. Each collective is split into buckets and pays its ring latency
+    per bucket (`collective_time_s`), so the same bytes cost more on more ranks when the buckets are small.
+    """
+    if layout.dp * layout.cp == 1:
         return 0.0
     params = device_param_counts(spec, layout).total
     grads = params * settings.grad_reduce_bytes
-    weights = params * settings.param_bytes
-    stride = layout.tp
+    weights = params * (1 if settings.fp8_param_gather else settings.param_bytes)
+    calls = dp_collective_calls(params, stage_layers, settings.dp_bucket_params)
     backward_window = mb.backward_s * stage_layers
     forward_window = (mb.compute_s - mb.backward_s) * stage_layers
-    if layout.zero_stage == 3:
-        # FSDP gathers weights for the forward and again for the backward and reduce-scatters gradients, every
-        # micro-batch, prefetching one layer ahead so each collective hides behind the neighbouring compute
-        # (Zhao et al. 2023, PyTorch FSDP, 3.4).
-        gather = collective_time_s(cluster, "all_gather", weights, shard_group, stride)
-        scatter = collective_time_s(cluster, "reduce_scatter", grads, shard_group, stride)
-        per_micro_batch = overlapped_s(gather, forward_window) + overlapped_s(gather + scatter, backward_window)
-        if not settings.dp_overlap:
-            per_micro_batch = 2 * gather + scatter
-        return m * per_micro_batch
     if layout.zero_stage == 0:
-        reduce = collective_time_s(cluster, "all_reduce", grads, shard_group, stride)
-        gather = 0.0
-    else:
-        # ZeRO-1/2 (Megatron's distributed optimizer): reduce-scatter gradients, all-gather updated weights.
-        reduce = collective_time_s(cluster, "reduce_scatter", grads, shard_group, stride)
-        gather = collective_time_s(cluster, "all_gather", weights, shard_group, stride)
+        # Plain data parallel over every replica: one bucketed all-reduce of the gradients per step (Li et al. 2020).
+        reduce = collective_time_s(cluster, "all_reduce", grads, layout.dp * layout.cp, layout.tp, calls)
+        return overlapped_s(reduce, backward_window) if settings.dp_overlap else reduce
+    shard_group = layout.dp_shard * layout.cp
+    replicate = collective_time_s(cluster, "all_reduce", grads / shard_group, layout.dp_replicate,
+                                  layout.tp * shard_group, calls)
+    gather = collective_time_s(cluster, "all_gather", weights, shard_group, layout.tp, calls)
+    scatter = collective_time_s(cluster, "reduce_scatter", grads, shard_group, layout.tp, calls)
+    if layout.zero_stage == 3:
+        # FSDP gathers the weights for the forward (and again for the backward when it reshards after the forward)
+        # and reduce-scatters gradients every micro-batch, prefetching so that each collective hides behind the
+        # neighbouring layer's compute (Zhao et al. 2023, PyTorch FSDP, 3.4; Rajbhandari et al. 2020, ZeRO-3).
+        backward_gather = gather if settings.reshard_after_forward else 0.0
+        if not settings.dp_overlap:
+            return m * (gather + backward_gather + scatter) + replicate
+        per_micro_batch = overlapped_s(gather, forward_window) + overlapped_s(backward_gather + scatter,
+                                                                             backward_window)
+        return m * per_micro_batch + overlapped_s(replicate, backward_window)
+    # ZeRO-1/2 (Megatron's distributed optimizer, DeepSpeed stages 1-2): reduce-scatter gradients (after the last
+    # micro-batch, or after every one), all-gather the updated weights once per step.
+    scatters = m if settings.grad_reduce_every_micro_batch else 1
     if not settings.dp_overlap:
-        return reduce + gather
+        return scatters * scatter + replicate + gather
     # Gradients are final only in the last micro-batch's backward, which is all the reduction can hide behind
     # (bucketed overlap, Li et al. 2020, PyTorch DDP); the weight gather hides behind the first forward.
-    return overlapped_s(reduce, backward_window) + overlapped_s(gather, forward_window)
+    return (scatters * overlapped_s(scatter, backward_window) + overlapped_s(replicate, backward_window)
+            + overlapped_s(gather, forward_window))
 
 
 def step_breakdown(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster) -> StepBreakdown:
