@@ -71,7 +71,8 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
     gemm += _gemm_time_s(cluster, precision, m, q_local, h)  # output projection
     mlp_in = (2 if spec.mlp == "swiglu" else 1) * ffn_local
     if spec.is_moe:
-        gemm += _gemm_time_s(cluster, precision, m, h, spec.n_experts)  # router
+        if spec.n_experts > 1:  # a single expert takes every token: nothing to route
+            gemm += _gemm_time_s(cluster, precision, m, h, spec.n_experts)  # router
         local_experts = spec.n_experts / layout.ep
         tokens_per_expert = m * spec.experts_per_token * layout.ep / spec.n_experts
         gemm += _gemm_time_s(cluster, precision, tokens_per_expert, h, mlp_in, local_experts)
