@@ -38,6 +38,7 @@ class Layout:
     zero_stage: int = 0  # over dp_shard: 0 replicated; 1 optimizer sharded; 2 + gradients; 3 (FSDP) + parameters
     micro_batch: int = 1  # sequences per micro-batch
     recompute: Recompute = "none"
+    recompute_fraction: float = 1.0  # share of a stage's layers recomputed (Megatron --recompute-num-layers)
     sequence_parallel: bool = False  # shard norms/dropout along the sequence inside the TP group
 
     @property
@@ -65,7 +66,10 @@ class Layout:
             parts.append(f"CP{self.cp}")
         if self.ep > 1:
             parts.append(f"EP{self.ep}")
-        parts += [f"ZeRO-{self.zero_stage}", f"mb{self.micro_batch}", f"recompute={self.recompute}"]
+        recompute = self.recompute
+        if recompute != "none" and self.recompute_fraction < 1:
+            recompute += f"({100 * self.recompute_fraction:.0f}% of layers)"
+        parts += [f"ZeRO-{self.zero_stage}", f"mb{self.micro_batch}", f"recompute={recompute}"]
         if self.sequence_parallel:
             parts.append("SP")
         return " ".join(parts)
@@ -91,10 +95,16 @@ class TrainSettings:
     reshard_after_forward: bool = True  # ZeRO-3 drops gathered weights after the forward, gathers again for backward
     grad_reduce_every_micro_batch: bool = False  # ZeRO-1/2 reduce-scatter after every micro-batch (DeepSpeed)
     fp8_param_gather: bool = False  # FSDP all-gathers fp8 weights (torchao float8 all-gather)
+    gather_param_bytes: int = 0  # bytes per weight a ZeRO-3 gather moves and holds (0: param_bytes)
 
     @property
     def activation_bytes(self) -> int:
         return 4 if self.precision == "fp32" else 2
+
+    @property
+    def gathered_bytes(self) -> int:
+        """Bytes per weight of ZeRO-3's gathered copies (fp32 weights are cast to bf16 before XLA's gather)."""
+        return self.gather_param_bytes or self.param_bytes
 
     @property
     def gemm_precision(self) -> str:
@@ -132,6 +142,8 @@ def check_layout(spec: ModelSpec, settings: TrainSettings, layout: Layout, n_dev
         raise PlanError(f"tp={layout.tp} must divide n_heads={spec.n_heads}")
     if layout.pp > spec.n_layers:
         raise PlanError(f"pp={layout.pp} exceeds n_layers={spec.n_layers}")
+    if not 0 < layout.recompute_fraction <= 1:
+        raise PlanError(f"recompute_fraction={layout.recompute_fraction:g}: must be in (0, 1]")
     if layout.zero_stage not in (0, 1, 2, 3):
         raise PlanError(f"zero_stage={layout.zero_stage}: expected 0, 1, 2 or 3")
     if layout.pp_schedule not in ("gpipe", "1f1b", "interleaved_1f1b"):

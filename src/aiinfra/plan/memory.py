@@ -11,7 +11,7 @@ recomputation on top, and 2 s b h (/t under sequence parallelism) with full reco
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from aiinfra.plan.layout import Layout, TrainSettings, layers_per_stage, micro_batches
 from aiinfra.spec import ModelSpec
@@ -55,7 +55,16 @@ def activation_terms(spec: ModelSpec, settings: TrainSettings, tp: int) -> Activ
 
 
 def layer_activation_bytes(spec: ModelSpec, settings: TrainSettings, layout: Layout) -> float:
-    """Activations one layer stores for one micro-batch on one device, under the layout's recomputation."""
+    """Activations one layer stores for one micro-batch on one device, averaged over the stage's layers when only
+    a share of them is recomputed (the others keep everything)."""
+    stored = _layer_activation_bytes(spec, settings, layout)
+    if layout.recompute == "none" or layout.recompute_fraction >= 1:
+        return stored
+    kept = _layer_activation_bytes(spec, settings, replace(layout, recompute="none"))
+    return layout.recompute_fraction * stored + (1 - layout.recompute_fraction) * kept
+
+
+def _layer_activation_bytes(spec: ModelSpec, settings: TrainSettings, layout: Layout) -> float:
     tokens = layout.micro_batch * settings.seq_len / layout.cp
     terms = activation_terms(spec, settings, layout.tp)
     sp_divisor = layout.tp if layout.sequence_parallel else 1
@@ -152,7 +161,7 @@ def activation_memory_bytes(spec: ModelSpec, settings: TrainSettings, layout: La
     sp_divisor = layout.tp if layout.sequence_parallel else 1
     if layout.recompute == "full":
         # The layer being recomputed holds its full activations for one micro-batch during its backward.
-        stored += layer_activation_bytes(spec, settings, Layout(**{**layout.__dict__, "recompute": "none"}))
+        stored += _layer_activation_bytes(spec, settings, replace(layout, recompute="none"))
     if settings.dropout:
         stored += tokens * spec.dim / sp_divisor * in_flight  # embedding dropout mask (Korthikanti 4.3)
     if layout.pp == 1:
@@ -183,7 +192,7 @@ def memory_breakdown(spec: ModelSpec, settings: TrainSettings, layout: Layout) -
         # the forward pass every gathered layer of the stage stays until its backward.
         layer = counts.total / layers_per_stage(spec, layout)
         gathered_layers = 2 if settings.reshard_after_forward else layers_per_stage(spec, layout)
-        weights += gathered_layers * settings.param_bytes * layer
+        weights += gathered_layers * settings.gathered_bytes * layer
     return MemoryBreakdown(
         weights_bytes=weights,
         gradients_bytes=settings.grad_bytes * sharded(2),

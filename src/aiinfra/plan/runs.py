@@ -126,6 +126,11 @@ def _recompute(text: str) -> tuple[str, bool]:
     raise RowNotRepresentable(f"recompute={text!r}: expected none, selective or full")
 
 
+def within_domain(dp: int, ranks_per_domain: int) -> int:
+    """The largest divisor of dp that fits in a scale-up domain (MaxText: FSDP over ICI, data parallel over DCN)."""
+    return max((d for d in range(1, dp + 1) if dp % d == 0 and d <= max(1, ranks_per_domain)), default=1)
+
+
 def _layout(row: dict[str, str], spec: ModelSpec, facts: FrameworkFacts) -> tuple[Layout, bool, bool]:
     tp, pp, dp = _int(row, "tp", 1), _int(row, "pp", 1), _int(row, "dp")
     cp, ep, vp = _int(row, "cp", 1), _int(row, "ep", 1), _int(row, "vp", 1)
@@ -138,8 +143,12 @@ def _layout(row: dict[str, str], spec: ModelSpec, facts: FrameworkFacts) -> tupl
     interleaved = pp > 1 and (bool((row.get("vp") or "").strip()) or facts.interleaved_by_default)
     if interleaved and vp == 1 and (row.get("vp") or "").strip():
         interleaved = False
+    shard = dp if stage else 1
+    if stage and facts.shard_within_domain:
+        shard = within_domain(dp, make_cluster(row["hardware"].strip(), _int(row, "n_devices")).scaleup_domain
+                              // (tp * cp))
     layout = Layout(
-        tp=tp, pp=pp, dp_replicate=1 if stage else dp, dp_shard=dp if stage else 1, cp=cp, ep=ep,
+        tp=tp, pp=pp, dp_replicate=dp // shard, dp_shard=shard, cp=cp, ep=ep,
         virtual_stages=vp, pp_schedule="interleaved_1f1b" if interleaved else "1f1b", zero_stage=stage,
         micro_batch=_int(row, "micro_batch", 1), recompute=recompute,  # type: ignore[arg-type]
         sequence_parallel=tp > 1 and (stated_sp or facts.sequence_parallel),
@@ -164,20 +173,20 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
         seq_len=spec.max_seq_len, global_batch_seqs=_int(row, "global_batch_seqs"),
         precision=precision,  # type: ignore[arg-type]
         attention_kernel="flash", dropout=row.get("model", "").strip() in facts.dropout_families,
-        param_bytes=facts.param_bytes, grad_bytes=facts.grad_bytes,
+        param_bytes=facts.param_bytes, gather_param_bytes=facts.gather_param_bytes, grad_bytes=facts.grad_bytes,
         grad_reduce_bytes=4 if facts.grad_reduce_fp32 else 2,
         optimizer_bytes_per_param=facts.optimizer_bytes_per_param,
         dp_overlap=facts.dp_overlap, tp_overlap=facts.tp_overlap, dp_bucket_params=facts.dp_bucket_params,
         grad_reduce_every_micro_batch=facts.grad_reduce_every_micro_batch,
     )
-    layout, search_vp, search_recompute = _layout(row, spec, facts)
-    if layout.n_devices != n_devices:
-        raise RowNotRepresentable(f"tp x pp x dp x cp = {layout.n_devices} but n_devices = {n_devices}")
     try:
         cluster = make_cluster(row["hardware"].strip(), n_devices)
         cluster.peak_flops(settings.gemm_precision)
     except PlanError as error:
         raise RowNotRepresentable(str(error)) from None
+    layout, search_vp, search_recompute = _layout(row, spec, facts)
+    if layout.n_devices != n_devices:
+        raise RowNotRepresentable(f"tp x pp x dp x cp = {layout.n_devices} but n_devices = {n_devices}")
     return RunSetup(row, spec, settings, layout, cluster, facts,
                     search_micro_batch=not (row.get("micro_batch") or "").strip(),
                     search_virtual_stages=search_vp, search_recompute=search_recompute)

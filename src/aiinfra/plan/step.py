@@ -23,6 +23,7 @@ CROSS_ENTROPY_BYTES_PER_LOGIT = 10
 BACKWARD_ELEMENTWISE_FACTOR = 2.0
 FLASH_BACKWARD_FACTOR = 2.5
 FLASH_BLOCK = 128  # query/key tile: a causal mask skips every tile above the diagonal
+SELECTIVE_ELEMENTWISE_SHARE = 0.5  # of a layer's elementwise traffic that selective recompute repeats (flash)
 FP8_CAST_BYTES = 3  # a bf16 -> fp8 cast reads 2 bytes and writes 1 per element
 # A collective that overlaps computation still runs kernels on the same chip: NCCL gives each channel one thread
 # block, and its default of up to 32 channels over NVLink occupies about a quarter of an A100's 108 or an H100's
@@ -160,19 +161,23 @@ def layer_micro_batch_times(
         + BACKWARD_ELEMENTWISE_FACTOR * (fwd.scores_elementwise_s + fwd.elementwise_s)
     )
     recompute = 0.0
-    passes_with_tp_comm = 2  # forward and backward
+    recomputed_tp_passes = 0.0
     if layout.recompute == "full":
         recompute = fwd_compute
-        passes_with_tp_comm = 3
+        recomputed_tp_passes = 1.0
     elif layout.recompute == "selective" and settings.attention_kernel == "materialized":
         recompute = fwd.attention_s + fwd.scores_elementwise_s
+    elif layout.recompute == "selective":
+        # Keeping matmul outputs only, the norms and the gated product run again: about half the elementwise work.
+        recompute = SELECTIVE_ELEMENTWISE_SHARE * fwd.elementwise_s
+    recompute *= layout.recompute_fraction
+    recomputed_tp_passes *= layout.recompute_fraction
 
     def exposed(comm: float, hidden_behind: float) -> float:
         return overlapped_s(comm, hidden_behind) if settings.tp_overlap else comm
 
     tp_exposed = exposed(fwd.tp_comm_s, fwd.gemm_s) + exposed(fwd.tp_comm_s, 2 * fwd.gemm_s)
-    if passes_with_tp_comm == 3:
-        tp_exposed += exposed(fwd.tp_comm_s, fwd.gemm_s)
+    tp_exposed += recomputed_tp_passes * exposed(fwd.tp_comm_s, fwd.gemm_s)
     # K/V gathers overlap the attention of the chunk already present; the backward gathers and reduce-scatters.
     cp_exposed = overlapped_s(fwd.cp_comm_s, fwd.attention_s)
     cp_exposed += overlapped_s(2 * fwd.cp_comm_s, attention_bwd * fwd.attention_s)
@@ -195,14 +200,15 @@ def head_micro_batch_s(spec: ModelSpec, settings: TrainSettings, layout: Layout,
     return 3 * gemm + (1 + BACKWARD_ELEMENTWISE_FACTOR) * loss
 
 
-def hardware_flops_per_token(spec: ModelSpec, seq_len: int, recompute: str, attention_kernel: str) -> float:
+def hardware_flops_per_token(spec: ModelSpec, seq_len: int, recompute: str, attention_kernel: str,
+                             recompute_fraction: float = 1.0) -> float:
     """Training FLOPs per token including recomputation (the HFU numerator; Megatron's eq. 3 for full)."""
     flops = float(spec.train_flops_per_token(seq_len))
     head = 2.0 * spec.vocab_size * spec.dim
     if recompute == "full":
-        flops += spec.forward_flops_per_token(seq_len) - head  # the output head is not recomputed
+        flops += recompute_fraction * (spec.forward_flops_per_token(seq_len) - head)  # the head is not recomputed
     elif recompute == "selective" and attention_kernel == "materialized":
-        flops += spec.attention_flops_per_token(seq_len)
+        flops += recompute_fraction * spec.attention_flops_per_token(seq_len)
     return flops
 
 
@@ -250,7 +256,7 @@ def _dp_comm_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster
         return 0.0
     params = device_param_counts(spec, layout).total
     grads = params * settings.grad_reduce_bytes
-    weights = params * (1 if settings.fp8_param_gather else settings.param_bytes)
+    weights = params * (1 if settings.fp8_param_gather else settings.gathered_bytes)
     calls = dp_collective_calls(params, stage_layers, settings.dp_bucket_params)
     backward_window = mb.backward_s * stage_layers
     forward_window = (mb.compute_s - mb.backward_s) * stage_layers
@@ -332,5 +338,6 @@ def step_breakdown(spec: ModelSpec, settings: TrainSettings, layout: Layout, clu
         micro_batches=m,
         model_flops=tokens * float(spec.train_flops_per_token(settings.seq_len)),
         hardware_flops=tokens
-        * hardware_flops_per_token(spec, settings.seq_len, layout.recompute, settings.attention_kernel),
+        * hardware_flops_per_token(spec, settings.seq_len, layout.recompute, settings.attention_kernel,
+                                   layout.recompute_fraction),
     )

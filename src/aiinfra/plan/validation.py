@@ -48,9 +48,14 @@ def _candidates(setup: RunSetup) -> list[Layout]:
         else [layout.micro_batch]
     chunks = chunk_choices(stage_layers_of(setup.spec, layout.pp)) if setup.search_virtual_stages \
         else [layout.virtual_stages]
-    recomputes = ["none", "selective", "full"] if setup.search_recompute else [layout.recompute]
-    return [replace(layout, micro_batch=b, virtual_stages=v, recompute=r)  # type: ignore[arg-type]
-            for b, v, r in itertools.product(micro, chunks, recomputes)]
+    recomputes: list[tuple[str, float]] = [(layout.recompute, 1.0)]
+    if setup.search_recompute:
+        # Unstated recomputation: none, selective, or full, and where the framework can recompute part of a stage
+        # (Megatron's --recompute-num-layers), full on a quarter, half or three quarters of the layers.
+        shares = (0.25, 0.5, 0.75, 1.0) if setup.facts.partial_recompute else (1.0,)
+        recomputes = [("none", 1.0), ("selective", 1.0)] + [("full", f) for f in shares]
+    return [replace(layout, micro_batch=b, virtual_stages=v, recompute=r, recompute_fraction=f)  # type: ignore[arg-type]
+            for b, v, (r, f) in itertools.product(micro, chunks, recomputes)]
 
 
 def best_layout(setup: RunSetup) -> tuple[Layout, StepBreakdown]:
