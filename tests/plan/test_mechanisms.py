@@ -47,7 +47,7 @@ def test_zero3_collapses_with_small_buckets_and_fsdp_units_scale() -> None:
     spec = preset("llama3-70b")
 
     def per_device(n: int, bucket: float) -> float:
-        settings = TrainSettings(seq_len=2048, global_batch_seqs=4 * n, dp_bucket_params=bucket)
+        settings = TrainSettings(seq_len=2048, global_batch_seqs=4 * n, zero3_bucket_params=bucket)
         step = step_breakdown(spec, settings, Layout(dp_shard=n, zero_stage=3, micro_batch=4, recompute="full"),
                               make_cluster("a100-sxm-80gb", n))
         return settings.tokens_per_step / step.step_time_s / n

@@ -76,7 +76,7 @@ def test_more_bandwidth_never_slows_a_zero3_step(name: str, hardware: str, bucke
     spec = preset(name)
     n = 2**exponent
     cluster = make_cluster(hardware, n)
-    train = TrainSettings(seq_len=2048, global_batch_seqs=2 * n, dp_bucket_params=bucket_params)
+    train = TrainSettings(seq_len=2048, global_batch_seqs=2 * n, zero3_bucket_params=bucket_params)
     layout = Layout(dp_shard=n, zero_stage=3, micro_batch=1, recompute="full")
     faster = replace(cluster, scaleout_bw_bytes_per_s=2 * cluster.scaleout_bw_bytes_per_s)
     assert step_breakdown(spec, train, layout, faster).step_time_s <= step_breakdown(spec, train, layout,

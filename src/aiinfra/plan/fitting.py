@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from aiinfra.plan.efficiency import EfficiencyProfile
 from aiinfra.plan.validation import PreparedRow, ValidationRow, predict_prepared, source_group
 
-CEILING_GRID = tuple(round(0.30 + 0.02 * i, 2) for i in range(34))  # 0.30 .. 0.96 of the dense peak
+CEILING_GRID = tuple(round(0.30 + 0.02 * i, 2) for i in range(31))  # 0.30 .. 0.90 of the dense peak
 MIN_ROWS_PER_GENERATION = 3
 LOW_PRECISION = ("fp8", "fp4")
 

@@ -24,7 +24,9 @@ class FrameworkFacts:
     tp_overlap: bool = False  # tensor-parallel collectives overlap their GEMMs
     grad_reduce_fp32: bool = True  # bf16 gradients reduced in fp32
     interleaved_by_default: bool = False  # pipeline runs interleave (several chunks per rank) unless told otherwise
-    dp_bucket_params: float = 0.0  # parameters per data-parallel collective; 0: one per layer (FSDP units)
+    dp_bucket_params: float = 0.0  # parameters per ZeRO-0/1/2 gradient bucket; 0: one per layer
+    zero3_bucket_params: float = 0.0  # parameters per ZeRO-3 gather; 0: one per layer (FSDP units)
+    ep_overlap: bool = False  # expert-parallel all-to-alls hidden under another micro-batch's compute
     grad_reduce_every_micro_batch: bool = False  # ZeRO-1/2 reduce-scatter after every micro-batch
     param_bytes: int = 2  # working weights
     gather_param_bytes: int = 0  # bytes per weight ZeRO-3 gathers (0: param_bytes)
@@ -42,9 +44,10 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         "Megatron-LM/Megatron-Core arguments.py and DDP config: GPT hidden/attention dropout 0.1; --overlap-grad-"
         "reduce and --overlap-param-gather; buckets of max(40M, 1M x dp) parameters; fp32 main gradients reduced in "
         "fp32; interleaved 1F1B (--num-layers-per-virtual-pipeline-stage); sequence parallel with TP; TP comm "
-        "overlap; --recompute-num-layers for recomputing part of a stage; TE fused attention",
+        "overlap; --recompute-num-layers for recomputing part of a stage; Megatron-FSDP gathers per module; MoE "
+        "all-to-all overlapped with the other micro-batch (--overlap-moe-expert-parallel-comm); TE fused attention",
         dropout_families=("gpt",), tp_overlap=True, interleaved_by_default=True, dp_bucket_params=40e6,
-        sequence_parallel=True, partial_recompute=True,
+        sequence_parallel=True, partial_recompute=True, ep_overlap=True,
     ),
     "megatron-deepspeed": FrameworkFacts(
         "megatron-deepspeed",
@@ -55,10 +58,10 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
     ),
     "deepspeed": FrameworkFacts(
         "deepspeed",
-        "DeepSpeed ZeRO config defaults: overlap_comm, stage3_prefetch_bucket_size 5e7 elements (ZeRO-3 gathers per "
-        "prefetch bucket, so a large layer costs many small collectives), gradients partitioned at every "
-        "micro-step, fp32 reduction",
-        dp_bucket_params=5e7, grad_reduce_every_micro_batch=True,
+        "DeepSpeed ZeRO config defaults: overlap_comm, reduce_bucket_size 5e8, stage3_prefetch_bucket_size 5e7 "
+        "elements (ZeRO-3 gathers per prefetch bucket, so a large layer costs many small collectives), gradients "
+        "partitioned at every micro-step, fp32 reduction",
+        dp_bucket_params=5e8, zero3_bucket_params=5e7, grad_reduce_every_micro_batch=True,
     ),
     "torchtitan": FrameworkFacts(
         "torchtitan",

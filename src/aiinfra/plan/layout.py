@@ -91,7 +91,9 @@ class TrainSettings:
     dp_overlap: bool = True  # data-parallel collectives overlap the backward/forward passes
     tp_overlap: bool = False  # tensor-parallel collectives overlap their GEMMs (Megatron-Core tp-comm-overlap)
     p2p_scatter_gather: bool = True  # pipeline sends split across the TP ranks (Narayanan et al. 2021, 4.1)
-    dp_bucket_params: float = 0.0  # parameters per data-parallel collective; 0: one per layer (FSDP units)
+    dp_bucket_params: float = 0.0  # parameters per ZeRO-0/1/2 gradient bucket; 0: one per layer
+    zero3_bucket_params: float = 0.0  # parameters per ZeRO-3 gather/scatter; 0: one per layer (FSDP units)
+    ep_overlap: bool = False  # expert-parallel all-to-alls overlap another micro-batch's compute
     reshard_after_forward: bool = True  # ZeRO-3 drops gathered weights after the forward, gathers again for backward
     grad_reduce_every_micro_batch: bool = False  # ZeRO-1/2 reduce-scatter after every micro-batch (DeepSpeed)
     fp8_param_gather: bool = False  # FSDP all-gathers fp8 weights (torchao float8 all-gather)

@@ -25,6 +25,7 @@ FLASH_BACKWARD_FACTOR = 2.5
 FLASH_BLOCK = 128  # query/key tile: a causal mask skips every tile above the diagonal
 SELECTIVE_ELEMENTWISE_SHARE = 0.5  # of a layer's elementwise traffic that selective recompute repeats (flash)
 FP8_CAST_BYTES = 3  # a bf16 -> fp8 cast reads 2 bytes and writes 1 per element
+MOE_PERMUTE_PASSES = 4  # permute (read + write) and unpermute (read + write) of every routed token copy
 # A collective that overlaps computation still runs kernels on the same chip: NCCL gives each channel one thread
 # block, and its default of up to 32 channels over NVLink occupies about a quarter of an A100's 108 or an H100's
 # 132 SMs (NCCL environment docs, NCCL_MAX_NCHANNELS). Overlapped time therefore slows the computation it hides
@@ -106,6 +107,9 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
     if spec.is_moe:
         activation_bytes *= spec.experts_per_token
     rotary_bytes = m * 2 * a * (q_local + kv_local) if spec.position == "rope" else 0.0
+    if spec.is_moe and spec.n_experts > 1:
+        # Token permutation before the experts and unpermutation after: each routed copy is read and written twice.
+        activation_bytes += m * spec.experts_per_token * h * a * MOE_PERMUTE_PASSES
     if precision in ("fp8", "fp4"):
         # Each low-precision GEMM casts its input (read 2 bytes, write 1) before it runs (Transformer Engine's
         # per-tensor or block scaling); the four linear inputs of a layer are h, q_local, h and ffn_local wide.
@@ -121,8 +125,12 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
     cp_comm = collective_time_s(cluster, "all_gather", kv_bytes, layout.cp, tp)  # all-gather CP (Llama 3, 3.3.2)
     ep_comm = 0.0
     if spec.is_moe and layout.ep > 1:
-        routed_bytes = m * spec.experts_per_token * h * a
-        ep_comm = 2 * collective_time_s(cluster, "all_to_all", routed_bytes, layout.ep, tp * layout.cp)
+        # Dispatch sends each token to its k experts, in fp8 when the expert GEMMs take fp8 inputs (DeepSeek-V3
+        # 3.3.1; Megatron's fp8 dispatch); the combine returns bf16 outputs.
+        dispatch_bytes = m * spec.experts_per_token * h * (1 if precision in ("fp8", "fp4") else a)
+        combine_bytes = m * spec.experts_per_token * h * a
+        ep_comm = (collective_time_s(cluster, "all_to_all", dispatch_bytes, layout.ep, tp * layout.cp)
+                   + collective_time_s(cluster, "all_to_all", combine_bytes, layout.ep, tp * layout.cp))
     return PassTimes(
         gemm_s=gemm,
         attention_s=attention,
@@ -181,7 +189,12 @@ def layer_micro_batch_times(
     # K/V gathers overlap the attention of the chunk already present; the backward gathers and reduce-scatters.
     cp_exposed = overlapped_s(fwd.cp_comm_s, fwd.attention_s)
     cp_exposed += overlapped_s(2 * fwd.cp_comm_s, attention_bwd * fwd.attention_s)
-    ep_exposed = 2 * fwd.ep_comm_s  # dispatch/combine block the expert GEMMs in both passes
+    if settings.ep_overlap:
+        # Dispatch and combine of one micro-batch run under another's compute (Megatron-Core's EP all-to-all
+        # overlap in 1F1B; DeepSeek-V3's DualPipe), paying the SM tax.
+        ep_exposed = overlapped_s(2 * fwd.ep_comm_s, fwd_compute + bwd_compute)
+    else:
+        ep_exposed = 2 * fwd.ep_comm_s  # dispatch/combine block the expert GEMMs in both passes
     return MicroBatchTimes(
         compute_s=fwd_compute + bwd_compute + recompute,
         tp_comm_exposed_s=tp_exposed,
@@ -257,7 +270,8 @@ def _dp_comm_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster
     params = device_param_counts(spec, layout).total
     grads = params * settings.grad_reduce_bytes
     weights = params * (1 if settings.fp8_param_gather else settings.gathered_bytes)
-    calls = dp_collective_calls(params, stage_layers, settings.dp_bucket_params)
+    bucket = settings.zero3_bucket_params if layout.zero_stage == 3 else settings.dp_bucket_params
+    calls = dp_collective_calls(params, stage_layers, bucket)
     backward_window = mb.backward_s * stage_layers
     forward_window = (mb.compute_s - mb.backward_s) * stage_layers
     if layout.zero_stage == 0:
