@@ -308,12 +308,13 @@ def serve(
 def validate(
     runs: Annotated[Path | None, typer.Option(help="training runs CSV of the shared schema")] = None,
     inference: Annotated[Path | None, typer.Option(help="inference runs CSV (default: packaged)")] = None,
+    markdown: bool = typer.Option(False, "--markdown", help="print the per-row tables as Markdown"),
 ) -> None:
     """Predict every published run, out of sample first; print the error per row; end with one JSON line."""
     for option, path in (("--runs", runs), ("--inference", inference)):
         if path is not None and not path.is_file():
             raise PlanError(f"{option}={str(path)!r}: no such file")
-    headline = run_validation(console, runs or TRAINING_RUNS_CSV, inference or INFERENCE_RUNS_CSV)
+    headline = run_validation(console, runs or TRAINING_RUNS_CSV, inference or INFERENCE_RUNS_CSV, markdown)
     print(json.dumps(headline))
 
 

@@ -69,9 +69,25 @@ def _memory_table() -> Table:
     return table
 
 
-def run_validation(console: Console, runs: Path = TRAINING_RUNS_CSV,
-                   inference: Path = INFERENCE_RUNS_CSV) -> dict[str, Any]:
-    """Print the validation report and return the headline figures (the JSON line)."""
+def markdown_rows(report: FitReport, serving: list[InferenceValidationRow], not_run: list[str]) -> str:
+    """The per-row tables as Markdown (for the README): held-out and in-sample errors, then inference, not run."""
+    lines = ["| run | gen | metric | published | predicted (held out) | error held out | error in-sample | layout |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
+    for held, fitted in zip(report.out_of_sample, report.in_sample, strict=True):
+        lines.append(f"| {held.run_id} | {held.generation} | {held.metric} | {held.published:g} | "
+                     f"{held.predicted:.4g} | {100 * held.error:+.1f}% | {100 * fitted.error:+.1f}% | {held.layout} |")
+    lines += ["", "| inference run | gen | metric | published | predicted | error | batch (bound) |",
+              "|---|---|---|---:|---:|---:|---|"]
+    for s in serving:
+        lines.append(f"| {s.run_id} | {s.generation} | {s.metric} | {s.published:g} | {s.predicted:.4g} | "
+                     f"{100 * s.error:+.1f}% | {s.batch} ({s.limited_by}) |")
+    lines += ["", "Not run:", ""] + [f"- {line}" for line in not_run]
+    return "\n".join(lines)
+
+
+def run_validation(console: Console, runs: Path = TRAINING_RUNS_CSV, inference: Path = INFERENCE_RUNS_CSV,
+                   markdown: bool = False) -> dict[str, Any]:
+    """Print the validation report (or, with `markdown`, its per-row tables) and return the headline figures."""
     prepared, not_run = prepare_training(runs)
     priors = {g: p.gemm_efficiency_max for g, p in efficiency_table().items()}
     report = fit_and_hold_out(prepared, priors)
@@ -80,6 +96,9 @@ def run_validation(console: Console, runs: Path = TRAINING_RUNS_CSV,
     in_mape, in_max = error_summary([r.error for r in report.in_sample])
     inf_mape, inf_max = error_summary([s.error for s in serving])
     all_mape, all_max = error_summary([r.error for r in report.out_of_sample] + [s.error for s in serving])
+    reasons = [f"{r.run_id}: {r.reason}" for r in not_run] + [f"{i}: {why}" for i, why in serving_not_run]
+    if markdown:
+        print(markdown_rows(report, serving, reasons))
     console.print(
         f"[bold]leave-one-source-out[/] (each source predicted by a fit on all others): training MAPE "
         f"{100 * held_mape:.1f}%, max {100 * held_max:.1f}% over {len(prepared)} rows; training and inference "
@@ -87,17 +106,16 @@ def run_validation(console: Console, runs: Path = TRAINING_RUNS_CSV,
         f"{100 * in_mape:.1f}%, max {100 * in_max:.1f}%. Inference (nothing fitted): MAPE {100 * inf_mape:.1f}%, "
         f"max {100 * inf_max:.1f}% over {len(serving)} rows."
     )
-    for row in not_run:
-        console.print(f"not run: {row.run_id}: {row.reason}", markup=False)
-    for run_id, reason in serving_not_run:
-        console.print(f"not run: {run_id}: {reason}", markup=False)
-    console.print(_training_table(report))
+    for line in reasons:
+        console.print(f"not run: {line}", markup=False)
     counts: dict[str, int] = {}
     for r in report.in_sample:
         counts[r.generation] = counts.get(r.generation, 0) + 1
     console.print(_ceiling_table(report, counts))
-    console.print(_inference_table(serving))
-    console.print(_memory_table())
+    if not markdown:
+        console.print(_training_table(report))
+        console.print(_inference_table(serving))
+        console.print(_memory_table())
     worst = max(report.out_of_sample, key=lambda r: abs(r.error), default=None)
     return {
         "validate_mape": round(held_mape, 4), "validate_max_ape": round(held_max, 4),
