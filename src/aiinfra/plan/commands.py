@@ -18,7 +18,8 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from aiinfra.plan.cluster import make_cluster
+from aiinfra.plan.calibrated import calibrated
+from aiinfra.plan.cluster import Cluster, make_cluster
 from aiinfra.plan.errors import PlanError
 from aiinfra.plan.from_config import configured_run, load_run_config
 from aiinfra.plan.inference import INFERENCE_RUNS_CSV, ServeSettings, plan_serving
@@ -72,6 +73,11 @@ def check_flags(**flags: tuple[float, float]) -> None:
 
 
 POSITIVE = 1e-12  # the minimum of a flag that must be strictly positive
+
+
+def fitted_cluster(hardware: str, n_devices: int) -> Cluster:
+    """A catalog cluster with the GEMM ceilings fitted on the published runs (see `plan validate`)."""
+    return calibrated(make_cluster(hardware, n_devices))
 
 
 def resolve_model(name: str, seq_len: int | None = None) -> ModelSpec:
@@ -173,14 +179,14 @@ def train(
     reliability = ReliabilitySettings(async_checkpoint=async_checkpoint)
     if config is not None:
         run = configured_run(load_run_config(config))
-        plan = plan_training(run.spec, make_cluster(hardware, run.n_devices), run.settings, run.layout,
+        plan = plan_training(run.spec, fitted_cluster(hardware, run.n_devices), run.settings, run.layout,
                              run.tokens, costs, reliability)
     else:
         spec = resolve_model(model, seq_len or None)
         seq = seq_len or spec.max_seq_len
         settings = TrainSettings(seq_len=seq, global_batch_seqs=global_batch or default_global_batch_seqs(seq),
                                  precision=precision)  # type: ignore[arg-type]
-        cluster = make_cluster(hardware, devices)
+        cluster = fitted_cluster(hardware, devices)
         if search:
             plan = search_layout(spec, cluster, settings, tokens, costs, reliability)
         else:
@@ -237,7 +243,7 @@ def compare(
         table.add_column(name, justify="left" if name in ("hardware", "layout") else "right")
     names = [h.strip() for h in hardware.split(",") if h.strip()]
     for hw in names:
-        cluster = make_cluster(hw, devices)
+        cluster = fitted_cluster(hw, devices)
         try:
             cluster.peak_flops("bf16")
         except PlanError as error:
@@ -287,7 +293,7 @@ def serve(
     settings = ServeSettings(input_tokens=input_tokens, output_tokens=output_tokens, weight_dtype=quant,
                              kv_dtype=kv, tp=tp, max_batch=max_batch, requests_per_s=rps,
                              ttft_slo_s=ttft_slo_ms / 1e3 or None, tpot_slo_s=tpot_slo_ms / 1e3 or None)
-    plan = plan_serving(spec, make_cluster(hardware, tp), settings)
+    plan = plan_serving(spec, fitted_cluster(hardware, tp), settings)
     unit_price = price or parse_prices([]).get(hardware)
     table = Table(title=f"{model} on {hardware} x tp={tp}, {quant} weights, {kv} KV cache, "
                         f"{input_tokens} in / {output_tokens} out, {rps:g} req/s")

@@ -257,6 +257,7 @@ def serve_models(path: Path = INFERENCE_MODELS_CSV) -> dict[str, ServeModel]:
 
 
 def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -> InferenceValidationRow:
+    from aiinfra.plan.calibrated import calibrated
     from aiinfra.plan.cluster import make_cluster
     from aiinfra.plan.runs import RowNotRepresentable
 
@@ -276,7 +277,8 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
         raise RowNotRepresentable(f"precision={precision!r}")
     # fp8 and fp4 checkpoints serve with an fp8 KV cache (TensorRT-LLM, vLLM); int8 weight-only keeps bf16 KV.
     kv_dtype = "fp8" if weight_dtype in ("fp8", "fp4") else "bf16"
-    cluster = make_cluster(row["hardware"].strip(), tp)
+    # GEMM ceilings fitted on the training runs only: no value is fitted to an inference row.
+    cluster = calibrated(make_cluster(row["hardware"].strip(), tp))
     settings = ServeSettings(int(row["input_tokens"]), int(row["output_tokens"] or 1), weight_dtype=weight_dtype,
                              kv_dtype=kv_dtype, tp=tp, kv_dim_per_layer=model.kv_dim_per_layer)
     value = float(row["value"])
