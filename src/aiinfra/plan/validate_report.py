@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from aiinfra.plan.efficiency import efficiency_table
-from aiinfra.plan.fitting import FitReport, fit_and_hold_out
+from aiinfra.plan.fitting import LOW_PRECISION, MIN_ROWS_PER_GENERATION, FitReport, fit_and_hold_out
 from aiinfra.plan.inference import INFERENCE_RUNS_CSV, InferenceValidationRow, validate_inference
 from aiinfra.plan.validation import TRAINING_RUNS_CSV, memory_check, prepare_training
 
@@ -47,15 +47,28 @@ def _inference_table(rows: list[InferenceValidationRow]) -> Table:
     return table
 
 
-def _ceiling_table(report: FitReport, counts: dict[str, int]) -> Table:
-    table = Table(title="GEMM ceilings fitted on all rows (share of the dense peak) and rows per generation")
-    for name in ("generation", "bf16 ceiling", "fp8/fp4 ceiling", "training rows predicted", "status"):
+def _ceiling_table(report: FitReport) -> Table:
+    table = Table(title="GEMM ceilings fitted on all rows (share of the dense peak), per generation")
+    for name in ("generation", "bf16 ceiling", "fp8/fp4 ceiling", "training rows", "status"):
         table.add_column(name)
+    counts: dict[str, list[int]] = {}
+    for r in report.in_sample:
+        counts.setdefault(r.generation, [0, 0])[1 if r.precision in LOW_PRECISION else 0] += 1
+
+    def basis(rows: int) -> str:
+        if rows >= MIN_ROWS_PER_GENERATION:
+            return "own rows"
+        return "pooled: too few rows" if rows else "pooled: no rows"
+
     for generation, profile in efficiency_table().items():
-        rows = counts.get(generation, 0)
-        table.add_row(generation, f"{report.ceilings.bf16.get(generation, profile.gemm_efficiency_max):.2f}",
-                      f"{report.ceilings.low.get(generation, profile.fp8_gemm_efficiency_max or 0):.2f}",
-                      str(rows), "validated" if rows else "UNVALIDATED (prior values)")
+        high, low = counts.get(generation, [0, 0])
+        if high + low == 0:
+            table.add_row(generation, f"{profile.gemm_efficiency_max:.2f} (prior)",
+                          f"{profile.fp8_gemm_efficiency_max or 0:.2f} (prior)", "0", "UNVALIDATED (prior values)")
+            continue
+        table.add_row(generation, f"{report.ceilings.bf16[generation]:.2f} ({basis(high)})",
+                      f"{report.ceilings.low[generation]:.2f} ({basis(low)})", f"{high} + {low} low-precision",
+                      "validated")
     return table
 
 
@@ -103,15 +116,13 @@ def run_validation(console: Console, runs: Path = TRAINING_RUNS_CSV, inference: 
         f"[bold]leave-one-source-out[/] (each source predicted by a fit on all others): training MAPE "
         f"{100 * held_mape:.1f}%, max {100 * held_max:.1f}% over {len(prepared)} rows; training and inference "
         f"together MAPE {100 * all_mape:.1f}%, max {100 * all_max:.1f}%. In-sample (one fit on every row): MAPE "
-        f"{100 * in_mape:.1f}%, max {100 * in_max:.1f}%. Inference (nothing fitted): MAPE {100 * inf_mape:.1f}%, "
+        f"{100 * in_mape:.1f}%, max {100 * in_max:.1f}%. Inference (no value fitted to its rows): MAPE "
+        f"{100 * inf_mape:.1f}%, "
         f"max {100 * inf_max:.1f}% over {len(serving)} rows."
     )
     for line in reasons:
         console.print(f"not run: {line}", markup=False)
-    counts: dict[str, int] = {}
-    for r in report.in_sample:
-        counts[r.generation] = counts.get(r.generation, 0) + 1
-    console.print(_ceiling_table(report, counts))
+    console.print(_ceiling_table(report))
     if not markdown:
         console.print(_training_table(report))
         console.print(_inference_table(serving))
