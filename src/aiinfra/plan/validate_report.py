@@ -66,8 +66,9 @@ def _ceiling_table(report: FitReport) -> Table:
             table.add_row(generation, f"{profile.gemm_efficiency_max:.2f} (prior)",
                           f"{profile.fp8_gemm_efficiency_max or 0:.2f} (prior)", "0", "UNVALIDATED (prior values)")
             continue
-        table.add_row(generation, f"{report.ceilings.bf16[generation]:.2f} ({basis(high)})",
-                      f"{report.ceilings.low[generation]:.2f} ({basis(low)})", f"{high} + {low} low-precision",
+        bf16 = report.ceilings.bf16.get(generation, profile.gemm_efficiency_max)
+        low_ceiling = report.ceilings.low.get(generation, profile.fp8_gemm_efficiency_max or 0)
+        table.add_row(generation, f"{bf16:.2f} ({basis(high)})", f"{low_ceiling:.2f} ({basis(low)})", f"{high} + {low} low-precision",
                       "validated")
     return table
 
