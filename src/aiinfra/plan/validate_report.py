@@ -68,8 +68,8 @@ def _ceiling_table(report: FitReport) -> Table:
             continue
         bf16 = report.ceilings.bf16.get(generation, profile.gemm_efficiency_max)
         low_ceiling = report.ceilings.low.get(generation, profile.fp8_gemm_efficiency_max or 0)
-        table.add_row(generation, f"{bf16:.2f} ({basis(high)})", f"{low_ceiling:.2f} ({basis(low)})", f"{high} + {low} low-precision",
-                      "validated")
+        table.add_row(generation, f"{bf16:.2f} ({basis(high)})", f"{low_ceiling:.2f} ({basis(low)})",
+                      f"{high} + {low} low-precision", "validated")
     return table
 
 
