@@ -24,7 +24,7 @@ def test_train_explicit_layout() -> None:
                                       "--vp", "2", "--recompute", "full"])
     assert result.exit_code == 0, result.output
     assert "PP2(interleaved_1f1b x2)" in result.output
-    assert "hopper: validated on" in result.output
+    assert "hopper: training validated on" in result.output
 
 
 BAD_INPUTS = [
@@ -109,7 +109,7 @@ def test_train_predicts_the_run_a_config_describes(tmp_path) -> None:  # type: i
     toml.write_text('[model]\npreset = "small"\n[parallel]\ndp_shard = 4\ntp = 2\n')
     result = runner.invoke(plan_app, ["train", "--config", str(toml), "--hardware", "a100-sxm-80gb", "--json"])
     assert result.exit_code == 0, result.output
-    assert "on 8 x a100-sxm-80gb" in result.output and "ampere: validated on" in result.output
+    assert "on 8 x a100-sxm-80gb" in result.output and "ampere: training validated on" in result.output
     assert json.loads(result.output.strip().splitlines()[-1])["layout"].startswith("TP2 DP4 ZeRO-3")
 
 
@@ -121,8 +121,8 @@ def test_serve_and_compare() -> None:
                                        "--hardware", "h100-sxm-80gb,tpu-v5p,jetson-orin-nano-8gb"])
     assert compare.exit_code == 0, compare.output
     assert "tpu-v5p" in compare.output and "not a training device" in compare.output
-    assert "tpu-v5p: tpu-v5p: validated on" in compare.output and "UNVALIDATED" in compare.output
-    assert "hopper: validated on" in serve.output
+    assert "tpu-v5p: tpu-v5p: training validated on" in compare.output and "UNVALIDATED" in compare.output
+    assert "hopper: training validated on" in serve.output
 
 
 def test_plot_writes_png_and_svg(tmp_path) -> None:  # type: ignore[no-untyped-def]
