@@ -19,7 +19,7 @@ def test_every_inference_row_is_run_or_says_why() -> None:
 
 def test_out_of_sample_is_no_better_than_in_sample_on_average() -> None:
     prepared, _ = prepare_training()
-    report = fit_and_hold_out(prepared, {})
+    report = fit_and_hold_out(prepared)
     held = sum(abs(r.error) for r in report.out_of_sample) / len(prepared)
     fitted = sum(abs(r.error) for r in report.in_sample) / len(prepared)
     assert held >= fitted - 1e-9

@@ -15,7 +15,7 @@ def fitted_ceilings() -> Ceilings:
     from aiinfra.plan.validation import prepare_training
 
     prepared, _ = prepare_training()
-    return fit_ceilings(ErrorTable(prepared, {}), range(len(prepared)))
+    return fit_ceilings(ErrorTable(prepared), range(len(prepared)))
 
 
 def calibrated(cluster: Cluster) -> Cluster:

@@ -43,7 +43,7 @@ def _profile_with(item: PreparedRow, bf16: float, low: float) -> EfficiencyProfi
 class ErrorTable:
     """|error| of every prepared row at every grid value of the ceiling it depends on (computed once)."""
 
-    def __init__(self, prepared: list[PreparedRow], bf16_prior: dict[str, float]) -> None:
+    def __init__(self, prepared: list[PreparedRow]) -> None:
         self.prepared = prepared
         self.bf16_errors: dict[int, list[float]] = {}
         for index, item in enumerate(prepared):
@@ -52,7 +52,6 @@ class ErrorTable:
                 continue
             self.bf16_errors[index] = [abs(predict_prepared(item, _profile_with(
                 item, c, base.fp8_gemm_efficiency_max or c)).error) for c in CEILING_GRID]
-        self.bf16_prior = bf16_prior
         self._low_cache: dict[tuple[int, float], list[float]] = {}
 
     def low_errors(self, index: int, bf16: float) -> list[float]:
@@ -88,8 +87,8 @@ def fit_ceilings(table: ErrorTable, indices: Iterable[int]) -> Ceilings:
     low_rows = [i for i in chosen if i not in table.bf16_errors]
 
     def ceiling_of(i: int) -> float:
-        gen = generation[i]
-        return bf16.get(gen, pooled_bf16 or table.bf16_prior.get(gen, 0.6))
+        prior = table.prepared[i].setup.cluster.efficiency.gemm_efficiency_max
+        return bf16.get(generation[i], pooled_bf16 or prior)
 
     pooled_low = _argmin_mean([table.low_errors(i, ceiling_of(i)) for i in low_rows])
     low: dict[str, float] = {}
@@ -124,9 +123,9 @@ class FitReport:
     ceilings: Ceilings
 
 
-def fit_and_hold_out(prepared: list[PreparedRow], bf16_prior: dict[str, float]) -> FitReport:
+def fit_and_hold_out(prepared: list[PreparedRow]) -> FitReport:
     """Fit on all rows (in-sample), and for every source fit on the others and predict it (out of sample)."""
-    table = ErrorTable(prepared, bf16_prior)
+    table = ErrorTable(prepared)
     everything = range(len(prepared))
     generations = {item.setup.cluster.efficiency.generation for item in prepared}
     full = with_pooled_fallback(fit_ceilings(table, everything), generations)

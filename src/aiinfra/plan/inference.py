@@ -136,7 +136,13 @@ def decode_step_time_s(
     # With fp8 weights and KV cache, TensorRT-LLM runs the context (prefill) attention in fp8 too
     # (use_fp8_context_fmha); otherwise it runs at the 16-bit peak.
     attention_peak = cluster.peak_flops("fp8" if settings.kv_dtype == "fp8" else "bf16")
-    attention = kv_read + prefill_attention_flops / (attention_peak * eff.attention_efficiency)
+    # Decode attention: each query head scores and mixes the whole context, 4 x width FLOPs per cached token; the
+    # width is the head's (grouped-query attention) or, under MLA with absorbed projections, the shared latent
+    # (DeepSeek-V3 2.1.1), which makes it compute-bound rather than bound by reading the cache.
+    width = settings.kv_dim_per_layer or spec.head_dim
+    decode_flops = batch * context * 4 * spec.n_heads * width * spec.n_layers / tp
+    decode = max(kv_read, decode_flops / (attention_peak * eff.attention_efficiency))
+    attention = decode + prefill_attention_flops / (attention_peak * eff.attention_efficiency)
     # Norms, residuals, activation function, rotary: read and write per token (2 bytes per element).
     elementwise = tokens * spec.n_layers * 2 * (10 * h + 3 * spec.ffn_dim * experts / tp) / bandwidth
     tp_comm = spec.n_layers * 2 * collective_time_s(cluster, "all_reduce", tokens * h * 2, tp, 1)

@@ -103,8 +103,7 @@ def run_validation(console: Console, runs: Path = TRAINING_RUNS_CSV, inference: 
                    markdown: bool = False) -> dict[str, Any]:
     """Print the validation report (or, with `markdown`, its per-row tables) and return the headline figures."""
     prepared, not_run = prepare_training(runs)
-    priors = {g: p.gemm_efficiency_max for g, p in efficiency_table().items()}
-    report = fit_and_hold_out(prepared, priors)
+    report = fit_and_hold_out(prepared)
     serving, serving_not_run = validate_inference(inference)
     held_mape, held_max = error_summary([r.error for r in report.out_of_sample])
     in_mape, in_max = error_summary([r.error for r in report.in_sample])
