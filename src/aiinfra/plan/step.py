@@ -56,6 +56,22 @@ def _gemm_time_s(cluster: Cluster, precision: str, m: float, k: float, n: float,
     return flops / (cluster.peak_flops(precision) * cluster.efficiency.gemm_efficiency(m, k, n, precision))
 
 
+def _mlp_gemm_s(spec: ModelSpec, layout: Layout, cluster: Cluster, precision: str, m: float) -> float:
+    """The MLP's GEMMs for m tokens: dense, or router plus local experts' grouped GEMMs at m k ep / E tokens each."""
+    ffn_local = spec.ffn_dim / layout.tp
+    mlp_in = (2 if spec.mlp == "swiglu" else 1) * ffn_local
+    h = spec.dim
+    if not spec.is_moe:
+        return _gemm_time_s(cluster, precision, m, h, mlp_in) + _gemm_time_s(cluster, precision, m, ffn_local, h)
+    gemm = 0.0
+    if spec.n_experts > 1:  # a single expert takes every token: nothing to route
+        gemm += _gemm_time_s(cluster, precision, m, h, spec.n_experts)  # router
+    local_experts = spec.n_experts / layout.ep
+    tokens_per_expert = m * spec.experts_per_token * layout.ep / spec.n_experts
+    gemm += _gemm_time_s(cluster, precision, tokens_per_expert, h, mlp_in, local_experts)
+    return gemm + _gemm_time_s(cluster, precision, tokens_per_expert, ffn_local, h, local_experts)
+
+
 def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster) -> PassTimes:
     """Forward-pass costs of one transformer layer for one micro-batch on one device."""
     eff = cluster.efficiency
@@ -71,17 +87,7 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
 
     gemm = _gemm_time_s(cluster, precision, m, h, q_local + 2 * kv_local)  # fused QKV projection
     gemm += _gemm_time_s(cluster, precision, m, q_local, h)  # output projection
-    mlp_in = (2 if spec.mlp == "swiglu" else 1) * ffn_local
-    if spec.is_moe:
-        if spec.n_experts > 1:  # a single expert takes every token: nothing to route
-            gemm += _gemm_time_s(cluster, precision, m, h, spec.n_experts)  # router
-        local_experts = spec.n_experts / layout.ep
-        tokens_per_expert = m * spec.experts_per_token * layout.ep / spec.n_experts
-        gemm += _gemm_time_s(cluster, precision, tokens_per_expert, h, mlp_in, local_experts)
-        gemm += _gemm_time_s(cluster, precision, tokens_per_expert, ffn_local, h, local_experts)
-    else:
-        gemm += _gemm_time_s(cluster, precision, m, h, mlp_in)
-        gemm += _gemm_time_s(cluster, precision, m, ffn_local, h)
+    gemm += _mlp_gemm_s(spec, layout, cluster, precision, m)
 
     seq = settings.seq_len
     attention_flops = 4.0 * m * seq * q_local  # QK^T and PV over the full key range (spec convention)
