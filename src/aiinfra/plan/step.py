@@ -24,6 +24,7 @@ BACKWARD_ELEMENTWISE_FACTOR = 2.0
 FLASH_BACKWARD_FACTOR = 2.5
 FLASH_BLOCK = 128  # query/key tile: a causal mask skips every tile above the diagonal
 SELECTIVE_ELEMENTWISE_SHARE = 0.5  # of a layer's elementwise traffic that selective recompute repeats (flash)
+GEMM_INPUT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "fp4": 0.5625}  # NVFP4: 16 values + a scale
 FP8_CAST_BYTES = 3  # a bf16 -> fp8 cast reads 2 bytes and writes 1 per element
 MOE_PERMUTE_PASSES = 4  # permute (read + write) and unpermute (read + write) of every routed token copy
 # A collective that overlaps computation still runs kernels on the same chip: NCCL gives each channel one thread
@@ -52,8 +53,14 @@ class PassTimes:
 
 
 def _gemm_time_s(cluster: Cluster, precision: str, m: float, k: float, n: float, count: float = 1.0) -> float:
+    """One GEMM (or `count` of them) at its roofline: the shape-dependent share of the peak, or the time to move its
+    operands and result through HBM, whichever is longer (Williams et al. 2009); skinny GEMMs on fast chips are
+    memory-bound."""
     flops = 2.0 * m * k * n * count
-    return flops / (cluster.peak_flops(precision) * cluster.efficiency.gemm_efficiency(m, k, n, precision))
+    compute = flops / (cluster.peak_flops(precision) * cluster.efficiency.gemm_efficiency(m, k, n, precision))
+    operand_bytes = GEMM_INPUT_BYTES.get(precision, 2.0)
+    traffic = ((m * k + k * n) * operand_bytes + m * n * 2.0) * count
+    return max(compute, traffic / (cluster.memory_bw_bytes_per_s * cluster.efficiency.memory_bw_efficiency))
 
 
 def _mlp_gemm_s(spec: ModelSpec, layout: Layout, cluster: Cluster, precision: str, m: float) -> float:
