@@ -35,6 +35,7 @@ class FrameworkFacts:
     sequence_parallel: bool = False  # norms and dropout sharded along the sequence inside a TP group
     partial_recompute: bool = False  # can recompute only some layers of a stage (a searched knob when unstated)
     shard_within_domain: bool = False  # FSDP shards inside a scale-up domain and replicates across domains
+    fsdp_like_is_hybrid: bool = False  # an FSDP-style scheme here is HYBRID_SHARD: ZeRO-3 in a node, DDP across
     mfu_causal_attention: bool = False  # its MFU counts half the attention products (causal), not the full square
 
 
@@ -73,8 +74,9 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
     "pytorch-fsdp": FrameworkFacts(
         "pytorch-fsdp",
         "PyTorch FSDP (Zhao et al. 2023): one FlatParameter per wrapped transformer block, BACKWARD_PRE prefetch, "
-        "bf16 MixedPrecision (parameters, reduction and buffers in bf16), SDPA attention",
-        grad_reduce_fp32=False,
+        "bf16 MixedPrecision (parameters, reduction and buffers in bf16), SDPA attention; its FSDP-style variant is "
+        "ShardingStrategy.HYBRID_SHARD (full shard inside a node, replicate across nodes)",
+        grad_reduce_fp32=False, fsdp_like_is_hybrid=True,
     ),
     "llm-foundry": FrameworkFacts(
         "llm-foundry",

@@ -23,6 +23,8 @@ from aiinfra.spec import ModelSpec
 
 METRICS = ("tflops_per_device_hw", "mfu", "step_time_s", "tokens_per_s_per_device", "gpu_hours_per_trillion_tokens",
            "gpu_hours_total")
+# fsdp-like: sharded optimizer and gradients with weights kept between passes (Llama 3, 3.3.2), a ZeRO-2 pattern;
+# under PyTorch FSDP it names HYBRID_SHARD (`FrameworkFacts.fsdp_like_is_hybrid`).
 SHARDING_STAGES = {"none": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3, "fsdp-like": 2}
 # Families whose published models use a 2-matrix MLP, LayerNorm, learned positions and biases (GPT-2/3, MPT, the
 # MaxText test models), or a 2-matrix squared-ReLU MLP (Nemotron-4); all others are Llama-style (SwiGLU, RMSNorm,
@@ -143,8 +145,11 @@ def _layout(row: dict[str, str], spec: ModelSpec, facts: FrameworkFacts) -> tupl
     interleaved = pp > 1 and (bool((row.get("vp") or "").strip()) or facts.interleaved_by_default)
     if interleaved and vp == 1 and (row.get("vp") or "").strip():
         interleaved = False
+    within = stage and facts.shard_within_domain
+    if sharding == "fsdp-like" and facts.fsdp_like_is_hybrid:
+        stage, within = 3, True
     shard = dp if stage else 1
-    if stage and facts.shard_within_domain:
+    if within:
         shard = within_domain(dp, make_cluster(row["hardware"].strip(), _int(row, "n_devices")).scaleup_domain
                               // (tp * cp))
     layout = Layout(
