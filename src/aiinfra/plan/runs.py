@@ -133,7 +133,7 @@ def within_domain(dp: int, ranks_per_domain: int) -> int:
     return max((d for d in range(1, dp + 1) if dp % d == 0 and d <= max(1, ranks_per_domain)), default=1)
 
 
-def _layout(row: dict[str, str], spec: ModelSpec, facts: FrameworkFacts) -> tuple[Layout, bool, bool]:
+def _layout(row: dict[str, str], facts: FrameworkFacts) -> tuple[Layout, bool, bool]:
     tp, pp, dp = _int(row, "tp", 1), _int(row, "pp", 1), _int(row, "dp")
     cp, ep, vp = _int(row, "cp", 1), _int(row, "ep", 1), _int(row, "vp", 1)
     sharding = (row.get("sharding") or "").strip()
@@ -190,7 +190,7 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
         cluster.peak_flops(settings.gemm_precision)
     except PlanError as error:
         raise RowNotRepresentable(str(error)) from None
-    layout, search_vp, search_recompute = _layout(row, spec, facts)
+    layout, search_vp, search_recompute = _layout(row, facts)
     if layout.n_devices != n_devices:
         raise RowNotRepresentable(f"tp x pp x dp x cp = {layout.n_devices} but n_devices = {n_devices}")
     return RunSetup(row, spec, settings, layout, cluster, facts,
