@@ -1,8 +1,9 @@
 """The hardware catalog: accelerators with their peaks, memory, links and power, each row with its source.
 
 The data lives in `hardware.csv` beside this module (copied from public datasheets and papers; the `sources`
-column names them). Users extend it with their own CSV through `load_catalog(extra_csv)`. Torch-free: the
-trainer reads it for MFU, the planner for everything.
+column names them). `memory_gb` is as vendors state it, and an "80 GB" part has 80 GiB (`memory_bytes`).
+Users extend it with their own CSV through `load_catalog(extra_csv)`. Torch-free: the trainer reads it for MFU, the
+planner for everything.
 """
 
 from __future__ import annotations
@@ -32,10 +33,17 @@ class Accelerator:
     tdp_w: float | None
     sources: str
     notes: str = ""
+    fp4_dense_tflops: float | None = None  # NVFP4/MXFP4 dense peak (Blackwell); None where the chip has none
+
+    @property
+    def memory_bytes(self) -> float:
+        """Device memory in bytes: vendors' "GB" on HBM parts are GiB (an 80 GB H100 holds 80 x 2**30 bytes)."""
+        return self.memory_gb * 2**30
 
     def peak_flops(self, dtype: str = "bf16") -> float:
-        """Dense peak in FLOP/s for `dtype` (bf16, fp8 or int8); raises if the catalog has no figure."""
-        value = {"bf16": self.bf16_dense_tflops, "fp8": self.fp8_dense_tflops, "int8": self.int8_dense_tops}.get(dtype)
+        """Dense peak in FLOP/s for `dtype` (bf16, fp8, fp4 or int8); raises if the catalog has no figure."""
+        value = {"bf16": self.bf16_dense_tflops, "fp8": self.fp8_dense_tflops, "fp4": self.fp4_dense_tflops,
+                 "int8": self.int8_dense_tops}.get(dtype)
         if value is None:
             raise ValueError(f"hardware {self.id!r} has no {dtype} peak in the catalog")
         return value * 1e12
@@ -60,6 +68,7 @@ def _row_to_accelerator(row: dict[str, str]) -> Accelerator:
         tdp_w=_number(row["tdp_w"]),
         sources=row["sources"],
         notes=row.get("notes") or "",
+        fp4_dense_tflops=_number(row.get("fp4_dense_tflops") or ""),
     )
 
 

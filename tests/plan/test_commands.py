@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from aiinfra.plan.commands import plan_app
@@ -22,29 +23,94 @@ def test_train_explicit_layout() -> None:
     result = runner.invoke(plan_app, ["train", "--model", "llama3-70b", "--devices", "64", "--tp", "8", "--pp", "2",
                                       "--vp", "2", "--recompute", "full"])
     assert result.exit_code == 0, result.output
-    assert "PP2(interleaved x2)" in result.output
+    assert "PP2(interleaved_1f1b x2)" in result.output
+    assert "hopper: training validated on" in result.output
 
 
-def test_bad_inputs_exit_2_with_one_line() -> None:
-    cases = [
-        (["train", "--model", "gpt5"], "unknown model"),
-        (["train", "--hardware", "h900"], "unknown hardware"),
-        (["train", "--devices", "64", "--tp", "3"], "does not divide"),
-        (["train", "--model", "tiny", "--devices", "64", "--pp", "8"], "exceeds n_layers"),
-        (["serve", "--model", "llama3-405b", "--quant", "bf16"], "raise --tp"),
-    ]
-    for args, message in cases:
-        result = runner.invoke(plan_app, args)
-        assert result.exit_code == 2, (args, result.output)
-        assert message in result.output and "Traceback" not in result.output
-        assert len(result.output.strip().splitlines()) == 1
+BAD_INPUTS = [
+    (["train", "--model", "gpt5"], "unknown model"),
+    (["train", "--hardware", "h900"], "unknown hardware"),
+    (["train", "--devices", "64", "--tp", "3"], "does not divide"),
+    (["train", "--model", "tiny", "--devices", "64", "--pp", "8"], "exceeds n_layers"),
+    (["train", "--tp", "0"], "--tp=0"),
+    (["train", "--pp", "0"], "--pp=0"),
+    (["train", "--cp", "0"], "--cp=0"),
+    (["train", "--ep", "-1"], "--ep=-1"),
+    (["train", "--vp", "0"], "--vp=0"),
+    (["train", "--micro-batch", "0"], "--micro-batch=0"),
+    (["train", "--seq-len", "-5"], "--seq-len=-5"),
+    (["train", "--tokens", "-1e12"], "--tokens=-1e+12"),
+    (["train", "--devices", "0"], "--devices=0"),
+    (["train", "--global-batch", "-1"], "--global-batch=-1"),
+    (["train", "--zero", "5"], "--zero=5"),
+    (["train", "--pue", "0.5"], "--pue=0.5"),
+    (["train", "--devices", "64", "--dp-shard", "3"], "--dp-replicate x --dp-shard"),
+    (["train", "--precision", "fp2"], "--precision"),
+    (["train", "--config", "/nonexistent.toml"], "--config"),
+    (["serve", "--model", "llama3-405b", "--quant", "bf16"], "raise --tp"),
+    (["serve", "--rps", "-5"], "--rps=-5"),
+    (["serve", "--rps", "0"], "--rps=0"),
+    (["serve", "--tp", "0"], "--tp=0"),
+    (["serve", "--tp", "3"], "--tp=3"),
+    (["serve", "--input-tokens", "0"], "--input-tokens=0"),
+    (["serve", "--output-tokens", "-1"], "--output-tokens=-1"),
+    (["serve", "--max-batch", "0"], "--max-batch=0"),
+    (["serve", "--tpot-slo-ms", "-1"], "--tpot-slo-ms=-1"),
+    (["compare", "--devices", "0"], "--devices=0"),
+    (["compare", "--tokens", "-1"], "--tokens=-1"),
+    (["plot", "--out", "x", "--devices", "0,8"], "--devices"),
+    (["validate", "--runs", "/nonexistent.csv"], "--runs"),
+]
 
 
-def test_validate_ends_with_one_json_line() -> None:
+@pytest.mark.parametrize(("args", "message"), BAD_INPUTS)
+def test_bad_inputs_exit_2_with_one_line_naming_the_flag(args: list[str], message: str) -> None:
+    result = runner.invoke(plan_app, args)
+    assert result.exit_code == 2, (args, result.output)
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_validate_ends_with_the_headline_json_line() -> None:
     result = runner.invoke(plan_app, ["validate"])
     assert result.exit_code == 0, result.output
     headline = json.loads(result.output.strip().splitlines()[-1])
-    assert headline["validate_mape"] <= 0.10 and headline["rows"] == 31
+    for key in ("validate_mape", "validate_max_ape", "rows", "rows_not_run", "inference_mape", "inference_rows",
+                "inference_rows_not_run", "in_sample_mape"):
+        assert key in headline
+    assert headline["rows"] + headline["rows_not_run"] == 95
+    assert headline["inference_rows"] + headline["inference_rows_not_run"] == 28
+    assert result.output.index("leave-one-source-out") < result.output.index("In-sample")
+
+
+FOREIGN_CSV = """id,source,model,params_b,active_params_b,layers,hidden,heads,kv_heads,ffn,vocab,seq_len,\
+global_batch_seqs,micro_batch,hardware,n_devices,tp,pp,dp,cp,ep,vp,sharding,recompute,precision,framework,experts,\
+experts_per_token,metric,value,notes
+x-1,Someone 2030,llama,8,,32,4096,32,8,14336,128256,8192,64,1,h100-sxm-80gb,64,1,1,64,1,1,,fsdp,full,bf16,torchtitan,,,\
+tokens_per_s_per_device,5000,
+x-2,Someone else 2031,llama,8,,32,4096,32,8,14336,128256,8192,64,1,h100-sxm-80gb,64,1,1,64,1,1,,fsdp,full,bf16,\
+torchtitan,,,mfu,0.4,
+x-3,Someone 2030,llama,8,,32,4096,32,8,14336,128256,8192,64,1,nohw,64,1,1,64,1,1,,fsdp,full,bf16,torchtitan,,,mfu,0.4,
+"""
+
+
+def test_validate_reads_any_csv_of_the_shared_schema(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    runs = tmp_path / "runs.csv"
+    runs.write_text(FOREIGN_CSV)
+    result = runner.invoke(plan_app, ["validate", "--runs", str(runs)])
+    assert result.exit_code == 0, result.output
+    headline = json.loads(result.output.strip().splitlines()[-1])
+    assert headline["rows"] == 2 and headline["rows_not_run"] == 1
+    assert "not run: x-3: unknown hardware 'nohw'" in result.output
+
+
+def test_train_predicts_the_run_a_config_describes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    toml = tmp_path / "run.toml"
+    toml.write_text('[model]\npreset = "small"\n[parallel]\ndp_shard = 4\ntp = 2\n')
+    result = runner.invoke(plan_app, ["train", "--config", str(toml), "--hardware", "a100-sxm-80gb", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "on 8 x a100-sxm-80gb" in result.output and "ampere: training validated on" in result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["layout"].startswith("TP2 DP4 ZeRO-3")
 
 
 def test_serve_and_compare() -> None:
@@ -55,6 +121,8 @@ def test_serve_and_compare() -> None:
                                        "--hardware", "h100-sxm-80gb,tpu-v5p,jetson-orin-nano-8gb"])
     assert compare.exit_code == 0, compare.output
     assert "tpu-v5p" in compare.output and "not a training device" in compare.output
+    assert "tpu-v5p: tpu-v5p: training validated on" in compare.output and "UNVALIDATED" in compare.output
+    assert "hopper: training validated on" in serve.output
 
 
 def test_plot_writes_png_and_svg(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -75,6 +75,8 @@ def trainer_settings(seq_len: int, global_batch_seqs: int) -> TrainSettings:
 def predict_trainer_step(spec: ModelSpec, profile: CpuProfile, seq_len: int, global_batch_seqs: int,
                          n_processes: int = 1, sharding: str = "ddp", micro_batch: int | None = None) -> StepBreakdown:
     """Predicted step of our own trainer: one process, or n processes under DDP ('ddp') or FSDP ('fsdp')."""
-    layout = Layout(dp=n_processes, zero_stage=3 if sharding == "fsdp" else 0,
+    fsdp = sharding == "fsdp"
+    layout = Layout(dp_replicate=1 if fsdp else n_processes, dp_shard=n_processes if fsdp else 1,
+                    zero_stage=3 if fsdp else 0,
                     micro_batch=micro_batch or global_batch_seqs // n_processes)
     return step_breakdown(spec, trainer_settings(seq_len, global_batch_seqs), layout, cpu_cluster(profile, n_processes))

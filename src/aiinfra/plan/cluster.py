@@ -16,6 +16,11 @@ from aiinfra.plan.efficiency import EfficiencyProfile, profile_for
 from aiinfra.plan.errors import PlanError
 
 Collective = Literal["all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p"]
+# Share of device memory a plan may fill, for search and validation alike: on GPUs the rest goes to the CUDA
+# context, NCCL buffers and allocator fragmentation (PyTorch's caching allocator commonly loses 5-10%); XLA on TPUs
+# assigns buffers statically before the run, so only its own small reserve is lost.
+USABLE_MEMORY_FRACTION = 0.9
+USABLE_MEMORY_FRACTION_TPU = 0.97
 
 
 @dataclass(frozen=True)
@@ -32,7 +37,14 @@ class Cluster:
 
     @property
     def memory_bytes(self) -> float:
-        return self.accelerator.memory_gb * 1e9
+        """Device memory in bytes (the catalog's GB are GiB, as on the vendors' HBM parts)."""
+        return self.accelerator.memory_bytes
+
+    @property
+    def usable_memory_bytes(self) -> float:
+        """What a training plan may fill (one rule for search and validation): a fixed share of the memory."""
+        fraction = USABLE_MEMORY_FRACTION_TPU if self.accelerator.kind == "tpu" else USABLE_MEMORY_FRACTION
+        return fraction * self.memory_bytes
 
     @property
     def memory_bw_bytes_per_s(self) -> float:
@@ -108,22 +120,40 @@ def group_bandwidth_bytes_per_s(cluster: Cluster, group_size: int, stride: int) 
     return bandwidth * eff.collective_bw_efficiency, eff.scaleout_latency_s
 
 
-def collective_time_s(cluster: Cluster, kind: Collective, size_bytes: float, group_size: int, stride: int = 1) -> float:
-    """Time of one collective over `size_bytes` (the full, unsharded buffer) on a group of ranks.
+def collective_time_s(cluster: Cluster, kind: Collective, size_bytes: float, group_size: int, stride: int = 1,
+                      n_calls: float = 1.0) -> float:
+    """Time of a collective over `size_bytes` (the full, unsharded buffer) on a group of ranks, split in `n_calls`.
 
     all_gather / reduce_scatter: (n-1)/n x size / bw + (n-1) alpha; all_reduce: twice that;
     all_to_all: (n-1)/n x size / bw + (n-1) alpha (each rank keeps 1/n and sends the rest);
-    p2p: size / bw + alpha (one send).
+    p2p: size / bw + alpha (one send). A buffer sent in `n_calls` buckets pays the latency term once per bucket,
+    which is what makes many small collectives over many ranks latency-bound (each ring step waits on the slowest
+    link of the ring).
     """
     if group_size <= 1 or size_bytes <= 0:
         return 0.0
     bandwidth, latency = group_bandwidth_bytes_per_s(cluster, group_size, stride)
     n = group_size
+    calls = max(1.0, n_calls)
+    if kind == "all_to_all" and stride * group_size > cluster.scaleup_domain:
+        # Across domains every rank sends the off-domain share of its buffer through its own NIC while the
+        # on-domain share crosses the fast fabric (DeepEP's split of NVLink and RDMA traffic, DeepSeek-V3 3.2.2).
+        eff = cluster.efficiency
+        local = max(1, min(group_size, cluster.scaleup_domain // max(1, stride)))
+        remote_s = (group_size - local) / group_size * size_bytes / (cluster.scaleout_bw_bytes_per_s
+                                                                     * eff.collective_bw_efficiency)
+        local_s = (local - 1) / group_size * size_bytes / (cluster.scaleup_bw_bytes_per_s
+                                                           * eff.collective_bw_efficiency)
+        return max(remote_s, local_s) + calls * eff.scaleout_latency_s
     if kind == "p2p":
-        return size_bytes / bandwidth + latency
+        return size_bytes / bandwidth + calls * latency
     steps = n - 1
+    if cluster.topology == "switch" and stride * n <= cluster.scaleup_domain and kind == "all_reduce":
+        # Over an NVSwitch fabric small all-reduces run in two latency steps, not n - 1: in-switch reduction (NCCL
+        # NVLS) or the one-/two-shot kernels of TensorRT-LLM and vLLM; large ones are bandwidth-bound either way.
+        steps = min(steps, 1)
     if cluster.topology == "torus" and stride * n <= cluster.scaleup_domain and n > 16:
         # Over a 3D torus the collective runs one ring per axis in turn: about 3 (n^(1/3) - 1) latency steps.
         steps = 3 * (round(n ** (1 / 3)) - 1)
-    one_pass = (n - 1) / n * size_bytes / bandwidth + steps * latency
+    one_pass = (n - 1) / n * size_bytes / bandwidth + calls * steps * latency
     return 2 * one_pass if kind == "all_reduce" else one_pass

@@ -7,7 +7,6 @@ hardware, an impossible layout) prints one line naming it and exits with code 2.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -19,14 +18,16 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from aiinfra.plan.cluster import make_cluster
+from aiinfra.plan.calibrated import calibrated
+from aiinfra.plan.cluster import Cluster, make_cluster
 from aiinfra.plan.errors import PlanError
-from aiinfra.plan.inference import ServeSettings, plan_serving, validate_inference
+from aiinfra.plan.from_config import configured_run, load_run_config
+from aiinfra.plan.inference import INFERENCE_RUNS_CSV, ServeSettings, plan_serving
 from aiinfra.plan.layout import Layout, TrainSettings
+from aiinfra.plan.marks import generation_mark
 from aiinfra.plan.prices import parse_prices
 from aiinfra.plan.reliability import ReliabilitySettings
 from aiinfra.plan.training import (
-    USABLE_MEMORY_FRACTION,
     CostSettings,
     TrainingPlan,
     default_global_batch_seqs,
@@ -34,7 +35,8 @@ from aiinfra.plan.training import (
     plan_training,
     search_layout,
 )
-from aiinfra.plan.validation import memory_check, validate_training
+from aiinfra.plan.validate_report import run_validation
+from aiinfra.plan.validation import TRAINING_RUNS_CSV
 from aiinfra.spec import PRESETS, ModelSpec, preset
 
 plan_app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -60,6 +62,22 @@ def _clear_errors(command: Callable[..., None]) -> Callable[..., None]:
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def check_flags(**flags: tuple[float, float]) -> None:
+    """Raise PlanError naming the first flag below its minimum: check_flags(tp=(value, 1), rps=(value, 1e-12))."""
+    for name, (value, minimum) in flags.items():
+        if not value >= minimum:
+            bound = "> 0" if 0 < minimum < 1e-6 else f">= {minimum:g}"
+            raise PlanError(f"--{name.replace('_', '-')}={value:g}: must be {bound}")
+
+
+POSITIVE = 1e-12  # the minimum of a flag that must be strictly positive
+
+
+def fitted_cluster(hardware: str, n_devices: int) -> Cluster:
+    """A catalog cluster with the GEMM ceilings fitted on the published runs (see `plan validate`)."""
+    return calibrated(make_cluster(hardware, n_devices))
 
 
 def resolve_model(name: str, seq_len: int | None = None) -> ModelSpec:
@@ -127,51 +145,79 @@ def train(
     tokens: float = typer.Option(1e12, help="training tokens"),
     hardware: str = typer.Option("h100-sxm-80gb", help="hardware id from the catalog"),
     devices: int = typer.Option(1024, help="number of devices"),
-    seq_len: int = typer.Option(0, help="sequence length (default: the model's)"),
-    global_batch: int = typer.Option(0, help="sequences per step (default: about 4M tokens)"),
-    precision: str = typer.Option("bf16", help="bf16, fp16 or fp8"),
+    seq_len: int = typer.Option(0, help="sequence length (0: the model's)"),
+    global_batch: int = typer.Option(0, help="sequences per step (0: about 4M tokens)"),
+    precision: str = typer.Option("bf16", help="bf16, fp16, fp8 or fp4"),
     search: bool = typer.Option(False, "--search", help="find the fastest layout that fits"),
+    config: Annotated[Path | None, typer.Option(help="a training TOML or run directory: predict that run")] = None,
     tp: int = typer.Option(1), pp: int = typer.Option(1), cp: int = typer.Option(1), ep: int = typer.Option(1),
-    vp: int = typer.Option(1, help="virtual stages (interleaved schedule)"),
-    schedule: str = typer.Option("", help="gpipe, 1f1b or interleaved (default: interleaved when vp > 1)"),
-    zero: int = typer.Option(1, help="ZeRO stage 0-3 (3 = FSDP)"),
+    dp_replicate: int = typer.Option(0, help="replicas that all-reduce gradients (0: the devices left over)"),
+    dp_shard: int = typer.Option(0, help="ranks that shard the model states (0: all data-parallel ranks)"),
+    vp: int = typer.Option(1, help="virtual stages per rank (interleaved_1f1b)"),
+    pp_schedule: str = typer.Option("", help="gpipe, 1f1b or interleaved_1f1b (default: interleaved_1f1b when vp > 1)"),
+    zero: int = typer.Option(1, help="ZeRO stage 0-3 over dp_shard (3 = FSDP)"),
     micro_batch: int = typer.Option(1),
     recompute: str = typer.Option("none", help="none, selective or full"),
     sp: bool = typer.Option(True, help="sequence parallelism when tp > 1"),
-    price: float = typer.Option(0.0, help="USD per device-hour (default: prices.csv, if listed)"),
+    price: float = typer.Option(0.0, help="USD per device-hour (0: prices.csv, if listed)"),
     pue: float = typer.Option(1.1, help="data-centre PUE"),
     async_checkpoint: bool = typer.Option(False, help="asynchronous checkpointing"),
     json_out: bool = typer.Option(False, "--json", help="also print one JSON line of the headline figures"),
 ) -> None:
     """Predict a training run: memory, step time, MFU, days, device-hours, energy, cost and goodput."""
-    spec = resolve_model(model, seq_len or None)
-    seq = seq_len or spec.max_seq_len
-    if precision not in ("bf16", "fp16", "fp8"):
-        raise PlanError(f"--precision={precision!r}: expected bf16, fp16 or fp8")
+    check_flags(tokens=(tokens, POSITIVE), devices=(devices, 1), seq_len=(seq_len, 0), global_batch=(global_batch, 0),
+                tp=(tp, 1), pp=(pp, 1), cp=(cp, 1), ep=(ep, 1), dp_replicate=(dp_replicate, 0),
+                dp_shard=(dp_shard, 0), vp=(vp, 1), zero=(zero, 0), micro_batch=(micro_batch, 1),
+                price=(price, 0), pue=(pue, 1))
+    if zero > 3:
+        raise PlanError(f"--zero={zero}: expected 0, 1, 2 or 3")
+    if precision not in ("bf16", "fp16", "fp8", "fp4"):
+        raise PlanError(f"--precision={precision!r}: expected bf16, fp16, fp8 or fp4")
     if recompute not in ("none", "selective", "full"):
         raise PlanError(f"--recompute={recompute!r}: expected none, selective or full")
-    settings = TrainSettings(seq_len=seq, global_batch_seqs=global_batch or default_global_batch_seqs(seq),
-                             precision=precision)  # type: ignore[arg-type]
-    cluster = make_cluster(hardware, devices)
     costs = CostSettings(price_per_device_hour=price or parse_prices([]).get(hardware), pue=pue)
     reliability = ReliabilitySettings(async_checkpoint=async_checkpoint)
-    if search:
-        plan = search_layout(spec, cluster, settings, tokens, costs, reliability)
+    if config is not None:
+        run = configured_run(load_run_config(config))
+        plan = plan_training(run.spec, fitted_cluster(hardware, run.n_devices), run.settings, run.layout,
+                             run.tokens, costs, reliability)
     else:
-        if devices % (tp * pp * cp):
-            raise PlanError(f"tp x pp x cp = {tp * pp * cp} does not divide --devices={devices}")
-        chosen = schedule or ("interleaved" if vp > 1 else "1f1b")
-        if chosen not in ("gpipe", "1f1b", "interleaved"):
-            raise PlanError(f"--schedule={schedule!r}: expected gpipe, 1f1b or interleaved")
-        layout = Layout(tp=tp, pp=pp, dp=devices // (tp * pp * cp), cp=cp, ep=ep, virtual_stages=vp,
-                        schedule=chosen, zero_stage=zero, micro_batch=micro_batch,  # type: ignore[arg-type]
-                        recompute=recompute, sequence_parallel=sp and tp > 1)  # type: ignore[arg-type]
-        plan = plan_training(spec, cluster, settings, layout, tokens, costs, reliability)
+        spec = resolve_model(model, seq_len or None)
+        seq = seq_len or spec.max_seq_len
+        settings = TrainSettings(seq_len=seq, global_batch_seqs=global_batch or default_global_batch_seqs(seq),
+                                 precision=precision)  # type: ignore[arg-type]
+        cluster = fitted_cluster(hardware, devices)
+        if search:
+            plan = search_layout(spec, cluster, settings, tokens, costs, reliability)
+        else:
+            layout = _explicit_layout(devices, tp, pp, cp, ep, dp_replicate, dp_shard, vp, pp_schedule, zero,
+                                      micro_batch, recompute, sp)
+            plan = plan_training(spec, cluster, settings, layout, tokens, costs, reliability)
     print_training_plan(plan)
+    console.print(generation_mark(plan.cluster.accelerator.id))
     if json_out:
         print(json.dumps({"layout": plan.layout.describe(), "step_time_s": round(plan.step.step_time_s, 4),
                           "mfu": round(plan.mfu, 4), "memory_per_device_gb": round(plan.memory.total_bytes / 1e9, 2),
-                          "wall_days": round(plan.wall_days, 2), "goodput": round(plan.reliability.goodput, 4)}))
+                          "fits": plan.fits, "wall_days": round(plan.wall_days, 2),
+                          "goodput": round(plan.reliability.goodput, 4)}))
+
+
+def _explicit_layout(devices: int, tp: int, pp: int, cp: int, ep: int, dp_replicate: int, dp_shard: int, vp: int,
+                     pp_schedule: str, zero: int, micro_batch: int, recompute: str, sp: bool) -> Layout:
+    """The layout the flags describe; the data-parallel degrees default to the devices left over."""
+    if devices % (tp * pp * cp):
+        raise PlanError(f"tp x pp x cp = {tp * pp * cp} does not divide --devices={devices}")
+    dp = devices // (tp * pp * cp)
+    shard = dp_shard or (dp // (dp_replicate or 1) if zero else 1)
+    replicate = dp_replicate or max(1, dp // shard)
+    if replicate * shard != dp:
+        raise PlanError(f"--dp-replicate x --dp-shard = {replicate}x{shard} but the devices leave dp = {dp}")
+    chosen = pp_schedule or ("interleaved_1f1b" if vp > 1 else "1f1b")
+    if chosen not in ("gpipe", "1f1b", "interleaved_1f1b"):
+        raise PlanError(f"--pp-schedule={pp_schedule!r}: expected gpipe, 1f1b or interleaved_1f1b")
+    return Layout(tp=tp, pp=pp, dp_replicate=replicate, dp_shard=shard, cp=cp, ep=ep, virtual_stages=vp,
+                  pp_schedule=chosen, zero_stage=zero, micro_batch=micro_batch,  # type: ignore[arg-type]
+                  recompute=recompute, sequence_parallel=sp and tp > 1)  # type: ignore[arg-type]
 
 
 @plan_app.command()
@@ -186,6 +232,7 @@ def compare(
     price: Annotated[list[str] | None, typer.Option(help="HARDWARE=USD per device-hour (repeatable)")] = None,
 ) -> None:
     """Hardware side by side for one model: best layout, MFU, time, cost, energy and devices needed to fit."""
+    check_flags(tokens=(tokens, POSITIVE), devices=(devices, 1), seq_len=(seq_len, 0), global_batch=(global_batch, 0))
     spec = resolve_model(model, seq_len or None)
     seq = seq_len or spec.max_seq_len
     settings = TrainSettings(seq_len=seq, global_batch_seqs=global_batch or default_global_batch_seqs(seq))
@@ -194,8 +241,9 @@ def compare(
     for name in ("hardware", "layout", "MFU", "tokens/s", "days", "device-hours", "energy MWh", "cost",
                  "min devices to fit"):
         table.add_column(name, justify="left" if name in ("hardware", "layout") else "right")
-    for hw in [h.strip() for h in hardware.split(",") if h.strip()]:
-        cluster = make_cluster(hw, devices)
+    names = [h.strip() for h in hardware.split(",") if h.strip()]
+    for hw in names:
+        cluster = fitted_cluster(hw, devices)
         try:
             cluster.peak_flops("bf16")
         except PlanError as error:
@@ -212,6 +260,8 @@ def compare(
                       f"{plan.wall_days:,.1f}", f"{plan.device_hours:,.0f}",
                       "-" if energy is None else f"{energy:,.0f}", _money(plan.cost), str(fewest or "-"))
     console.print(table)
+    for hw in names:
+        console.print(f"{hw}: {generation_mark(hw)}")
 
 
 @plan_app.command()
@@ -224,23 +274,26 @@ def serve(
     output_tokens: int = typer.Option(1000, help="output length"),
     ttft_slo_ms: float = typer.Option(0.0, help="time-to-first-token SLO (0: none)"),
     tpot_slo_ms: float = typer.Option(0.0, help="time-per-output-token SLO (0: none)"),
-    quant: str = typer.Option("fp8", help="weights: bf16, fp8, int8 or int4"),
+    quant: str = typer.Option("fp8", help="weights: bf16, fp8, fp4, int8 or int4"),
     kv_dtype: str = typer.Option("", help="KV cache: bf16 or fp8 (default: fp8 with fp8 weights, else bf16)"),
     tp: int = typer.Option(1, help="tensor parallel degree of a replica"),
     max_batch: int = typer.Option(2048, help="engine's maximum batch"),
     price: float = typer.Option(0.0, help="USD per device-hour (default: prices.csv, if listed)"),
 ) -> None:
     """Size an inference fleet: batch, KV cache, tokens/s, TTFT/TPOT, replicas and cost per million tokens."""
+    check_flags(rps=(rps, POSITIVE), input_tokens=(input_tokens, 1), output_tokens=(output_tokens, 1),
+                ttft_slo_ms=(ttft_slo_ms, 0), tpot_slo_ms=(tpot_slo_ms, 0), tp=(tp, 1), max_batch=(max_batch, 1),
+                price=(price, 0))
     spec = resolve_model(model)
     if spec.max_seq_len < input_tokens + output_tokens:
         spec = preset(model, max_seq_len=input_tokens + output_tokens)
-    kv = kv_dtype or ("fp8" if quant == "fp8" else "bf16")
+    kv = kv_dtype or ("fp8" if quant in ("fp8", "fp4") else "bf16")
     if kv not in ("bf16", "fp8"):
         raise PlanError(f"--kv-dtype={kv!r}: expected bf16 or fp8")
     settings = ServeSettings(input_tokens=input_tokens, output_tokens=output_tokens, weight_dtype=quant,
                              kv_dtype=kv, tp=tp, max_batch=max_batch, requests_per_s=rps,
                              ttft_slo_s=ttft_slo_ms / 1e3 or None, tpot_slo_s=tpot_slo_ms / 1e3 or None)
-    plan = plan_serving(spec, make_cluster(hardware, tp), settings)
+    plan = plan_serving(spec, fitted_cluster(hardware, tp), settings)
     unit_price = price or parse_prices([]).get(hardware)
     table = Table(title=f"{model} on {hardware} x tp={tp}, {quant} weights, {kv} KV cache, "
                         f"{input_tokens} in / {output_tokens} out, {rps:g} req/s")
@@ -253,57 +306,22 @@ def serve(
                   f"{plan.output_tokens_per_s:,.0f}", str(plan.replicas), str(plan.devices),
                   "-" if unit_price is None else f"{plan.cost_per_million_output_tokens(unit_price):.3f}")
     console.print(table)
-
-
-def _error_summary(errors: list[float]) -> tuple[float, float]:
-    absolute = [abs(e) for e in errors]
-    return statistics.mean(absolute), max(absolute)
+    console.print(generation_mark(hardware))
 
 
 @plan_app.command()
 @_clear_errors
-def validate() -> None:
-    """Predict every published run (training, memory, inference) and print the error per row and the mean."""
-    rows = validate_training()
-    table = Table(title="published training runs: predicted vs published")
-    for name in ("run", "metric", "published", "predicted", "error", "layout (unstated knobs searched)"):
-        table.add_column(name, justify="right" if name in ("published", "predicted", "error") else "left")
-    for r in rows:
-        table.add_row(r.run_id, r.metric, f"{r.published:g}", f"{r.predicted:.3g}", f"{100 * r.error:+.1f}%",
-                      r.layout)
-    mape, max_ape = _error_summary([r.error for r in rows])
-    table.add_row("mean |error|", "", "", "", f"{100 * mape:.1f}%", f"max {100 * max_ape:.1f}%")
-    console.print(table)
-
-    memory = memory_check()
-    mem_table = Table(title="activation memory, first stage, vs Korthikanti et al. 2022 (Table 2 x L)")
-    for name in ("model", "case", "ours", "Korthikanti", "error", "params ours", "params paper"):
-        mem_table.add_column(name, justify="left" if name in ("model", "case") else "right")
-    for m in memory:
-        mem_table.add_row(m.model, m.case, _gb(m.predicted_bytes), _gb(m.reference_bytes), f"{100 * m.error:+.1f}%",
-                          f"{m.params / 1e9:.1f}B", f"{m.reference_params / 1e9:.0f}B")
-    console.print(mem_table)
-
-    serving = validate_inference()
-    inf_table = Table(title="published inference runs: predicted vs published")
-    for name in ("run", "metric", "published", "predicted", "error", "batch (bound)", "in headline"):
-        inf_table.add_column(name, justify="left" if name in ("run", "metric") else "right")
-    for s in serving:
-        predicted = f"{s.predicted:,.4g}" if s.predicted < 1000 else f"{s.predicted:,.0f}"
-        inf_table.add_row(s.run_id, s.metric, f"{s.published:,g}", predicted, f"{100 * s.error:+.1f}%",
-                          f"{s.batch} ({s.limited_by})", "yes" if s.headline else "no")
-    console.print(inf_table)
-
-    headline = [s for s in serving if s.headline]
-    inf_mape, inf_max = _error_summary([s.error for s in headline])
-    worst = max(rows, key=lambda r: abs(r.error))
-    print(json.dumps({
-        "validate_mape": round(mape, 4), "validate_max_ape": round(max_ape, 4), "rows": len(rows),
-        "worst_row": worst.run_id,
-        "memory_max_ape": round(max(abs(m.error) for m in memory), 4), "memory_rows": len(memory),
-        "inference_mape": round(inf_mape, 4), "inference_max_ape": round(inf_max, 4),
-        "inference_rows": len(headline),
-    }))
+def validate(
+    runs: Annotated[Path | None, typer.Option(help="training runs CSV of the shared schema")] = None,
+    inference: Annotated[Path | None, typer.Option(help="inference runs CSV (default: packaged)")] = None,
+    markdown: bool = typer.Option(False, "--markdown", help="print the per-row tables as Markdown"),
+) -> None:
+    """Predict every published run, out of sample first; print the error per row; end with one JSON line."""
+    for option, path in (("--runs", runs), ("--inference", inference)):
+        if path is not None and not path.is_file():
+            raise PlanError(f"{option}={str(path)!r}: no such file")
+    headline = run_validation(console, runs or TRAINING_RUNS_CSV, inference or INFERENCE_RUNS_CSV, markdown)
+    print(json.dumps(headline))
 
 
 @plan_app.command()
@@ -319,11 +337,14 @@ def plot(
     """Plot MFU and days against cluster size per hardware, and the cost/time frontier (PNG and SVG)."""
     from aiinfra.plan.plots import plot_frontier, plot_scaling, scaling_points
 
+    check_flags(tokens=(tokens, POSITIVE))
     spec = resolve_model(model)
     try:
         counts = [int(d) for d in devices.split(",") if d.strip()]
     except ValueError:
         raise PlanError(f"--devices={devices!r}: expected comma-separated integers") from None
+    if not counts or min(counts) < 1:
+        raise PlanError(f"--devices={devices!r}: every cluster size must be >= 1")
     settings = TrainSettings(seq_len=spec.max_seq_len, global_batch_seqs=default_global_batch_seqs(spec.max_seq_len))
     names = [h.strip() for h in hardware.split(",") if h.strip()]
     for name in names:
@@ -336,4 +357,4 @@ def plot(
         console.print(f"wrote {path}")
 
 
-__all__ = ["plan_app", "USABLE_MEMORY_FRACTION"]
+__all__ = ["plan_app"]

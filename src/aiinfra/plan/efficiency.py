@@ -22,13 +22,12 @@ class EfficiencyProfile:
     accelerators: tuple[str, ...]
     gemm_efficiency_max: float  # share of the bf16 peak reached by a large GEMM
     gemm_half_dim: float  # GEMM dimension at which efficiency is half of the ceiling
-    fp8_gemm_efficiency_max: float | None  # share of the fp8 peak reached by a large fp8 GEMM
+    fp8_gemm_efficiency_max: float | None  # share of the fp8 (or fp4) peak reached by a large low-precision GEMM
     attention_efficiency: float  # share of peak reached by a fused (flash) attention kernel
     memory_bw_efficiency: float  # share of HBM bandwidth reached by elementwise (memory-bound) kernels
     collective_bw_efficiency: float  # bus bandwidth of ring collectives over link bandwidth
     scaleup_latency_s: float  # per ring step inside the scale-up domain (NVLink, ICI)
     scaleout_latency_s: float  # per ring step across the scale-out network
-    validated_on: str = ""
     basis: str = ""
 
     def gemm_efficiency(self, m: float, k: float, n: float, dtype: str = "bf16") -> float:
@@ -40,7 +39,7 @@ class EfficiencyProfile:
         tiles fill every SM).
         """
         ceiling = self.gemm_efficiency_max
-        if dtype in ("fp8", "int8") and self.fp8_gemm_efficiency_max is not None:
+        if dtype in ("fp8", "fp4", "int8") and self.fp8_gemm_efficiency_max is not None:
             ceiling = self.fp8_gemm_efficiency_max
         smallest = max(min(m, k, n), 1e-9)
         return ceiling * smallest / (smallest + self.gemm_half_dim)
@@ -59,7 +58,6 @@ def _row_to_profile(row: dict[str, str]) -> EfficiencyProfile:
         collective_bw_efficiency=float(row["collective_bw_efficiency"]),
         scaleup_latency_s=float(row["scaleup_latency_s"]),
         scaleout_latency_s=float(row["scaleout_latency_s"]),
-        validated_on=row["validated_on"],
         basis=row["basis"],
     )
 
@@ -78,3 +76,8 @@ def profile_for(accelerator_id: str, kind: str = "gpu") -> EfficiencyProfile:
         if accelerator_id in profile.accelerators:
             return profile
     return table[{"tpu": "tpu-v4", "edge": "edge"}.get(kind, "hopper")]
+
+
+def generation_of(accelerator_id: str, kind: str = "gpu") -> str:
+    """The generation name an accelerator's efficiencies come from."""
+    return profile_for(accelerator_id, kind).generation

@@ -24,7 +24,9 @@ from aiinfra.plan.errors import PlanError
 from aiinfra.spec import ModelSpec
 
 INFERENCE_RUNS_CSV = Path(__file__).with_name("published_inference_runs.csv")
-WEIGHT_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
+# NVFP4 stores 4-bit values with one fp8 scale per 16 (NVIDIA NVFP4 format): 0.5 + 1/16 bytes per weight.
+WEIGHT_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "fp4": 0.5625, "int4": 0.5}
+INFERENCE_MODELS_CSV = Path(__file__).with_name("inference_models.csv")
 # CUDA context, cuBLAS/NCCL workspaces and allocator slack outside the planner's explicit terms (an assumption of
 # about 1 GB, the size of a CUDA context plus library workspaces on a recent GPU).
 RUNTIME_OVERHEAD_BYTES = 1.0e9
@@ -45,6 +47,7 @@ class ServeSettings:
     requests_per_s: float = 1.0
     ttft_slo_s: float | None = None
     tpot_slo_s: float | None = None
+    kv_dim_per_layer: int | None = None  # K+V elements per token per layer when not 2 x kv_heads x head_dim (MLA)
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ class ServePlan:
 
 
 def _compute_dtype(weight_dtype: str) -> str:
-    return weight_dtype if weight_dtype in ("fp8", "int8") else "bf16"
+    return weight_dtype if weight_dtype in ("fp8", "int8", "fp4") else "bf16"
 
 
 def weights_bytes(spec: ModelSpec, weight_dtype: str) -> float:
@@ -80,9 +83,17 @@ def weights_bytes(spec: ModelSpec, weight_dtype: str) -> float:
     return spec.n_layers * layer_linear * WEIGHT_BYTES[weight_dtype] + sixteen_bit * 2.0
 
 
-def kv_bytes_per_token(spec: ModelSpec, kv_dtype: str) -> float:
-    """K and V for every layer of one token (grouped-query attention stores n_kv_heads heads)."""
-    return 2 * spec.n_layers * spec.n_kv_heads * spec.head_dim * WEIGHT_BYTES[kv_dtype]
+def kv_bytes_per_token(spec: ModelSpec, kv_dtype: str, kv_dim_per_layer: int | None = None) -> float:
+    """K and V for every layer of one token (grouped-query attention stores n_kv_heads heads; MLA its latent)."""
+    per_layer = kv_dim_per_layer or 2 * spec.n_kv_heads * spec.head_dim
+    return spec.n_layers * per_layer * WEIGHT_BYTES[kv_dtype]
+
+
+def touched_experts(spec: ModelSpec, tokens: float) -> float:
+    """Experts whose weights a step reads: E (1 - (1 - k/E)^tokens), the expected number any token routes to under
+    uniform routing (all of them at serving batch sizes, only k for a single token)."""
+    experts, top_k = spec.n_experts, spec.experts_per_token
+    return experts * (1 - (1 - top_k / experts) ** max(tokens, 1.0))
 
 
 def decode_step_time_s(
@@ -104,12 +115,13 @@ def decode_step_time_s(
     experts = spec.experts_per_token if spec.is_moe else 1
     mlp_in = (2 if spec.mlp == "swiglu" else 1) * spec.ffn_dim
     linears = [(h, q + 2 * kv, 1), (q, h, 1), (h, mlp_in, experts), (spec.ffn_dim, h, experts)]
+    expert_linears = {2, 3}
     gemm = 0.0
-    for k, n, count in linears:
+    for index, (k, n, count) in enumerate(linears):
         flops = 2 * tokens * k * n * count / tp
         compute = flops / (peak * eff.gemm_efficiency(tokens, k, n / tp, dtype))
-        # Under MoE the step touches every expert that any token routes to; at serving batch sizes that is all.
-        stored = k * n * (spec.n_experts if spec.is_moe else 1) * w_bytes / tp
+        routed = spec.is_moe and index in expert_linears
+        stored = k * n * (touched_experts(spec, tokens) if routed else 1) * w_bytes / tp
         gemm += max(compute, stored / bandwidth)
     gemm *= spec.n_layers
     # The head stays in 16 bits and runs only for the last position of each sequence.
@@ -118,13 +130,19 @@ def decode_step_time_s(
                h * spec.vocab_size * 2 / tp / bandwidth)
     # Decode attention streams each sequence's whole KV cache; prefill attention is compute-bound (causal half).
     context = settings.input_tokens + (settings.output_tokens / 2 if prefill else 0.0)
-    kv_read = batch * context * kv_bytes_per_token(spec, settings.kv_dtype) / tp / bandwidth
+    kv_read = batch * context * kv_bytes_per_token(spec, settings.kv_dtype, settings.kv_dim_per_layer) / tp / bandwidth
     new_requests = batch / settings.output_tokens if prefill else 0.0
     prefill_attention_flops = new_requests * 4 * spec.n_layers * q / tp * settings.input_tokens ** 2 / 2
     # With fp8 weights and KV cache, TensorRT-LLM runs the context (prefill) attention in fp8 too
     # (use_fp8_context_fmha); otherwise it runs at the 16-bit peak.
     attention_peak = cluster.peak_flops("fp8" if settings.kv_dtype == "fp8" else "bf16")
-    attention = kv_read + prefill_attention_flops / (attention_peak * eff.attention_efficiency)
+    # Decode attention: each query head scores and mixes the whole context, 4 x width FLOPs per cached token; the
+    # width is the head's (grouped-query attention) or, under MLA with absorbed projections, the shared latent
+    # (DeepSeek-V3 2.1.1), which makes it compute-bound rather than bound by reading the cache.
+    width = settings.kv_dim_per_layer or spec.head_dim
+    decode_flops = batch * context * 4 * spec.n_heads * width * spec.n_layers / tp
+    decode = max(kv_read, decode_flops / (attention_peak * eff.attention_efficiency))
+    attention = decode + prefill_attention_flops / (attention_peak * eff.attention_efficiency)
     # Norms, residuals, activation function, rotary: read and write per token (2 bytes per element).
     elementwise = tokens * spec.n_layers * 2 * (10 * h + 3 * spec.ffn_dim * experts / tp) / bandwidth
     tp_comm = spec.n_layers * 2 * collective_time_s(cluster, "all_reduce", tokens * h * 2, tp, 1)
@@ -134,12 +152,20 @@ def decode_step_time_s(
 def plan_serving(spec: ModelSpec, cluster: Cluster, settings: ServeSettings) -> ServePlan:
     """Size one replica (batch, KV cache, throughput, TTFT, TPOT) and the fleet for the request rate."""
     tp = settings.tp
-    if tp < 1 or spec.n_heads % tp:
-        raise PlanError(f"--tp={tp}: must be >= 1 and divide n_heads={spec.n_heads}")
-    if settings.input_tokens < 1 or settings.output_tokens < 1:
-        raise PlanError("--input-tokens and --output-tokens must be >= 1")
+    if tp < 1:
+        raise PlanError(f"--tp={tp}: must be >= 1")
+    if spec.n_heads % tp:
+        raise PlanError(f"--tp={tp}: must divide n_heads={spec.n_heads}")
+    if settings.input_tokens < 1:
+        raise PlanError(f"--input-tokens={settings.input_tokens}: must be >= 1")
+    if settings.output_tokens < 1:
+        raise PlanError(f"--output-tokens={settings.output_tokens}: must be >= 1")
+    if settings.max_batch < 1:
+        raise PlanError(f"--max-batch={settings.max_batch}: must be >= 1")
+    if not settings.requests_per_s > 0:
+        raise PlanError(f"--rps={settings.requests_per_s:g}: must be > 0")
     weights = weights_bytes(spec, settings.weight_dtype) / tp
-    per_token_kv = kv_bytes_per_token(spec, settings.kv_dtype)
+    per_token_kv = kv_bytes_per_token(spec, settings.kv_dtype, settings.kv_dim_per_layer)
     workspace = settings.max_tokens_per_step * (3 * spec.ffn_dim / tp + 4 * spec.dim) * 2
     workspace += settings.max_batch * spec.vocab_size / tp * 4  # fp32 logits of the decoding positions
     free = cluster.memory_bytes - weights - workspace - RUNTIME_OVERHEAD_BYTES
@@ -202,51 +228,85 @@ class InferenceValidationRow:
     """One published serving figure, predicted."""
 
     run_id: str
+    source: str
+    generation: str
     metric: str
     published: float
     predicted: float
     batch: int
     limited_by: str
-    headline: bool  # counted in the headline error (the TensorRT-LLM maximum-throughput rows)
 
     @property
     def error(self) -> float:
         return (self.predicted - self.published) / self.published
 
 
-# Model names in the inference table -> (preset name, ModelSpec overrides).
-_INFERENCE_MODELS = {"llama-3.1-8b": "llama3-8b"}
+@dataclass(frozen=True)
+class ServeModel:
+    """A named model's shape from its published configuration (`inference_models.csv`)."""
+
+    spec: ModelSpec
+    kv_dim_per_layer: int | None
 
 
-def _palm_540b() -> ModelSpec:
-    # PaLM 540B (Chowdhery et al. 2022, Table 1); see validation.spec_from_row for the family's choices.
-    return ModelSpec(vocab_size=256000, dim=18432, n_layers=118, n_heads=48, n_kv_heads=1, ffn_dim=73728,
-                     max_seq_len=2048, mlp="swiglu", norm="layernorm", position="rope", tie_embeddings=True)
+def serve_models(path: Path = INFERENCE_MODELS_CSV) -> dict[str, ServeModel]:
+    """Every named model of the inference table, shaped by the run schema's own row translation."""
+    from aiinfra.plan.runs import spec_from_row
 
-
-def validate_inference(path: Path = INFERENCE_RUNS_CSV) -> list[InferenceValidationRow]:
-    """Predict every row of the published inference runs."""
-    from aiinfra.plan.cluster import make_cluster
-    from aiinfra.spec import preset
-
-    results = []
+    models = {}
     with open(path, newline="") as handle:
         for row in csv.DictReader(handle):
-            tp = int(row["tp"] or row["n_devices"])
-            cluster = make_cluster(row["hardware"], tp)
-            if row["model"] == "palm-540b":
-                spec = _palm_540b()
-                # Pope et al.: int8 weights, bf16 KV cache; low batch -> one sequence, decode only.
-                settings = ServeSettings(int(row["input_tokens"]), 1, weight_dtype="int8", kv_dtype="bf16", tp=tp)
-                predicted = 1e3 * decode_step_time_s(spec, cluster, settings, 1, prefill=False)
-                results.append(InferenceValidationRow(row["id"], row["metric"], float(row["value"]), predicted, 1,
-                                                      "latency", False))
-                continue
-            spec = preset(_INFERENCE_MODELS[row["model"]])
-            precision = row["precision"]
-            settings = ServeSettings(int(row["input_tokens"]), int(row["output_tokens"]), weight_dtype=precision,
-                                     kv_dtype=precision, tp=tp)
-            plan = plan_serving(spec, cluster, settings)
-            results.append(InferenceValidationRow(row["id"], row["metric"], float(row["value"]),
-                                                  plan.output_tokens_per_s, plan.batch, plan.limited_by, True))
-    return results
+            shaped = {**row, "model": row["family"], "seq_len": "131072"}
+            kv = row["kv_dim_per_layer"].strip()
+            models[row["model"]] = ServeModel(spec_from_row(shaped), int(kv) if kv else None)
+    return models
+
+
+def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -> InferenceValidationRow:
+    from aiinfra.plan.calibrated import calibrated
+    from aiinfra.plan.cluster import make_cluster
+    from aiinfra.plan.runs import RowNotRepresentable
+
+    name = row.get("model", "").strip()
+    if name not in models:
+        raise RowNotRepresentable(f"model {name!r} has no published shape in inference_models.csv")
+    model = models[name]
+    if row.get("metric") == "output_tokens_per_s" and not (row.get("output_tokens") or "").strip():
+        raise RowNotRepresentable("output_tokens not stated (a decode-only share of a disaggregated deployment)")
+    n_devices = int(row["n_devices"])
+    tp = int(row["tp"]) if (row.get("tp") or "").strip() else n_devices
+    if tp != n_devices:
+        raise RowNotRepresentable(f"tp={tp} on {n_devices} devices: only one tensor-parallel replica is modelled")
+    precision = row["precision"].strip()
+    weight_dtype = {"int8-weights": "int8"}.get(precision, precision)
+    if weight_dtype not in WEIGHT_BYTES:
+        raise RowNotRepresentable(f"precision={precision!r}")
+    # fp8 and fp4 checkpoints serve with an fp8 KV cache (TensorRT-LLM, vLLM); int8 weight-only keeps bf16 KV.
+    kv_dtype = "fp8" if weight_dtype in ("fp8", "fp4") else "bf16"
+    # GEMM ceilings fitted on the training runs only: no value is fitted to an inference row.
+    cluster = calibrated(make_cluster(row["hardware"].strip(), tp))
+    settings = ServeSettings(int(row["input_tokens"]), int(row["output_tokens"] or 1), weight_dtype=weight_dtype,
+                             kv_dtype=kv_dtype, tp=tp, kv_dim_per_layer=model.kv_dim_per_layer)
+    value = float(row["value"])
+    if row["metric"] == "ms_per_token_low_batch":
+        predicted = 1e3 * decode_step_time_s(model.spec, cluster, settings, 1, prefill=False)
+        return InferenceValidationRow(row["id"], row.get("source", ""), cluster.efficiency.generation, row["metric"],
+                                      value, predicted, 1, "latency")
+    if row["metric"] != "output_tokens_per_s":
+        raise RowNotRepresentable(f"metric={row['metric']!r}: expected output_tokens_per_s or ms_per_token_low_batch")
+    plan = plan_serving(model.spec, cluster, settings)
+    return InferenceValidationRow(row["id"], row.get("source", ""), cluster.efficiency.generation, row["metric"],
+                                  value, plan.output_tokens_per_s, plan.batch, plan.limited_by)
+
+
+def validate_inference(path: Path = INFERENCE_RUNS_CSV) -> tuple[list[InferenceValidationRow], list[tuple[str, str]]]:
+    """Predict every row of an inference-runs CSV: rows run, and (id, reason) for rows not run."""
+    models = serve_models()
+    results, not_run = [], []
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            try:
+                results.append(_predict_inference_row(row, models))
+            except PlanError as error:
+                not_run.append((row.get("id", "?"), str(error.args[0] if error.args else error)))
+    return results, not_run

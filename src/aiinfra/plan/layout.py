@@ -1,6 +1,9 @@
 """The parallel layout and the training settings, as small frozen dataclasses with their checks.
 
-Rank order follows Megatron-LM (tensor, context, data, pipeline from innermost to outermost), so tensor-parallel
+The names are the training config's (`aiinfra.config.ParallelConfig`): `dp_replicate` replicas all-reduce
+gradients, `dp_shard` ranks shard the model states (ZeRO stage `zero_stage` over them: 1 optimizer, 2 + gradients,
+3 = FSDP + parameters), `tp`, `pp` with `pp_schedule` in gpipe, 1f1b, interleaved_1f1b. Rank order follows
+Megatron-LM (tensor, context, data shard, data replicate, pipeline from innermost to outermost), so tensor-parallel
 groups sit inside a scale-up domain first and pipeline stages are furthest apart. Expert parallelism reuses the
 data-parallel (and context-parallel) ranks, as in Megatron-Core.
 """
@@ -15,8 +18,8 @@ from aiinfra.plan.errors import PlanError
 from aiinfra.spec import ModelSpec
 
 Recompute = Literal["none", "selective", "full"]
-Schedule = Literal["gpipe", "1f1b", "interleaved"]
-Precision = Literal["bf16", "fp16", "fp8", "fp32"]
+Schedule = Literal["gpipe", "1f1b", "interleaved_1f1b"]
+Precision = Literal["bf16", "fp16", "fp8", "fp4", "fp32"]
 AttentionKernel = Literal["flash", "materialized"]
 
 
@@ -26,32 +29,47 @@ class Layout:
 
     tp: int = 1  # tensor parallel (Megatron column/row split of every layer)
     pp: int = 1  # pipeline stages
-    dp: int = 1  # data-parallel replicas (sharded under ZeRO/FSDP)
+    dp_replicate: int = 1  # data-parallel replicas that all-reduce gradients (DDP; HSDP's outer axis)
+    dp_shard: int = 1  # data-parallel ranks over which ZeRO shards the model states
     cp: int = 1  # context parallel (sequence split across devices for attention)
     ep: int = 1  # expert parallel (within dp x cp)
-    virtual_stages: int = 1  # model chunks per device under the interleaved schedule
-    schedule: Schedule = "1f1b"
-    zero_stage: int = 0  # 0: replicated; 1: optimizer sharded; 2: + gradients; 3 (FSDP): + parameters
+    virtual_stages: int = 1  # model chunks per device under interleaved_1f1b
+    pp_schedule: Schedule = "1f1b"
+    zero_stage: int = 0  # over dp_shard: 0 replicated; 1 optimizer sharded; 2 + gradients; 3 (FSDP) + parameters
     micro_batch: int = 1  # sequences per micro-batch
     recompute: Recompute = "none"
+    recompute_fraction: float = 1.0  # share of a stage's layers recomputed (Megatron --recompute-num-layers)
     sequence_parallel: bool = False  # shard norms/dropout along the sequence inside the TP group
+
+    @property
+    def dp(self) -> int:
+        """All data-parallel ranks (each takes its own slice of the global batch)."""
+        return self.dp_replicate * self.dp_shard
 
     @property
     def n_devices(self) -> int:
         return self.tp * self.pp * self.dp * self.cp
 
     def describe(self) -> str:
-        """A compact one-line description such as 'TP8 PP16(interleaved x4) DP64 ZeRO-1 mb1 selective SP'."""
+        """A compact one-line description such as 'TP8 PP16(interleaved_1f1b x4) DP64 ZeRO-1 mb1 selective SP'."""
         parts = [f"TP{self.tp}"]
         if self.pp > 1:
-            schedule = f"{self.schedule} x{self.virtual_stages}" if self.schedule == "interleaved" else self.schedule
+            schedule = self.pp_schedule
+            if schedule == "interleaved_1f1b":
+                schedule += f" x{self.virtual_stages}"
             parts.append(f"PP{self.pp}({schedule})")
-        parts.append(f"DP{self.dp}")
+        if self.dp_shard > 1 and self.dp_replicate > 1:
+            parts.append(f"DP{self.dp_replicate}x{self.dp_shard}")
+        else:
+            parts.append(f"DP{self.dp}")
         if self.cp > 1:
             parts.append(f"CP{self.cp}")
         if self.ep > 1:
             parts.append(f"EP{self.ep}")
-        parts += [f"ZeRO-{self.zero_stage}", f"mb{self.micro_batch}", f"recompute={self.recompute}"]
+        recompute = self.recompute
+        if recompute != "none" and self.recompute_fraction < 1:
+            recompute += f"({100 * self.recompute_fraction:.0f}% of layers)"
+        parts += [f"ZeRO-{self.zero_stage}", f"mb{self.micro_batch}", f"recompute={recompute}"]
         if self.sequence_parallel:
             parts.append("SP")
         return " ".join(parts)
@@ -73,10 +91,27 @@ class TrainSettings:
     dp_overlap: bool = True  # data-parallel collectives overlap the backward/forward passes
     tp_overlap: bool = False  # tensor-parallel collectives overlap their GEMMs (Megatron-Core tp-comm-overlap)
     p2p_scatter_gather: bool = True  # pipeline sends split across the TP ranks (Narayanan et al. 2021, 4.1)
+    dp_bucket_params: float = 0.0  # parameters per ZeRO-0/1/2 gradient bucket; 0: one per layer
+    zero3_bucket_params: float = 0.0  # parameters per ZeRO-3 gather/scatter; 0: one per layer (FSDP units)
+    ep_overlap: bool = False  # expert-parallel all-to-alls overlap another micro-batch's compute
+    reshard_after_forward: bool = True  # ZeRO-3 drops gathered weights after the forward, gathers again for backward
+    grad_reduce_every_micro_batch: bool = False  # ZeRO-1/2 reduce-scatter after every micro-batch (DeepSpeed)
+    fp8_param_gather: bool = False  # FSDP all-gathers fp8 weights (torchao float8 all-gather)
+    gather_param_bytes: int = 0  # bytes per weight a ZeRO-3 gather moves and holds (0: param_bytes)
 
     @property
     def activation_bytes(self) -> int:
         return 4 if self.precision == "fp32" else 2
+
+    @property
+    def gathered_bytes(self) -> int:
+        """Bytes per weight of ZeRO-3's gathered copies (fp32 weights are cast to bf16 before XLA's gather)."""
+        return self.gather_param_bytes or self.param_bytes
+
+    @property
+    def gemm_precision(self) -> str:
+        """Precision of the linear layers' GEMMs (fp8 and fp4 recipes keep attention and norms in bf16)."""
+        return self.precision
 
     @property
     def tokens_per_step(self) -> int:
@@ -95,8 +130,11 @@ def micro_batches(settings: TrainSettings, layout: Layout) -> int:
 
 def check_layout(spec: ModelSpec, settings: TrainSettings, layout: Layout, n_devices: int) -> None:
     """Raise PlanError naming the first impossible choice of a layout."""
-    if min(layout.tp, layout.pp, layout.dp, layout.cp, layout.ep, layout.virtual_stages, layout.micro_batch) < 1:
-        raise PlanError(f"layout {layout.describe()}: every degree and the micro-batch must be >= 1")
+    degrees = {"tp": layout.tp, "pp": layout.pp, "dp_replicate": layout.dp_replicate, "dp_shard": layout.dp_shard,
+               "cp": layout.cp, "ep": layout.ep, "vp": layout.virtual_stages, "micro_batch": layout.micro_batch}
+    for name, value in degrees.items():
+        if value < 1:
+            raise PlanError(f"{name}={value}: must be >= 1")
     if layout.n_devices != n_devices:
         raise PlanError(
             f"tp x pp x dp x cp = {layout.tp}x{layout.pp}x{layout.dp}x{layout.cp} = {layout.n_devices}, "
@@ -106,18 +144,24 @@ def check_layout(spec: ModelSpec, settings: TrainSettings, layout: Layout, n_dev
         raise PlanError(f"tp={layout.tp} must divide n_heads={spec.n_heads}")
     if layout.pp > spec.n_layers:
         raise PlanError(f"pp={layout.pp} exceeds n_layers={spec.n_layers}")
+    if not 0 < layout.recompute_fraction <= 1:
+        raise PlanError(f"recompute_fraction={layout.recompute_fraction:g}: must be in (0, 1]")
     if layout.zero_stage not in (0, 1, 2, 3):
         raise PlanError(f"zero_stage={layout.zero_stage}: expected 0, 1, 2 or 3")
-    if layout.schedule == "interleaved":
+    if layout.pp_schedule not in ("gpipe", "1f1b", "interleaved_1f1b"):
+        raise PlanError(f"pp_schedule={layout.pp_schedule!r}: expected gpipe, 1f1b or interleaved_1f1b")
+    if layout.pp_schedule == "interleaved_1f1b":
         if layout.pp < 2:
-            raise PlanError("the interleaved schedule needs pp >= 2")
+            raise PlanError("pp_schedule=interleaved_1f1b needs pp >= 2")
         if layout.virtual_stages > layers_per_stage(spec, layout):
             raise PlanError(
                 f"virtual_stages={layout.virtual_stages} exceeds the {layers_per_stage(spec, layout)} layers "
                 "of a stage"
             )
     elif layout.virtual_stages != 1:
-        raise PlanError(f"virtual_stages={layout.virtual_stages} needs schedule=interleaved")
+        raise PlanError(f"vp={layout.virtual_stages} needs pp_schedule=interleaved_1f1b")
+    if settings.seq_len < 1 or settings.global_batch_seqs < 1:
+        raise PlanError(f"seq_len={settings.seq_len}, global batch={settings.global_batch_seqs}: must be >= 1")
     if settings.seq_len % layout.cp:
         raise PlanError(f"cp={layout.cp} must divide seq_len={settings.seq_len}")
     if settings.global_batch_seqs % (layout.dp * layout.micro_batch):
@@ -128,7 +172,8 @@ def check_layout(spec: ModelSpec, settings: TrainSettings, layout: Layout, n_dev
     if layout.ep > 1:
         if not spec.is_moe:
             raise PlanError(f"ep={layout.ep} needs a mixture-of-experts model")
-        if spec.n_experts % layout.ep or (layout.dp * layout.cp) % layout.ep:
-            raise PlanError(f"ep={layout.ep} must divide n_experts={spec.n_experts} and dp x cp")
+        if (layout.dp * layout.cp) % layout.ep or layout.ep > spec.n_experts:
+            raise PlanError(f"ep={layout.ep} must divide dp x cp = {layout.dp * layout.cp} and be <= the "
+                            f"{spec.n_experts} experts")
     if layout.sequence_parallel and layout.tp == 1:
         raise PlanError("sequence parallelism needs tp >= 2")

@@ -11,7 +11,7 @@ recomputation on top, and 2 s b h (/t under sequence parallelism) with full reco
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from aiinfra.plan.layout import Layout, TrainSettings, layers_per_stage, micro_batches
 from aiinfra.spec import ModelSpec
@@ -55,7 +55,16 @@ def activation_terms(spec: ModelSpec, settings: TrainSettings, tp: int) -> Activ
 
 
 def layer_activation_bytes(spec: ModelSpec, settings: TrainSettings, layout: Layout) -> float:
-    """Activations one layer stores for one micro-batch on one device, under the layout's recomputation."""
+    """Activations one layer stores for one micro-batch on one device, averaged over the stage's layers when only
+    a share of them is recomputed (the others keep everything)."""
+    stored = _layer_activation_bytes(spec, settings, layout)
+    if layout.recompute == "none" or layout.recompute_fraction >= 1:
+        return stored
+    kept = _layer_activation_bytes(spec, settings, replace(layout, recompute="none"))
+    return layout.recompute_fraction * stored + (1 - layout.recompute_fraction) * kept
+
+
+def _layer_activation_bytes(spec: ModelSpec, settings: TrainSettings, layout: Layout) -> float:
     tokens = layout.micro_batch * settings.seq_len / layout.cp
     terms = activation_terms(spec, settings, layout.tp)
     sp_divisor = layout.tp if layout.sequence_parallel else 1
@@ -65,6 +74,14 @@ def layer_activation_bytes(spec: ModelSpec, settings: TrainSettings, layout: Lay
     stored = terms.replicated_bytes / sp_divisor + terms.split_bytes
     if layout.recompute == "none":
         stored += terms.scores_bytes
+    elif settings.attention_kernel == "flash":
+        # With fused attention there are no scores to drop; selective policies (torchtitan's per-op AC, MaxText's
+        # "minimal") keep the matmul outputs and recompute the elementwise ops between them: the norm outputs
+        # and, in a gated MLP, the product of gate and up.
+        a = settings.activation_bytes
+        experts = spec.experts_per_token if spec.is_moe else 1
+        gated = a * spec.ffn_dim / layout.tp * experts if spec.mlp == "swiglu" else 0.0
+        stored -= 2 * a * spec.dim / sp_divisor + gated
     return tokens * stored
 
 
@@ -78,10 +95,10 @@ def in_flight_micro_batches(settings: TrainSettings, layout: Layout) -> float:
     p = layout.pp
     if p == 1:
         return 1.0
-    if layout.schedule == "gpipe":
+    if layout.pp_schedule == "gpipe":
         return float(m)
     in_flight = float(min(p, m))
-    if layout.schedule == "interleaved":
+    if layout.pp_schedule == "interleaved_1f1b":
         in_flight *= 1 + (p - 1) / (p * layout.virtual_stages)
     return in_flight
 
@@ -144,7 +161,7 @@ def activation_memory_bytes(spec: ModelSpec, settings: TrainSettings, layout: La
     sp_divisor = layout.tp if layout.sequence_parallel else 1
     if layout.recompute == "full":
         # The layer being recomputed holds its full activations for one micro-batch during its backward.
-        stored += layer_activation_bytes(spec, settings, Layout(**{**layout.__dict__, "recompute": "none"}))
+        stored += _layer_activation_bytes(spec, settings, replace(layout, recompute="none"))
     if settings.dropout:
         stored += tokens * spec.dim / sp_divisor * in_flight  # embedding dropout mask (Korthikanti 4.3)
     if layout.pp == 1:
@@ -155,13 +172,13 @@ def activation_memory_bytes(spec: ModelSpec, settings: TrainSettings, layout: La
 
 
 def memory_breakdown(spec: ModelSpec, settings: TrainSettings, layout: Layout) -> MemoryBreakdown:
-    """Weights, gradients, optimizer state (ZeRO-sharded over dp x cp) and activations per device.
+    """Weights, gradients, optimizer state (ZeRO-sharded over dp_shard x cp) and activations per device.
 
     ZeRO stages follow Rajbhandari et al. 2020: stage 1 shards optimizer state, stage 2 also gradients, stage 3
     (FSDP, Zhao et al. 2023) also parameters, which are all-gathered one layer at a time (two with prefetch).
     """
     counts = device_param_counts(spec, layout)
-    shard = layout.dp * layout.cp
+    shard = (layout.dp_shard if layout.zero_stage else 1) * layout.cp
     expert_shard = max(1, shard // layout.ep)
 
     def sharded(stage: int) -> float:
@@ -171,9 +188,11 @@ def memory_breakdown(spec: ModelSpec, settings: TrainSettings, layout: Layout) -
 
     weights = settings.param_bytes * sharded(3)
     if layout.zero_stage == 3:
-        # Gathered working copies: the layer being computed and the one being prefetched.
-        layer = (spec.layer_params() / layout.tp) if spec.n_layers else 0
-        weights += 2 * settings.param_bytes * layer
+        # Gathered working copies: the layer being computed and the one being prefetched; without resharding after
+        # the forward pass every gathered layer of the stage stays until its backward.
+        layer = counts.total / layers_per_stage(spec, layout)
+        gathered_layers = 2 if settings.reshard_after_forward else layers_per_stage(spec, layout)
+        weights += gathered_layers * settings.gathered_bytes * layer
     return MemoryBreakdown(
         weights_bytes=weights,
         gradients_bytes=settings.grad_bytes * sharded(2),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from aiinfra.plan.calibrated import calibrated
 from aiinfra.plan.cluster import make_cluster
 from aiinfra.plan.errors import PlanError
 from aiinfra.plan.layout import TrainSettings
@@ -27,7 +28,7 @@ def scaling_points(spec: ModelSpec, hardware: list[str], device_counts: list[int
     points = []
     for hw in hardware:
         for n in device_counts:
-            cluster = make_cluster(hw, n)
+            cluster = calibrated(make_cluster(hw, n))
             costs = CostSettings(price_per_device_hour=prices.get(hw))
             try:
                 plan: TrainingPlan | None = search_layout(spec, cluster, settings, tokens, costs)

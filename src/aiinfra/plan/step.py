@@ -23,6 +23,10 @@ CROSS_ENTROPY_BYTES_PER_LOGIT = 10
 BACKWARD_ELEMENTWISE_FACTOR = 2.0
 FLASH_BACKWARD_FACTOR = 2.5
 FLASH_BLOCK = 128  # query/key tile: a causal mask skips every tile above the diagonal
+SELECTIVE_ELEMENTWISE_SHARE = 0.5  # of a layer's elementwise traffic that selective recompute repeats (flash)
+GEMM_INPUT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "fp4": 0.5625}  # NVFP4: 16 values + a scale
+FP8_CAST_BYTES = 3  # a bf16 -> fp8 cast reads 2 bytes and writes 1 per element
+MOE_PERMUTE_PASSES = 4  # permute (read + write) and unpermute (read + write) of every routed token copy
 # A collective that overlaps computation still runs kernels on the same chip: NCCL gives each channel one thread
 # block, and its default of up to 32 channels over NVLink occupies about a quarter of an A100's 108 or an H100's
 # 132 SMs (NCCL environment docs, NCCL_MAX_NCHANNELS). Overlapped time therefore slows the computation it hides
@@ -49,14 +53,36 @@ class PassTimes:
 
 
 def _gemm_time_s(cluster: Cluster, precision: str, m: float, k: float, n: float, count: float = 1.0) -> float:
+    """One GEMM (or `count` of them) at its roofline: the shape-dependent share of the peak, or the time to move its
+    operands and result through HBM, whichever is longer (Williams et al. 2009); skinny GEMMs on fast chips are
+    memory-bound."""
     flops = 2.0 * m * k * n * count
-    return flops / (cluster.peak_flops(precision) * cluster.efficiency.gemm_efficiency(m, k, n, precision))
+    compute = flops / (cluster.peak_flops(precision) * cluster.efficiency.gemm_efficiency(m, k, n, precision))
+    operand_bytes = GEMM_INPUT_BYTES.get(precision, 2.0)
+    traffic = ((m * k + k * n) * operand_bytes + m * n * 2.0) * count
+    return max(compute, traffic / (cluster.memory_bw_bytes_per_s * cluster.efficiency.memory_bw_efficiency))
+
+
+def _mlp_gemm_s(spec: ModelSpec, layout: Layout, cluster: Cluster, precision: str, m: float) -> float:
+    """The MLP's GEMMs for m tokens: dense, or router plus local experts' grouped GEMMs at m k ep / E tokens each."""
+    ffn_local = spec.ffn_dim / layout.tp
+    mlp_in = (2 if spec.mlp == "swiglu" else 1) * ffn_local
+    h = spec.dim
+    if not spec.is_moe:
+        return _gemm_time_s(cluster, precision, m, h, mlp_in) + _gemm_time_s(cluster, precision, m, ffn_local, h)
+    gemm = 0.0
+    if spec.n_experts > 1:  # a single expert takes every token: nothing to route
+        gemm += _gemm_time_s(cluster, precision, m, h, spec.n_experts)  # router
+    local_experts = spec.n_experts / layout.ep
+    tokens_per_expert = m * spec.experts_per_token * layout.ep / spec.n_experts
+    gemm += _gemm_time_s(cluster, precision, tokens_per_expert, h, mlp_in, local_experts)
+    return gemm + _gemm_time_s(cluster, precision, tokens_per_expert, ffn_local, h, local_experts)
 
 
 def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster) -> PassTimes:
     """Forward-pass costs of one transformer layer for one micro-batch on one device."""
     eff = cluster.efficiency
-    precision = settings.precision
+    precision = settings.gemm_precision
     a = settings.activation_bytes
     tp = layout.tp
     h = spec.dim
@@ -68,16 +94,7 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
 
     gemm = _gemm_time_s(cluster, precision, m, h, q_local + 2 * kv_local)  # fused QKV projection
     gemm += _gemm_time_s(cluster, precision, m, q_local, h)  # output projection
-    mlp_in = (2 if spec.mlp == "swiglu" else 1) * ffn_local
-    if spec.is_moe:
-        gemm += _gemm_time_s(cluster, precision, m, h, spec.n_experts)  # router
-        local_experts = spec.n_experts / layout.ep
-        tokens_per_expert = m * spec.experts_per_token * layout.ep / spec.n_experts
-        gemm += _gemm_time_s(cluster, precision, tokens_per_expert, h, mlp_in, local_experts)
-        gemm += _gemm_time_s(cluster, precision, tokens_per_expert, ffn_local, h, local_experts)
-    else:
-        gemm += _gemm_time_s(cluster, precision, m, h, mlp_in)
-        gemm += _gemm_time_s(cluster, precision, m, ffn_local, h)
+    gemm += _mlp_gemm_s(spec, layout, cluster, precision, m)
 
     seq = settings.seq_len
     attention_flops = 4.0 * m * seq * q_local  # QK^T and PV over the full key range (spec convention)
@@ -85,11 +102,12 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
     if settings.attention_kernel == "flash":
         # Tiles above the causal diagonal are skipped; the kernel runs at its own efficiency.
         causal_fraction = 0.5 * (1 + FLASH_BLOCK / seq) if seq > FLASH_BLOCK else 1.0
-        attention = attention_flops * causal_fraction / (cluster.peak_flops(precision) * eff.attention_efficiency)
+        # fp8/fp4 recipes keep the attention products in bf16 (Transformer Engine's default DotProductAttention).
+        attention = attention_flops * causal_fraction / (cluster.peak_flops("bf16") * eff.attention_efficiency)
     else:
         # Batched GEMMs per head, (s x d) @ (d x s) and (s x s) @ (s x d): thin in the head dimension.
-        per_head_eff = eff.gemm_efficiency(m, spec.head_dim, seq, precision)
-        attention = attention_flops / (cluster.peak_flops(precision) * per_head_eff)
+        per_head_eff = eff.gemm_efficiency(m, spec.head_dim, seq, "bf16")
+        attention = attention_flops / (cluster.peak_flops("bf16") * per_head_eff)
         mask = 1 if settings.dropout else 0
         # Fused scale-mask-softmax reads and writes each score; dropout reads, writes and stores a mask.
         scores_bytes = m * heads_local * seq * (2 * a + (2 * a + 1) * mask)
@@ -102,6 +120,14 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
     if spec.is_moe:
         activation_bytes *= spec.experts_per_token
     rotary_bytes = m * 2 * a * (q_local + kv_local) if spec.position == "rope" else 0.0
+    if spec.is_moe and spec.n_experts > 1:
+        # Token permutation before the experts and unpermutation after: each routed copy is read and written twice.
+        activation_bytes += m * spec.experts_per_token * h * a * MOE_PERMUTE_PASSES
+    if precision in ("fp8", "fp4"):
+        # Each low-precision GEMM casts its input (read 2 bytes, write 1) before it runs (Transformer Engine's
+        # per-tensor or block scaling); the four linear inputs of a layer are h, q_local, h and ffn_local wide.
+        experts = spec.experts_per_token if spec.is_moe else 1
+        activation_bytes += m * FP8_CAST_BYTES * (2 * h * experts + q_local + ffn_local * experts)
     bandwidth = cluster.memory_bw_bytes_per_s * eff.memory_bw_efficiency
     elementwise = (replicated_bytes + activation_bytes + rotary_bytes) / bandwidth
 
@@ -112,8 +138,12 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
     cp_comm = collective_time_s(cluster, "all_gather", kv_bytes, layout.cp, tp)  # all-gather CP (Llama 3, 3.3.2)
     ep_comm = 0.0
     if spec.is_moe and layout.ep > 1:
-        routed_bytes = m * spec.experts_per_token * h * a
-        ep_comm = 2 * collective_time_s(cluster, "all_to_all", routed_bytes, layout.ep, tp * layout.cp)
+        # Dispatch sends each token to its k experts, in fp8 when the expert GEMMs take fp8 inputs (DeepSeek-V3
+        # 3.3.1; Megatron's fp8 dispatch); the combine returns bf16 outputs.
+        dispatch_bytes = m * spec.experts_per_token * h * (1 if precision in ("fp8", "fp4") else a)
+        combine_bytes = m * spec.experts_per_token * h * a
+        ep_comm = (collective_time_s(cluster, "all_to_all", dispatch_bytes, layout.ep, tp * layout.cp)
+                   + collective_time_s(cluster, "all_to_all", combine_bytes, layout.ep, tp * layout.cp))
     return PassTimes(
         gemm_s=gemm,
         attention_s=attention,
@@ -152,23 +182,32 @@ def layer_micro_batch_times(
         + BACKWARD_ELEMENTWISE_FACTOR * (fwd.scores_elementwise_s + fwd.elementwise_s)
     )
     recompute = 0.0
-    passes_with_tp_comm = 2  # forward and backward
+    recomputed_tp_passes = 0.0
     if layout.recompute == "full":
         recompute = fwd_compute
-        passes_with_tp_comm = 3
+        recomputed_tp_passes = 1.0
     elif layout.recompute == "selective" and settings.attention_kernel == "materialized":
         recompute = fwd.attention_s + fwd.scores_elementwise_s
+    elif layout.recompute == "selective":
+        # Keeping matmul outputs only, the norms and the gated product run again: about half the elementwise work.
+        recompute = SELECTIVE_ELEMENTWISE_SHARE * fwd.elementwise_s
+    recompute *= layout.recompute_fraction
+    recomputed_tp_passes *= layout.recompute_fraction
 
     def exposed(comm: float, hidden_behind: float) -> float:
         return overlapped_s(comm, hidden_behind) if settings.tp_overlap else comm
 
     tp_exposed = exposed(fwd.tp_comm_s, fwd.gemm_s) + exposed(fwd.tp_comm_s, 2 * fwd.gemm_s)
-    if passes_with_tp_comm == 3:
-        tp_exposed += exposed(fwd.tp_comm_s, fwd.gemm_s)
+    tp_exposed += recomputed_tp_passes * exposed(fwd.tp_comm_s, fwd.gemm_s)
     # K/V gathers overlap the attention of the chunk already present; the backward gathers and reduce-scatters.
     cp_exposed = overlapped_s(fwd.cp_comm_s, fwd.attention_s)
     cp_exposed += overlapped_s(2 * fwd.cp_comm_s, attention_bwd * fwd.attention_s)
-    ep_exposed = 2 * fwd.ep_comm_s  # dispatch/combine block the expert GEMMs in both passes
+    if settings.ep_overlap:
+        # Dispatch and combine of one micro-batch run under another's compute (Megatron-Core's EP all-to-all
+        # overlap in 1F1B; DeepSeek-V3's DualPipe), paying the SM tax.
+        ep_exposed = overlapped_s(2 * fwd.ep_comm_s, fwd_compute + bwd_compute)
+    else:
+        ep_exposed = 2 * fwd.ep_comm_s  # dispatch/combine block the expert GEMMs in both passes
     return MicroBatchTimes(
         compute_s=fwd_compute + bwd_compute + recompute,
         tp_comm_exposed_s=tp_exposed,
@@ -181,20 +220,21 @@ def head_micro_batch_s(spec: ModelSpec, settings: TrainSettings, layout: Layout,
     """Output projection and cross-entropy for one micro-batch (forward + backward), on the last stage."""
     m = layout.micro_batch * settings.seq_len / layout.cp
     vocab_local = spec.vocab_size / layout.tp
-    gemm = _gemm_time_s(cluster, settings.precision, m, spec.dim, vocab_local)
+    gemm = _gemm_time_s(cluster, "bf16", m, spec.dim, vocab_local)  # low-precision recipes keep the head in bf16
     bandwidth = cluster.memory_bw_bytes_per_s * cluster.efficiency.memory_bw_efficiency
     loss = m * vocab_local * CROSS_ENTROPY_BYTES_PER_LOGIT / bandwidth
     return 3 * gemm + (1 + BACKWARD_ELEMENTWISE_FACTOR) * loss
 
 
-def hardware_flops_per_token(spec: ModelSpec, seq_len: int, recompute: str, attention_kernel: str) -> float:
+def hardware_flops_per_token(spec: ModelSpec, seq_len: int, recompute: str, attention_kernel: str,
+                             recompute_fraction: float = 1.0) -> float:
     """Training FLOPs per token including recomputation (the HFU numerator; Megatron's eq. 3 for full)."""
     flops = float(spec.train_flops_per_token(seq_len))
     head = 2.0 * spec.vocab_size * spec.dim
     if recompute == "full":
-        flops += spec.forward_flops_per_token(seq_len) - head  # the output head is not recomputed
+        flops += recompute_fraction * (spec.forward_flops_per_token(seq_len) - head)  # the head is not recomputed
     elif recompute == "selective" and attention_kernel == "materialized":
-        flops += spec.attention_flops_per_token(seq_len)
+        flops += recompute_fraction * spec.attention_flops_per_token(seq_len)
     return flops
 
 
@@ -223,40 +263,58 @@ class StepBreakdown:
         return self.hardware_flops / (self.step_time_s * cluster.n_devices * cluster.peak_flops(precision))
 
 
+def dp_collective_calls(params: float, stage_layers: int, bucket_params: float) -> float:
+    """Collectives per pass over a stage's parameters: one per bucket, or one per layer (FSDP's wrapped units)."""
+    if bucket_params > 0:
+        return max(1.0, params / bucket_params)
+    return float(max(1, stage_layers))
+
+
 def _dp_comm_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster, mb: MicroBatchTimes,
                stage_layers: int, m: int) -> float:
-    """Exposed data-parallel time: gradient reduction, parameter gathers, and how much the passes hide."""
-    shard_group = layout.dp * layout.cp
-    if shard_group == 1:
+    """Exposed data-parallel time: gradient reduction, parameter gathers, and how much the passes hide.
+
+    ZeRO shards over dp_shard x cp (Megatron shards its distributed optimizer over dp x cp); HSDP's dp_replicate
+    replicas then all-reduce the gradient shards. Each collective is split into buckets and pays its ring latency
+    per bucket (`collective_time_s`), so the same bytes cost more on more ranks when the buckets are small.
+    """
+    if layout.dp * layout.cp == 1:
         return 0.0
     params = device_param_counts(spec, layout).total
     grads = params * settings.grad_reduce_bytes
-    weights = params * settings.param_bytes
-    stride = layout.tp
+    weights = params * (1 if settings.fp8_param_gather else settings.gathered_bytes)
+    bucket = settings.zero3_bucket_params if layout.zero_stage == 3 else settings.dp_bucket_params
+    calls = dp_collective_calls(params, stage_layers, bucket)
     backward_window = mb.backward_s * stage_layers
     forward_window = (mb.compute_s - mb.backward_s) * stage_layers
-    if layout.zero_stage == 3:
-        # FSDP gathers weights for the forward and again for the backward and reduce-scatters gradients, every
-        # micro-batch, prefetching one layer ahead so each collective hides behind the neighbouring compute
-        # (Zhao et al. 2023, PyTorch FSDP, 3.4).
-        gather = collective_time_s(cluster, "all_gather", weights, shard_group, stride)
-        scatter = collective_time_s(cluster, "reduce_scatter", grads, shard_group, stride)
-        per_micro_batch = overlapped_s(gather, forward_window) + overlapped_s(gather + scatter, backward_window)
-        if not settings.dp_overlap:
-            per_micro_batch = 2 * gather + scatter
-        return m * per_micro_batch
     if layout.zero_stage == 0:
-        reduce = collective_time_s(cluster, "all_reduce", grads, shard_group, stride)
-        gather = 0.0
-    else:
-        # ZeRO-1/2 (Megatron's distributed optimizer): reduce-scatter gradients, all-gather updated weights.
-        reduce = collective_time_s(cluster, "reduce_scatter", grads, shard_group, stride)
-        gather = collective_time_s(cluster, "all_gather", weights, shard_group, stride)
+        # Plain data parallel over every replica: one bucketed all-reduce of the gradients per step (Li et al. 2020).
+        reduce = collective_time_s(cluster, "all_reduce", grads, layout.dp * layout.cp, layout.tp, calls)
+        return overlapped_s(reduce, backward_window) if settings.dp_overlap else reduce
+    shard_group = layout.dp_shard * layout.cp
+    replicate = collective_time_s(cluster, "all_reduce", grads / shard_group, layout.dp_replicate,
+                                  layout.tp * shard_group, calls)
+    gather = collective_time_s(cluster, "all_gather", weights, shard_group, layout.tp, calls)
+    scatter = collective_time_s(cluster, "reduce_scatter", grads, shard_group, layout.tp, calls)
+    if layout.zero_stage == 3:
+        # FSDP gathers the weights for the forward (and again for the backward when it reshards after the forward)
+        # and reduce-scatters gradients every micro-batch, prefetching so that each collective hides behind the
+        # neighbouring layer's compute (Zhao et al. 2023, PyTorch FSDP, 3.4; Rajbhandari et al. 2020, ZeRO-3).
+        backward_gather = gather if settings.reshard_after_forward else 0.0
+        if not settings.dp_overlap:
+            return m * (gather + backward_gather + scatter) + replicate
+        per_micro_batch = overlapped_s(gather, forward_window) + overlapped_s(backward_gather + scatter,
+                                                                             backward_window)
+        return m * per_micro_batch + overlapped_s(replicate, backward_window)
+    # ZeRO-1/2 (Megatron's distributed optimizer, DeepSpeed stages 1-2): reduce-scatter gradients (after the last
+    # micro-batch, or after every one), all-gather the updated weights once per step.
+    scatters = m if settings.grad_reduce_every_micro_batch else 1
     if not settings.dp_overlap:
-        return reduce + gather
+        return scatters * scatter + replicate + gather
     # Gradients are final only in the last micro-batch's backward, which is all the reduction can hide behind
     # (bucketed overlap, Li et al. 2020, PyTorch DDP); the weight gather hides behind the first forward.
-    return overlapped_s(reduce, backward_window) + overlapped_s(gather, forward_window)
+    return (scatters * overlapped_s(scatter, backward_window) + overlapped_s(replicate, backward_window)
+            + overlapped_s(gather, forward_window))
 
 
 def step_breakdown(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster) -> StepBreakdown:
@@ -307,5 +365,6 @@ def step_breakdown(spec: ModelSpec, settings: TrainSettings, layout: Layout, clu
         micro_batches=m,
         model_flops=tokens * float(spec.train_flops_per_token(settings.seq_len)),
         hardware_flops=tokens
-        * hardware_flops_per_token(spec, settings.seq_len, layout.recompute, settings.attention_kernel),
+        * hardware_flops_per_token(spec, settings.seq_len, layout.recompute, settings.attention_kernel,
+                                   layout.recompute_fraction),
     )

@@ -14,10 +14,6 @@ from aiinfra.plan.reliability import ReliabilityPlan, ReliabilitySettings, plan_
 from aiinfra.plan.step import StepBreakdown, step_breakdown
 from aiinfra.spec import ModelSpec
 
-# Share of device memory a plan may fill: the rest goes to the CUDA context, NCCL buffers and allocator
-# fragmentation (an assumption; PyTorch's caching allocator commonly loses 5-10% to fragmentation).
-USABLE_MEMORY_FRACTION = 0.9
-
 
 @dataclass(frozen=True)
 class CostSettings:
@@ -44,7 +40,7 @@ class TrainingPlan:
 
     @property
     def fits(self) -> bool:
-        return self.memory.total_bytes <= USABLE_MEMORY_FRACTION * self.cluster.memory_bytes
+        return self.memory.total_bytes <= self.cluster.usable_memory_bytes
 
     @property
     def tokens_per_s(self) -> float:
@@ -125,12 +121,13 @@ def candidate_layouts(spec: ModelSpec, settings: TrainSettings, cluster: Cluster
             stage_layers = layers_per_stage(spec, Layout(pp=pp))
             schedules: list[tuple[str, int]] = [("1f1b", 1)]
             if pp > 1:
-                schedules += [("interleaved", v) for v in (2, 4) if stage_layers % v == 0]
+                schedules += [("interleaved_1f1b", v) for v in (2, 4) if stage_layers % v == 0]
             zeros = [0, 1, 3] if pp == 1 else [0, 1]
             for b, (schedule, v), zero, recompute in itertools.product(
                 micro, schedules, zeros, ("none", "selective", "full")
             ):
-                layouts.append(Layout(tp=tp, pp=pp, dp=dp, cp=cp, virtual_stages=v, schedule=schedule,  # type: ignore[arg-type]
+                layouts.append(Layout(tp=tp, pp=pp, dp_replicate=1 if zero else dp, dp_shard=dp if zero else 1,
+                                      cp=cp, virtual_stages=v, pp_schedule=schedule,  # type: ignore[arg-type]
                                       zero_stage=zero, micro_batch=b, recompute=recompute,  # type: ignore[arg-type]
                                       sequence_parallel=tp > 1))
     return layouts
@@ -141,7 +138,7 @@ def search_layout(spec: ModelSpec, cluster: Cluster, settings: TrainSettings, to
                   reliability: ReliabilitySettings | None = None) -> TrainingPlan:
     """The fastest layout that fits in memory (by step time), as a full plan."""
     best: tuple[float, Layout] | None = None
-    usable = USABLE_MEMORY_FRACTION * cluster.memory_bytes
+    usable = cluster.usable_memory_bytes
     for layout in candidate_layouts(spec, settings, cluster):
         if memory_breakdown(spec, settings, layout).total_bytes > usable:
             continue
@@ -162,7 +159,7 @@ def min_devices_to_fit(spec: ModelSpec, cluster: Cluster, settings: TrainSetting
     for exponent in range(0, 17):
         n = 2**exponent
         trial = replace(cluster, n_devices=n)
-        usable = USABLE_MEMORY_FRACTION * cluster.memory_bytes
+        usable = trial.usable_memory_bytes
         for layout in candidate_layouts(spec, settings, trial):
             if memory_breakdown(spec, settings, layout).total_bytes <= usable:
                 return n

@@ -1,0 +1,112 @@
+"""What each training framework does that a run table does not say, selected by the row's `framework` column.
+
+One entry per framework (never per paper or per row): its attention kernel, dropout, how it overlaps and buckets
+data-parallel collectives, the precision of the gradient reduction, its default pipeline schedule, the bytes of its
+model states, and how it counts FLOPs for MFU. Each value is the framework's documented default, with where it is
+documented.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiinfra.plan.errors import PlanError
+
+
+@dataclass(frozen=True)
+class FrameworkFacts:
+    """Documented software behaviour of one training framework."""
+
+    name: str
+    source: str
+    dropout_families: tuple[str, ...] = ()  # model families trained with dropout by default
+    dp_overlap: bool = True  # data-parallel collectives overlap the passes
+    tp_overlap: bool = False  # tensor-parallel collectives overlap their GEMMs
+    grad_reduce_fp32: bool = True  # bf16 gradients reduced in fp32
+    interleaved_by_default: bool = False  # pipeline runs interleave (several chunks per rank) unless told otherwise
+    dp_bucket_params: float = 0.0  # parameters per ZeRO-0/1/2 gradient bucket; 0: one per layer
+    zero3_bucket_params: float = 0.0  # parameters per ZeRO-3 gather; 0: one per layer (FSDP units)
+    ep_overlap: bool = False  # expert-parallel all-to-alls hidden under another micro-batch's compute
+    grad_reduce_every_micro_batch: bool = False  # ZeRO-1/2 reduce-scatter after every micro-batch
+    param_bytes: int = 2  # working weights
+    gather_param_bytes: int = 0  # bytes per weight ZeRO-3 gathers (0: param_bytes)
+    grad_bytes: int = 4  # gradient accumulation buffer
+    optimizer_bytes_per_param: int = 12  # master weights (if separate) and Adam moments
+    sequence_parallel: bool = False  # norms and dropout sharded along the sequence inside a TP group
+    partial_recompute: bool = False  # can recompute only some layers of a stage (a searched knob when unstated)
+    shard_within_domain: bool = False  # FSDP shards inside a scale-up domain and replicates across domains
+    fsdp_like_is_hybrid: bool = False  # an FSDP-style scheme here is HYBRID_SHARD: ZeRO-3 in a node, DDP across
+    mfu_causal_attention: bool = False  # its MFU counts half the attention products (causal), not the full square
+
+
+FRAMEWORKS: dict[str, FrameworkFacts] = {
+    "megatron": FrameworkFacts(
+        "megatron",
+        "Megatron-LM/Megatron-Core arguments.py and DDP config: GPT hidden/attention dropout 0.1; --overlap-grad-"
+        "reduce and --overlap-param-gather; buckets of max(40M, 1M x dp) parameters; fp32 main gradients reduced in "
+        "fp32; interleaved 1F1B (--num-layers-per-virtual-pipeline-stage); sequence parallel with TP; TP comm "
+        "overlap; --recompute-num-layers for recomputing part of a stage; Megatron-FSDP gathers per module; MoE "
+        "all-to-all overlapped with the other micro-batch (--overlap-moe-expert-parallel-comm); TE fused attention",
+        dropout_families=("gpt",), tp_overlap=True, interleaved_by_default=True, dp_bucket_params=40e6,
+        sequence_parallel=True, partial_recompute=True, ep_overlap=True,
+    ),
+    "megatron-deepspeed": FrameworkFacts(
+        "megatron-deepspeed",
+        "Megatron-DeepSpeed: Megatron's model code under DeepSpeed's engine (reduce_bucket_size 5e8 elements, "
+        "gradient reduction at every micro-step for ZeRO-1/2, no TP overlap)",
+        dropout_families=("gpt",), interleaved_by_default=True, dp_bucket_params=5e8,
+        grad_reduce_every_micro_batch=True, partial_recompute=True,
+    ),
+    "deepspeed": FrameworkFacts(
+        "deepspeed",
+        "DeepSpeed ZeRO config defaults: overlap_comm, reduce_bucket_size 5e8, stage3_prefetch_bucket_size 5e7 "
+        "elements (ZeRO-3 gathers per prefetch bucket, so a large layer costs many small collectives), gradients "
+        "partitioned at every micro-step, fp32 reduction",
+        dp_bucket_params=5e8, zero3_bucket_params=5e7, grad_reduce_every_micro_batch=True,
+    ),
+    "torchtitan": FrameworkFacts(
+        "torchtitan",
+        "torchtitan parallelize_llama: FSDP2 fully_shard per transformer block (one all-gather and one "
+        "reduce-scatter per block, prefetched), mixed_precision_reduce float32, SDPA flash attention, no dropout, "
+        "sequence parallel with TP",
+        sequence_parallel=True,
+    ),
+    "pytorch-fsdp": FrameworkFacts(
+        "pytorch-fsdp",
+        "PyTorch FSDP (Zhao et al. 2023): one FlatParameter per wrapped transformer block, BACKWARD_PRE prefetch, "
+        "bf16 MixedPrecision (parameters, reduction and buffers in bf16), SDPA attention; its FSDP-style variant is "
+        "ShardingStrategy.HYBRID_SHARD (full shard inside a node, replicate across nodes)",
+        grad_reduce_fp32=False, fsdp_like_is_hybrid=True,
+    ),
+    "llm-foundry": FrameworkFacts(
+        "llm-foundry",
+        "llm-foundry/Composer FSDP FULL_SHARD wrapped per MPT block, mixed_precision DEFAULT (reduce in fp32), "
+        "flash attention, no dropout in the benchmark configs",
+    ),
+    "jax": FrameworkFacts(
+        "jax",
+        "MaxText base.yml: weight_dtype float32 (fp32 weights and gradients, Adam moments in fp32, no separate "
+        "master copy; XLA casts to bf16 before the FSDP all-gather), ici_fsdp_parallelism -1 and "
+        "dcn_data_parallelism -1 (shard inside a slice, replicate across slices), latency-hiding scheduler, fused "
+        "(splash) attention; its MFU counts causal attention (calculate_tflops_training_per_device)",
+        tp_overlap=True, grad_reduce_fp32=False, param_bytes=4, gather_param_bytes=2, optimizer_bytes_per_param=8,
+        sequence_parallel=True, shard_within_domain=True, mfu_causal_attention=True,
+    ),
+    "in-house": FrameworkFacts(
+        "in-house",
+        "an unnamed stack: the Megatron-style defaults large in-house runs describe (Llama 3 3.3.2: overlapped "
+        "FSDP-style sharding, fp32 gradient reduction, interleaved pipeline, sequence parallel, no dropout); MFU "
+        "counted with causal attention, an ASSUMPTION (Llama 3 does not state its counting; PaLM-style full "
+        "counting would put 131K-context attention at a higher efficiency than 8K's)",
+        tp_overlap=True, interleaved_by_default=True, dp_bucket_params=40e6, sequence_parallel=True,
+        partial_recompute=True, mfu_causal_attention=True,
+    ),
+}
+
+
+def framework_facts(name: str) -> FrameworkFacts:
+    """The facts of a framework named as in the run table's `framework` column (empty: in-house)."""
+    key = name.strip() or "in-house"
+    if key not in FRAMEWORKS:
+        raise PlanError(f"framework={name!r}: expected one of {', '.join(FRAMEWORKS)}")
+    return FRAMEWORKS[key]

@@ -1,0 +1,242 @@
+"""One row of the shared run schema (../shared/reference/README.md) as a spec, settings, layout and cluster.
+
+Every column is read: shape, batch, hardware, the degrees tp/pp/dp/cp/ep/vp, `sharding`, `recompute`,
+`precision`, `framework` (which selects documented software behaviour, `frameworks.py`) and the mixture-of-experts
+shape. Nothing is looked up by the row's `source` or `id`. A knob the row leaves empty (micro-batch, interleaved
+chunks, recomputation) is searched: the fastest setting that fits, as the authors tuned theirs. A row the planner
+cannot represent raises `RowNotRepresentable` with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from aiinfra.plan.cluster import Cluster, make_cluster
+from aiinfra.plan.errors import PlanError
+from aiinfra.plan.frameworks import FrameworkFacts, framework_facts
+from aiinfra.plan.layout import Layout, TrainSettings
+from aiinfra.plan.step import StepBreakdown
+from aiinfra.spec import ModelSpec
+
+METRICS = ("tflops_per_device_hw", "mfu", "step_time_s", "tokens_per_s_per_device", "gpu_hours_per_trillion_tokens",
+           "gpu_hours_total")
+# fsdp-like: sharded optimizer and gradients with weights kept between passes (Llama 3, 3.3.2), a ZeRO-2 pattern;
+# under PyTorch FSDP it names HYBRID_SHARD (`FrameworkFacts.fsdp_like_is_hybrid`).
+SHARDING_STAGES = {"none": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3, "fsdp-like": 2}
+# Families whose published models use a 2-matrix MLP, LayerNorm, learned positions and biases (GPT-2/3, MPT, the
+# MaxText test models), or a 2-matrix squared-ReLU MLP (Nemotron-4); all others are Llama-style (SwiGLU, RMSNorm,
+# rotary positions). GPT's vocabulary is GPT-2's BPE when a row does not give one (Brown et al. 2020).
+GPT_FAMILIES = ("gpt",)
+TWO_MATRIX_FAMILIES = ("gpt", "nemotron")
+TIED_FAMILIES = ("gpt", "palm", "gemma")
+DEFAULT_VOCAB = {"gpt": 50257}
+
+
+class RowNotRepresentable(PlanError):
+    """A run the planner cannot express; the message says why in one line."""
+
+
+def _int(row: dict[str, str], key: str, default: int | None = None) -> int:
+    text = (row.get(key) or "").strip()
+    if not text:
+        if default is None:
+            raise RowNotRepresentable(f"{key} not stated")
+        return default
+    try:
+        return int(float(text))
+    except ValueError:
+        raise RowNotRepresentable(f"{key}={text!r} is not a number") from None
+
+
+def _float(row: dict[str, str], key: str) -> float | None:
+    text = (row.get(key) or "").strip()
+    return float(text) if text else None
+
+
+def moe_shape(row: dict[str, str], dense_params: float, layers: int, hidden: int,
+              matrices: int) -> tuple[int, int, int]:
+    """Expert width, experts and experts per token from the published total and active parameter counts.
+
+    A routed expert holds P_e = (total - active) / (L (E - k)) parameters (the experts a token skips); the active
+    count then gives the experts every token uses, routed plus shared: (active - dense) / (L P_e). Shared experts
+    and dense first layers, which the columns do not carry, come out as extra always-active experts.
+    """
+    experts, top_k = _int(row, "experts"), _int(row, "experts_per_token")
+    total, active = _float(row, "params_b"), _float(row, "active_params_b")
+    if total is None or active is None or experts <= top_k:
+        return _int(row, "ffn"), experts, top_k
+    expert_params = (total - active) * 1e9 / (layers * (experts - top_k))
+    width = max(1, round(expert_params / (matrices * hidden)))
+    used = max(top_k, round((active * 1e9 - dense_params) / (layers * expert_params)))
+    shared = used - top_k
+    return width, experts + shared, used
+
+
+def spec_from_row(row: dict[str, str]) -> ModelSpec:
+    """A ModelSpec from the run table's shape columns; mixture-of-experts from `experts` and the parameter counts."""
+    family = row.get("model", "").strip()
+    hidden, layers, heads = _int(row, "hidden"), _int(row, "layers"), _int(row, "heads")
+    kv_heads = _int(row, "kv_heads", heads)
+    vocab = _int(row, "vocab", DEFAULT_VOCAB.get(family))
+    seq = _int(row, "seq_len")
+    matrices = 2 if family in TWO_MATRIX_FAMILIES else 3
+    gpt = family in GPT_FAMILIES
+    # A head width the rotary embedding cannot split (odd) keeps its cost but not its rotation: learned positions.
+    rope = not gpt and (hidden // heads) % 2 == 0
+    arch = dict(mlp="gelu" if matrices == 2 else "swiglu", norm="layernorm" if gpt else "rmsnorm",
+                position="rope" if rope else "learned", bias=gpt, tie_embeddings=family in TIED_FAMILIES)
+    common = dict(vocab_size=vocab, dim=hidden, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads,
+                  max_seq_len=seq, **arch)
+    try:
+        if (row.get("experts") or "").strip() and int(row["experts"]) > 1:
+            dense = ModelSpec(**common, ffn_dim=1).num_params()
+            width, experts, top_k = moe_shape(row, dense, layers, hidden, matrices)
+            return ModelSpec(**common, ffn_dim=width, n_experts=experts, experts_per_token=top_k)
+        ffn = _int(row, "ffn", 4 * hidden if matrices == 2 else None)
+        return ModelSpec(**common, ffn_dim=ffn)
+    except ValidationError as error:
+        raise RowNotRepresentable(f"shape: {error.errors()[0]['msg']}") from None
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """Everything needed to predict one published run, and which of its knobs are searched."""
+
+    row: dict[str, str]
+    spec: ModelSpec
+    settings: TrainSettings
+    layout: Layout
+    cluster: Cluster
+    facts: FrameworkFacts
+    search_micro_batch: bool
+    search_virtual_stages: bool
+    search_recompute: bool
+
+
+def _recompute(text: str) -> tuple[str, bool]:
+    """(none/selective/full, sequence parallel stated) from the recompute column."""
+    text = text.strip()
+    if text.startswith("selective"):
+        return "selective", "+sp" in text
+    if text in ("full", "rematerialization"):
+        return "full", False
+    if text in ("", "none"):
+        return "none", False
+    raise RowNotRepresentable(f"recompute={text!r}: expected none, selective or full")
+
+
+def within_domain(dp: int, ranks_per_domain: int) -> int:
+    """The largest divisor of dp that fits in a scale-up domain (MaxText: FSDP over ICI, data parallel over DCN)."""
+    return max((d for d in range(1, dp + 1) if dp % d == 0 and d <= max(1, ranks_per_domain)), default=1)
+
+
+def _layout(row: dict[str, str], facts: FrameworkFacts) -> tuple[Layout, bool, bool]:
+    tp, pp, dp = _int(row, "tp", 1), _int(row, "pp", 1), _int(row, "dp")
+    cp, ep, vp = _int(row, "cp", 1), _int(row, "ep", 1), _int(row, "vp", 1)
+    sharding = (row.get("sharding") or "").strip()
+    stage = SHARDING_STAGES.get(sharding.split("-")[0] if sharding.startswith("fsdp-") and sharding != "fsdp-like"
+                                else sharding)
+    if stage is None:
+        raise RowNotRepresentable(f"sharding={sharding!r}: expected one of {', '.join(SHARDING_STAGES)}")
+    recompute, stated_sp = _recompute(row.get("recompute") or "")
+    interleaved = pp > 1 and (bool((row.get("vp") or "").strip()) or facts.interleaved_by_default)
+    if interleaved and vp == 1 and (row.get("vp") or "").strip():
+        interleaved = False
+    within = stage and facts.shard_within_domain
+    if sharding == "fsdp-like" and facts.fsdp_like_is_hybrid:
+        stage, within = 3, True
+    shard = dp if stage else 1
+    if within:
+        shard = within_domain(dp, make_cluster(row["hardware"].strip(), _int(row, "n_devices")).scaleup_domain
+                              // (tp * cp))
+    layout = Layout(
+        tp=tp, pp=pp, dp_replicate=dp // shard, dp_shard=shard, cp=cp, ep=ep,
+        virtual_stages=vp, pp_schedule="interleaved_1f1b" if interleaved else "1f1b", zero_stage=stage,
+        micro_batch=_int(row, "micro_batch", 1), recompute=recompute,  # type: ignore[arg-type]
+        sequence_parallel=tp > 1 and (stated_sp or facts.sequence_parallel),
+    )
+    search_vp = interleaved and not (row.get("vp") or "").strip()
+    return layout, search_vp, not (row.get("recompute") or "").strip()
+
+
+def setup_from_row(row: dict[str, str]) -> RunSetup:
+    """Translate one run-table row into a spec, settings, layout and cluster (RowNotRepresentable if it cannot)."""
+    if row.get("metric") not in METRICS:
+        raise RowNotRepresentable(f"metric={row.get('metric')!r}: expected one of {', '.join(METRICS)}")
+    if row["metric"] == "gpu_hours_total":
+        raise RowNotRepresentable("gpu_hours_total needs the run's token count, which the columns do not hold")
+    facts = framework_facts(row.get("framework") or "")
+    spec = spec_from_row(row)
+    n_devices = _int(row, "n_devices")
+    precision = (row.get("precision") or "").strip() or "bf16"
+    if precision not in ("bf16", "fp16", "fp8", "fp4"):
+        raise RowNotRepresentable(f"precision={precision!r}: expected bf16, fp16, fp8 or fp4")
+    settings = TrainSettings(
+        seq_len=spec.max_seq_len, global_batch_seqs=_int(row, "global_batch_seqs"),
+        precision=precision,  # type: ignore[arg-type]
+        attention_kernel="flash", dropout=row.get("model", "").strip() in facts.dropout_families,
+        param_bytes=facts.param_bytes, gather_param_bytes=facts.gather_param_bytes, grad_bytes=facts.grad_bytes,
+        grad_reduce_bytes=4 if facts.grad_reduce_fp32 else 2,
+        optimizer_bytes_per_param=facts.optimizer_bytes_per_param,
+        dp_overlap=facts.dp_overlap, tp_overlap=facts.tp_overlap, dp_bucket_params=facts.dp_bucket_params,
+        zero3_bucket_params=facts.zero3_bucket_params, ep_overlap=facts.ep_overlap,
+        grad_reduce_every_micro_batch=facts.grad_reduce_every_micro_batch,
+    )
+    try:
+        cluster = make_cluster(row["hardware"].strip(), n_devices)
+        cluster.peak_flops(settings.gemm_precision)
+    except PlanError as error:
+        raise RowNotRepresentable(str(error)) from None
+    layout, search_vp, search_recompute = _layout(row, facts)
+    if layout.n_devices != n_devices:
+        raise RowNotRepresentable(f"tp x pp x dp x cp = {layout.n_devices} but n_devices = {n_devices}")
+    return RunSetup(row, spec, settings, layout, cluster, facts,
+                    search_micro_batch=not (row.get("micro_batch") or "").strip(),
+                    search_virtual_stages=search_vp, search_recompute=search_recompute)
+
+
+def mfu_flops_per_token(spec: ModelSpec, seq_len: int, causal: bool) -> float:
+    """Model FLOPs per token as a framework counts them for MFU: 3 x forward, attention full or causal (halved)."""
+    flops = float(spec.train_flops_per_token(seq_len))
+    if causal:
+        flops -= 1.5 * spec.attention_flops_per_token(seq_len)
+    return flops
+
+
+def predicted_metric(setup: RunSetup, step: StepBreakdown) -> float:
+    """The row's metric from a predicted step, in the row's own convention."""
+    metric = setup.row["metric"]
+    n = setup.cluster.n_devices
+    tokens_per_s_per_device = setup.settings.tokens_per_step / step.step_time_s / n
+    if metric == "mfu":
+        precision = setup.settings.precision
+        peak = setup.cluster.peak_flops("bf16" if precision in ("bf16", "fp16") else precision)
+        flops = mfu_flops_per_token(setup.spec, setup.settings.seq_len, setup.facts.mfu_causal_attention)
+        return tokens_per_s_per_device * flops / peak
+    if metric == "tflops_per_device_hw":
+        return step.hardware_flops / (step.step_time_s * n) / 1e12
+    if metric == "step_time_s":
+        return step.step_time_s
+    if metric == "tokens_per_s_per_device":
+        return tokens_per_s_per_device
+    if metric == "gpu_hours_per_trillion_tokens":
+        return 1e12 / tokens_per_s_per_device / 3600
+    raise RowNotRepresentable(f"metric={metric!r}")
+
+
+def micro_batch_choices(per_replica: int) -> list[int]:
+    """Micro-batch sizes that divide a replica's share of the global batch."""
+    return [b for b in (1, 2, 4, 8, 16) if per_replica % b == 0] or [1]
+
+
+def chunk_choices(stage_layers: int) -> list[int]:
+    """Interleaved chunks per rank that divide a stage's layers."""
+    return [v for v in range(2, stage_layers + 1) if stage_layers % v == 0] or [1]
+
+
+def stage_layers_of(spec: ModelSpec, pp: int) -> int:
+    """Layers of the most loaded stage."""
+    return math.ceil(spec.n_layers / pp)

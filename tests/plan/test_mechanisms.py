@@ -1,0 +1,104 @@
+"""The mechanisms added for runs the planner had never seen, each against a hand computation."""
+
+from pathlib import Path
+
+import pytest
+
+from aiinfra.hardware import get_accelerator
+from aiinfra.plan.cluster import collective_time_s, make_cluster
+from aiinfra.plan.from_config import configured_run, load_run_config
+from aiinfra.plan.inference import WEIGHT_BYTES, touched_experts
+from aiinfra.plan.layout import Layout, TrainSettings
+from aiinfra.plan.memory import layer_activation_bytes
+from aiinfra.plan.runs import mfu_flops_per_token, spec_from_row
+from aiinfra.plan.step import dp_collective_calls, step_breakdown
+from aiinfra.spec import preset
+
+
+def test_vendor_gigabytes_are_gibibytes() -> None:
+    assert get_accelerator("h100-sxm-80gb").memory_bytes == 80 * 2**30
+    assert make_cluster("a100-sxm-80gb", 8).usable_memory_bytes == pytest.approx(0.9 * 80 * 2**30)
+
+
+def test_fp4_peaks_per_generation() -> None:
+    assert make_cluster("b200", 8).peak_flops("fp4") == pytest.approx(9000e12)
+    assert make_cluster("gb200", 72).peak_flops("fp4") == pytest.approx(10000e12)
+    assert WEIGHT_BYTES["fp4"] == pytest.approx(0.5 + 1 / 16)  # 4 bits + one fp8 scale per 16 values
+
+
+def test_a_bucketed_collective_pays_its_latency_per_bucket() -> None:
+    cluster = make_cluster("h100-sxm-80gb", 64)
+    one = collective_time_s(cluster, "all_gather", 1e9, 64, 1)
+    ten = collective_time_s(cluster, "all_gather", 1e9, 64, 1, n_calls=10)
+    assert ten - one == pytest.approx(9 * 63 * 1e-5)  # 9 more buckets x 63 ring steps x 10 us across nodes
+    assert dp_collective_calls(1e9, 80, 5e7) == pytest.approx(20)
+    assert dp_collective_calls(1e9, 80, 0.0) == 80  # FSDP: one gather per wrapped layer
+
+
+def test_all_to_all_across_nodes_goes_through_each_ranks_nic() -> None:
+    cluster = make_cluster("h100-sxm-80gb", 16)
+    size = 1e9
+    remote = 8 / 16 * size / (50e9 * 0.8)  # half the peers are off-node: 400 Gb/s NIC at 80%
+    local = 7 / 16 * size / (450e9 * 0.8)
+    assert collective_time_s(cluster, "all_to_all", size, 16, 1) == pytest.approx(max(remote, local) + 1e-5)
+
+
+def test_zero3_collapses_with_small_buckets_and_fsdp_units_scale() -> None:
+    spec = preset("llama3-70b")
+
+    def per_device(n: int, bucket: float) -> float:
+        settings = TrainSettings(seq_len=2048, global_batch_seqs=4 * n, zero3_bucket_params=bucket)
+        step = step_breakdown(spec, settings, Layout(dp_shard=n, zero_stage=3, micro_batch=4, recompute="full"),
+                              make_cluster("a100-sxm-80gb", n))
+        return settings.tokens_per_step / step.step_time_s / n
+
+    # DeepSpeed's 5e7-parameter prefetch buckets: 17 gathers per 70B layer, each paying n - 1 ring steps.
+    assert per_device(1024, 5e7) < 0.6 * per_device(16, 5e7)
+    assert per_device(1024, 0.0) > 0.95 * per_device(16, 0.0)
+
+
+def test_moe_shape_from_the_published_parameter_counts() -> None:
+    # Mixtral 8x7B: 46.7B total, 12.9B active, 32 layers, d 4096 -> expert width (46.7 - 12.9)e9 / (32 x 6 x 3 x 4096).
+    row = {"model": "mixtral", "params_b": "46.7", "active_params_b": "12.9", "layers": "32", "hidden": "4096",
+           "heads": "32", "kv_heads": "8", "ffn": "14336", "vocab": "32000", "seq_len": "4096", "experts": "8",
+           "experts_per_token": "2"}
+    spec = spec_from_row(row)
+    assert spec.ffn_dim == round((46.7 - 12.9) * 1e9 / (32 * 6 * 3 * 4096))
+    assert abs(spec.ffn_dim - 14336) / 14336 < 0.01
+    assert (spec.n_experts, spec.experts_per_token) == (8, 2)
+    assert spec.num_params() == pytest.approx(46.7e9, rel=0.01)
+    assert spec.num_params(active_only=True) == pytest.approx(12.9e9, rel=0.02)
+
+
+def test_experts_read_per_decode_step() -> None:
+    spec = preset("small", n_experts=8, experts_per_token=2)
+    assert touched_experts(spec, 1) == pytest.approx(2.0)
+    assert touched_experts(spec, 2) == pytest.approx(8 * (1 - 0.75**2))
+    assert touched_experts(spec, 4096) == pytest.approx(8.0)
+
+
+def test_causal_mfu_convention_halves_the_attention_products() -> None:
+    spec = preset("llama3-8b")
+    full = mfu_flops_per_token(spec, 8192, causal=False)
+    assert full == spec.train_flops_per_token(8192)
+    assert mfu_flops_per_token(spec, 8192, causal=True) == pytest.approx(full - 3 * spec.attention_flops_per_token(8192)
+                                                                         / 2)
+
+
+def test_selective_recompute_with_flash_attention_keeps_only_matmul_outputs() -> None:
+    spec = preset("llama3-8b")
+    settings = TrainSettings(seq_len=4096, global_batch_seqs=8)
+    none = layer_activation_bytes(spec, settings, Layout(recompute="none"))
+    selective = layer_activation_bytes(spec, settings, Layout(recompute="selective"))
+    # Dropped per token: the two norm outputs (2 x 2 bytes x d) and the gate x up product (2 bytes x ffn).
+    assert none - selective == pytest.approx(4096 * (2 * 2 * 4096 + 2 * 14336))
+
+
+def test_a_training_config_is_predicted_with_the_trainers_names(tmp_path: Path) -> None:
+    toml = tmp_path / "run.toml"
+    toml.write_text('[model]\npreset = "small"\n[train]\nsteps = 10\nseq_len = 256\nmicro_batch = 4\ngrad_accum = 2\n'
+                    '[parallel]\ndp_replicate = 2\ndp_shard = 2\ntp = 2\n')
+    run = configured_run(load_run_config(toml))
+    assert (run.layout.dp_replicate, run.layout.dp_shard, run.layout.tp, run.n_devices) == (2, 2, 2, 8)
+    assert run.layout.zero_stage == 3 and run.settings.global_batch_seqs == 4 * 2 * 4
+    assert run.tokens == 10 * 32 * 256
