@@ -2,11 +2,12 @@
 hedging against a backend slowed on purpose, each compared in the same run.
 
 Prefix (`--scenario prefix`): two backends of a random-weight Llama model (hidden 256, 4 layers, vocabulary 4096,
-a tokenizer trained on this interpreter's standard library), 8 system prompts of about 2,000 characters of stdlib
-source, 32 conversations of 3 turns each (each turn resends the whole conversation, 16 new tokens per answer), 8
-conversations at a time, through the gateway under each policy in turn; the backends are restarted between
-policies so that no policy inherits another's prefix cache. Reported: each backend's prefix-cache hit ratio
-(cached prompt tokens / prompt tokens, from its /metrics), TTFT p50/p99 at the client, each backend's share.
+a tokenizer trained on this interpreter's standard library), each with a 64 MiB KV cache (about 8k tokens: half of
+the 16 system prompts of each run, about 650 tokens each), 48 conversations of 3 turns (each turn resends the
+whole conversation, 16 new tokens per answer), 8 at a time, through the gateway under each policy; the policies
+alternate over --rounds, each run with system prompts of its own (no run finds another's in a cache). Reported:
+the backends' prefix-cache hit ratio (cached prompt tokens / prompt tokens, from their /metrics), TTFT p50/p99 at
+the client, each backend's share of requests (medians over rounds).
 
 Hedging (`--scenario hedge`): two backends of the small test model; one is slowed on purpose by stopping its engine
 process (SIGSTOP) for 100 ms out of every 2 s (as a collector's pause or a noisy neighbour would). 400 streamed
@@ -181,11 +182,15 @@ def pct(values: list[float], q: float) -> float:
 
 # -- prefix affinity ------------------------------------------------------------------------------------------------
 
-def system_prompts(count: int, chars: int) -> list[str]:
+def system_prompts(count: int, chars: int, offset: int) -> list[str]:
+    """`count` system prompts of stdlib source, a different set for each `offset` (so no run reuses another's)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    sources = [path.read_text(errors="ignore") for path in sorted(stdlib.glob("*.py"))[100:100 + count]]
+    sources = [text for path in sorted(stdlib.glob("*.py")) if len(text := path.read_text(errors="ignore")) > chars]
+    chosen = sources[offset * count : (offset + 1) * count]
+    if len(chosen) < count:
+        raise SystemExit(f"this Python's standard library has too few files for {offset + 1} prompt sets")
     return [f"You are assistant #{i}. Reference material follows.\n{source[:chars]}" for i, source in
-            enumerate(sources)]
+            enumerate(chosen)]
 
 
 async def conversations(url: str, prompts: list[str], count: int, turns: int, concurrency: int,
@@ -210,42 +215,51 @@ async def conversations(url: str, prompts: list[str], count: int, turns: int, co
     return ttfts
 
 
-def prefix_scenario(workdir: Path) -> dict:
+def prefix_scenario(workdir: Path, rounds: int) -> dict:
     folder = build_model(workdir / "model-256", dim=256, layers=4, vocab=4096)
-    prompts = system_prompts(8, 2000)
-    rows = {}
-    for policy in ("round_robin", "least_outstanding", "prefix"):
-        fleet = Fleet(folder, workdir, backends=2)
-        try:
-            fleet.start_backends()
-            fleet.start_gateway(f'policy = "{policy}"\nhealth_interval_s = 0.5')
-            before = [scrape(f"http://127.0.0.1:{port}") for port in fleet.ports]
-            ttfts = asyncio.run(conversations(fleet.url, prompts, count=32, turns=3, concurrency=8, seed=0))
-            after = [scrape(f"http://127.0.0.1:{port}") for port in fleet.ports]
-        finally:
-            fleet.stop()
-
-        def delta(index: int, name: str, before: list = before, after: list = after) -> float:
-            return after[index].get(name, 0.0) - before[index].get(name, 0.0)
-
-        prompt_tokens = [delta(i, "aiinfra_serve_prompt_tokens_total") for i in range(2)]
-        hits = [delta(i, "aiinfra_serve_prefix_cache_hit_tokens_total") for i in range(2)]
-        requests = [sum(delta(i, f'aiinfra_serve_requests_finished_total{{finish_reason="{reason}"}}')
-                        for reason in ("length", "stop")) for i in range(2)]
-        rows[policy] = {
-            "hit_ratio": sum(hits) / max(sum(prompt_tokens), 1),
-            "hit_ratio_per_backend": [h / max(p, 1) for h, p in zip(hits, prompt_tokens)],
-            "share_per_backend": [r / max(sum(requests), 1) for r in requests],
-            "ttft_p50_ms": 1000 * pct(ttfts, 0.5), "ttft_p99_ms": 1000 * pct(ttfts, 0.99), "turns": len(ttfts),
-        }
+    policies = ("round_robin", "least_outstanding", "prefix")
+    runs: dict[str, list[dict]] = {policy: [] for policy in policies}
+    fleet = Fleet(folder, workdir, backends=2, kv_mb=64)
+    try:
+        fleet.start_backends()
+        for round_index in range(rounds):
+            for policy_index, policy in enumerate(policies):
+                prompts = system_prompts(16, 2000, offset=round_index * len(policies) + policy_index)
+                fleet.start_gateway(f'policy = "{policy}"\nhealth_interval_s = 0.5')
+                before = [scrape(f"http://127.0.0.1:{port}") for port in fleet.ports]
+                ttfts = asyncio.run(conversations(fleet.url, prompts, count=48, turns=3, concurrency=8,
+                                                  seed=round_index))
+                after = [scrape(f"http://127.0.0.1:{port}") for port in fleet.ports]
+                fleet.stop_gateway()
+                runs[policy].append(prefix_row(before, after, ttfts))
+    finally:
+        fleet.stop()
+    rows = {policy: {key: statistics.median(row[key] for row in rows) if not isinstance(rows[0][key], list) else
+                     [statistics.median(row[key][i] for row in rows) for i in range(2)] for key in rows[0]}
+            for policy, rows in runs.items()}
     print("\n| policy | prefix-cache hit ratio (b0 / b1 / all) | TTFT p50 / p99 (ms) | share of requests (b0 / b1) |")
     print("|---|---|---|---|")
     for policy, row in rows.items():
-        per = row["hit_ratio_per_backend"]
-        share = row["share_per_backend"]
+        per, share = row["hit_ratio_per_backend"], row["share_per_backend"]
         print(f"| {policy} | {per[0]:.2f} / {per[1]:.2f} / {row['hit_ratio']:.2f} | {row['ttft_p50_ms']:.0f} / "
               f"{row['ttft_p99_ms']:.0f} | {share[0]:.2f} / {share[1]:.2f} |")
     return rows
+
+
+def prefix_row(before: list[dict], after: list[dict], ttfts: list[float]) -> dict:
+    """One run's figures from the backends' counters before and after it, and the client's TTFTs."""
+
+    def delta(index: int, name: str) -> float:
+        return after[index].get(name, 0.0) - before[index].get(name, 0.0)
+
+    prompt_tokens = [delta(i, "aiinfra_serve_prompt_tokens_total") for i in range(2)]
+    hits = [delta(i, "aiinfra_serve_prefix_cache_hit_tokens_total") for i in range(2)]
+    requests = [sum(delta(i, f'aiinfra_serve_requests_finished_total{{finish_reason="{reason}"}}')
+                    for reason in ("length", "stop")) for i in range(2)]
+    return {"hit_ratio": sum(hits) / max(sum(prompt_tokens), 1),
+            "hit_ratio_per_backend": [h / max(p, 1) for h, p in zip(hits, prompt_tokens)],
+            "share_per_backend": [r / max(sum(requests), 1) for r in requests],
+            "ttft_p50_ms": 1000 * pct(ttfts, 0.5), "ttft_p99_ms": 1000 * pct(ttfts, 0.99)}
 
 
 # -- hedging --------------------------------------------------------------------------------------------------------
@@ -331,7 +345,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="aiinfra-bench-policies-"))
     headline: dict = {}
     if args.scenario in ("prefix", "both"):
-        rows = prefix_scenario(workdir)
+        rows = prefix_scenario(workdir, args.rounds)
         headline |= {"prefix_hit_ratio": round(rows["prefix"]["hit_ratio"], 3),
                      "round_robin_hit_ratio": round(rows["round_robin"]["hit_ratio"], 3),
                      "least_outstanding_hit_ratio": round(rows["least_outstanding"]["hit_ratio"], 3),
