@@ -39,10 +39,9 @@ from pathlib import Path
 import aiohttp
 import httpx
 import torch
-from safetensors.torch import save_file
 
-from aiinfra.checkpoint.export import hf_config, hf_name
-from aiinfra.data.tokenizer import END_OF_TEXT, train_tokenizer
+from aiinfra.checkpoint.export import write_hf_folder
+from aiinfra.data.tokenizer import train_tokenizer
 from aiinfra.models.llama import Transformer
 from aiinfra.spec import ModelSpec
 
@@ -58,13 +57,7 @@ def build_model(folder: Path, dim: int, layers: int, vocab: int) -> Path:
     torch.manual_seed(0)
     spec = ModelSpec(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=max(4, dim // 64),
                      n_kv_heads=max(4, dim // 64), ffn_dim=dim * 3, max_seq_len=4096)
-    model = Transformer(spec)
-    weights = {hf_name(name): tensor.detach().to(torch.float32).contiguous()
-               for name, tensor in model.state_dict().items()
-               if not (spec.tie_embeddings and name == "output.weight")}
-    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(hf_config(spec, tokenizer.token_to_id(END_OF_TEXT))))
-    tokenizer.save(str(folder / "tokenizer.json"))
+    write_hf_folder(Transformer(spec), tokenizer, folder)
     return folder
 
 

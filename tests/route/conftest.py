@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -20,10 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from aiinfra.checkpoint.export import hf_config, hf_name
-from aiinfra.data.tokenizer import END_OF_TEXT, train_tokenizer
+from aiinfra.checkpoint.export import write_hf_folder
+from aiinfra.data.tokenizer import train_tokenizer
 from aiinfra.models.llama import Transformer
 from aiinfra.route.app import build_app
 from aiinfra.route.fleet import FleetConfig
@@ -38,16 +36,9 @@ def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight dim-64 Llama folder that `aiinfra serve` loads (the serve tests' tiny model)."""
     folder = tmp_path_factory.mktemp("tiny-llama")
     texts = [f"def function_{i}(value):\n    return value * {i} + {i * 7}  # the answer\n" for i in range(200)]
-    tokenizer = train_tokenizer(texts, 300)
     torch.manual_seed(0)
     spec = ModelSpec(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=512)
-    model = Transformer(spec)
-    weights = {hf_name(name): tensor.detach().to(torch.float32).contiguous()
-               for name, tensor in model.state_dict().items()
-               if not (spec.tie_embeddings and name == "output.weight")}
-    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(hf_config(spec, tokenizer.token_to_id(END_OF_TEXT))))
-    tokenizer.save(str(folder / "tokenizer.json"))
+    write_hf_folder(Transformer(spec), train_tokenizer(texts, 300), folder)
     return folder
 
 

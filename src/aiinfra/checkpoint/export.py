@@ -134,19 +134,24 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 def export_hf(run_dir: Path, out_dir: Path) -> Path:
     """Write a Hugging Face Llama folder for the finished run in `run_dir` to `out_dir`; returns `out_dir`."""
     run = load_run(Path(run_dir))
-    spec = run.config.model
+    return write_hf_folder(run.model, run.tokenizer, out_dir)
+
+
+def write_hf_folder(model: torch.nn.Module, tokenizer: Tokenizer, out_dir: Path) -> Path:
+    """Write a model of ours (`models.llama.Transformer`) and its tokenizer as a Hugging Face Llama folder."""
+    spec = model.spec
     check_llama_exportable(spec)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     weights = {}
-    for name, tensor in run.model.state_dict().items():
+    for name, tensor in model.state_dict().items():
         if spec.tie_embeddings and name == "output.weight":
             continue  # the same tensor as the embedding; transformers re-ties it from tie_word_embeddings
         weights[hf_name(name)] = tensor.detach().to(torch.float32).contiguous()
     atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
 
-    eos_id = _write_tokenizer_files(out_dir, run.tokenizer, spec.max_seq_len)
+    eos_id = _write_tokenizer_files(out_dir, tokenizer, spec.max_seq_len)
     _write_json(out_dir / "config.json", hf_config(spec, eos_id))
     _write_json(out_dir / "generation_config.json", {"bos_token_id": eos_id, "eos_token_id": eos_id})
     return out_dir
