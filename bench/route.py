@@ -5,7 +5,8 @@ Workload: streamed completions (4 chunks each) from a canned-answer backend (raw
 any model server, so that the proxy is what is measured), open-loop Poisson arrivals at each --rates value for
 --seconds, the three paths measured one after the other in each of --rounds rounds; "added" is the median over
 rounds of (proxy percentile - direct percentile) in the same round. nginx (Debian's package): one worker, HTTP/1.1
-keep-alive to the backend, proxy_buffering off (what a streaming proxy needs). Max rate: the offered rate is raised
+keep-alive to the backend, proxy_buffering off (what a streaming proxy needs). nginx and the gateway are pinned to
+one CPU (--proxy-cpu), the backend and the load generator to the others. Max rate: the offered rate is raised
 until a round has an error, delivers under 97% of the offered rate, or its p99 passes 50 ms.
 
     python bench/route.py [--rates 100 250 500 1000] [--seconds 4] [--rounds 3]
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import shutil
 import socket
@@ -70,6 +72,14 @@ def run_backend(port: int) -> None:
     uvloop.run(main())
 
 
+PROXY_CPUS: set[int] = set()  # where nginx and the gateway run (the backend and the load elsewhere): --proxy-cpu
+
+
+def pin(cpus: set[int]):  # noqa: ANN201 - a preexec_fn
+    """A preexec_fn that pins the child to `cpus` (no pinning when empty)."""
+    return (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -117,7 +127,8 @@ http {{
     }}
 }}
 """)
-    return subprocess.Popen([nginx, "-c", str(config), "-p", str(workdir)], stderr=subprocess.DEVNULL)
+    return subprocess.Popen([nginx, "-c", str(config), "-p", str(workdir)], stderr=subprocess.DEVNULL,
+                            preexec_fn=pin(PROXY_CPUS))
 
 
 def start_gateway(workdir: Path, port: int, backend_port: int) -> subprocess.Popen:
@@ -125,7 +136,7 @@ def start_gateway(workdir: Path, port: int, backend_port: int) -> subprocess.Pop
     fleet.write_text(f'[gateway]\npolicy = "least_outstanding"\nhealth_interval_s = 0.5\n\n[[backend]]\n'
                      f'name = "canned"\nurl = "http://127.0.0.1:{backend_port}"\nmodel = "tiny"\n')
     return subprocess.Popen([sys.executable, "-m", "aiinfra", "route", str(fleet), "--port", str(port)],
-                            stdout=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, preexec_fn=pin(PROXY_CPUS))
 
 
 async def one_request(session: aiohttp.ClientSession, url: str, results: dict) -> None:
@@ -211,11 +222,16 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[100, 250, 500, 1000])
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--proxy-cpu", type=int, default=1 if len(os.sched_getaffinity(0)) > 1 else -1,
+                        help="pin nginx and the gateway to this CPU, the backend and the load to the others (-1: off)")
     parser.add_argument("--backend", type=int, help=argparse.SUPPRESS)  # internal: run the canned backend
     args = parser.parse_args()
     if args.backend:
         run_backend(args.backend)
         return
+    if args.proxy_cpu >= 0:
+        PROXY_CPUS.add(args.proxy_cpu)
+        os.sched_setaffinity(0, os.sched_getaffinity(0) - PROXY_CPUS)  # the load; the backend inherits it
     workdir = Path(tempfile.mkdtemp(prefix="aiinfra-bench-route-"))
     ports = {"backend": free_port(), "nginx": free_port(), "gateway": free_port()}
     processes = [subprocess.Popen([sys.executable, __file__, "--backend", str(ports["backend"])])]

@@ -35,8 +35,9 @@ def fleet(fakes: list[FakeBackend], **gateway: object):
 
 
 def complete(url: str, stream: bool = False, chat: bool = False, timeout: float = 30, **extra: object):
-    body = {"model": "m", "max_tokens": 16, "stream": stream, **extra}
+    body = {"model": "m", "max_tokens": 16, "stream": stream}
     body |= {"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hi"}
+    body |= extra
     path = "/v1/chat/completions" if chat else "/v1/completions"
     return httpx.post(url + path, json=body, timeout=timeout)
 
@@ -146,3 +147,13 @@ def test_a_client_that_leaves_cancels_its_backend_request(fakes) -> None:
             time.sleep(0.02)
         assert sum(fake.cancelled for fake in fakes) == 1
         assert all(b.outstanding == 0 for b in gw.pools["m"])
+
+
+def test_a_large_body_in_many_packets_is_read_whole_and_an_oversized_one_refused(fakes) -> None:
+    with gateway_in_thread(fleet(fakes, max_body_bytes=200_000)) as (url, _):
+        prompt = "x " * 60_000  # 120 kB: many TCP packets
+        response = complete(url, prompt=prompt)
+        assert response.status_code == 200 and fakes[0].requests + fakes[1].requests
+        assert (fakes[0].requests + fakes[1].requests)[-1]["prompt"] == prompt
+        response = complete(url, prompt="x " * 150_000)
+        assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"

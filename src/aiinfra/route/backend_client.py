@@ -129,9 +129,11 @@ class Attempt:
     async def finish(self) -> None:
         """After the last event: read the body's end, so that the connection goes back to the pool for reuse."""
         content = self.response.content if self.response is not None else None
+        if content is None or content.at_eof():  # the usual case: the end came with the last event
+            return
 
         async def drain() -> None:
-            while content is not None and await content.readany():
+            while await content.readany():
                 pass
 
         try:

@@ -28,11 +28,10 @@ class ClientError(Exception):
 
 async def read_json(request: web.Request, max_body_bytes: int) -> dict[str, Any]:
     """The request's JSON object, or a ClientError naming what is wrong with it."""
-    if request.content_length is not None and request.content_length > max_body_bytes:
-        raise ClientError(413, f"request body over {max_body_bytes} bytes", code="request_too_large")
-    body = await request.content.read(max_body_bytes + 1)
-    if len(body) > max_body_bytes:
-        raise ClientError(413, f"request body over {max_body_bytes} bytes", code="request_too_large")
+    try:
+        body = await request.read()  # the whole body; the application's client_max_size bounds it
+    except web.HTTPRequestEntityTooLarge:
+        raise ClientError(413, f"request body over {max_body_bytes} bytes", code="request_too_large") from None
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as error:

@@ -26,23 +26,22 @@ class SSEParser:
 
     def feed(self, chunk: bytes) -> list[tuple[bytes, str]]:
         """(raw event bytes with their blank-line terminator, data payload) for every event completed by `chunk`."""
-        self.buffer += chunk
+        buffer = self.buffer + chunk if self.buffer else chunk
+        if b"\r" in buffer:  # CRLF framing (rare): normalise, then parse as LF
+            buffer = buffer.replace(b"\r\n", b"\n")
+        parts = buffer.split(b"\n\n")
+        self.buffer = parts.pop()  # what follows the last blank line: an incomplete event
         events = []
-        while True:
-            end, size = self.buffer.find(b"\n\n"), 2
-            crlf = self.buffer.find(b"\r\n\r\n")
-            if crlf >= 0 and (end < 0 or crlf < end):
-                end, size = crlf, 4
-            if end < 0:
-                return events
-            raw, self.buffer = self.buffer[: end + size], self.buffer[end + size :]
-            if raw.startswith(b"data: ") and raw.find(b"\n", 6, end) < 0:  # the usual one-line event
-                events.append((raw, raw[6:end].decode("utf-8", "replace")))
+        for part in parts:
+            raw = part + b"\n\n"
+            if part.startswith(b"data: ") and b"\n" not in part:  # the usual one-line event
+                events.append((raw, part[6:].decode("utf-8", "replace")))
                 continue
-            data = [line[5:].lstrip() for line in raw.decode("utf-8", "replace").splitlines()
+            data = [line[5:].lstrip() for line in part.decode("utf-8", "replace").split("\n")
                     if line.startswith("data:")]
             if data:
                 events.append((raw, "\n".join(data)))
+        return events
 
 
 def sse(payload: dict[str, Any] | str) -> bytes:
