@@ -101,10 +101,9 @@ class Gateway:
         """A failed attempt: cool down on Retry-After, count towards ejection, mark down if nothing listens."""
         backend = failure.backend
         now = time.monotonic()
-        if failure.retry_after_s is not None:
+        if failure.retry_after_s is not None:  # "busy, come back then" (429, or 503 with Retry-After)
             backend.cooldown_until = now + failure.retry_after_s
-            if failure.status == 429:
-                return  # overload, not a fault: cool down without counting towards ejection
+            return  # overload, not a fault: cool down without counting towards ejection
         if failure.connect_refused:
             backend.up = False
         pool = self.pools[backend.config.model]
