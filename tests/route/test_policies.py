@@ -25,7 +25,7 @@ from aiinfra.route.policies import (
 )
 from aiinfra.route.requests import prefix_blocks
 from aiinfra.route.state import BackendState, Budget, LatencyWindow, Outlier, PrefixIndex
-from aiinfra.route.stream import SSEParser, StreamState
+from aiinfra.route.stream import SSEParser, StreamState, is_error_event, strip_token_ids_raw
 
 
 def backend(name: str, outstanding: int = 0, region: str = "", cost_in: float = 0.0, cost_out: float = 0.0,
@@ -232,3 +232,17 @@ def test_stream_state_builds_exact_and_text_continuations() -> None:
     assert completion.continuation({"prompt": "p", "n": 2}, exact=True) is None
     completion.observe({"id": "x", "choices": [{"index": 0, "text": "", "finish_reason": "length"}]})
     assert completion.continuation({"prompt": "p"}, exact=True) is None  # finished: nothing to continue
+
+
+def test_token_ids_are_cut_from_raw_events_and_a_summary_is_parsed_only_on_demand() -> None:
+    raw = b'data: {"id": "c", "choices": [{"index": 0, "text": "a]b", "logprobs": null, "finish_reason": null, ' \
+          b'"token_ids": [1, 2, 3]}]}\n\n'
+    assert strip_token_ids_raw(raw) == raw.replace(b', "token_ids": [1, 2, 3]', b"")
+    first = b'data: {"choices": [{"token_ids": [], "index": 0, "text": "x"}]}\n\n'
+    assert strip_token_ids_raw(first) == b'data: {"choices": [{"index": 0, "text": "x"}]}\n\n'
+    assert strip_token_ids_raw(b'data: {"choices": []}\n\n') == b'data: {"choices": []}\n\n'
+    assert is_error_event('{"error": {"message": "engine died"}}') and not is_error_event(raw[6:-2].decode())
+    state = StreamState(chat=False, sent=[raw[6:-2].decode(), '{"id": "c", "choices": [{"index": 0, "text": "!", '
+                                          '"token_ids": [4], "finish_reason": null}]}'])
+    state.summarise()
+    assert (state.id, state.text, state.token_ids, state.finish_reason) == ("c", "a]b!", [1, 2, 3, 4], None)

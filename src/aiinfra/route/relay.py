@@ -15,7 +15,15 @@ from aiinfra.route.backend_client import Attempt, AttemptFailed
 from aiinfra.route.gateway import BodyFor, Gateway, NoBackend, Tried
 from aiinfra.route.policies import RouteRequest
 from aiinfra.route.state import BackendState
-from aiinfra.route.stream import DONE, StreamState, error_event, sse, strip_token_ids
+from aiinfra.route.stream import (
+    DONE,
+    StreamState,
+    error_event,
+    is_error_event,
+    sse,
+    strip_token_ids,
+    strip_token_ids_raw,
+)
 
 BACKEND_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
@@ -52,8 +60,9 @@ async def _pump(attempt: Attempt, response: web.StreamResponse, state: StreamSta
                 strip: bool) -> bool:
     """Relay the attempt's events to the client until `[DONE]` (True) or until the backend fails (False).
 
-    Events that arrived in one read leave in one write; none waits for a later one."""
-    rewrite = continuing or (strip and attempt.exact)
+    Events that arrived in one read leave in one write; none waits for a later one. A healthy stream's events pass
+    as bytes (only the token ids the gateway asked for are cut out); a continuation's are rewritten."""
+    strip_raw = strip and attempt.exact
     try:
         async for events in attempt.batches():
             out = []
@@ -62,18 +71,21 @@ async def _pump(attempt: Attempt, response: web.StreamResponse, state: StreamSta
                 if data == DONE:
                     done = True
                     break
-                try:
-                    chunk = orjson.loads(data)
-                except orjson.JSONDecodeError:
-                    out.append(raw)
-                    continue
-                if "error" in chunk and not chunk.get("choices"):
+                if is_error_event(data):
                     await _write(response, b"".join(out))
                     return False  # the backend gave up mid-stream (an aiinfra server whose engine died): fail over
-                if continuing and (chunk := state.rewrite(chunk)) is None:
+                if continuing:
+                    try:
+                        chunk = state.rewrite(orjson.loads(data))
+                    except orjson.JSONDecodeError:
+                        chunk = None
+                    if chunk is None:
+                        continue
+                    state.sent.append(orjson.dumps(chunk).decode())
+                    out.append(sse(strip_token_ids(chunk) if strip else chunk))
                     continue
-                state.observe(chunk)
-                out.append(sse(strip_token_ids(chunk) if strip else chunk) if rewrite else raw)
+                state.sent.append(data)
+                out.append(strip_token_ids_raw(raw) if strip_raw else raw)
             if out:
                 await _write(response, b"".join(out))
             if done:
@@ -119,11 +131,12 @@ async def stream(request: web.Request, gateway: Gateway, attempt: Attempt, route
         while current is not None:
             exact_so_far = exact_so_far and current.exact
             if await _pump(current, response, state, continuing, strip):
-                gateway.record_success(current, len(state.token_ids) or state.chunks)
+                gateway.record_success(current, len(state.sent))
                 current.close("200")
                 break
             current.close("cut")
             gateway.record_failure(AttemptFailed(current.backend, "the stream broke"))
+            state.summarise()
             if state.finish_reason is not None:
                 break  # the answer was complete; only the end of the stream was lost
             current = await _continue(gateway, state, route, path, body, tried, exact_so_far)

@@ -10,6 +10,7 @@ prompt plus the text so far, or the chat with a partial assistant message (vLLM'
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,23 +61,37 @@ def chunk_text(chunk: dict[str, Any], chat: bool) -> str:
 
 @dataclass
 class StreamState:
-    """What the client has received of one streamed answer (one choice: continuation is for n = 1)."""
+    """What the client has received of one streamed answer (one choice: continuation is for n = 1).
+
+    The relay only records each event's data as it passes (`sent`); they are parsed once, by `summarise`, when a
+    backend fails mid-stream, so that a healthy stream costs no JSON work per token.
+    """
 
     chat: bool
+    sent: list[str] = field(default_factory=list)  # every event's data as a backend gave it (token ids included)
     id: str | None = None
     created: int | None = None
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     chunks: int = 0  # chunks with text: the token count where the server gives no ids
     finish_reason: str | None = None
-    usage_sent: bool = False
+
+    def summarise(self) -> None:
+        """Parse what was sent into the text, token ids and finish reason a continuation needs."""
+        self.id = self.created = self.finish_reason = None
+        self.text, self.token_ids, self.chunks = "", [], 0
+        for data in self.sent:
+            try:
+                chunk = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(chunk, dict):
+                self.observe(chunk)
 
     def observe(self, chunk: dict[str, Any]) -> None:
-        """Record a chunk the client was sent."""
+        """Add one chunk the client was sent to the summary."""
         if self.id is None:
             self.id, self.created = chunk.get("id"), chunk.get("created")
-        if chunk.get("usage") and not chunk.get("choices"):
-            self.usage_sent = True
         for choice in chunk.get("choices") or ():
             if choice.get("index", 0) != 0:
                 continue
@@ -128,6 +143,28 @@ def strip_token_ids(chunk: dict[str, Any]) -> dict[str, Any]:
     for choice in chunk.get("choices") or ():
         choice.pop("token_ids", None)
     return chunk
+
+
+_IDS_AFTER = re.compile(rb',\s*"token_ids"\s*:\s*\[[^\]]*\]')
+_IDS_BEFORE = re.compile(rb'"token_ids"\s*:\s*\[[^\]]*\]\s*,\s*')
+
+
+def strip_token_ids_raw(raw: bytes) -> bytes:
+    """`strip_token_ids` on an event's bytes, without parsing them (a list of ints holds no bracket or quote)."""
+    if b'"token_ids"' not in raw:
+        return raw
+    return _IDS_BEFORE.sub(b"", _IDS_AFTER.sub(b"", raw))
+
+
+def is_error_event(data: str) -> bool:
+    """An error envelope sent in place of a chunk (a server that gave up mid-stream)."""
+    if '"error"' not in data or '"choices"' in data:
+        return False
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(chunk, dict) and "error" in chunk
 
 
 def error_event(message: str, code: str) -> bytes:
