@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,13 +22,19 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aiinfra.data.tokenizer import encode
-from aiinfra.serve.async_engine import AsyncEngine, Delta, EngineDeadError
+from aiinfra.serve.async_engine import AsyncEngine, Delta, EngineDeadError, RequestRefusedError
 from aiinfra.serve.loading import ServedModel
 from aiinfra.serve.request import SamplingParams
+
+logger = logging.getLogger(__name__)
+MAX_PROMPTS = 2048  # OpenAI's limit on a list of prompts in one request
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
 
 
 @dataclass
@@ -55,6 +63,51 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
+def internal_error(error: BaseException, request_id: str, context: str) -> ApiError:
+    """A 500 that names the request id and nothing of the exception; the traceback goes to the server's log."""
+    logger.error("%s %s: internal error", context, request_id, exc_info=error)
+    return ApiError(500, f"internal server error (request {request_id}); the server's log has the details",
+                    "server_error", code="internal_error", headers={"X-Request-Id": request_id})
+
+
+def failure_of(error: BaseException, request_id: str, timeout_s: float) -> ApiError:
+    """The client's view of a request that failed after it was admitted."""
+    if isinstance(error, TimeoutError):
+        return ApiError(504, f"request timed out after {timeout_s} s", "timeout", code="timeout")
+    if isinstance(error, RequestRefusedError):
+        return ApiError(400, str(error))
+    if isinstance(error, EngineDeadError):
+        logger.error("%s: %s", request_id, error)
+        return ApiError(503, f"the model engine failed during request {request_id}; see /health and the server's log",
+                        "server_error", code="engine_stopped")
+    return internal_error(error, request_id, "generation")
+
+
+@contextlib.asynccontextmanager
+async def deadline(seconds: float) -> AsyncIterator[None]:
+    """`asyncio.timeout` (Python 3.11+) for 3.10 too: cancel the current task after `seconds`, as TimeoutError."""
+    task = asyncio.current_task()
+    assert task is not None
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    handle = asyncio.get_running_loop().call_later(seconds, expire)
+    try:
+        yield
+    except asyncio.CancelledError:
+        if not expired:
+            raise
+        if hasattr(task, "uncancel"):  # 3.11+: this cancellation is handled, not pending on the task
+            task.uncancel()
+        raise TimeoutError from None
+    finally:
+        handle.cancel()
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -80,8 +133,8 @@ class CommonRequest(BaseModel):
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop: str | list[str] | None = Field(None, max_length=MAX_STOP_STRINGS)
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     seed: int | None = None
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
@@ -89,10 +142,34 @@ class CommonRequest(BaseModel):
     return_token_ids: bool = False  # vLLM's name: each choice (each streamed chunk) carries its new token ids
     continuation: Continuation | None = None
 
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        for item in [stop] if isinstance(stop, str) else stop or []:
+            if len(item) > MAX_STOP_CHARS:
+                raise ValueError(f"each stop string must be at most {MAX_STOP_CHARS} characters")
+        return stop
+
+    def num_prompts(self) -> int:
+        """How many prompts the request holds (each becomes `n` sequences in the engine)."""
+        return 1
+
 
 class CompletionRequest(CommonRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _bounded_prompt_list(cls, prompt: Any) -> Any:
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) and len(prompt) > MAX_PROMPTS:
+            raise ValueError(f"a list of {len(prompt)} prompts; at most {MAX_PROMPTS} are accepted in one request")
+        return prompt
+
+    def num_prompts(self) -> int:
+        if isinstance(self.prompt, list) and self.prompt and not isinstance(self.prompt[0], int):
+            return len(self.prompt)
+        return 1
 
 
 class ChatMessage(BaseModel):
@@ -195,18 +272,26 @@ def build_app(engine: AsyncEngine, served: ServedModel, config: ServerConfig | N
         return ApiError(error.status_code, str(error.detail), code=None).response()
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, error: Exception) -> JSONResponse:
-        return ApiError(500, f"internal error: {error!r}", "server_error").response()
+    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+        return internal_error(error, f"req-{uuid.uuid4().hex}", f"{request.method} {request.url.path}").response()
 
     def reject(status: int, reason: str, message: str, **kwargs: Any) -> ApiError:
         metrics.requests_rejected.labels(reason).inc()
         return ApiError(status, message, **kwargs)
 
+    expected_authorization = None if config.api_key is None else f"Bearer {config.api_key}".encode()
+
+    def authorize(request: Request) -> None:
+        """401 unless the request carries the key; compared in constant time, so timing does not reveal it."""
+        if expected_authorization is None:
+            return
+        given = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, expected_authorization):
+            raise reject(401, "unauthorized", "invalid or missing API key (expected 'Authorization: Bearer KEY')",
+                         code="invalid_api_key")
+
     async def read_body(request: Request) -> dict[str, Any]:
-        if config.api_key is not None:
-            if request.headers.get("authorization", "") != f"Bearer {config.api_key}":
-                raise reject(401, "unauthorized", "invalid or missing API key (expected 'Authorization: Bearer KEY')",
-                             code="invalid_api_key")
+        authorize(request)
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > config.max_body_bytes:
             raise reject(413, "body_too_large", f"request body over {config.max_body_bytes} bytes",
@@ -240,7 +325,8 @@ def build_app(engine: AsyncEngine, served: ServedModel, config: ServerConfig | N
         if not engine.is_running:  # a dead engine process: fail now, not at the request timeout
             raise reject(503, "engine_stopped", "the model engine is not running (see /health); restart the server",
                          type_="server_error", code="engine_stopped")
-        if admission.in_flight + parsed.n > admission.max_requests:
+        # Every prompt runs n sequences: a request is admitted for all of them or for none.
+        if admission.in_flight + parsed.num_prompts() * parsed.n > admission.max_requests:
             raise reject(503, "queue_full_requests", "the server is at capacity; retry later", type_="server_error",
                          code="queue_full", headers={"Retry-After": str(config.retry_after_s)})
         return parsed
@@ -344,12 +430,8 @@ def build_app(engine: AsyncEngine, served: ServedModel, config: ServerConfig | N
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
 
-    def error_event(error: BaseException) -> str:
-        if isinstance(error, TimeoutError):
-            api_error = ApiError(504, f"request timed out after {config.request_timeout_s} s", "timeout",
-                                 code="timeout")
-        else:
-            api_error = ApiError(500, str(error), "server_error")
+    def error_event(error: BaseException, request_id: str) -> str:
+        api_error = failure_of(error, request_id, config.request_timeout_s)
         body = {"error": {"message": api_error.message, "type": api_error.type, "param": None,
                           "code": api_error.code}}
         return _sse(body)
@@ -396,15 +478,15 @@ def build_app(engine: AsyncEngine, served: ServedModel, config: ServerConfig | N
                         yield chunk([choice_chunk(i, None, None, first=True) for i in range(num_choices)])
                     elif getattr(parsed, 'echo', False):
                         yield chunk([choice_chunk(i, echo_texts[i // parsed.n], None) for i in range(num_choices)])
-                    async with asyncio.timeout(config.request_timeout_s):
+                    async with deadline(config.request_timeout_s):
                         async for index, delta in deltas:
                             completion_tokens[index] = delta.num_output_tokens
                             yield chunk([choice_chunk(index, delta.text, delta.finish_reason,
                                                       token_ids=delta.token_ids)])
                     if include_usage:
                         yield chunk([], usage(prompts, sum(completion_tokens)))
-                except (TimeoutError, EngineDeadError) as error:
-                    yield error_event(error)
+                except Exception as error:  # the stream has begun: the error goes into it as an event
+                    yield error_event(error, request_id)
                 finally:
                     await deltas.aclose()
                 yield _sse("[DONE]")
@@ -444,7 +526,7 @@ def build_app(engine: AsyncEngine, served: ServedModel, config: ServerConfig | N
                 return Response(status_code=499)
             raise ApiError(504, f"request timed out after {config.request_timeout_s} s", "timeout", code="timeout")
         if collector.exception() is not None:
-            raise ApiError(500, str(collector.exception()), "server_error")
+            raise failure_of(collector.exception(), request_id, config.request_timeout_s)
         if kind == "completion":
             choices = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": finish_reasons[i]}
                        for i in range(num_choices)]
@@ -498,8 +580,7 @@ def build_app(engine: AsyncEngine, served: ServedModel, config: ServerConfig | N
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
-        if config.api_key is not None and request.headers.get("authorization", "") != f"Bearer {config.api_key}":
-            raise reject(401, "unauthorized", "invalid or missing API key", code="invalid_api_key")
+        authorize(request)
         return JSONResponse({"object": "list", "data": [
             {"id": served.name, "object": "model", "created": 0, "owned_by": "aiinfra", "max_model_len": max_seq_len}
         ]})

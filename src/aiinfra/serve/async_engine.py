@@ -23,6 +23,10 @@ from aiinfra.serve.engine_core import EngineCore, EngineDeadError, StepResult, T
 from aiinfra.serve.request import SamplingParams
 
 
+class RequestRefusedError(ValueError):
+    """The engine refused to add the request (its message says why)."""
+
+
 @dataclass
 class Delta:
     """New text of one request since its previous delta, and the token ids generated since then.
@@ -121,7 +125,7 @@ class AsyncEngine:
         for request_id, message in result.errors:
             queue = self._queues.get(request_id)
             if queue is not None:
-                queue.put_nowait(ValueError(message))
+                queue.put_nowait(RequestRefusedError(message))
         if result.failure is not None:
             failed = self._queues.keys() if result.failed_ids is None else result.failed_ids
             for request_id in list(failed):

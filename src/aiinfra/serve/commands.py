@@ -34,12 +34,34 @@ def parse_cpu_list(text: str) -> tuple[int, ...]:
     return tuple(cpus)
 
 
+def resolve_api_key(api_key: str | None, api_key_file: Path | None) -> str | None:
+    """The key from --api-key (or AIINFRA_API_KEY) or from the first line of --api-key-file; not both.
+
+    A file keeps the key out of the process list and the shell history, as a mounted secret does."""
+    if api_key_file is None:
+        if api_key is not None and not api_key:
+            raise ValueError("--api-key is empty")
+        return api_key
+    if api_key is not None:
+        raise ValueError("give the API key once: --api-key (or AIINFRA_API_KEY) or --api-key-file, not both")
+    try:
+        lines = api_key_file.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"--api-key-file {str(api_key_file)!r}: cannot read it ({error})") from None
+    key = lines[0].strip() if lines else ""
+    if not key:
+        raise ValueError(f"--api-key-file {str(api_key_file)!r}: the file is empty (expected the key on line 1)")
+    return key
+
+
 def serve_command(
     model: Annotated[Path, typer.Argument(help="a run directory of ours or a Hugging Face Llama-format folder")],
     host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port")] = 8000,
     served_model_name: Annotated[str | None, typer.Option(help="model id clients use (default: folder name)")] = None,
     api_key: Annotated[str | None, typer.Option(envvar="AIINFRA_API_KEY", help="require 'Bearer KEY'")] = None,
+    api_key_file: Annotated[Path | None, typer.Option(
+        envvar="AIINFRA_API_KEY_FILE", help="read the key to require from this file's first line")] = None,
     int8: Annotated[bool, typer.Option(help="int8 weight-only quantization (per output channel)")] = False,
     block_size: Annotated[int, typer.Option(min=1, help="tokens per KV cache block")] = 16,
     kv_cache_memory_mb: Annotated[float, typer.Option(min=0.001, help="memory budget of the KV cache, MiB")] = 256,
@@ -72,6 +94,7 @@ def serve_command(
     if threads:
         torch.set_num_threads(threads)
     try:
+        key = resolve_api_key(api_key, api_key_file)
         engine_config = EngineConfig(
             block_size=block_size, kv_cache_memory_bytes=int(kv_cache_memory_mb * 2**20), max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=prefix_caching,
@@ -94,7 +117,7 @@ def serve_command(
     except (ConfigError, ValueError, OSError) as error:
         raise _fail(str(error)) from None
     server_config = ServerConfig(
-        api_key=api_key, max_body_bytes=max_body_bytes, max_waiting_requests=max_waiting_requests,
+        api_key=key, max_body_bytes=max_body_bytes, max_waiting_requests=max_waiting_requests,
         max_waiting_tokens=max_waiting_tokens, request_timeout_s=request_timeout_s,
     )
     async_engine = AsyncEngine(core, served.tokenizer)

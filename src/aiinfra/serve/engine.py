@@ -118,7 +118,7 @@ class LLMEngine:
         """A snapshot of queue lengths, cache usage and preemptions so far."""
         return EngineStats(
             num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_waiting=self.scheduler.num_waiting,
             kv_cache_usage=self.block_manager.usage,
             num_preemptions=self.scheduler.num_preemptions,
             num_blocks=self.num_blocks,

@@ -15,6 +15,7 @@ two one-way pipes as small pickles (token ids, not tensors): one message per ste
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import os
 import queue
@@ -30,6 +31,7 @@ from typing import Protocol
 from aiinfra.serve.engine import EngineConfig, EngineStats, LLMEngine, RequestOutput
 
 STOP = ("stop",)
+logger = logging.getLogger(__name__)
 
 
 class EngineDeadError(RuntimeError):
@@ -74,6 +76,7 @@ def run_engine_loop(
             try:
                 outputs = engine.step()
             except Exception as error:  # a failed step must not hang every waiting client
+                logger.exception("engine step failed")
                 failure = f"engine step failed: {error!r}"
                 failed_ids = list(engine.scheduler.requests)
                 for request_id in failed_ids:
