@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from aiinfra.models.llama import Transformer
 from aiinfra.serve.block_manager import BlockManager
-from aiinfra.serve.request import Request, SamplingParams
+from aiinfra.serve.request import Request, SamplingParams, TokenLogprobs
 from aiinfra.serve.runner import ModelRunner, kv_bytes_per_token
 from aiinfra.serve.scheduler import Scheduler
 
@@ -41,6 +41,10 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int
+    logprobs: list[TokenLogprobs] | None = None
+    """one entry per new token when the request asked for logprobs"""
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """with the request's first output, when it asked for them: one per prompt token (None for the first)"""
 
 
 @dataclass
@@ -100,19 +104,33 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, execute, update: one iteration of the running batch."""
         scheduled = self.scheduler.schedule()
-        sampled = self.runner.execute(scheduled)
-        return [
-            RequestOutput(
-                request_id=update.request.request_id,
+        result = self.runner.execute(scheduled)
+        for request_id, (first, entries) in result.prompt_logprobs.items():
+            request = self.scheduler.requests.get(request_id)
+            if request is not None:  # a recomputation after a preemption writes the same values again
+                if request.prompt_logprobs is None:
+                    request.prompt_logprobs = [None] * len(request.prompt_token_ids)
+                request.prompt_logprobs[first : first + len(entries)] = entries
+        outputs = []
+        for update in self.scheduler.update(scheduled, result.sampled):
+            request = update.request
+            logprobs = None
+            if request.params.logprobs is not None:
+                entry = result.logprobs.get(request.request_id)
+                logprobs = [entry] if entry is not None and update.new_token_ids else []
+            first_output = len(request.output_token_ids) == len(update.new_token_ids)
+            outputs.append(RequestOutput(
+                request_id=request.request_id,
                 new_token_ids=update.new_token_ids,
                 finished=update.finished,
-                finish_reason=update.request.finish_reason,
-                num_prompt_tokens=len(update.request.prompt_token_ids),
-                num_output_tokens=len(update.request.output_token_ids),
-                num_cached_tokens=update.request.num_cached_tokens,
-            )
-            for update in self.scheduler.update(scheduled, sampled)
-        ]
+                finish_reason=request.finish_reason,
+                num_prompt_tokens=len(request.prompt_token_ids),
+                num_output_tokens=len(request.output_token_ids),
+                num_cached_tokens=request.num_cached_tokens,
+                logprobs=logprobs,
+                prompt_logprobs=request.prompt_logprobs if first_output else None,
+            ))
+        return outputs
 
     def stats(self) -> EngineStats:
         """A snapshot of queue lengths, cache usage and preemptions so far."""

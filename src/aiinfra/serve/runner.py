@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aiinfra.models.llama import FeedForward, Transformer, apply_rotary
+from aiinfra.serve.sampler import SampleOutput, Sampler, token_logprobs
 from aiinfra.serve.scheduler import ScheduledRequest, SchedulerOutput
 
 
@@ -112,7 +113,7 @@ class _LayerProjections:
 
 
 class ModelRunner:
-    """Owns the KV cache tensors; turns a `SchedulerOutput` into a dict of sampled token ids."""
+    """Owns the KV cache tensors; turns a `SchedulerOutput` into sampled token ids (and asked-for logprobs)."""
 
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, seed: int = 0, decode_group: int = 8,
                  pack_weights: bool = True, rows_hint: int = 64):
@@ -146,21 +147,19 @@ class ModelRunner:
         # Token slot = block_id * block_size + offset on the flattened first two axes.
         self.k_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(self.spec.n_layers)]
         self.v_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(self.spec.n_layers)]
-        self.generators: dict[str, torch.Generator] = {}
-        self.default_generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.sampler = Sampler(self.device, seed)
 
     def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
         size = self.block_size
         return [block_table[p // size] * size + p % size for p in range(start, end)]
 
     @torch.inference_mode()
-    def execute(self, output: SchedulerOutput) -> dict[str, int]:
+    def execute(self, output: SchedulerOutput) -> SampleOutput:
         """Compute the scheduled tokens, write their KV, and sample for requests whose chunk reached the end."""
-        for request_id in output.finished_ids:
-            self.generators.pop(request_id, None)
+        self.sampler.forget(output.finished_ids)
         items = output.scheduled
         if not items:
-            return {}
+            return SampleOutput()
         model, device = self.model, self.device
         token_ids, positions, slots = [], [], []
         for item in items:
@@ -200,49 +199,29 @@ class ModelRunner:
                 gate, up = projections.up(hidden).chunk(2, dim=-1)
                 x = x + projections.down(F.silu(gate) * up)
 
-        sample_rows, sampled_items = [], []
+        return self._sample(x, items)
+
+    def _sample(self, x: torch.Tensor, items: list[ScheduledRequest]) -> SampleOutput:
+        """The output head over the rows that sample (and over the prompt rows whose logprobs were asked for)."""
+        sample_rows, sampled_items, prompt_rows = [], [], []
         row = 0
         for item in items:
+            if item.prompt_targets:
+                prompt_rows.append((item, row))
             row += len(item.token_ids)
             if item.sample:
                 sample_rows.append(row - 1)
                 sampled_items.append(item)
-        if not sampled_items:
-            return {}
-        logits = self.output(model.norm(x[sample_rows])).float()
-        return dict(zip((item.request_id for item in sampled_items), self._sample(logits, sampled_items)))
-
-    def _sample(self, logits: torch.Tensor, items: list[ScheduledRequest]) -> list[int]:
-        """Greedy rows by argmax; others by temperature, top-k, top-p, in the same order as `models.sample`."""
-        for index, item in enumerate(items):
-            if item.suppress_token_ids:
-                logits[index, list(item.suppress_token_ids)] = float("-inf")
-        chosen = logits.argmax(dim=-1).tolist()
-        for index, item in enumerate(items):
-            params = item.params
-            if params.greedy:
-                continue
-            row = logits[index]
-            if params.top_k > 0:
-                threshold = row.topk(min(params.top_k, row.numel())).values[-1]
-                row = row.masked_fill(row < threshold, float("-inf"))
-            probs = (row / params.temperature).softmax(dim=-1)
-            if params.top_p < 1:
-                sorted_probs, order = probs.sort(descending=True)
-                # Keep the smallest set whose mass reaches top_p (the first token always stays).
-                drop = sorted_probs.cumsum(0) - sorted_probs >= params.top_p
-                probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
-            chosen[index] = int(torch.multinomial(probs, 1, generator=self._generator(item)))
-        return chosen
-
-    def _generator(self, item: ScheduledRequest) -> torch.Generator:
-        if item.params.seed is None:
-            return self.default_generator
-        generator = self.generators.get(item.request_id)
-        if generator is None:
-            generator = torch.Generator(device=self.device).manual_seed(item.params.seed)
-            self.generators[item.request_id] = generator
-        return generator
+        result = SampleOutput()
+        if sampled_items:
+            logits = self.output(self.model.norm(x[sample_rows])).float()
+            result = self.sampler.sample(logits, sampled_items)
+        for item, first in prompt_rows:
+            rows = x[first : first + len(item.prompt_targets)]
+            logprobs = self.output(self.model.norm(rows)).float().log_softmax(dim=-1)
+            entries = token_logprobs(logprobs, item.prompt_targets, item.params.prompt_logprobs or 0)
+            result.prompt_logprobs[item.request_id] = (item.start_position + 1, entries)
+        return result
 
 
 class _AttentionPlan:

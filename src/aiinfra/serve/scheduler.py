@@ -30,6 +30,8 @@ class ScheduledRequest:
     sample: bool  # the chunk reaches the last known token, so its logits give the next token
     params: SamplingParams
     suppress_token_ids: tuple[int, ...] = ()  # stop tokens banned until min_tokens are out
+    history: tuple[list[int], list[int]] | None = None  # (prompt, output) token ids, for a penalized request
+    prompt_targets: list[int] = field(default_factory=list)  # prompt tokens that this chunk's rows predict
 
 
 @dataclass
@@ -116,14 +118,18 @@ class Scheduler:
         # A decode step needs one output token: slice it without concatenating prompt and output (O(length)).
         tokens = (request.output_token_ids[start - prompt_len : end - prompt_len] if start >= prompt_len
                   else request.all_token_ids[start:end])
+        sample = end == request.num_tokens
+        wants_prompt = params.prompt_logprobs is not None and start + 1 < prompt_len
         return ScheduledRequest(
             request_id=request.request_id,
             token_ids=tokens,
             start_position=start,
             block_table=list(self.blocks.block_table(request.request_id)),
-            sample=end == request.num_tokens,
+            sample=sample,
             params=params,
             suppress_token_ids=suppress,
+            history=(request.prompt_token_ids, request.output_token_ids) if sample and params.penalized else None,
+            prompt_targets=request.prompt_token_ids[start + 1 : end + 1] if wants_prompt else [],
         )
 
     def schedule(self) -> SchedulerOutput:
@@ -152,8 +158,10 @@ class Scheduler:
             if not self.waiting:
                 break
             request = self.waiting[0]
-            # Keep the last token uncached: its logits are needed to sample the next token.
-            cached = self.blocks.find_cached_prefix(request.all_token_ids[: request.num_tokens - 1])
+            # Keep the last token uncached: its logits are needed to sample the next token. Prompt logprobs need
+            # the logits of every prompt position, so such a request computes its prompt in full.
+            cached = ([] if request.params.prompt_logprobs is not None
+                      else self.blocks.find_cached_prefix(request.all_token_ids[: request.num_tokens - 1]))
             num_computed = len(cached) * self.blocks.block_size
             num_new = min(request.num_tokens - num_computed, budget)
             if not self.blocks.allocate(request.request_id, num_computed + num_new, cached):
