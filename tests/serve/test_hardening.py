@@ -13,9 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from aiinfra.serve.api import MAX_PROMPTS, ServerConfig
+from aiinfra.serve.api import ServerConfig
 from aiinfra.serve.block_manager import BlockManager
 from aiinfra.serve.commands import resolve_api_key
+from aiinfra.serve.protocol import MAX_PROMPTS
 from aiinfra.serve.request import Request, SamplingParams
 from aiinfra.serve.scheduler import Scheduler
 
