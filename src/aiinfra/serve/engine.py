@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from aiinfra.models.llama import Transformer
 from aiinfra.serve.block_manager import BlockManager
 from aiinfra.serve.request import Request, SamplingParams, TokenLogprobs
-from aiinfra.serve.runner import ModelRunner, kv_bytes_per_token
+from aiinfra.serve.runner import PagedModelRunner, kv_bytes_per_token
 from aiinfra.serve.scheduler import Scheduler
 
 
@@ -82,7 +82,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, spec.max_seq_len
         )
-        self.runner = ModelRunner(
+        self.runner = PagedModelRunner(
             model, num_blocks, config.block_size, config.seed, pack_weights=config.pack_weights,
             rows_hint=config.max_num_seqs)
 

@@ -112,7 +112,7 @@ class _LayerProjections:
     down: FusedLinear | None  # w2
 
 
-class ModelRunner:
+class PagedModelRunner:
     """Owns the KV cache tensors; turns a `SchedulerOutput` into sampled token ids (and asked-for logprobs)."""
 
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, seed: int = 0, decode_group: int = 8,
