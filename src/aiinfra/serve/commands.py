@@ -63,6 +63,8 @@ def serve_command(
     api_key_file: Annotated[Path | None, typer.Option(
         envvar="AIINFRA_API_KEY_FILE", help="read the key to require from this file's first line")] = None,
     int8: Annotated[bool, typer.Option(help="int8 weight-only quantization (per output channel)")] = False,
+    dtype: Annotated[str, typer.Option(
+        help="weights and KV cache dtype: auto (the checkpoint's), bf16, fp16 or fp32")] = "auto",
     block_size: Annotated[int, typer.Option(min=1, help="tokens per KV cache block")] = 16,
     kv_cache_memory_mb: Annotated[float, typer.Option(min=0.001, help="memory budget of the KV cache, MiB")] = 256,
     max_num_seqs: Annotated[int, typer.Option(min=1, help="requests in the running batch at most")] = 64,
@@ -104,11 +106,11 @@ def serve_command(
         if cpus and not engine_process:
             raise ValueError("--engine-cpus pins the engine process; it has no effect with --no-engine-process")
         # With an engine process, this process needs the tokenizer and the model's shapes, not its weights.
-        served = load_model(model, weights=not engine_process)
+        served = load_model(model, weights=not engine_process, dtype=dtype)
         if served_model_name:
             served.name = served_model_name
         if engine_process:
-            recipe = EngineRecipe(model, engine_config, int8, threads, cpus)
+            recipe = EngineRecipe(model, engine_config, int8, dtype, threads, cpus)
             core: ProcessEngineCore | LLMEngine = ProcessEngineCore(recipe)
         else:
             if int8:

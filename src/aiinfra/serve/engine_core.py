@@ -166,6 +166,8 @@ class EngineRecipe:
     model_path: Path
     engine_config: EngineConfig
     int8: bool = False
+    dtype: str = "auto"
+    """the weights' dtype: auto (the checkpoint's), bf16, fp16 or fp32"""
     threads: int = 0
     cpus: tuple[int, ...] = ()
     """pin the engine process to these CPUs (vLLM's VLLM_CPU_OMP_THREADS_BIND): its caches stay its own and the
@@ -183,7 +185,7 @@ def _build_engine(recipe: EngineRecipe) -> LLMEngine:
     # torch sized its default thread pool from every CPU when it was imported, before the pinning.
     if recipe.threads or recipe.cpus:
         torch.set_num_threads(recipe.threads or len(recipe.cpus))
-    served = load_model(recipe.model_path)
+    served = load_model(recipe.model_path, dtype=recipe.dtype)
     if recipe.int8:
         quantize_int8(served.model)
     return LLMEngine(served.model, recipe.engine_config, served.eos_token_id)
