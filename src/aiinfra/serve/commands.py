@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -32,6 +33,13 @@ def parse_cpu_list(text: str) -> tuple[int, ...]:
         raise ValueError(f"--engine-cpus {text!r}: CPU(s) {unavailable} are not available to this process "
                          f"(available: {sorted(os.sched_getaffinity(0))})")
     return tuple(cpus)
+
+
+def free_local_endpoint() -> str:
+    """127.0.0.1 and a port free now: the rendezvous of a one-node tensor-parallel server."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
 
 
 def resolve_api_key(api_key: str | None, api_key_file: Path | None) -> str | None:
@@ -81,6 +89,11 @@ def serve_command(
         help="run the model in a process of its own, beside the HTTP server (as vLLM's V1 engine core does)")] = True,
     engine_cpus: Annotated[str, typer.Option(
         help="pin the engine process to these CPUs, e.g. '1' or '2-7' (default: not pinned)")] = "",
+    tp: Annotated[int, typer.Option(min=1, help="tensor-parallel ranks (processes), over all nodes")] = 1,
+    nnodes: Annotated[int, typer.Option(min=1, help="nodes the --tp ranks spread over")] = 1,
+    node_rank: Annotated[int, typer.Option(min=0, help="this node's rank, 0..nnodes-1 (0 serves HTTP)")] = 0,
+    rdzv_endpoint: Annotated[str | None, typer.Option(
+        help="HOST:PORT where node 0's rank 0 meets the others, the same on every node")] = None,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API with continuous batching and a paged KV cache."""
     import torch
@@ -89,9 +102,10 @@ def serve_command(
     from aiinfra.serve.api import ServerConfig, build_app
     from aiinfra.serve.async_engine import AsyncEngine
     from aiinfra.serve.engine import EngineConfig, LLMEngine
-    from aiinfra.serve.engine_core import EngineRecipe, ProcessEngineCore
+    from aiinfra.serve.engine_core import EngineRecipe, ProcessEngineCore, run_node_workers
     from aiinfra.serve.loading import load_model
     from aiinfra.serve.quantize import quantize_int8
+    from aiinfra.serve.tensor_parallel import TensorParallelConfig
 
     if threads:
         torch.set_num_threads(threads)
@@ -105,12 +119,22 @@ def serve_command(
         cpus = parse_cpu_list(engine_cpus)
         if cpus and not engine_process:
             raise ValueError("--engine-cpus pins the engine process; it has no effect with --no-engine-process")
+        if nnodes > 1 and not rdzv_endpoint:
+            raise ValueError(f"--nnodes {nnodes}: give --rdzv-endpoint HOST:PORT (the same on every node)")
+        if tp > 1 and not engine_process:
+            raise ValueError(f"--tp {tp} runs the model in processes of its own: drop --no-engine-process")
+        tensor_parallel = TensorParallelConfig(tp, nnodes, node_rank, rdzv_endpoint or free_local_endpoint())
+        if node_rank > 0:  # this node runs its ranks only; node 0 serves HTTP
+            recipe = EngineRecipe(model, engine_config, int8, dtype, threads, tensor_parallel)
+            typer.echo(f"node {node_rank}: tensor-parallel ranks {list(tensor_parallel.ranks_of_this_node())} of "
+                       f"{tp}, meeting at {tensor_parallel.endpoint}")
+            raise typer.Exit(run_node_workers(recipe))
         # With an engine process, this process needs the tokenizer and the model's shapes, not its weights.
         served = load_model(model, weights=not engine_process, dtype=dtype)
         if served_model_name:
             served.name = served_model_name
         if engine_process:
-            recipe = EngineRecipe(model, engine_config, int8, dtype, threads, cpus)
+            recipe = EngineRecipe(model, engine_config, int8, dtype, threads, tensor_parallel, cpus)
             core: ProcessEngineCore | LLMEngine = ProcessEngineCore(recipe)
         else:
             if int8:

@@ -11,6 +11,7 @@ from aiinfra.serve.block_manager import BlockManager
 from aiinfra.serve.request import Request, SamplingParams, TokenLogprobs
 from aiinfra.serve.runner import PagedModelRunner, kv_bytes_per_token
 from aiinfra.serve.scheduler import Scheduler
+from aiinfra.serve.tensor_parallel import TensorParallelGroup
 
 
 class EngineConfig(BaseModel):
@@ -62,8 +63,13 @@ class EngineStats:
 class LLMEngine:
     """Continuous batching over a paged KV cache for one model on one device."""
 
-    def __init__(self, model: Transformer, config: EngineConfig | None = None, eos_token_id: int | None = None):
+    def __init__(self, model: Transformer, config: EngineConfig | None = None, eos_token_id: int | None = None,
+                 tensor_parallel: TensorParallelGroup | None = None):
+        """`tensor_parallel`: `model` is this rank's shard; rank 0 schedules and sends each step's plan to the
+        others, which run `serve_plans`. Every rank sizes its cache from the same budget, so their block counts
+        agree."""
         self.config = config = config or EngineConfig()
+        self.tp = tensor_parallel
         self.model = model.eval()
         self.eos_token_id = eos_token_id
         spec = model.spec
@@ -84,7 +90,7 @@ class LLMEngine:
         )
         self.runner = PagedModelRunner(
             model, num_blocks, config.block_size, config.seed, pack_weights=config.pack_weights,
-            rows_hint=config.max_num_seqs)
+            rows_hint=config.max_num_seqs, tensor_parallel=tensor_parallel)
 
     @property
     def max_seq_len(self) -> int:
@@ -104,6 +110,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, execute, update: one iteration of the running batch."""
         scheduled = self.scheduler.schedule()
+        if self.tp is not None:
+            self.tp.broadcast(scheduled)
         result = self.runner.execute(scheduled)
         for request_id, (first, entries) in result.prompt_logprobs.items():
             request = self.scheduler.requests.get(request_id)
@@ -131,6 +139,22 @@ class LLMEngine:
                 prompt_logprobs=request.prompt_logprobs if first_output else None,
             ))
         return outputs
+
+    def serve_plans(self) -> None:
+        """A rank other than 0: execute each step's plan as rank 0 sends it, until it sends None."""
+        assert self.tp is not None and self.tp.rank != 0
+        try:
+            while (plan := self.tp.broadcast(None)) is not None:
+                self.runner.execute(plan)
+        finally:
+            self.tp.close()
+
+    def close(self) -> None:
+        """Tell the other ranks to stop (tensor parallel; nothing otherwise)."""
+        if self.tp is not None:
+            self.tp.broadcast(None)
+            self.tp.close()
+            self.tp = None
 
     def stats(self) -> EngineStats:
         """A snapshot of queue lengths, cache usage and preemptions so far."""

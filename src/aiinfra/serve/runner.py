@@ -24,12 +24,19 @@ from torch import nn
 from aiinfra.models.llama import FeedForward, Transformer, apply_rotary
 from aiinfra.serve.sampler import SampleOutput, Sampler, token_logprobs
 from aiinfra.serve.scheduler import ScheduledRequest, SchedulerOutput
+from aiinfra.serve.tensor_parallel import TensorParallelGroup, embed
+
+
+def local_kv_heads(model: Transformer) -> int:
+    """KV heads this process holds: all of them, or its share under tensor parallelism (read off the weights)."""
+    attention = next(iter(model.layers.values())).attention
+    return attention.wk.weight.shape[0] // model.spec.head_dim
 
 
 def kv_bytes_per_token(model: Transformer, dtype: torch.dtype) -> int:
-    """Bytes of K and V that one token occupies across all layers."""
+    """Bytes of K and V that one token occupies across all layers (in this process)."""
     spec = model.spec
-    return 2 * spec.n_layers * spec.n_kv_heads * spec.head_dim * torch.empty(0, dtype=dtype).element_size()
+    return 2 * spec.n_layers * local_kv_heads(model) * spec.head_dim * torch.empty(0, dtype=dtype).element_size()
 
 
 def store_weights_transposed(model: nn.Module) -> None:
@@ -116,9 +123,11 @@ class PagedModelRunner:
     """Owns the KV cache tensors; turns a `SchedulerOutput` into sampled token ids (and asked-for logprobs)."""
 
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, seed: int = 0, decode_group: int = 8,
-                 pack_weights: bool = True, rows_hint: int = 64):
+                 pack_weights: bool = True, rows_hint: int = 64, tensor_parallel: TensorParallelGroup | None = None):
         self.model = model
         self.spec = model.spec
+        self.tp = tensor_parallel  # set: the model is this rank's shard (`tensor_parallel.shard_model`)
+        self.num_kv_heads = local_kv_heads(model)
         self.block_size = block_size
         self.decode_group = decode_group
         self.device = model.tok_embeddings.weight.device
@@ -143,7 +152,7 @@ class PagedModelRunner:
             # skipped); this reaches the rest (MoE experts), instead of copying every weight once more.
             store_weights_transposed(model)
         dtype = model.tok_embeddings.weight.dtype
-        shape = (num_blocks, block_size, self.spec.n_kv_heads, self.spec.head_dim)
+        shape = (num_blocks, block_size, self.num_kv_heads, self.spec.head_dim)
         # Token slot = block_id * block_size + offset on the flattened first two axes.
         self.k_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(self.spec.n_layers)]
         self.v_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(self.spec.n_layers)]
@@ -172,13 +181,13 @@ class PagedModelRunner:
         slot_ids = torch.tensor(slots, device=device)
         attention = _AttentionPlan(items, self.block_size, device, self.decode_group)
 
-        x = model.tok_embeddings(tokens)
+        x = embed(model, tokens, self.tp)
         if model.pos_embeddings is not None:
             x = x + model.pos_embeddings(position_ids)
         rope = None
         if self.spec.position == "rope":
             rope = (model.rope_cos[position_ids].unsqueeze(1), model.rope_sin[position_ids].unsqueeze(1))
-        num_tokens, num_kv_heads = len(token_ids), self.spec.n_kv_heads
+        num_tokens, num_kv_heads = len(token_ids), self.num_kv_heads
         for layer, (projections, block) in enumerate(zip(self.layers, model.layers.values())):
             hidden = block.attention_norm(x)
             qkv = projections.qkv(hidden).view(num_tokens, -1, block.attention.head_dim)
@@ -189,17 +198,28 @@ class PagedModelRunner:
             self.k_cache[layer].view(-1, *k.shape[1:]).index_copy_(0, slot_ids, k)
             self.v_cache[layer].view(-1, *v.shape[1:]).index_copy_(0, slot_ids, v)
             attended = attention.run(q, self.k_cache[layer], self.v_cache[layer])
-            x = x + projections.wo(attended.reshape(num_tokens, -1))
+            x = x + self._reduce(projections.wo(attended.reshape(num_tokens, -1)))
             hidden = block.ffn_norm(x)
             if projections.up is None or projections.down is None:
                 x = x + block.feed_forward(hidden)
             elif block.feed_forward.w3 is None:
-                x = x + projections.down(F.gelu(projections.up(hidden), approximate="tanh"))
+                x = x + self._reduce(projections.down(F.gelu(projections.up(hidden), approximate="tanh")))
             else:
                 gate, up = projections.up(hidden).chunk(2, dim=-1)
-                x = x + projections.down(F.silu(gate) * up)
+                x = x + self._reduce(projections.down(F.silu(gate) * up))
 
         return self._sample(x, items)
+
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """A row-split projection's output: the sum over the ranks (itself in one process)."""
+        return partial if self.tp is None else self.tp.all_reduce(partial)
+
+    def _logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """fp32 logits over the whole vocabulary (gathered from the ranks when the output head is split)."""
+        logits = self.output(self.model.norm(rows))
+        if self.tp is not None and self.tp.vocab_range is not None:
+            logits = self.tp.gather_last(logits)
+        return logits.float()
 
     def _sample(self, x: torch.Tensor, items: list[ScheduledRequest]) -> SampleOutput:
         """The output head over the rows that sample (and over the prompt rows whose logprobs were asked for)."""
@@ -214,11 +234,11 @@ class PagedModelRunner:
                 sampled_items.append(item)
         result = SampleOutput()
         if sampled_items:
-            logits = self.output(self.model.norm(x[sample_rows])).float()
+            logits = self._logits(x[sample_rows])
             result = self.sampler.sample(logits, sampled_items)
         for item, first in prompt_rows:
             rows = x[first : first + len(item.prompt_targets)]
-            logprobs = self.output(self.model.norm(rows)).float().log_softmax(dim=-1)
+            logprobs = self._logits(rows).log_softmax(dim=-1)
             entries = token_logprobs(logprobs, item.prompt_targets, item.params.prompt_logprobs or 0)
             result.prompt_logprobs[item.request_id] = (item.start_position + 1, entries)
         return result
