@@ -30,7 +30,7 @@ from aiinfra.serve.tensor_parallel import TensorParallelGroup, embed
 def local_kv_heads(model: Transformer) -> int:
     """KV heads this process holds: all of them, or its share under tensor parallelism (read off the weights)."""
     attention = next(iter(model.layers.values())).attention
-    return attention.wk.weight.shape[0] // model.spec.head_dim
+    return attention.wk.out_features // model.spec.head_dim
 
 
 def kv_bytes_per_token(model: Transformer, dtype: torch.dtype) -> int:
