@@ -74,6 +74,25 @@ def test_unknown_rope_scaling_and_missing_shards_are_refused_by_name(tmp_path: P
         load_model(tmp_path, dtype="int4")
 
 
+def test_every_end_of_turn_id_a_config_lists_ends_a_request(tmp_path: Path) -> None:
+    from aiinfra.serve.admission import Gate, ServerConfig
+    from aiinfra.serve.async_engine import AsyncEngine
+    from aiinfra.serve.protocol import CompletionRequest
+    from aiinfra.serve.serving import OpenAIServing
+
+    save_hf_llama(tmp_path, None, shard=False)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"eos_token_id": [0, 8, 9]}))  # as Llama 3.1's
+    served = load_model(tmp_path)
+    assert served.eos_token_id == 0 and served.other_eos_token_ids == (8, 9)
+    engine = AsyncEngine(LLMEngine(served.model, EngineConfig(block_size=8, num_blocks=64)), served.tokenizer)
+    serving = OpenAIServing(engine, served, Gate(engine, served, ServerConfig()))
+    params = serving.sampling_params(CompletionRequest(prompt="x", stop_token_ids=[5]), 4, 0, 0)
+    assert params.stop_token_ids == (5, 8, 9)
+    ignoring = serving.sampling_params(CompletionRequest(prompt="x", ignore_eos=True), 4, 0, 0)
+    assert ignoring.stop_token_ids == ()
+
+
 def test_weights_load_in_the_checkpoints_dtype_or_the_one_asked(tmp_path: Path) -> None:
     reference = save_hf_llama(tmp_path, ROPE_SCALINGS["llama3"], torch.bfloat16, shard=False)
     served = load_model(tmp_path)

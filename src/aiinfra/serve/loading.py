@@ -47,6 +47,8 @@ class ServedModel:
     eos_token_id: int | None
     chat_template: str
     bos_token: str = ""
+    other_eos_token_ids: tuple[int, ...] = ()
+    """further ids that end a turn (Llama 3.1 lists <|end_of_text|>, <|eom_id|> and <|eot_id|>)"""
 
 
 def hf_name_to_ours(name: str) -> str | None:
@@ -188,14 +190,14 @@ def load_hf_folder(folder: Path, device: str = "cpu", weights: bool = True, dtyp
     tokenizer_config_path = folder / "tokenizer_config.json"
     tokenizer_config = json.loads(tokenizer_config_path.read_text()) if tokenizer_config_path.is_file() else {}
     eos = config.get("eos_token_id")
-    if isinstance(eos, list):
-        eos = eos[0] if eos else None
+    eos_ids = [token for token in (eos if isinstance(eos, list) else [eos]) if isinstance(token, int)]
     bos = tokenizer_config.get("bos_token") or ""
     return ServedModel(
         name=folder.name,
         model=model.to(device).eval(),
         tokenizer=tokenizer,
-        eos_token_id=eos,
+        eos_token_id=eos_ids[0] if eos_ids else None,
+        other_eos_token_ids=tuple(eos_ids[1:]),
         chat_template=tokenizer_config.get("chat_template") or DEFAULT_CHAT_TEMPLATE,
         bos_token=bos if isinstance(bos, str) else bos.get("content", ""),
     )

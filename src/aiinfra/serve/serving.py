@@ -220,7 +220,8 @@ class OpenAIServing:
             return SamplingParams(
                 max_tokens=max_tokens, temperature=parsed.temperature, top_p=parsed.top_p,
                 top_k=max(parsed.top_k, 0), seed=None if parsed.seed is None else parsed.seed + index,
-                stop_token_ids=tuple(parsed.stop_token_ids or ()), ignore_eos=parsed.ignore_eos,
+                stop_token_ids=tuple(parsed.stop_token_ids or ()) + (
+                    () if parsed.ignore_eos else self.served.other_eos_token_ids), ignore_eos=parsed.ignore_eos,
                 min_tokens=min(max(parsed.min_tokens - done_tokens, 0), max_tokens),
                 presence_penalty=parsed.presence_penalty, frequency_penalty=parsed.frequency_penalty,
                 repetition_penalty=parsed.repetition_penalty,
