@@ -7,11 +7,14 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from aiinfra.config import ConfigError
+
+if TYPE_CHECKING:
+    from aiinfra.serve.tensor_parallel import TensorParallelConfig
 
 
 def _fail(message: str) -> typer.Exit:
@@ -40,6 +43,18 @@ def free_local_endpoint() -> str:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def tensor_parallel_layout(tp: int, nnodes: int, node_rank: int, rdzv_endpoint: str | None,
+                           engine_process: bool) -> TensorParallelConfig:
+    """--tp, --nnodes, --node-rank and --rdzv-endpoint, checked together (a ValueError naming the option)."""
+    from aiinfra.serve.tensor_parallel import TensorParallelConfig
+
+    if nnodes > 1 and not rdzv_endpoint:
+        raise ValueError(f"--nnodes {nnodes}: give --rdzv-endpoint HOST:PORT (the same on every node)")
+    if tp > 1 and not engine_process:
+        raise ValueError(f"--tp {tp} runs the model in processes of its own: drop --no-engine-process")
+    return TensorParallelConfig(tp, nnodes, node_rank, rdzv_endpoint or free_local_endpoint())
 
 
 def resolve_api_key(api_key: str | None, api_key_file: Path | None) -> str | None:
@@ -105,7 +120,6 @@ def serve_command(
     from aiinfra.serve.engine_core import EngineRecipe, ProcessEngineCore, run_node_workers
     from aiinfra.serve.loading import load_model
     from aiinfra.serve.quantize import quantize_int8
-    from aiinfra.serve.tensor_parallel import TensorParallelConfig
 
     if threads:
         torch.set_num_threads(threads)
@@ -119,11 +133,7 @@ def serve_command(
         cpus = parse_cpu_list(engine_cpus)
         if cpus and not engine_process:
             raise ValueError("--engine-cpus pins the engine process; it has no effect with --no-engine-process")
-        if nnodes > 1 and not rdzv_endpoint:
-            raise ValueError(f"--nnodes {nnodes}: give --rdzv-endpoint HOST:PORT (the same on every node)")
-        if tp > 1 and not engine_process:
-            raise ValueError(f"--tp {tp} runs the model in processes of its own: drop --no-engine-process")
-        tensor_parallel = TensorParallelConfig(tp, nnodes, node_rank, rdzv_endpoint or free_local_endpoint())
+        tensor_parallel = tensor_parallel_layout(tp, nnodes, node_rank, rdzv_endpoint, engine_process)
         if node_rank > 0:  # this node runs its ranks only; node 0 serves HTTP
             recipe = EngineRecipe(model, engine_config, int8, dtype, threads, tensor_parallel)
             typer.echo(f"node {node_rank}: tensor-parallel ranks {list(tensor_parallel.ranks_of_this_node())} of "

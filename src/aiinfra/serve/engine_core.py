@@ -202,7 +202,11 @@ def build_engine(recipe: EngineRecipe, rank: int = 0) -> LLMEngine:
 def _tensor_parallel_worker_main(recipe: EngineRecipe, rank: int) -> None:
     """A rank other than 0: build its shard, then execute every plan rank 0 sends until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server (or the node's command) stops the ranks
-    build_engine(recipe, rank).serve_plans()
+    try:
+        engine = build_engine(recipe, rank)
+    except (ValueError, OSError):  # a user mistake (a model that does not split, a bad folder): rank 0 reports it
+        return
+    engine.serve_plans()
 
 
 def start_tensor_parallel_workers(recipe: EngineRecipe, ranks: range) -> list[multiprocessing.process.BaseProcess]:
