@@ -1,4 +1,4 @@
-"""Tensor-parallel serving: N processes on torch.distributed (gloo on CPU, NCCL on CUDA), each holding 1/N of
+"""Tensor-parallel serving: N processes on torch.distributed (gloo for a model on CPU, NCCL on CUDA), each with 1/N of
 every layer and of the KV cache; the scheduler runs once, on rank 0, and sends each step's plan to the others.
 
 The split is Megatron's: the query, key and value projections and the MLP's gate and up projections are split by
@@ -100,9 +100,10 @@ class TensorParallelGroup:
             dist.destroy_process_group()
 
 
-def join_group(config: TensorParallelConfig, rank: int) -> TensorParallelGroup:
-    """Join the group as `rank` (blocks until every rank has joined, or the timeout)."""
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+def join_group(config: TensorParallelConfig, rank: int, device_type: str = "cpu") -> TensorParallelGroup:
+    """Join the group as `rank` (blocks until every rank has joined, or the timeout); NCCL for a model on CUDA,
+    gloo otherwise (the collectives run where the model's tensors are)."""
+    backend = "nccl" if device_type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://{config.endpoint}", world_size=config.size, rank=rank,
                             timeout=datetime.timedelta(seconds=config.timeout_s))
     return TensorParallelGroup(config, rank)
