@@ -1,14 +1,16 @@
 """aiinfra's server against its peers, through the same load generator, on the same Llama-format folder.
 
-Workload: a Llama-format model made here with random weights (hidden 256, 4 layers, 4 heads, vocabulary 8192,
-seed 0; a byte-level BPE tokenizer trained on this interpreter's standard library), prompts of about --input-len
-random words, --output-len tokens each (ignore_eos), greedy, at fixed concurrency 1, 8 and 32.
-Peers: (a) Hugging Face transformers `generate`, one request at a time (bench/serve_hf_peer.py): the baseline;
-(b) vLLM's CPU build, if a Python with it is given (--vllm-python), started as vLLM's OpenAI server.
-Every server runs on the same number of torch threads (--threads); the two whose model runs in a process of its own
-(ours and vLLM) have it pinned to the same CPUs.
+Workload: Llama-format models made here with random weights (seed 0; a byte-level BPE tokenizer of 8192 entries
+trained on this interpreter's standard library): `tiny` (hidden 256, 4 layers, 4 heads, 8.5M parameters, where
+per-step overhead dominates) and `125m` (hidden 768, 12 layers, 12 heads, MLP 3072, 126M parameters, where the
+matmuls do), in fp32 and bf16 (--dtype on every server), prompts of about --input-len random words, --output-len
+tokens each (ignore_eos), greedy, at fixed concurrency 1, 8 and 32.
+Peers: (a) Hugging Face transformers, batched `generate` (bench/serve_hf_peer.py: every waiting request in one
+left-padded batch); (b) vLLM's CPU build, if a Python with it is given (--vllm-python), started as vLLM's OpenAI
+server. Every server runs on the same number of torch threads (--threads); the two whose model runs in a process of
+its own (ours and vLLM) have it pinned to the same CPUs.
 
-    python bench/serve_peers.py [--vllm-python /tmp/vllm-venv/bin/python] [--threads 1]
+    python bench/serve_peers.py [--models tiny 125m] [--dtypes fp32 bf16] [--vllm-python /tmp/vllm-venv/bin/python]
 """
 
 from __future__ import annotations
@@ -30,10 +32,17 @@ from aiinfra.serve.loadgen import LoadSpec, run_load
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def build_model_dir(folder: Path) -> Path:
-    """The shared random-weight Llama folder (built once; the same seed gives the same weights)."""
+MODELS = {  # name: (hidden, layers, heads, MLP)
+    "tiny": (256, 4, 4, 688),
+    "125m": (768, 12, 12, 3072),
+}
+
+
+def build_model_dir(folder: Path, size: str) -> Path:
+    """A shared random-weight Llama folder (built once; the same seed gives the same weights)."""
     if (folder / "config.json").is_file():
         return folder
+    hidden, layers, heads, ffn = MODELS[size]
     import sysconfig
 
     import torch
@@ -46,8 +55,8 @@ def build_model_dir(folder: Path) -> Path:
     tokenizer = train_tokenizer(texts, 8192)
     eos = tokenizer.token_to_id(END_OF_TEXT)
     config = LlamaConfig(
-        vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=2048, rope_theta=10000.0, eos_token_id=eos,
+        vocab_size=8192, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=heads, max_position_embeddings=2048, rope_theta=10000.0, eos_token_id=eos,
         bos_token_id=eos, tie_word_embeddings=False,
     )
     torch.manual_seed(0)
@@ -103,9 +112,69 @@ def measure(port: int, model: str, concurrency: int, args: argparse.Namespace) -
     return asyncio.run(run_load(spec))
 
 
+def peer_commands(folder: Path, dtype: str, args: argparse.Namespace) -> dict[str, tuple[list[str], dict, float]]:
+    """How to start each peer on `folder` in `dtype`: (command, environment, startup limit in s)."""
+    threads = str(args.threads)
+    thread_env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    # Both engines that run in a process of their own are pinned to the same CPUs (the first --threads ones unless
+    # --engine-cpus says otherwise), their HTTP servers left to the others: vLLM through VLLM_CPU_OMP_THREADS_BIND,
+    # ours through --engine-cpus.
+    cpu_list = args.engine_cpus or ",".join(map(str, sorted(os.sched_getaffinity(0))[: args.threads]))
+    peers: dict[str, tuple[list[str], dict[str, str], float]] = {
+        "aiinfra": ([sys.executable, "-m", "aiinfra.serve", str(folder), "--threads", threads, "--engine-cpus",
+                     cpu_list, "--kv-cache-memory-mb", "512", "--served-model-name", folder.name, "--dtype", dtype],
+                    thread_env, 300),
+        "hf_batched": ([sys.executable, str(ROOT / "bench" / "serve_hf_peer.py"), str(folder), "--threads",
+                        threads, "--dtype", dtype], thread_env, 300),
+    }
+    if args.vllm_python is not None:
+        peers["vllm_cpu"] = (
+            [str(args.vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
+             "--served-model-name", folder.name, "--dtype", {"fp32": "float32", "bf16": "bfloat16"}[dtype],
+             "--max-model-len", "2048", "--max-num-seqs", "64", "--disable-log-stats"],
+            {**thread_env, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+             "VLLM_CPU_OMP_THREADS_BIND": cpu_list},
+            600,
+        )
+    return {name: peer for name, peer in peers.items() if name in args.peers}
+
+
+def measure_all(folder: Path, dtype: str, args: argparse.Namespace) -> dict[str, dict[int, dict]]:
+    """Every peer at every concurrency on one model and dtype: the median round of each."""
+    # All servers stay up together (idle ones cost little) and are measured in turn, round after round, so that
+    # drift in this shared machine's load hits every peer alike; each figure is the median round.
+    processes: dict[str, tuple[subprocess.Popen, int]] = {}
+    try:
+        for name, (command, env, startup_s) in peer_commands(folder, dtype, args).items():
+            port = free_port()
+            try:
+                processes[name] = (start(command + ["--port", str(port)], port, env, startup_s,
+                                         args.log_dir / f"{folder.name}-{dtype}-{name}.log"), port)
+            except RuntimeError as error:
+                print(f"{name}: not measured ({error})", flush=True)
+        rounds: dict[str, dict[int, list[dict]]] = {name: {c: [] for c in args.concurrency} for name in processes}
+        for concurrency in args.concurrency:
+            for round_index in range(args.rounds):
+                for name, (_, port) in processes.items():
+                    report = measure(port, folder.name, concurrency, args)
+                    rounds[name][concurrency].append(report)
+                    print(f"{folder.name} {dtype} round {round_index} {name:>12} c={concurrency:<3} "
+                          f"{report['completed']:>3} ok {report['failed']} failed "
+                          f"{report['output_tokens_per_s']:8.1f} tok/s  TTFT p50 {report['p50_ttft_ms']:7.1f} ms  "
+                          f"TPOT p50 {report['p50_tpot_ms']:6.2f} ms", flush=True)
+    finally:
+        for process, _ in processes.values():
+            stop(process)
+    return {name: {c: sorted(reports, key=lambda r: r["output_tokens_per_s"])[len(reports) // 2]
+                   for c, reports in by_concurrency.items()}
+            for name, by_concurrency in rounds.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", type=Path, default=Path("/tmp/aiinfra-bench-llama-256x4"))
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["tiny", "125m"])
+    parser.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    parser.add_argument("--model-root", type=Path, default=Path("/tmp"), help="where the model folders are built")
     parser.add_argument("--vllm-python", type=Path, default=None, help="a Python that has vllm-cpu installed")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every server")
     parser.add_argument("--engine-cpus", default="", help="CPUs of both engine processes (default: the first "
@@ -116,88 +185,37 @@ def main() -> None:
     parser.add_argument("--prompts-per-slot", type=int, default=3)
     parser.add_argument("--min-prompts", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3, help="measurements per peer and concurrency (median)")
-    parser.add_argument("--peers", nargs="+", default=["aiinfra", "hf_generate", "vllm_cpu"],
+    parser.add_argument("--peers", nargs="+", default=["aiinfra", "hf_batched", "vllm_cpu"],
                         help="which servers to measure (vllm_cpu also needs --vllm-python)")
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp/aiinfra-bench-logs"))
     args = parser.parse_args()
-    folder = build_model_dir(args.model_dir)
     args.log_dir.mkdir(parents=True, exist_ok=True)
-    threads = str(args.threads)
-    thread_env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    # Both engines that run in a process of their own are pinned to the same CPUs (the first --threads ones unless
-    # --engine-cpus says otherwise), their HTTP servers left to the others: vLLM through VLLM_CPU_OMP_THREADS_BIND,
-    # ours through --engine-cpus.
-    cpu_list = args.engine_cpus or ",".join(map(str, sorted(os.sched_getaffinity(0))[: args.threads]))
-    peers: dict[str, tuple[list[str], dict[str, str], float]] = {
-        "aiinfra": ([sys.executable, "-m", "aiinfra.serve", str(folder), "--threads", threads, "--engine-cpus",
-                     cpu_list, "--kv-cache-memory-mb", "512", "--served-model-name", folder.name], thread_env, 120),
-        "hf_generate": ([sys.executable, str(ROOT / "bench" / "serve_hf_peer.py"), str(folder), "--threads",
-                         threads], thread_env, 120),
-    }
-    if args.vllm_python is not None:
-        peers["vllm_cpu"] = (
-            [str(args.vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
-             "--served-model-name", folder.name, "--dtype", "float32", "--max-model-len", "2048",
-             "--max-num-seqs", "64", "--disable-log-stats"],
-            {**thread_env, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
-             "VLLM_CPU_OMP_THREADS_BIND": cpu_list},
-            420,
-        )
-    peers = {name: peer for name, peer in peers.items() if name in args.peers}
-    # All servers stay up together (idle ones cost little) and are measured in turn, round after round, so that
-    # drift in this shared machine's load hits every peer alike; each figure is the median round.
-    processes: dict[str, tuple[subprocess.Popen, int]] = {}
-    try:
-        for name, (command, env, startup_s) in peers.items():
-            port = free_port()
-            try:
-                processes[name] = (start(command + ["--port", str(port)], port, env, startup_s,
-                                         args.log_dir / f"{name}.log"), port)
-            except RuntimeError as error:
-                print(f"{name}: not measured ({error})", flush=True)
-        rounds: dict[str, dict[int, list[dict]]] = {name: {c: [] for c in args.concurrency} for name in processes}
-        for concurrency in args.concurrency:
-            for round_index in range(args.rounds):
-                for name, (_, port) in processes.items():
-                    report = measure(port, folder.name, concurrency, args)
-                    rounds[name][concurrency].append(report)
-                    print(f"round {round_index} {name:>12} c={concurrency:<3} {report['completed']:>3} ok "
-                          f"{report['failed']} failed {report['output_tokens_per_s']:8.1f} tok/s  TTFT p50 "
-                          f"{report['p50_ttft_ms']:7.1f} p99 {report['p99_ttft_ms']:7.1f} ms  TPOT p50 "
-                          f"{report['p50_tpot_ms']:6.2f} p99 {report['p99_tpot_ms']:6.2f} ms", flush=True)
-    finally:
-        for process, _ in processes.values():
-            stop(process)
-    results = {
-        name: {c: sorted(reports, key=lambda r: r["output_tokens_per_s"])[len(reports) // 2]
-               for c, reports in by_concurrency.items()}
-        for name, by_concurrency in rounds.items()
-    }
-
-    print("\n| server | concurrency | output tok/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | vs HF generate |")
-    print("|---|---|---|---|---|---|")
-    baseline = results.get("hf_generate", {})
-    for name, by_concurrency in results.items():
-        for concurrency, report in by_concurrency.items():
-            base = baseline.get(concurrency)
-            ratio = f"{report['output_tokens_per_s'] / base['output_tokens_per_s']:.1f}x" if base else "-"
-            print(f"| {name} | {concurrency} | {report['output_tokens_per_s']:.1f} | {report['p50_ttft_ms']:.1f} / "
-                  f"{report['p99_ttft_ms']:.1f} | {report['p50_tpot_ms']:.2f} / {report['p99_tpot_ms']:.2f} "
-                  f"| {ratio} |")
+    rows: list[str] = []
     headline: dict[str, float | int | None] = {"threads": args.threads, "output_len": args.output_len,
                                                "rounds": args.rounds}
-    for name, by_concurrency in results.items():
-        for concurrency, report in by_concurrency.items():
-            headline[f"{name}_c{concurrency}_output_tokens_per_s"] = round(report["output_tokens_per_s"], 1)
-            headline[f"{name}_c{concurrency}_p50_ttft_ms"] = round(report["p50_ttft_ms"], 1)
-            headline[f"{name}_c{concurrency}_p50_tpot_ms"] = round(report["p50_tpot_ms"], 2)
-    for concurrency in args.concurrency:
-        ours = results.get("aiinfra", {}).get(concurrency)
-        for peer in ("hf_generate", "vllm_cpu"):
-            theirs = results.get(peer, {}).get(concurrency)
-            if ours and theirs:
-                headline[f"aiinfra_over_{peer}_c{concurrency}_throughput_ratio"] = round(
-                    ours["output_tokens_per_s"] / theirs["output_tokens_per_s"], 2)
+    for size in args.models:
+        hidden, layers = MODELS[size][:2]
+        folder = build_model_dir(args.model_root / f"aiinfra-bench-llama-{hidden}x{layers}", size)
+        for dtype in args.dtypes:
+            results = measure_all(folder, dtype, args)
+            ours = results.get("aiinfra", {})
+            for name, by_concurrency in results.items():
+                for concurrency, report in by_concurrency.items():
+                    mine = ours.get(concurrency)
+                    ratio = (f"{mine['output_tokens_per_s'] / report['output_tokens_per_s']:.2f}x"
+                             if mine and name != "aiinfra" else "-")
+                    rows.append(f"| {size} | {dtype} | {name} | {concurrency} | {report['output_tokens_per_s']:.1f} | "
+                                f"{report['p50_ttft_ms']:.1f} / {report['p99_ttft_ms']:.1f} | "
+                                f"{report['p50_tpot_ms']:.2f} / {report['p99_tpot_ms']:.2f} | {ratio} |")
+                    key = f"{size}_{dtype}_{name}_c{concurrency}"
+                    headline[f"{key}_output_tokens_per_s"] = round(report["output_tokens_per_s"], 1)
+                    if mine and name != "aiinfra":
+                        headline[f"{size}_{dtype}_aiinfra_over_{name}_c{concurrency}"] = round(
+                            mine["output_tokens_per_s"] / report["output_tokens_per_s"], 2)
+    print("\n| model | dtype | server | concurrency | output tok/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) "
+          "| ours over it |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
     print(json.dumps(headline))
 
 

@@ -16,9 +16,17 @@ from torch import nn
 from aiinfra.spec import ModelSpec
 
 
-def rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables of shape (max_seq_len, head_dim) in the rotate-half layout (as Hugging Face Llama)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+def rotary_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    """The rotary frequencies theta^(-2i/d), i < d/2, in float64."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+
+
+def rotary_tables(head_dim: int, max_seq_len: int, theta: float,
+                  inv_freq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (max_seq_len, head_dim) in the rotate-half layout (as Hugging Face Llama);
+    `inv_freq` replaces the plain frequencies (a scaled RoPE)."""
+    if inv_freq is None:
+        inv_freq = rotary_inv_freq(head_dim, theta)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().float(), angles.sin().float()

@@ -20,7 +20,11 @@ from aiinfra.data.tokenizer import decode
 from aiinfra.observe.serve_metrics import ServeMetrics
 from aiinfra.serve.engine import EngineStats, LLMEngine
 from aiinfra.serve.engine_core import EngineCore, EngineDeadError, StepResult, ThreadEngineCore
-from aiinfra.serve.request import SamplingParams
+from aiinfra.serve.request import SamplingParams, TokenLogprobs
+
+
+class RequestRefusedError(ValueError):
+    """The engine refused to add the request (its message says why)."""
 
 
 @dataclass
@@ -37,13 +41,19 @@ class Delta:
     num_output_tokens: int
     num_cached_tokens: int
     token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None = None
+    """aligned with token_ids, when the request asked for logprobs"""
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """in the request's first delta, when it asked for them"""
 
 
 class Detokenizer:
     """Incremental text of a growing list of token ids, cut at the first stop string.
 
     Each step decodes only a short window (vLLM's prefix/read offsets), so text costs O(1) per token; a window
-    whose text ends in U+FFFD is held back, as it is usually a character whose remaining bytes come next.
+    whose text ends in U+FFFD is held back, as it is usually a character whose remaining bytes come next. Only the
+    text not yet emitted is kept (at most the longest stop string less one character, plus the new text): emitted
+    text can hold no unfound stop string, since whatever could begin one was held back until it was settled.
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: list[str]):
@@ -52,29 +62,34 @@ class Detokenizer:
         self.holdback = max((len(s) for s in self.stop), default=1) - 1
         self.token_ids: list[int] = []
         self.prefix_offset = self.read_offset = 0
-        self.text = ""
-        self.emitted = 0
+        self.pending = ""
 
-    def add(self, new_token_ids: list[int], final: bool) -> tuple[str, bool]:
-        """Text to emit now, and whether a stop string ended the request."""
+    def _decode_new(self, new_token_ids: list[int], final: bool) -> None:
         self.token_ids += new_token_ids
         prefix_text = decode(self.tokenizer, self.token_ids[self.prefix_offset : self.read_offset])
         new_text = decode(self.tokenizer, self.token_ids[self.prefix_offset :])
         if len(new_text) > len(prefix_text) and (final or not new_text.endswith("\ufffd")):
-            self.text += new_text[len(prefix_text) :]
+            self.pending += new_text[len(prefix_text) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
-        text = self.text
+
+    def resume(self, token_ids: list[int], emitted_chars: int) -> None:
+        """Take over an answer whose `token_ids` were generated and whose first `emitted_chars` were sent elsewhere."""
+        self._decode_new(list(token_ids), final=False)
+        self.pending = self.pending[min(emitted_chars, len(self.pending)) :]
+
+    def add(self, new_token_ids: list[int], final: bool) -> tuple[str, bool]:
+        """Text to emit now, and whether a stop string ended the request."""
+        self._decode_new(new_token_ids, final)
+        pending = self.pending
         if self.stop:
-            search_from = max(0, self.emitted - self.holdback)
-            hits = [i for i in (text.find(s, search_from) for s in self.stop) if i >= 0]
+            hits = [i for i in (pending.find(s) for s in self.stop) if i >= 0]
             if hits:
-                end = min(hits)
-                out, self.emitted = text[self.emitted : end], end
-                return out, True
+                self.pending = ""
+                return pending[: min(hits)], True
         # Hold back what could be the beginning of a stop string until the next tokens settle it.
-        end = len(text) if final else max(self.emitted, len(text) - self.holdback)
-        out, self.emitted = text[self.emitted : end], end
-        return out, False
+        end = len(pending) if final else max(0, len(pending) - self.holdback)
+        self.pending = pending[end:]
+        return pending[:end], False
 
 
 class AsyncEngine:
@@ -121,7 +136,7 @@ class AsyncEngine:
         for request_id, message in result.errors:
             queue = self._queues.get(request_id)
             if queue is not None:
-                queue.put_nowait(ValueError(message))
+                queue.put_nowait(RequestRefusedError(message))
         if result.failure is not None:
             failed = self._queues.keys() if result.failed_ids is None else result.failed_ids
             for request_id in list(failed):
@@ -150,10 +165,11 @@ class AsyncEngine:
         prior_tokens = 0
         if resume is not None:
             prior_ids, emitted_chars = resume
-            detokenizer.add(list(prior_ids), final=False)
-            detokenizer.emitted = min(emitted_chars, len(detokenizer.text))
+            detokenizer.resume(prior_ids, emitted_chars)
             prior_tokens = len(prior_ids)
         pending_ids: list[int] = []
+        pending_logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
+        prompt_logprobs: list[TokenLogprobs | None] | None = None
         metrics = self.metrics
         finished = recorded = False
         last_token_time: float | None = None
@@ -176,13 +192,19 @@ class AsyncEngine:
                     last_token_time = now
                 text, stopped = detokenizer.add(output.new_token_ids, output.finished)
                 pending_ids += output.new_token_ids
+                if pending_logprobs is not None and output.logprobs:
+                    pending_logprobs += output.logprobs
+                if output.prompt_logprobs is not None:
+                    prompt_logprobs = output.prompt_logprobs
                 reason = "stop" if stopped else output.finish_reason
                 done = stopped or output.finished
                 finished = output.finished
                 if text or done:
                     yield Delta(text, reason if done else None, output.num_prompt_tokens - prior_tokens,
-                                output.num_output_tokens + prior_tokens, output.num_cached_tokens, pending_ids)
-                    pending_ids = []
+                                output.num_output_tokens + prior_tokens, output.num_cached_tokens, pending_ids,
+                                pending_logprobs, prompt_logprobs)
+                    pending_ids, prompt_logprobs = [], None
+                    pending_logprobs = [] if pending_logprobs is not None else None
                 if done:
                     metrics.e2e_request_latency_seconds.observe(now - arrival)
                     metrics.requests_finished.labels(reason).inc()

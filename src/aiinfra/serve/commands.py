@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from aiinfra.config import ConfigError
+
+if TYPE_CHECKING:
+    from aiinfra.serve.tensor_parallel import TensorParallelConfig
 
 
 def _fail(message: str) -> typer.Exit:
@@ -34,13 +38,56 @@ def parse_cpu_list(text: str) -> tuple[int, ...]:
     return tuple(cpus)
 
 
+def free_local_endpoint() -> str:
+    """127.0.0.1 and a port free now: the rendezvous of a one-node tensor-parallel server."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def tensor_parallel_layout(tp: int, nnodes: int, node_rank: int, rdzv_endpoint: str | None,
+                           engine_process: bool) -> TensorParallelConfig:
+    """--tp, --nnodes, --node-rank and --rdzv-endpoint, checked together (a ValueError naming the option)."""
+    from aiinfra.serve.tensor_parallel import TensorParallelConfig
+
+    if nnodes > 1 and not rdzv_endpoint:
+        raise ValueError(f"--nnodes {nnodes}: give --rdzv-endpoint HOST:PORT (the same on every node)")
+    if tp > 1 and not engine_process:
+        raise ValueError(f"--tp {tp} runs the model in processes of its own: drop --no-engine-process")
+    return TensorParallelConfig(tp, nnodes, node_rank, rdzv_endpoint or free_local_endpoint())
+
+
+def resolve_api_key(api_key: str | None, api_key_file: Path | None) -> str | None:
+    """The key from --api-key (or AIINFRA_API_KEY) or from the first line of --api-key-file; not both.
+
+    A file keeps the key out of the process list and the shell history, as a mounted secret does."""
+    if api_key_file is None:
+        if api_key is not None and not api_key:
+            raise ValueError("--api-key is empty")
+        return api_key
+    if api_key is not None:
+        raise ValueError("give the API key once: --api-key (or AIINFRA_API_KEY) or --api-key-file, not both")
+    try:
+        lines = api_key_file.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"--api-key-file {str(api_key_file)!r}: cannot read it ({error})") from None
+    key = lines[0].strip() if lines else ""
+    if not key:
+        raise ValueError(f"--api-key-file {str(api_key_file)!r}: the file is empty (expected the key on line 1)")
+    return key
+
+
 def serve_command(
     model: Annotated[Path, typer.Argument(help="a run directory of ours or a Hugging Face Llama-format folder")],
     host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port")] = 8000,
     served_model_name: Annotated[str | None, typer.Option(help="model id clients use (default: folder name)")] = None,
     api_key: Annotated[str | None, typer.Option(envvar="AIINFRA_API_KEY", help="require 'Bearer KEY'")] = None,
+    api_key_file: Annotated[Path | None, typer.Option(
+        envvar="AIINFRA_API_KEY_FILE", help="read the key to require from this file's first line")] = None,
     int8: Annotated[bool, typer.Option(help="int8 weight-only quantization (per output channel)")] = False,
+    dtype: Annotated[str, typer.Option(
+        help="weights and KV cache dtype: auto (the checkpoint's), bf16, fp16 or fp32")] = "auto",
     block_size: Annotated[int, typer.Option(min=1, help="tokens per KV cache block")] = 16,
     kv_cache_memory_mb: Annotated[float, typer.Option(min=0.001, help="memory budget of the KV cache, MiB")] = 256,
     max_num_seqs: Annotated[int, typer.Option(min=1, help="requests in the running batch at most")] = 64,
@@ -57,6 +104,11 @@ def serve_command(
         help="run the model in a process of its own, beside the HTTP server (as vLLM's V1 engine core does)")] = True,
     engine_cpus: Annotated[str, typer.Option(
         help="pin the engine process to these CPUs, e.g. '1' or '2-7' (default: not pinned)")] = "",
+    tp: Annotated[int, typer.Option(min=1, help="tensor-parallel ranks (processes), over all nodes")] = 1,
+    nnodes: Annotated[int, typer.Option(min=1, help="nodes the --tp ranks spread over")] = 1,
+    node_rank: Annotated[int, typer.Option(min=0, help="this node's rank, 0..nnodes-1 (0 serves HTTP)")] = 0,
+    rdzv_endpoint: Annotated[str | None, typer.Option(
+        help="HOST:PORT where node 0's rank 0 meets the others, the same on every node")] = None,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API with continuous batching and a paged KV cache."""
     import torch
@@ -65,13 +117,14 @@ def serve_command(
     from aiinfra.serve.api import ServerConfig, build_app
     from aiinfra.serve.async_engine import AsyncEngine
     from aiinfra.serve.engine import EngineConfig, LLMEngine
-    from aiinfra.serve.engine_core import EngineRecipe, ProcessEngineCore
+    from aiinfra.serve.engine_core import EngineRecipe, ProcessEngineCore, run_node_workers
     from aiinfra.serve.loading import load_model
     from aiinfra.serve.quantize import quantize_int8
 
     if threads:
         torch.set_num_threads(threads)
     try:
+        key = resolve_api_key(api_key, api_key_file)
         engine_config = EngineConfig(
             block_size=block_size, kv_cache_memory_bytes=int(kv_cache_memory_mb * 2**20), max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=prefix_caching,
@@ -80,12 +133,18 @@ def serve_command(
         cpus = parse_cpu_list(engine_cpus)
         if cpus and not engine_process:
             raise ValueError("--engine-cpus pins the engine process; it has no effect with --no-engine-process")
+        tensor_parallel = tensor_parallel_layout(tp, nnodes, node_rank, rdzv_endpoint, engine_process)
+        if node_rank > 0:  # this node runs its ranks only; node 0 serves HTTP
+            recipe = EngineRecipe(model, engine_config, int8, dtype, threads, tensor_parallel)
+            typer.echo(f"node {node_rank}: tensor-parallel ranks {list(tensor_parallel.ranks_of_this_node())} of "
+                       f"{tp}, meeting at {tensor_parallel.endpoint}")
+            raise typer.Exit(run_node_workers(recipe))
         # With an engine process, this process needs the tokenizer and the model's shapes, not its weights.
-        served = load_model(model, weights=not engine_process)
+        served = load_model(model, weights=not engine_process, dtype=dtype)
         if served_model_name:
             served.name = served_model_name
         if engine_process:
-            recipe = EngineRecipe(model, engine_config, int8, threads, cpus)
+            recipe = EngineRecipe(model, engine_config, int8, dtype, threads, tensor_parallel, cpus)
             core: ProcessEngineCore | LLMEngine = ProcessEngineCore(recipe)
         else:
             if int8:
@@ -94,7 +153,7 @@ def serve_command(
     except (ConfigError, ValueError, OSError) as error:
         raise _fail(str(error)) from None
     server_config = ServerConfig(
-        api_key=api_key, max_body_bytes=max_body_bytes, max_waiting_requests=max_waiting_requests,
+        api_key=key, max_body_bytes=max_body_bytes, max_waiting_requests=max_waiting_requests,
         max_waiting_tokens=max_waiting_tokens, request_timeout_s=request_timeout_s,
     )
     async_engine = AsyncEngine(core, served.tokenizer)

@@ -8,9 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from aiinfra.models.llama import Transformer
 from aiinfra.serve.block_manager import BlockManager
-from aiinfra.serve.request import Request, SamplingParams
-from aiinfra.serve.runner import ModelRunner, kv_bytes_per_token
+from aiinfra.serve.request import Request, SamplingParams, TokenLogprobs
+from aiinfra.serve.runner import PagedModelRunner, kv_bytes_per_token
 from aiinfra.serve.scheduler import Scheduler
+from aiinfra.serve.tensor_parallel import TensorParallelGroup
 
 
 class EngineConfig(BaseModel):
@@ -41,6 +42,10 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int
+    logprobs: list[TokenLogprobs] | None = None
+    """one entry per new token when the request asked for logprobs"""
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """with the request's first output, when it asked for them: one per prompt token (None for the first)"""
 
 
 @dataclass
@@ -58,8 +63,13 @@ class EngineStats:
 class LLMEngine:
     """Continuous batching over a paged KV cache for one model on one device."""
 
-    def __init__(self, model: Transformer, config: EngineConfig | None = None, eos_token_id: int | None = None):
+    def __init__(self, model: Transformer, config: EngineConfig | None = None, eos_token_id: int | None = None,
+                 tensor_parallel: TensorParallelGroup | None = None):
+        """`tensor_parallel`: `model` is this rank's shard; rank 0 schedules and sends each step's plan to the
+        others, which run `serve_plans`. Every rank sizes its cache from the same budget, so their block counts
+        agree."""
         self.config = config = config or EngineConfig()
+        self.tp = tensor_parallel
         self.model = model.eval()
         self.eos_token_id = eos_token_id
         spec = model.spec
@@ -78,9 +88,9 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, spec.max_seq_len
         )
-        self.runner = ModelRunner(
+        self.runner = PagedModelRunner(
             model, num_blocks, config.block_size, config.seed, pack_weights=config.pack_weights,
-            rows_hint=config.max_num_seqs)
+            rows_hint=config.max_num_seqs, tensor_parallel=tensor_parallel)
 
     @property
     def max_seq_len(self) -> int:
@@ -100,25 +110,57 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, execute, update: one iteration of the running batch."""
         scheduled = self.scheduler.schedule()
-        sampled = self.runner.execute(scheduled)
-        return [
-            RequestOutput(
-                request_id=update.request.request_id,
+        if self.tp is not None:
+            self.tp.broadcast(scheduled)
+        result = self.runner.execute(scheduled)
+        for request_id, (first, entries) in result.prompt_logprobs.items():
+            request = self.scheduler.requests.get(request_id)
+            if request is not None:  # a recomputation after a preemption writes the same values again
+                if request.prompt_logprobs is None:
+                    request.prompt_logprobs = [None] * len(request.prompt_token_ids)
+                request.prompt_logprobs[first : first + len(entries)] = entries
+        outputs = []
+        for update in self.scheduler.update(scheduled, result.sampled):
+            request = update.request
+            logprobs = None
+            if request.params.logprobs is not None:
+                entry = result.logprobs.get(request.request_id)
+                logprobs = [entry] if entry is not None and update.new_token_ids else []
+            first_output = len(request.output_token_ids) == len(update.new_token_ids)
+            outputs.append(RequestOutput(
+                request_id=request.request_id,
                 new_token_ids=update.new_token_ids,
                 finished=update.finished,
-                finish_reason=update.request.finish_reason,
-                num_prompt_tokens=len(update.request.prompt_token_ids),
-                num_output_tokens=len(update.request.output_token_ids),
-                num_cached_tokens=update.request.num_cached_tokens,
-            )
-            for update in self.scheduler.update(scheduled, sampled)
-        ]
+                finish_reason=request.finish_reason,
+                num_prompt_tokens=len(request.prompt_token_ids),
+                num_output_tokens=len(request.output_token_ids),
+                num_cached_tokens=request.num_cached_tokens,
+                logprobs=logprobs,
+                prompt_logprobs=request.prompt_logprobs if first_output else None,
+            ))
+        return outputs
+
+    def serve_plans(self) -> None:
+        """A rank other than 0: execute each step's plan as rank 0 sends it, until it sends None."""
+        assert self.tp is not None and self.tp.rank != 0
+        try:
+            while (plan := self.tp.broadcast(None)) is not None:
+                self.runner.execute(plan)
+        finally:
+            self.tp.close()
+
+    def close(self) -> None:
+        """Tell the other ranks to stop (tensor parallel; nothing otherwise)."""
+        if self.tp is not None:
+            self.tp.broadcast(None)
+            self.tp.close()
+            self.tp = None
 
     def stats(self) -> EngineStats:
         """A snapshot of queue lengths, cache usage and preemptions so far."""
         return EngineStats(
             num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_waiting=self.scheduler.num_waiting,
             kv_cache_usage=self.block_manager.usage,
             num_preemptions=self.scheduler.num_preemptions,
             num_blocks=self.num_blocks,

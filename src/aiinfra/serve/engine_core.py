@@ -15,6 +15,7 @@ two one-way pipes as small pickles (token ids, not tensors): one message per ste
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import os
 import queue
@@ -28,8 +29,10 @@ from pathlib import Path
 from typing import Protocol
 
 from aiinfra.serve.engine import EngineConfig, EngineStats, LLMEngine, RequestOutput
+from aiinfra.serve.tensor_parallel import TensorParallelConfig, join_group, shard_model
 
 STOP = ("stop",)
+logger = logging.getLogger(__name__)
 
 
 class EngineDeadError(RuntimeError):
@@ -74,6 +77,7 @@ def run_engine_loop(
             try:
                 outputs = engine.step()
             except Exception as error:  # a failed step must not hang every waiting client
+                logger.exception("engine step failed")
                 failure = f"engine step failed: {error!r}"
                 failed_ids = list(engine.scheduler.requests)
                 for request_id in failed_ids:
@@ -163,13 +167,17 @@ class EngineRecipe:
     model_path: Path
     engine_config: EngineConfig
     int8: bool = False
+    dtype: str = "auto"
+    """the weights' dtype: auto (the checkpoint's), bf16, fp16 or fp32"""
     threads: int = 0
+    tensor_parallel: TensorParallelConfig = field(default_factory=TensorParallelConfig)
     cpus: tuple[int, ...] = ()
     """pin the engine process to these CPUs (vLLM's VLLM_CPU_OMP_THREADS_BIND): its caches stay its own and the
     HTTP server runs on the others; empty: not pinned"""
 
 
-def _build_engine(recipe: EngineRecipe) -> LLMEngine:
+def build_engine(recipe: EngineRecipe, rank: int = 0) -> LLMEngine:
+    """The engine the recipe describes; under tensor parallelism, `rank`'s shard of it (joining the group first)."""
     import torch
 
     from aiinfra.serve.loading import load_model
@@ -180,10 +188,43 @@ def _build_engine(recipe: EngineRecipe) -> LLMEngine:
     # torch sized its default thread pool from every CPU when it was imported, before the pinning.
     if recipe.threads or recipe.cpus:
         torch.set_num_threads(recipe.threads or len(recipe.cpus))
-    served = load_model(recipe.model_path)
+    group = None
+    if recipe.tensor_parallel.size > 1:
+        group = join_group(recipe.tensor_parallel, rank)
+    served = load_model(recipe.model_path, dtype=recipe.dtype)
+    if group is not None:
+        shard_model(served.model, group)
     if recipe.int8:
         quantize_int8(served.model)
-    return LLMEngine(served.model, recipe.engine_config, served.eos_token_id)
+    return LLMEngine(served.model, recipe.engine_config, served.eos_token_id, tensor_parallel=group)
+
+
+def _tensor_parallel_worker_main(recipe: EngineRecipe, rank: int) -> None:
+    """A rank other than 0: build its shard, then execute every plan rank 0 sends until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server (or the node's command) stops the ranks
+    try:
+        engine = build_engine(recipe, rank)
+    except (ValueError, OSError):  # a user mistake (a model that does not split, a bad folder): rank 0 reports it
+        return
+    engine.serve_plans()
+
+
+def start_tensor_parallel_workers(recipe: EngineRecipe, ranks: range) -> list[multiprocessing.process.BaseProcess]:
+    """Spawn the given ranks of the recipe's tensor-parallel group on this node (daemons of this process)."""
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_tensor_parallel_worker_main, args=(recipe, rank), name=f"aiinfra-tp{rank}",
+                               daemon=True) for rank in ranks]
+    for worker in workers:
+        worker.start()
+    return workers
+
+
+def run_node_workers(recipe: EngineRecipe) -> int:
+    """A node other than 0 (`--node-rank` > 0): run this node's ranks until rank 0 stops them; the worst exit code."""
+    workers = start_tensor_parallel_workers(recipe, recipe.tensor_parallel.ranks_of_this_node())
+    for worker in workers:
+        worker.join()
+    return max((abs(worker.exitcode or 0) for worker in workers), default=0)
 
 
 def _engine_process_main(recipe: EngineRecipe, commands: Connection, results: Connection) -> None:
@@ -193,7 +234,7 @@ def _engine_process_main(recipe: EngineRecipe, commands: Connection, results: Co
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         try:
-            engine = _build_engine(recipe)
+            engine = build_engine(recipe)
         except (ValueError, OSError) as error:  # a user mistake (bad folder, cache too small): one clear line
             results.send(("error", str(error)))
             return
@@ -222,6 +263,8 @@ def _engine_process_main(recipe: EngineRecipe, commands: Connection, results: Co
         run_engine_loop(engine, next_commands, results.send)
     except (BrokenPipeError, EOFError):
         pass  # the server is gone
+    finally:
+        engine.close()  # the other tensor-parallel ranks stop with this one
 
 
 class ProcessEngineCore:
@@ -235,6 +278,10 @@ class ProcessEngineCore:
 
     def __init__(self, recipe: EngineRecipe, startup_timeout_s: float = 600.0):
         context = multiprocessing.get_context("spawn")
+        # Node 0's other tensor-parallel ranks run beside the engine process (rank 0), which is a daemon and so
+        # cannot start processes itself.
+        local_ranks = recipe.tensor_parallel.ranks_of_this_node()
+        self.workers = start_tensor_parallel_workers(recipe, local_ranks[1:]) if len(local_ranks) > 1 else []
         command_reader, self._command_writer = context.Pipe(duplex=False)
         self._result_reader, result_writer = context.Pipe(duplex=False)
         self.process = context.Process(
@@ -262,6 +309,7 @@ class ProcessEngineCore:
             if self.process.is_alive():
                 self.process.kill()
                 self.process.join(5)
+            self._stop_workers()
             raise
         _, self.max_seq_len, self.max_num_seqs, self.num_blocks = message
         self.pid = self.process.pid
@@ -300,6 +348,15 @@ class ProcessEngineCore:
             self.process.kill()
             self.process.join(5)
         self._close_pipes()
+        self._stop_workers()
+
+    def _stop_workers(self) -> None:
+        """Join the tensor-parallel ranks (rank 0 told them to stop as it exited); kill any still running."""
+        for worker in self.workers:
+            worker.join(10)
+            if worker.is_alive():
+                worker.kill()
+                worker.join(5)
 
     def _close_pipes(self) -> None:
         self._result_reader.close()

@@ -5,10 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+MAX_LOGPROBS = 20  # alternatives per token at most (OpenAI's top_logprobs limit)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick each next token and when to stop."""
+    """How to pick each next token and when to stop, and which log-probabilities to return.
+
+    Penalties follow their references: `repetition_penalty` is CTRL's (Keskar et al. 2019, as in HF and vLLM: over
+    prompt and output tokens, a positive logit is divided by it and a negative one multiplied); `presence_penalty`
+    and `frequency_penalty` are OpenAI's (over output tokens: logit -= frequency * count + presence * (count > 0));
+    `logit_bias` is added to the logits first. Log-probabilities are of the model's own distribution (the
+    log-softmax of its logits, before any of these; vLLM's default), for the chosen token and the `logprobs` most
+    likely ones; `prompt_logprobs` asks the same for every prompt token (the prompt is then computed in full, not
+    taken from the prefix cache).
+    """
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -18,6 +29,12 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -30,10 +47,31 @@ class SamplingParams:
             raise ValueError(f"top_k={self.top_k}: must be >= 0 (0 keeps the whole vocabulary)")
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens={self.min_tokens}: must be in 0..max_tokens={self.max_tokens}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty}: must be > 0")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name}={value}: must be in 0..{MAX_LOGPROBS}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperature 0, or so near it that dividing by it would overflow (vLLM's epsilon)."""
+        return self.temperature < 1e-5
+
+    @property
+    def penalized(self) -> bool:
+        """Whether sampling needs the request's token history (a penalty is set)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+
+@dataclass
+class TokenLogprobs:
+    """The log-probability of one token at its position, and the most likely tokens there (best first)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 class Status(Enum):
@@ -55,6 +93,7 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop", "length" or "abort"
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # by position; None at 0 (nothing predicts it)
 
     @property
     def all_token_ids(self) -> list[int]:

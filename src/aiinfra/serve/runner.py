@@ -22,13 +22,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from aiinfra.models.llama import FeedForward, Transformer, apply_rotary
+from aiinfra.serve.sampler import SampleOutput, Sampler, token_logprobs
 from aiinfra.serve.scheduler import ScheduledRequest, SchedulerOutput
+from aiinfra.serve.tensor_parallel import TensorParallelGroup, embed
+
+
+def local_kv_heads(model: Transformer) -> int:
+    """KV heads this process holds: all of them, or its share under tensor parallelism (read off the weights)."""
+    attention = next(iter(model.layers.values())).attention
+    return attention.wk.out_features // model.spec.head_dim
 
 
 def kv_bytes_per_token(model: Transformer, dtype: torch.dtype) -> int:
-    """Bytes of K and V that one token occupies across all layers."""
+    """Bytes of K and V that one token occupies across all layers (in this process)."""
     spec = model.spec
-    return 2 * spec.n_layers * spec.n_kv_heads * spec.head_dim * torch.empty(0, dtype=dtype).element_size()
+    return 2 * spec.n_layers * local_kv_heads(model) * spec.head_dim * torch.empty(0, dtype=dtype).element_size()
 
 
 def store_weights_transposed(model: nn.Module) -> None:
@@ -111,13 +119,15 @@ class _LayerProjections:
     down: FusedLinear | None  # w2
 
 
-class ModelRunner:
-    """Owns the KV cache tensors; turns a `SchedulerOutput` into a dict of sampled token ids."""
+class PagedModelRunner:
+    """Owns the KV cache tensors; turns a `SchedulerOutput` into sampled token ids (and asked-for logprobs)."""
 
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, seed: int = 0, decode_group: int = 8,
-                 pack_weights: bool = True, rows_hint: int = 64):
+                 pack_weights: bool = True, rows_hint: int = 64, tensor_parallel: TensorParallelGroup | None = None):
         self.model = model
         self.spec = model.spec
+        self.tp = tensor_parallel  # set: the model is this rank's shard (`tensor_parallel.shard_model`)
+        self.num_kv_heads = local_kv_heads(model)
         self.block_size = block_size
         self.decode_group = decode_group
         self.device = model.tok_embeddings.weight.device
@@ -142,25 +152,23 @@ class ModelRunner:
             # skipped); this reaches the rest (MoE experts), instead of copying every weight once more.
             store_weights_transposed(model)
         dtype = model.tok_embeddings.weight.dtype
-        shape = (num_blocks, block_size, self.spec.n_kv_heads, self.spec.head_dim)
+        shape = (num_blocks, block_size, self.num_kv_heads, self.spec.head_dim)
         # Token slot = block_id * block_size + offset on the flattened first two axes.
         self.k_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(self.spec.n_layers)]
         self.v_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(self.spec.n_layers)]
-        self.generators: dict[str, torch.Generator] = {}
-        self.default_generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.sampler = Sampler(self.device, seed)
 
     def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
         size = self.block_size
         return [block_table[p // size] * size + p % size for p in range(start, end)]
 
     @torch.inference_mode()
-    def execute(self, output: SchedulerOutput) -> dict[str, int]:
+    def execute(self, output: SchedulerOutput) -> SampleOutput:
         """Compute the scheduled tokens, write their KV, and sample for requests whose chunk reached the end."""
-        for request_id in output.finished_ids:
-            self.generators.pop(request_id, None)
+        self.sampler.forget(output.finished_ids)
         items = output.scheduled
         if not items:
-            return {}
+            return SampleOutput()
         model, device = self.model, self.device
         token_ids, positions, slots = [], [], []
         for item in items:
@@ -173,13 +181,13 @@ class ModelRunner:
         slot_ids = torch.tensor(slots, device=device)
         attention = _AttentionPlan(items, self.block_size, device, self.decode_group)
 
-        x = model.tok_embeddings(tokens)
+        x = embed(model, tokens, self.tp)
         if model.pos_embeddings is not None:
             x = x + model.pos_embeddings(position_ids)
         rope = None
         if self.spec.position == "rope":
             rope = (model.rope_cos[position_ids].unsqueeze(1), model.rope_sin[position_ids].unsqueeze(1))
-        num_tokens, num_kv_heads = len(token_ids), self.spec.n_kv_heads
+        num_tokens, num_kv_heads = len(token_ids), self.num_kv_heads
         for layer, (projections, block) in enumerate(zip(self.layers, model.layers.values())):
             hidden = block.attention_norm(x)
             qkv = projections.qkv(hidden).view(num_tokens, -1, block.attention.head_dim)
@@ -190,59 +198,50 @@ class ModelRunner:
             self.k_cache[layer].view(-1, *k.shape[1:]).index_copy_(0, slot_ids, k)
             self.v_cache[layer].view(-1, *v.shape[1:]).index_copy_(0, slot_ids, v)
             attended = attention.run(q, self.k_cache[layer], self.v_cache[layer])
-            x = x + projections.wo(attended.reshape(num_tokens, -1))
+            x = x + self._reduce(projections.wo(attended.reshape(num_tokens, -1)))
             hidden = block.ffn_norm(x)
             if projections.up is None or projections.down is None:
                 x = x + block.feed_forward(hidden)
             elif block.feed_forward.w3 is None:
-                x = x + projections.down(F.gelu(projections.up(hidden), approximate="tanh"))
+                x = x + self._reduce(projections.down(F.gelu(projections.up(hidden), approximate="tanh")))
             else:
                 gate, up = projections.up(hidden).chunk(2, dim=-1)
-                x = x + projections.down(F.silu(gate) * up)
+                x = x + self._reduce(projections.down(F.silu(gate) * up))
 
-        sample_rows, sampled_items = [], []
+        return self._sample(x, items)
+
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """A row-split projection's output: the sum over the ranks (itself in one process)."""
+        return partial if self.tp is None else self.tp.all_reduce(partial)
+
+    def _logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """fp32 logits over the whole vocabulary (gathered from the ranks when the output head is split)."""
+        logits = self.output(self.model.norm(rows))
+        if self.tp is not None and self.tp.vocab_range is not None:
+            logits = self.tp.gather_last(logits)
+        return logits.float()
+
+    def _sample(self, x: torch.Tensor, items: list[ScheduledRequest]) -> SampleOutput:
+        """The output head over the rows that sample (and over the prompt rows whose logprobs were asked for)."""
+        sample_rows, sampled_items, prompt_rows = [], [], []
         row = 0
         for item in items:
+            if item.prompt_targets:
+                prompt_rows.append((item, row))
             row += len(item.token_ids)
             if item.sample:
                 sample_rows.append(row - 1)
                 sampled_items.append(item)
-        if not sampled_items:
-            return {}
-        logits = self.output(model.norm(x[sample_rows])).float()
-        return dict(zip((item.request_id for item in sampled_items), self._sample(logits, sampled_items)))
-
-    def _sample(self, logits: torch.Tensor, items: list[ScheduledRequest]) -> list[int]:
-        """Greedy rows by argmax; others by temperature, top-k, top-p, in the same order as `models.sample`."""
-        for index, item in enumerate(items):
-            if item.suppress_token_ids:
-                logits[index, list(item.suppress_token_ids)] = float("-inf")
-        chosen = logits.argmax(dim=-1).tolist()
-        for index, item in enumerate(items):
-            params = item.params
-            if params.greedy:
-                continue
-            row = logits[index]
-            if params.top_k > 0:
-                threshold = row.topk(min(params.top_k, row.numel())).values[-1]
-                row = row.masked_fill(row < threshold, float("-inf"))
-            probs = (row / params.temperature).softmax(dim=-1)
-            if params.top_p < 1:
-                sorted_probs, order = probs.sort(descending=True)
-                # Keep the smallest set whose mass reaches top_p (the first token always stays).
-                drop = sorted_probs.cumsum(0) - sorted_probs >= params.top_p
-                probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
-            chosen[index] = int(torch.multinomial(probs, 1, generator=self._generator(item)))
-        return chosen
-
-    def _generator(self, item: ScheduledRequest) -> torch.Generator:
-        if item.params.seed is None:
-            return self.default_generator
-        generator = self.generators.get(item.request_id)
-        if generator is None:
-            generator = torch.Generator(device=self.device).manual_seed(item.params.seed)
-            self.generators[item.request_id] = generator
-        return generator
+        result = SampleOutput()
+        if sampled_items:
+            logits = self._logits(x[sample_rows])
+            result = self.sampler.sample(logits, sampled_items)
+        for item, first in prompt_rows:
+            rows = x[first : first + len(item.prompt_targets)]
+            logprobs = self._logits(rows).log_softmax(dim=-1)
+            entries = token_logprobs(logprobs, item.prompt_targets, item.params.prompt_logprobs or 0)
+            result.prompt_logprobs[item.request_id] = (item.start_position + 1, entries)
+        return result
 
 
 class _AttentionPlan:

@@ -6,6 +6,8 @@ is left is computed in chunks over several steps (chunked prefill). A prefix-cac
 forward before the first step, always leaving the last prompt token to compute so that there are logits to sample.
 When the block manager says no, the last-admitted running request is preempted: its blocks are freed and it
 returns to the front of the queue, to be recomputed later (its full blocks usually remain in the prefix cache).
+An abort costs O(1) wherever the request is: the running batch is a dict in admission order, and a waiting request
+is only marked finished, to be dropped when it reaches the front of the queue.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class ScheduledRequest:
     sample: bool  # the chunk reaches the last known token, so its logits give the next token
     params: SamplingParams
     suppress_token_ids: tuple[int, ...] = ()  # stop tokens banned until min_tokens are out
+    history: tuple[list[int], list[int]] | None = None  # (prompt, output) token ids, for a penalized request
+    prompt_targets: list[int] = field(default_factory=list)  # prompt tokens that this chunk's rows predict
 
 
 @dataclass
@@ -60,8 +64,9 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_seq_len = max_seq_len
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.waiting: deque[Request] = deque()  # may hold finished (aborted) requests, skipped at the front
+        self.num_waiting = 0
+        self.running: dict[str, Request] = {}  # in admission order: the last is the first to be preempted
         self.requests: dict[str, Request] = {}
         self.finished_since_last_step: list[str] = []
         self.num_preemptions = 0
@@ -77,6 +82,7 @@ class Scheduler:
             raise ValueError(f"prompt plus max_tokens is {needed} tokens; the context holds {self.max_seq_len}")
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        self.num_waiting += 1
 
     def has_unfinished(self) -> bool:
         return bool(self.requests) or bool(self.finished_since_last_step)
@@ -87,9 +93,9 @@ class Scheduler:
         if request is None:
             return None
         if request.status is Status.RUNNING:
-            self.running.remove(request)
-        elif request in self.waiting:
-            self.waiting.remove(request)
+            del self.running[request_id]
+        else:
+            self.num_waiting -= 1  # it stays in the deque, finished, until it reaches the front
         request.status, request.finish_reason = Status.FINISHED, reason
         self.blocks.free(request_id)
         self.finished_since_last_step.append(request_id)
@@ -100,6 +106,7 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.status = Status.WAITING
         self.waiting.appendleft(request)
+        self.num_waiting += 1
         self.num_preemptions += 1
 
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
@@ -111,14 +118,18 @@ class Scheduler:
         # A decode step needs one output token: slice it without concatenating prompt and output (O(length)).
         tokens = (request.output_token_ids[start - prompt_len : end - prompt_len] if start >= prompt_len
                   else request.all_token_ids[start:end])
+        sample = end == request.num_tokens
+        wants_prompt = params.prompt_logprobs is not None and start + 1 < prompt_len
         return ScheduledRequest(
             request_id=request.request_id,
             token_ids=tokens,
             start_position=start,
             block_table=list(self.blocks.block_table(request.request_id)),
-            sample=end == request.num_tokens,
+            sample=sample,
             params=params,
             suppress_token_ids=suppress,
+            history=(request.prompt_token_ids, request.output_token_ids) if sample and params.penalized else None,
+            prompt_targets=request.prompt_token_ids[start + 1 : end + 1] if wants_prompt else [],
         )
 
     def schedule(self) -> SchedulerOutput:
@@ -126,12 +137,12 @@ class Scheduler:
         output = SchedulerOutput(finished_ids=self.finished_since_last_step)
         self.finished_since_last_step = []
         budget = self.max_num_batched_tokens
-        index = 0
-        while index < len(self.running) and budget > 0:
-            request = self.running[index]
+        for request in list(self.running.values()):
+            if budget <= 0 or request.status is not Status.RUNNING:  # not running: preempted for one before it
+                break
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self.blocks.allocate(request.request_id, request.num_computed_tokens + num_new):
-                victim = self.running.pop()
+                _, victim = self.running.popitem()
                 self._preempt(victim)
                 output.preempted_ids.append(victim.request_id)
                 if victim is request:
@@ -140,22 +151,28 @@ class Scheduler:
                 break
             output.scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
-            index += 1
         # After a preemption memory is tight: admitting new work now would only cause more of them.
-        while not output.preempted_ids and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while not output.preempted_ids and budget > 0 and len(self.running) < self.max_num_seqs:
+            while self.waiting and self.waiting[0].status is Status.FINISHED:
+                self.waiting.popleft()
+            if not self.waiting:
+                break
             request = self.waiting[0]
-            # Keep the last token uncached: its logits are needed to sample the next token.
-            cached = self.blocks.find_cached_prefix(request.all_token_ids[: request.num_tokens - 1])
+            # Keep the last token uncached: its logits are needed to sample the next token. Prompt logprobs need
+            # the logits of every prompt position, so such a request computes its prompt in full.
+            cached = ([] if request.params.prompt_logprobs is not None
+                      else self.blocks.find_cached_prefix(request.all_token_ids[: request.num_tokens - 1]))
             num_computed = len(cached) * self.blocks.block_size
             num_new = min(request.num_tokens - num_computed, budget)
             if not self.blocks.allocate(request.request_id, num_computed + num_new, cached):
                 break
             self.waiting.popleft()
+            self.num_waiting -= 1
             if not request.output_token_ids:
                 request.num_cached_tokens = num_computed
             request.num_computed_tokens = num_computed
             request.status = Status.RUNNING
-            self.running.append(request)
+            self.running[request.request_id] = request
             output.scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
         return output
