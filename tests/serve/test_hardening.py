@@ -90,11 +90,10 @@ def test_aborting_many_waiting_requests_costs_o1_each() -> None:
     count = 50_000
     for index in range(count):
         scheduler.add(Request(f"r{index}", [1, 2, 3], SamplingParams(max_tokens=2)))
-    started = time.perf_counter()
     for index in range(count - 1):  # a mass disconnect; with deque.remove this is quadratic (minutes)
         scheduler.finish(f"r{index}", "abort")
-    assert time.perf_counter() - started < 5
-    assert scheduler.num_waiting == 1
+    # No abort searched the queue: every request is still in it, marked finished, until it reaches the front.
+    assert len(scheduler.waiting) == count and scheduler.num_waiting == 1
     output = scheduler.schedule()
     assert [item.request_id for item in output.scheduled] == [f"r{count - 1}"]
     assert scheduler.num_waiting == 0 and not scheduler.waiting
