@@ -20,7 +20,7 @@ from .conftest import MODEL, Process, backend_process, free_ports, gateway_proce
 
 HEALTH_INTERVAL_S = 0.5
 MID_STREAM = 'aiinfra_route_failovers_total{phase="mid_stream"}'
-MAX_TOKENS = 120
+MAX_TOKENS = 160
 PROMPTS = [f"def function_{i}(value):\n    return value * {i}" for i in range(8)]
 # Polling, scheduling and a loaded 2-core CI machine add to the health interval; this bounds how much.
 SLACK_S = 1.5
@@ -106,8 +106,9 @@ def test_failover_sigkill_mid_stream_loses_no_request_and_answers_stay_exact(
     victim = backends[1]
     with ThreadPoolExecutor(max_workers=6) as pool:
         futures = [pool.submit(run, job) for job in jobs]
-        # Kill the victim while it has streams in flight, a few requests into the run.
-        wait_for(lambda: len(results) >= 6 and backend_status(gateway, "b1")["outstanding"] >= 1, 120)
+        # Kill the victim while its engine is generating for streams in flight, a few requests into the run.
+        wait_for(lambda: len(results) >= 6 and backend_status(gateway, "b1")["outstanding"] >= 2
+                 and httpx.get(victim.url + "/health", timeout=5).json()["running"] >= 2, 120, step_s=0.005)
         victim.kill()
         down_after_s = wait_for(lambda: not backend_status(gateway, "b1")["up"], 30)
         for future in futures:
