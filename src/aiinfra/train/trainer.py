@@ -143,11 +143,12 @@ class Trainer:
         if tokenizer_vocab > config.model.vocab_size:
             raise ConfigError(f"model.vocab_size={config.model.vocab_size} < the tokenizer's {tokenizer_vocab}")
 
-        # Every rank builds the same full model from the same seed, then keeps its part. Seeded here, after the
-        # peak-FLOP/s measurement, which draws random matrices only when its cache is cold.
+        # Built on the meta device (no memory), parallelized there, then each rank allocates and initialises only
+        # its shards from train.seed: the same full model whatever the layout (distributed/materialize.py).
         seed_everything(cfg.seed)
-        full_model = Transformer(config.model).to(self.device)
-        self.runner = self.runtime.build_runner(full_model, self._autocast, _loss_from_logits)
+        with torch.device("meta"):
+            model = Transformer(config.model)
+        self.runner = self.runtime.build_runner(model, self._autocast, _loss_from_logits)
         # What this rank trains: the model (sharded in place under FSDP/TP), or its pipeline stages.
         self.model = self.runner.model
         self.optimizer = build_optimizer(self.runner.root, config)
