@@ -32,6 +32,7 @@ def train_command(
     max_restarts: Annotated[int, typer.Option(min=0, help="restart all workers this many times on a failure")] = 0,
 ) -> None:
     """Train a model; with no arguments, the embedded default on this interpreter's standard library."""
+    from aiinfra.checkpoint.commit import CheckpointError
     from aiinfra.config import load_config
     from aiinfra.distributed.launch import auto_layout, launch_train
     from aiinfra.train import train
@@ -48,6 +49,9 @@ def train_command(
         result = train(load_config(config, overrides))
     except ConfigError as error:
         raise fail(str(error)) from None
+    except CheckpointError as error:  # not a usage mistake (exit 2) but a run that must not go on: one line, exit 1
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
     if result is None:  # a worker other than rank 0: rank 0 reports
         return
     typer.echo(f"\nsample:\n{result.sample}\n")

@@ -119,6 +119,14 @@ class CheckpointConfig(Section):
     every_seconds: float = Field(0.0, ge=0, description="save when this long has passed since the last save (0: never)")
     keep_last: int = Field(2, ge=0, description="complete checkpoints kept on disk (0: keep all)")
     async_save: bool = Field(True, description="write in the background; only the copy to CPU memory blocks training")
+    storage: Literal["shared", "local"] = Field(
+        "shared",
+        description="'shared': every rank sees every file (reshardable); 'local': node-local disks, each rank saves, "
+        "verifies and loads its own files (same layout to resume)",
+    )
+    dir: str | None = Field(
+        None, description="checkpoint directory (default <run.dir>/checkpoints); '{rank}' becomes the global rank"
+    )
 
 
 class FaultConfig(Section):
@@ -159,7 +167,21 @@ class Config(Section):
         if self.fault.kill_step > self.train.steps:
             raise ValueError(f"fault.kill_step={self.fault.kill_step} is past train.steps={self.train.steps}")
         self._check_parallel()
+        self._check_checkpoint()
         return self
+
+    def _check_checkpoint(self) -> None:
+        ckpt = self.checkpoint
+        if ckpt.dir is None:
+            return
+        try:
+            ckpt.dir.format(rank=0)
+        except (KeyError, IndexError, ValueError):
+            raise ValueError(f"checkpoint.dir={ckpt.dir!r}: the only placeholder allowed is {{rank}}") from None
+        if "{rank}" in ckpt.dir and ckpt.storage == "shared":
+            raise ValueError(
+                f"checkpoint.dir={ckpt.dir!r} gives each rank a directory of its own: set checkpoint.storage=\"local\""
+            )
 
     def _check_parallel(self) -> None:
         par, model, train = self.parallel, self.model, self.train

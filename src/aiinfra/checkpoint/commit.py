@@ -222,6 +222,12 @@ def write_manifest(checkpoint_path: Path, files: dict[str, dict[str, Any]], info
     return manifest
 
 
+def write_manifest_copy(checkpoint_path: Path, manifest: dict[str, Any]) -> None:
+    """Node-local storage: rank 0's manifest, written beside another rank's files once rank 0 has committed."""
+    atomic_write(checkpoint_path / MANIFEST_FILE, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+    fsync_dir(checkpoint_path)
+
+
 def read_manifest(checkpoint_path: Path) -> dict[str, Any]:
     """The parsed manifest; a CheckpointError saying what is wrong if it is missing or unreadable."""
     path = checkpoint_path / MANIFEST_FILE

@@ -177,12 +177,14 @@ class Trainer:
             )
 
         ckpt = config.checkpoint
+        checkpoint_dir = Path(ckpt.dir.format(rank=self.runtime.rank)) if ckpt.dir else self.run_dir / "checkpoints"
         self.checkpoints = CheckpointManager(
-            self.run_dir / "checkpoints",
+            checkpoint_dir,
             CheckpointPolicy(ckpt.every_steps, ckpt.every_seconds, ckpt.keep_last, ckpt.async_save),
             dp_rank=dp_rank,
             dp_size=dp_size,
             timeout_s=config.parallel.collective_timeout_s,
+            storage=ckpt.storage,
         )
         self.goodput = Goodput()
         self.counters = RunCounters()
