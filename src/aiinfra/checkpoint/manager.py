@@ -24,7 +24,6 @@ import shutil
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -39,19 +38,29 @@ from aiinfra.checkpoint.commit import (
     CheckpointError,
     FaultHook,
     HashingFileSystemWriter,
+    VerifyingFileSystemReader,
+    check_before_load,
+    data_files,
     fault_hook_from_env,
+    files_to_verify,
     read_manifest,
-    verify_files,
     write_manifest,
     write_manifest_copy,
 )
+from aiinfra.checkpoint.directories import (
+    RETIRED_PREFIX,
+    checkpoint_name,
+    delete_all,
+    list_checkpoints,
+    remove_checkpoint,
+    retire_checkpoint,
+)
 from aiinfra.checkpoint.goodput import Goodput, effective_training_time_ratio
+from aiinfra.checkpoint.policy import CheckpointMetrics, CheckpointPolicy
 from aiinfra.checkpoint.staging import ReusedBufferStager
 from aiinfra.checkpoint.state import Stateful, TrainingState, local_shards, rng_state, set_rng_state, take_loaded_values
 
 log = logging.getLogger(__name__)
-STEP_PREFIX = "step_"
-RETIRED_PREFIX = ".retired-"
 # Optimizer state keyed by parameter name ("param_groups.<fqn>.lr"), not by group index: pipeline ranks hold
 # different parameters, and index-keyed param groups saved under the same key on every rank are deduplicated by DCP
 # (one rank's groups, naming its parameters, came back on all: AdamW then lost "betas" on the others).
@@ -60,98 +69,15 @@ STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
-@dataclass
-class CheckpointPolicy:
-    """When to save and what to keep."""
-
-    every_steps: int = 0
-    """save when step % every_steps == 0 (0: never by step count)"""
-    every_seconds: float = 0.0
-    """save when this long has passed since the last save (0: never by time); rank 0's clock decides for all"""
-    keep_last: int = 3
-    """complete checkpoints kept on disk (older ones are deleted once a newer one commits); 0 keeps all"""
-    async_save: bool = True
-    """write in a background thread: only the copy of the state to CPU memory blocks training"""
-    writer_threads: int = 2
-    """files written in parallel per rank (one thread's hashing and serialization overlap another's disk writes)"""
-
-
-@dataclass
-class CheckpointMetrics:
-    """What checkpointing cost so far, for the trainer's metrics line."""
-
-    saves: int = 0
-    last_step: int | None = None
-    last_blocking_s: float = 0.0
-    last_save_s: float = 0.0
-    last_bytes: int = 0
-    total_blocking_s: float = 0.0
-    total_save_s: float = 0.0
-    total_bytes: int = 0
-    load_s: float = 0.0
-
-    def as_dict(self) -> dict[str, float | int | None]:
-        """Flat metric names for metrics.jsonl."""
-        return {
-            "checkpoint_saves": self.saves,
-            "checkpoint_last_step": self.last_step,
-            "checkpoint_blocking_s": self.last_blocking_s,
-            "checkpoint_save_s": self.last_save_s,
-            "checkpoint_bytes": self.last_bytes,
-            "checkpoint_blocking_s_total": self.total_blocking_s,
-            "checkpoint_save_s_total": self.total_save_s,
-            "checkpoint_bytes_total": self.total_bytes,
-            "checkpoint_load_s": self.load_s,
-        }
-
-
-def checkpoint_name(step: int) -> str:
-    """The directory name of the checkpoint of `step` (zero-padded so names sort by step)."""
-    return f"{STEP_PREFIX}{step:09d}"
-
-
-def list_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
-    """(step, path) of every checkpoint directory, complete or not, oldest first."""
-    found = []
-    for path in Path(checkpoint_dir).glob(f"{STEP_PREFIX}*"):
-        suffix = path.name.removeprefix(STEP_PREFIX)
-        if path.is_dir() and suffix.isdigit():
-            found.append((int(suffix), path))
-    return sorted(found)
-
-
-def _remove_checkpoint(path: Path) -> None:
-    # Decommit first: a crash halfway through the deletion must leave a directory that reads as incomplete.
-    (path / MANIFEST_FILE).unlink(missing_ok=True)
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _retire_checkpoint(path: Path) -> Path | None:
-    """Decommit a checkpoint and move it out of the way (two metadata operations); the caller deletes the returned
-    directory at leisure. Freeing a few hundred MB of extents takes a tenth of a second that no save should wait for.
-    Where the file system cannot rename a directory (some object-store mounts), it is deleted here instead (None).
-    """
-    (path / MANIFEST_FILE).unlink(missing_ok=True)
-    retired = path.with_name(f"{RETIRED_PREFIX}{path.name}")
-    shutil.rmtree(retired, ignore_errors=True)
-    try:
-        path.rename(retired)
-    except OSError:
-        _remove_checkpoint(path)
-        return None
-    return retired
-
-
-def _delete_all(paths: list[Path]) -> None:
-    for path in paths:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def _describe(error: BaseException) -> str:
     """One line per failing rank instead of DCP's CheckpointException with every rank's traceback."""
     if isinstance(error, CheckpointException):
         return "; ".join(f"rank {rank}: {failure[0]}" for rank, failure in sorted(error.failures.items()))
     return str(error)
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint whose files did not match their checksums while it was loaded."""
 
 
 class CheckpointManager:
@@ -240,7 +166,7 @@ class CheckpointManager:
         if self._owns_dir and path.exists():
             # A torn (or superseded) attempt at the same step, from before a restart: it is rewritten whole.
             log.warning("checkpoint %s exists from an earlier attempt: replacing it", path)
-            _remove_checkpoint(path)
+            remove_checkpoint(path)
         self._barrier()
         state_dict = self._state_dict(state, step)
         writer = HashingFileSystemWriter(path, lambda phase: self._fault(phase, step), self.policy.writer_threads)
@@ -366,10 +292,10 @@ class CheckpointManager:
             moved
             for step, path in list_checkpoints(self.checkpoint_dir)
             if step < oldest_kept or (step < newest and step not in complete_steps)
-            if (moved := _retire_checkpoint(path)) is not None
+            if (moved := retire_checkpoint(path)) is not None
         ]
         if retired:  # one cleanup thread: waiting for the latest deletion waits for all earlier ones
-            self._cleanup = self._cleaner.submit(_delete_all, retired)
+            self._cleanup = self._cleaner.submit(delete_all, retired)
 
     def _barrier(self) -> None:
         if self.distributed:
@@ -400,7 +326,9 @@ class CheckpointManager:
     def load_latest(self, state: TrainingState) -> int | None:
         """Load the newest checkpoint that verifies into `state` and return its step; None if there is none.
 
-        A torn or corrupted checkpoint is reported in one warning line and the previous one is tried.
+        A torn or corrupted checkpoint is reported in one warning line and the previous one is tried; checksums are
+        verified while the checkpoint loads, so when no earlier one is left after a damaged one was partly loaded,
+        that is an error rather than a start from step 0 with a half-loaded state.
         """
         self.wait()
         if self.local:
@@ -410,14 +338,19 @@ class CheckpointManager:
             box = [candidates]
             dist.broadcast_object_list(box, src=0, group=self._main_group)
             candidates = box[0]
+        partly_loaded = None
         for step, path in reversed(candidates):
-            manifest, problem = self._verify(path)
-            if problem is not None:
-                if self.rank == 0:
-                    log.warning("checkpoint %s is unusable (%s): falling back to an earlier one", path, problem)
-                continue
-            self.load(path, state, manifest)
-            return step
+            manifest, problem = self._check(path)
+            if problem is None:
+                try:
+                    self.load(path, state, manifest)
+                    return step
+                except DamagedCheckpointError as error:
+                    problem, partly_loaded = str(error), path
+            if self.rank == 0:
+                log.warning("checkpoint %s is unusable (%s): falling back to an earlier one", path, problem)
+        if partly_loaded is not None:
+            raise CheckpointError(f"checkpoint {partly_loaded} is damaged and no earlier one is usable")
         return None
 
     def _load_latest_local(self, state: TrainingState) -> int | None:
@@ -452,28 +385,42 @@ class CheckpointManager:
                        "checkpoints resume on the same layout (use shared storage to reshard)")
         else:
             try:
-                mine = manifest["rank_files"][self.rank]
-                verify_files(path, {"files": mine}, sorted(mine))
+                check_before_load(path, files_to_verify(manifest, self.rank, self.world_size), manifest["checksum"])
             except CheckpointError as error:
                 problem = f"{error} in {path}"
+        failed = self._gather_problems(problem)
+        if failed:
+            raise CheckpointError(f"node-local checkpoint {checkpoint_name(newest)} is unusable: {failed}")
+        try:
+            self.load(path, state, manifest)
+        except DamagedCheckpointError as error:  # no earlier checkpoint is tried: the state is partly loaded
+            raise CheckpointError(f"node-local {error}") from None
+        return newest
+
+    def _raise_if_damaged(self, reader: VerifyingFileSystemReader, path: Path, manifest: dict[str, Any]) -> None:
+        """A DamagedCheckpointError on every rank if any rank's share failed its checksum (a collective)."""
+        problems = reader.fs.verify_rest(path)
+        damage = self._gather_problems("; ".join(f"{problem} in {path}" for problem in problems) or None)
+        if damage:
+            raise DamagedCheckpointError(f"checkpoint {checkpoint_name(int(manifest['step']))} is damaged: {damage}")
+
+    def _gather_problems(self, problem: str | None) -> str | None:
+        """Every rank's problem (None: none), as one line naming the ranks; None if no rank has one."""
         problems = [problem]
         if self.distributed:
             problems = [None] * self.world_size
             dist.all_gather_object(problems, problem, group=self._main_group)
         failed = [f"rank {rank}: {p}" for rank, p in enumerate(problems) if p is not None]
-        if failed:
-            raise CheckpointError(f"node-local checkpoint {checkpoint_name(newest)} is unusable: {'; '.join(failed)}")
-        self.load(path, state, manifest)
-        return newest
+        return "; ".join(failed) or None
 
-    def _verify(self, path: Path) -> tuple[dict[str, Any] | None, str | None]:
-        """Every rank checks a share of the files; all ranks return the same verdict (the first problem found)."""
+    def _check(self, path: Path) -> tuple[dict[str, Any] | None, str | None]:
+        """The manifest, and the first problem any rank found in it or in the presence and sizes of its share of
+        the files (None if none); the same verdict on every rank. Checksums are verified while loading."""
         problem: str | None = None
         manifest: dict[str, Any] | None = None
         try:
             manifest = read_manifest(path)
-            names = sorted(manifest["files"])
-            verify_files(path, manifest, names[self.rank :: self.world_size])
+            check_before_load(path, files_to_verify(manifest, self.rank, self.world_size), manifest["checksum"])
         except CheckpointError as error:
             problem = str(error)
         except OSError as error:
@@ -501,20 +448,25 @@ class CheckpointManager:
             dp_keys = [self.dp_rank] if saved_dp == self.dp_size else list(range(saved_dp))
             for dp in dp_keys:
                 to_load[f"data.dp{dp}"] = state.data.state_dict()
+        mine = data_files(files_to_verify(manifest, self.rank, self.world_size))
+        reader = VerifyingFileSystemReader(path, mine, manifest["checksum"])
         try:
             if self.local:
                 if not same_world:
                     raise CheckpointError(f"node-local, saved on {saved_world} ranks: resume on the same layout")
                 loaded = local_shards(to_load)
-                dcp.load(loaded, checkpoint_id=path, no_dist=True)
+                dcp.load(loaded, storage_reader=reader, no_dist=True)
                 take_loaded_values(to_load, loaded)
             else:
-                dcp.load(to_load, checkpoint_id=path, process_group=self._main_group, no_dist=not self.distributed)
+                dcp.load(to_load, storage_reader=reader, process_group=self._main_group, no_dist=not self.distributed)
         except (Exception, CheckpointException) as error:
+            self._raise_if_damaged(reader, path, manifest)  # damaged bytes can break torch.load before the checksum
             raise CheckpointError(
                 f"checkpoint {path} (world size {saved_world}) does not fit this model/layout "
                 f"(world size {self.world_size}): {_describe(error)}"
             ) from error
+        # Every rank checksummed its share while DCP read it; nothing is applied from a damaged checkpoint.
+        self._raise_if_damaged(reader, path, manifest)
         optimizers = [state.optimizer] if state.optimizer is not None else []
         set_state_dict(
             state.model,
