@@ -29,7 +29,11 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    corpus: str = Field("stdlib", description="'stdlib' (this interpreter's standard library) or a text file/dir")
+    corpus: str = Field(
+        "stdlib",
+        description="'stdlib' (this interpreter's standard library), a text, JSONL ('text' field) or Parquet ('text' "
+        "column) file, or a folder of them",
+    )
     val_fraction: float = Field(0.05, gt=0, lt=1, description="share of documents held out for validation")
     cache_dir: str | None = Field(None, description="where tokenized corpora are cached (default ~/.cache/aiinfra)")
 

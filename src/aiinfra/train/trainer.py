@@ -133,11 +133,16 @@ class Trainer:
         self.device = self.runtime.device
 
         cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else default_cache_dir()
-        with self.runtime.main_first():  # rank 0 fills the tokenizer, token and peak-FLOP/s caches; the rest read
+        # Every rank tokenizes a share of the corpus (data/dataset.py); rank 0 fills the peak-FLOP/s cache first.
+        try:
             self.dataset = prepare_dataset(
-                config.data.corpus, config.model.vocab_size, config.data.val_fraction, cache_dir
+                config.data.corpus, config.model.vocab_size, config.data.val_fraction, cache_dir,
+                rank=self.runtime.rank, world_size=self.runtime.world_size,
             )
-            self.autocast_dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
+        except (ValueError, FileNotFoundError) as error:  # CorpusError included: the corpus is the bad input
+            raise ConfigError(f"data.corpus={config.data.corpus!r}: {error}") from None
+        self.autocast_dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
+        with self.runtime.main_first():
             self.peak = device_peak(self.device, self.autocast_dtype or torch.float32, cache_dir)
         tokenizer_vocab = self.dataset.tokenizer.get_vocab_size()
         if tokenizer_vocab > config.model.vocab_size:
