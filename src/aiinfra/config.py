@@ -197,6 +197,14 @@ class Config(Section):
                 raise ValueError(f"parallel.tp={par.tp} must divide train.seq_len={train.seq_len} (sequence parallel)")
             if model.position == "learned" or model.is_moe:
                 raise ValueError(f"parallel.tp={par.tp}: tensor parallel supports dense rope models only")
+            if par.dp_replicate > 1 and par.dp_shard == 1 and par.mixed_precision != "fsdp":
+                # DDP over DTensor parameters is not supported by torch (torchtitan refuses it too); FSDP's
+                # replicate-and-shard mesh is the way to add replicas to a tensor-parallel model.
+                raise ValueError(
+                    f"parallel.dp_replicate={par.dp_replicate} with parallel.tp={par.tp}: DDP over a tensor-parallel "
+                    "model is not supported; use parallel.dp_shard (FSDP x TP) or dp_replicate with dp_shard > 1 "
+                    "(HSDP x TP)"
+                )
             if train.compile:
                 # torch 2.13 CPU: the compiled block's backward hands DTensor redistribution a plain tensor.
                 raise ValueError(f"parallel.tp={par.tp} with train.compile=true is not supported yet")

@@ -11,11 +11,8 @@ schedule), the data-parallel coordinates and the per-rank figures.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import random
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -28,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from aiinfra.checkpoint.manager import CheckpointManager, CheckpointPolicy, Goodput, TrainingState
-from aiinfra.checkpoint.run_dir import atomic_write, save_run
+from aiinfra.checkpoint.run_dir import point_latest, save_run
 from aiinfra.config import Config, ConfigError
 from aiinfra.data.dataset import default_cache_dir, prepare_dataset, unigram_entropy_nats
 from aiinfra.data.sampler import WindowSampler, eval_batches
@@ -37,7 +34,8 @@ from aiinfra.distributed.runtime import SilentLogger, make_runtime
 from aiinfra.models import Transformer, sample
 from aiinfra.observe.device_peak import device_peak
 from aiinfra.observe.plots import plot_loss_curve
-from aiinfra.observe.step_log import StepLogger, read_metrics
+from aiinfra.observe.step_log import StepLogger, read_metrics, truncate_metrics
+from aiinfra.train.faults import FaultSchedule, check_fault_rank
 
 
 @dataclass
@@ -175,11 +173,7 @@ class Trainer:
             raise ConfigError(f"run.dir={str(self.run_dir)!r} already holds a finished run; choose another")
         if self.runtime.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        if config.fault.kill_step and config.fault.kill_rank >= self.runtime.world_size:
-            raise ConfigError(
-                f"fault.kill_rank={config.fault.kill_rank}: expected a rank below the world size "
-                f"{self.runtime.world_size}"
-            )
+        check_fault_rank(config.fault, self.runtime.world_size)
 
         ckpt = config.checkpoint
         checkpoint_dir = Path(ckpt.dir.format(rank=self.runtime.rank)) if ckpt.dir else self.run_dir / "checkpoints"
@@ -308,7 +302,7 @@ class Trainer:
             self.step = step
             self.counters.restarts += 1
         if self.runtime.is_main:
-            kept = _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            kept = truncate_metrics(self.run_dir, self.step)
             if step is not None:
                 print(
                     f"resumed {self.run_dir} at step {step} from its latest checkpoint "
@@ -317,27 +311,6 @@ class Trainer:
                     flush=True,
                 )
         return self.step
-
-    def _fault_schedule(self, first_step: int) -> list[tuple[int, int]]:
-        """(step, rank) pairs at which this attempt of the job SIGKILLs a rank: fault.kill_step on the first attempt,
-        and a random (step, rank) after `first_step` on each of the first fault.random_kills attempts. Every rank
-        draws the same pair (same seed, same attempt number, same resumed step)."""
-        fault, world = self.config.fault, self.runtime.world_size
-        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-        schedule = [(fault.kill_step, fault.kill_rank)] if fault.kill_step and attempt == 0 else []
-        if attempt < fault.random_kills and first_step < self.config.train.steps:
-            draw = random.Random(f"{fault.random_seed}:{attempt}")
-            schedule.append((draw.randint(first_step + 1, self.config.train.steps), draw.randrange(world)))
-        return schedule
-
-    def _maybe_inject_fault(self, schedule: list[tuple[int, int]]) -> None:
-        """SIGKILL this rank if the schedule names this step and rank."""
-        if (self.step, self.runtime.rank) in schedule:
-            # Let a save in flight commit first, so the kill lands between two complete checkpoints (torn saves are
-            # AIINFRA_CHECKPOINT_FAULT's business) and a test knows which one the restart resumes from.
-            self.checkpoints.wait()
-            print(f"fault injection: SIGKILL rank {self.runtime.rank} at step {self.step}", file=sys.stderr, flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
 
     def fit(self) -> TrainResult:
         """Train (or resume) to `train.steps` steps, checkpointing as configured; write the run directory."""
@@ -357,12 +330,12 @@ class Trainer:
             f"({self.peak.source})"
         )
         records = read_metrics(self.run_dir) if self.runtime.is_main and self.step else []
-        faults = self._fault_schedule(self.step)
+        faults = FaultSchedule(self.config.fault, self.runtime.world_size, self.step, cfg.steps)
         try:
             self.runner.module.train()
             while self.step < cfg.steps:
                 records.append(self.run_step(logger))
-                self._maybe_inject_fault(faults)
+                faults.maybe_kill(self.step, self.runtime.rank, before_kill=self.checkpoints.wait)
             # The final state, for continuing or resharding later (free when the policy just saved this step).
             self.checkpoints.save(self.step, self.training_state, block=True)
         finally:
@@ -396,38 +369,8 @@ class Trainer:
         if full_model is not None:
             save_run(self.run_dir, full_model, self.config, self.dataset.tokenizer, asdict(result))
             plot_loss_curve(read_metrics(self.run_dir), self.run_dir / "loss_curve.png", reference_nats=entropy)
-            _point_latest(self.run_dir)
+            point_latest(self.run_dir)
         return result
-
-
-def _truncate_metrics(path: Path, last_step: int) -> int:
-    """Drop the records of steps after `last_step` from a metrics.jsonl (atomically); return how many remain."""
-    if not path.exists():
-        return 0
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # the torn last line of a killed writer
-            continue
-        if record.get("step", 0) <= last_step:
-            kept.append(line)
-    if len(kept) != len(lines):
-        atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
-    return len(kept)
-
-
-def _point_latest(run_dir: Path) -> None:
-    """Make <runs>/latest a symlink to the newest finished run (best effort: some filesystems refuse links)."""
-    latest = run_dir.parent / "latest"
-    try:
-        tmp = run_dir.parent / f".latest-{os.getpid()}"
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(run_dir.name)
-        os.replace(tmp, latest)
-    except OSError:
-        pass
 
 
 def train(config: Config) -> TrainResult | None:
