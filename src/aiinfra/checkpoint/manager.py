@@ -36,11 +36,13 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from aiinfra.checkpoint.commit import (
     MANIFEST_FILE,
     CheckpointError,
+    DamagedCheckpointError,
     FaultHook,
     HashingFileSystemWriter,
     VerifyingFileSystemReader,
     check_before_load,
     data_files,
+    describe_failure,
     fault_hook_from_env,
     files_to_verify,
     read_manifest,
@@ -67,17 +69,6 @@ log = logging.getLogger(__name__)
 STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 # We pass no_dist=True on purpose when torch.distributed is not initialized; DCP still warns on every call.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-
-
-def _describe(error: BaseException) -> str:
-    """One line per failing rank instead of DCP's CheckpointException with every rank's traceback."""
-    if isinstance(error, CheckpointException):
-        return "; ".join(f"rank {rank}: {failure[0]}" for rank, failure in sorted(error.failures.items()))
-    return str(error)
-
-
-class DamagedCheckpointError(CheckpointError):
-    """A checkpoint whose files did not match their checksums while it was loaded."""
 
 
 class CheckpointManager:
@@ -245,7 +236,7 @@ class CheckpointManager:
             self._fault("after_manifest", info["step"])
             self._after_commit(path, manifest)
         except (Exception, CheckpointException) as error:
-            raise CheckpointError(f"saving checkpoint {path} failed: {_describe(error)}") from error
+            raise CheckpointError(f"saving checkpoint {path} failed: {describe_failure(error)}") from error
         save_s = time.perf_counter() - started
         self.metrics.saves += 1
         self.metrics.last_step = info["step"]
@@ -463,7 +454,7 @@ class CheckpointManager:
             self._raise_if_damaged(reader, path, manifest)  # damaged bytes can break torch.load before the checksum
             raise CheckpointError(
                 f"checkpoint {path} (world size {saved_world}) does not fit this model/layout "
-                f"(world size {self.world_size}): {_describe(error)}"
+                f"(world size {self.world_size}): {describe_failure(error)}"
             ) from error
         # Every rank checksummed its share while DCP read it; nothing is applied from a damaged checkpoint.
         self._raise_if_damaged(reader, path, manifest)
