@@ -145,6 +145,19 @@ def test_a_damaged_checkpoint_with_nothing_earlier_is_an_error_not_a_fresh_start
         CheckpointManager(tmp_path).load_latest(trained_state(0, seed=5))
 
 
+def test_node_local_checkpoint_round_trips_and_refuses_a_shared_resume(tmp_path: Path):
+    state = trained_state(2)
+    saved, saved_extras = full_state(state), extras(state)
+    CheckpointManager(tmp_path, CheckpointPolicy(async_save=False), storage="local").save(2, state)
+    manifest = json.loads((tmp_path / "step_000000002" / MANIFEST_FILE).read_text())
+    assert manifest["storage"] == "local" and manifest["rank_files"][0].keys() == manifest["files"].keys()
+    restored = trained_state(0, seed=5)
+    assert CheckpointManager(tmp_path, storage="local").load_latest(restored) == 2
+    assert_same(restored, saved, saved_extras)
+    with pytest.raises(CheckpointError, match="saved with checkpoint.storage='local'"):
+        CheckpointManager(tmp_path).load_latest(trained_state(0, seed=5))
+
+
 def test_retention_keeps_last_k_and_drops_torn_leftovers(tmp_path: Path):
     state = trained_state(0)
     manager = CheckpointManager(tmp_path, CheckpointPolicy(every_steps=2, keep_last=3, async_save=True))

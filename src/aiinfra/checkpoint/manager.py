@@ -428,6 +428,10 @@ class CheckpointManager:
         path = Path(path)
         manifest = manifest or read_manifest(path)
         saved_dp, saved_world = manifest["dp_size"], manifest["world_size"]
+        saved_storage, storage = manifest.get("storage", "shared"), "local" if self.local else "shared"
+        if saved_storage != storage:
+            raise CheckpointError(f"checkpoint {path} was saved with checkpoint.storage={saved_storage!r}; this "
+                                  f"run has {storage!r}: resume with the same setting")
         to_load = self._state_dict(state, manifest["step"], for_load=True)
         # RNG streams belong to ranks: restored only when the world is the same shape, else left as seeded.
         same_world = saved_world == self.world_size
