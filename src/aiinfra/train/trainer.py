@@ -15,6 +15,7 @@ import math
 import random
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from aiinfra.checkpoint.manager import CheckpointManager, CheckpointPolicy, Goodput, TrainingState
 from aiinfra.checkpoint.run_dir import point_latest, save_run
 from aiinfra.config import Config, ConfigError
-from aiinfra.data.dataset import default_cache_dir, prepare_dataset, unigram_entropy_nats
+from aiinfra.data.dataset import TokenDataset, default_cache_dir, prepare_dataset, unigram_entropy_nats
 from aiinfra.data.sampler import WindowSampler, eval_batches
 from aiinfra.data.tokenizer import decode, encode
 from aiinfra.distributed.runtime import SilentLogger, make_runtime
@@ -131,17 +132,13 @@ class Trainer:
         self.device = self.runtime.device
 
         cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else default_cache_dir()
-        # Every rank tokenizes a share of the corpus (data/dataset.py); rank 0 fills the peak-FLOP/s cache first.
-        try:
-            self.dataset = prepare_dataset(
-                config.data.corpus, config.model.vocab_size, config.data.val_fraction, cache_dir,
-                rank=self.runtime.rank, world_size=self.runtime.world_size,
-            )
-        except (ValueError, FileNotFoundError) as error:  # CorpusError included: the corpus is the bad input
-            raise ConfigError(f"data.corpus={config.data.corpus!r}: {error}") from None
+        marker = self._check_shared_cache(cache_dir)
+        self.dataset = self._prepare_data(cache_dir)
         self.autocast_dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
-        with self.runtime.main_first():
+        with self.runtime.main_first():  # rank 0 fills the peak-FLOP/s cache; the others read it
             self.peak = device_peak(self.device, self.autocast_dtype or torch.float32, cache_dir)
+        if marker is not None and self.runtime.is_main:  # every rank checked it before that barrier
+            marker.unlink(missing_ok=True)
         tokenizer_vocab = self.dataset.tokenizer.get_vocab_size()
         if tokenizer_vocab > config.model.vocab_size:
             raise ConfigError(f"model.vocab_size={config.model.vocab_size} < the tokenizer's {tokenizer_vocab}")
@@ -194,6 +191,32 @@ class Trainer:
             data=self.sampler,
             extra={"goodput": self.goodput, "counters": self.counters},
         )
+
+    def _check_shared_cache(self, cache_dir: Path) -> Path | None:
+        """Ranks meet in `cache_dir` while they prepare the data, waiting for each other's files with no deadline, so
+        a folder that is not the same on every rank (a node-local home on a cluster) is refused first rather than
+        left to hang. Returns the marker file rank 0 wrote (None on one process); rank 0 deletes it once every rank
+        is past a later barrier."""
+        if self.runtime.world_size == 1:
+            return None
+        marker = cache_dir / f".shared-{self.runtime.share(uuid.uuid4().hex if self.runtime.is_main else None)}"
+        with self.runtime.main_first():
+            if self.runtime.is_main:
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                marker.touch()
+            elif not marker.exists():
+                raise ConfigError(f"data.cache_dir={str(cache_dir)!r} is not the folder rank 0 sees (rank "
+                                  f"{self.runtime.rank}): set data.cache_dir to a folder every rank shares")
+        return marker
+
+    def _prepare_data(self, cache_dir: Path) -> TokenDataset:
+        """Every rank tokenizes a share of the corpus (data/dataset.py)."""
+        data = self.config.data
+        try:
+            return prepare_dataset(data.corpus, self.config.model.vocab_size, data.val_fraction, cache_dir,
+                                   rank=self.runtime.rank, world_size=self.runtime.world_size)
+        except (ValueError, FileNotFoundError) as error:  # CorpusError included: the corpus is the bad input
+            raise ConfigError(f"data.corpus={data.corpus!r}: {error}") from None
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None or self.config.parallel.mixed_precision == "fsdp":
