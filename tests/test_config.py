@@ -59,3 +59,13 @@ def test_config_is_validated_on_assignment() -> None:
     config = Config()
     with pytest.raises(ValueError):
         config.train.steps = 0
+
+
+def test_node_local_checkpoint_settings_are_checked() -> None:
+    assert load_config(None, ["checkpoint.storage=local", "checkpoint.dir=/disk/ckpt-{rank}"]).checkpoint.dir
+    with pytest.raises(ConfigError, match="checkpoint.storage=\"local\""):
+        load_config(None, ["checkpoint.dir=/disk/ckpt-{rank}"])
+    with pytest.raises(ConfigError, match="the only placeholder allowed is {rank}"):
+        load_config(None, ["checkpoint.storage=local", "checkpoint.dir=/disk/{node}"])
+    with pytest.raises(ConfigError, match="checkpoint.storage"):
+        load_config(None, ["checkpoint.storage=nfs"])

@@ -30,8 +30,12 @@ def train_command(
     node_rank: Annotated[int, typer.Option(min=0, help="this node's rank, 0..nnodes-1")] = 0,
     rdzv_endpoint: Annotated[str | None, typer.Option(help="HOST:PORT of the rendezvous, same on every node")] = None,
     max_restarts: Annotated[int, typer.Option(min=0, help="restart all workers this many times on a failure")] = 0,
+    rdzv_id: Annotated[
+        str | None, typer.Option(help="job id at the rendezvous (default: SLURM_JOB_ID, else a hash of the command)")
+    ] = None,
 ) -> None:
     """Train a model; with no arguments, the embedded default on this interpreter's standard library."""
+    from aiinfra.checkpoint.commit import CheckpointError
     from aiinfra.config import load_config
     from aiinfra.distributed.launch import auto_layout, launch_train
     from aiinfra.train import train
@@ -44,10 +48,14 @@ def train_command(
                 nproc, extra = auto_layout(config, overrides)
                 overrides = [*overrides, *extra]
             if nproc > 1 or nnodes > 1 or max_restarts:
-                raise typer.Exit(launch_train(config, overrides, nproc, nnodes, node_rank, rdzv_endpoint, max_restarts))
+                raise typer.Exit(launch_train(config, overrides, nproc, nnodes, node_rank, rdzv_endpoint, max_restarts,
+                                              rdzv_id))
         result = train(load_config(config, overrides))
     except ConfigError as error:
         raise fail(str(error)) from None
+    except CheckpointError as error:  # not a usage mistake (exit 2) but a run that must not go on: one line, exit 1
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
     if result is None:  # a worker other than rank 0: rank 0 reports
         return
     typer.echo(f"\nsample:\n{result.sample}\n")

@@ -29,7 +29,11 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    corpus: str = Field("stdlib", description="'stdlib' (this interpreter's standard library) or a text file/dir")
+    corpus: str = Field(
+        "stdlib",
+        description="'stdlib' (this interpreter's standard library), a text, JSONL ('text' field) or Parquet ('text' "
+        "column) file, or a folder of them",
+    )
     val_fraction: float = Field(0.05, gt=0, lt=1, description="share of documents held out for validation")
     cache_dir: str | None = Field(None, description="where tokenized corpora are cached (default ~/.cache/aiinfra)")
 
@@ -119,6 +123,14 @@ class CheckpointConfig(Section):
     every_seconds: float = Field(0.0, ge=0, description="save when this long has passed since the last save (0: never)")
     keep_last: int = Field(2, ge=0, description="complete checkpoints kept on disk (0: keep all)")
     async_save: bool = Field(True, description="write in the background; only the copy to CPU memory blocks training")
+    storage: Literal["shared", "local"] = Field(
+        "shared",
+        description="'shared': every rank sees every file (reshardable); 'local': node-local disks, each rank saves, "
+        "verifies and loads its own files (same layout to resume)",
+    )
+    dir: str | None = Field(
+        None, description="checkpoint directory (default <run.dir>/checkpoints); '{rank}' becomes the global rank"
+    )
 
 
 class FaultConfig(Section):
@@ -159,7 +171,21 @@ class Config(Section):
         if self.fault.kill_step > self.train.steps:
             raise ValueError(f"fault.kill_step={self.fault.kill_step} is past train.steps={self.train.steps}")
         self._check_parallel()
+        self._check_checkpoint()
         return self
+
+    def _check_checkpoint(self) -> None:
+        ckpt = self.checkpoint
+        if ckpt.dir is None:
+            return
+        try:
+            ckpt.dir.format(rank=0)
+        except (KeyError, IndexError, ValueError):
+            raise ValueError(f"checkpoint.dir={ckpt.dir!r}: the only placeholder allowed is {{rank}}") from None
+        if "{rank}" in ckpt.dir and ckpt.storage == "shared":
+            raise ValueError(
+                f"checkpoint.dir={ckpt.dir!r} gives each rank a directory of its own: set checkpoint.storage=\"local\""
+            )
 
     def _check_parallel(self) -> None:
         par, model, train = self.parallel, self.model, self.train
@@ -171,6 +197,14 @@ class Config(Section):
                 raise ValueError(f"parallel.tp={par.tp} must divide train.seq_len={train.seq_len} (sequence parallel)")
             if model.position == "learned" or model.is_moe:
                 raise ValueError(f"parallel.tp={par.tp}: tensor parallel supports dense rope models only")
+            if par.dp_replicate > 1 and par.dp_shard == 1 and par.mixed_precision != "fsdp":
+                # DDP over DTensor parameters is not supported by torch (torchtitan refuses it too); FSDP's
+                # replicate-and-shard mesh is the way to add replicas to a tensor-parallel model.
+                raise ValueError(
+                    f"parallel.dp_replicate={par.dp_replicate} with parallel.tp={par.tp}: DDP over a tensor-parallel "
+                    "model is not supported; use parallel.dp_shard (FSDP x TP) or dp_replicate with dp_shard > 1 "
+                    "(HSDP x TP)"
+                )
             if train.compile:
                 # torch 2.13 CPU: the compiled block's backward hands DTensor redistribution a plain tensor.
                 raise ValueError(f"parallel.tp={par.tp} with train.compile=true is not supported yet")

@@ -87,9 +87,9 @@ def data_file(checkpoint: Path) -> Path:
 @pytest.mark.parametrize(
     ("damage", "reported"),
     [
-        (lambda ckpt: corrupt_flip_byte(data_file(ckpt)), "sha256"),
+        (lambda ckpt: corrupt_flip_byte(data_file(ckpt)), "xxh3_128"),
         (lambda ckpt: corrupt_truncate(data_file(ckpt)), "truncated"),
-        (lambda ckpt: corrupt_flip_byte(ckpt / ".metadata"), "sha256"),
+        (lambda ckpt: corrupt_flip_byte(ckpt / ".metadata"), "xxh3_128"),
         (lambda ckpt: data_file(ckpt).unlink(), "missing file"),
         (lambda ckpt: (ckpt / MANIFEST_FILE).write_text('{"format": "aiinfra-checkpoint/1", "fil'), "corrupted"),
     ],
@@ -111,6 +111,51 @@ def test_damaged_checkpoint_is_reported_and_previous_used(tmp_path: Path, caplog
     lines = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
     assert len(lines) == 1
     assert "step_000000002" in lines[0] and reported in lines[0] and "falling back" in lines[0]
+
+
+def test_checksums_are_xxh3_and_verified_while_loading_each_data_byte_read_once(tmp_path: Path, monkeypatch):
+    state = trained_state(1)
+    CheckpointManager(tmp_path, CheckpointPolicy(async_save=False)).save(1, state)
+    manifest = json.loads((tmp_path / "step_000000001" / MANIFEST_FILE).read_text())
+    assert manifest["checksum"] == "xxh3_128" and all("xxh3_128" in entry for entry in manifest["files"].values())
+    data_bytes = sum(entry["bytes"] for name, entry in manifest["files"].items() if name.endswith(".distcp"))
+    checksummed = []
+    original = commit._VerifyingReader.finish
+
+    def counting_finish(reader):
+        digest = original(reader)
+        checksummed.append(reader.checksummed)
+        return digest
+
+    monkeypatch.setattr(commit._VerifyingReader, "finish", counting_finish)
+    whole_reads = []
+    original_checksum_file = commit.checksum_file
+    monkeypatch.setattr(commit, "checksum_file", lambda path, *args: (whole_reads.append(path.name),
+                                                                      original_checksum_file(path, *args))[1])
+    assert CheckpointManager(tmp_path).load_latest(trained_state(0, seed=5)) == 1
+    assert sum(checksummed) == data_bytes  # every data byte checksummed once, while DCP read it
+    assert whole_reads == [".metadata"]  # the only file read whole before loading
+
+
+def test_a_damaged_checkpoint_with_nothing_earlier_is_an_error_not_a_fresh_start(tmp_path: Path):
+    state = trained_state(1)
+    CheckpointManager(tmp_path, CheckpointPolicy(async_save=False)).save(1, state)
+    corrupt_flip_byte(data_file(tmp_path / "step_000000001"))
+    with pytest.raises(CheckpointError, match="step_000000001 is damaged and no earlier one is usable"):
+        CheckpointManager(tmp_path).load_latest(trained_state(0, seed=5))
+
+
+def test_node_local_checkpoint_round_trips_and_refuses_a_shared_resume(tmp_path: Path):
+    state = trained_state(2)
+    saved, saved_extras = full_state(state), extras(state)
+    CheckpointManager(tmp_path, CheckpointPolicy(async_save=False), storage="local").save(2, state)
+    manifest = json.loads((tmp_path / "step_000000002" / MANIFEST_FILE).read_text())
+    assert manifest["storage"] == "local" and manifest["rank_files"][0].keys() == manifest["files"].keys()
+    restored = trained_state(0, seed=5)
+    assert CheckpointManager(tmp_path, storage="local").load_latest(restored) == 2
+    assert_same(restored, saved, saved_extras)
+    with pytest.raises(CheckpointError, match="saved with checkpoint.storage='local'"):
+        CheckpointManager(tmp_path).load_latest(trained_state(0, seed=5))
 
 
 def test_retention_keeps_last_k_and_drops_torn_leftovers(tmp_path: Path):

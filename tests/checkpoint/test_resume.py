@@ -143,3 +143,35 @@ def test_single_process_run_killed_then_started_again_resumes_bitwise(config_fil
     train(load_config(config_file, [f"run.dir={killed_dir}"]))
     train(load_config(config_file, [f"run.dir={tmp_path / 'uninterrupted'}"]))
     assert_same_run(killed_dir, tmp_path / "uninterrupted")
+
+
+def test_node_local_checkpoints_resume_bitwise_and_a_missing_rank_file_is_an_error(
+    config_file: Path, tmp_path: Path
+) -> None:
+    """checkpoint.storage=local with a directory per rank (no rank sees the other's files): FSDP on 2 processes,
+    SIGKILL at step 5, torchrun restarts, the run resumes from step 3 bitwise. Then a run killed with no restart
+    left, whose rank 1 loses its data file: the next start names rank 1 and the file and exits non-zero."""
+    def local(name: str) -> list[str]:
+        return ["parallel.dp_shard=2", "train.micro_batch=4", f"run.dir={tmp_path / name}",
+                "checkpoint.storage=local", f"checkpoint.dir={tmp_path / name}-disk{{rank}}"]
+
+    outputs = []
+    for name, extra, restarts in [
+        ("uninterrupted", [], 1),
+        ("killed", ["fault.kill_rank=1", f"fault.kill_step={KILL_STEP}"], 1),
+        ("damaged", ["fault.kill_rank=1", f"fault.kill_step={KILL_STEP}"], 0),
+    ]:
+        job = launch(config_file, [*local(name), *extra], max_restarts=restarts)
+        outputs.append((job.communicate(timeout=240)[0], job.returncode))
+    assert [code for _, code in outputs] == [0, 0, 1], "\n".join(out[-3000:] for out, _ in outputs)
+    assert f"resumed {tmp_path / 'killed'} at step {EVERY}" in outputs[1][0], outputs[1][0][-4000:]
+    assert not (tmp_path / "killed" / "checkpoints").exists()  # every file went to the per-rank directories
+    assert_same_run(tmp_path / "killed", tmp_path / "uninterrupted")
+
+    lost = tmp_path / "damaged-disk1" / f"step_{EVERY:09d}" / "__0_0.distcp"
+    lost.unlink()
+    job = launch(config_file, local("damaged"), max_restarts=0)
+    output = job.communicate(timeout=240)[0]
+    assert job.returncode != 0, output[-4000:]
+    assert "rank 1: missing file __0_0.distcp" in output and str(lost.parent) in output, output[-4000:]
+    assert "step 1/" not in output  # no quiet fresh start

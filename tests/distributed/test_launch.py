@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -72,3 +73,16 @@ def test_bad_launch_settings_name_the_option() -> None:
         torchrun_command(2, nnodes=2)
     with pytest.raises(ConfigError, match="--node-rank=2"):
         torchrun_command(2, nnodes=2, node_rank=2, rdzv_endpoint="h:1")
+
+
+def test_ranks_that_do_not_share_the_data_cache_are_refused_not_left_waiting(
+    small_corpus: Path, tmp_path: Path
+) -> None:
+    worker = Path(__file__).with_name("cache_worker.py")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(worker),
+         str(tmp_path), str(small_corpus)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode != 0
+    assert "is not the folder rank 0 sees (rank 1)" in result.stderr, result.stderr[-3000:]

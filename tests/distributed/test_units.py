@@ -6,9 +6,11 @@ import pytest
 
 from aiinfra.config import ConfigError, load_config
 from aiinfra.distributed.comm_bench import bus_factor, message_sizes
+from aiinfra.distributed.launch import rendezvous_id, torchrun_command
 from aiinfra.distributed.layout import ParallelLayout
 from aiinfra.distributed.measure import is_comm_event, stragglers, union_seconds
 from aiinfra.distributed.pipeline import split_layers
+from aiinfra.train.faults import FaultSchedule
 
 
 def test_layout_must_multiply_to_the_world_size() -> None:
@@ -28,6 +30,7 @@ def test_layout_must_multiply_to_the_world_size() -> None:
         (["parallel.pp=2", "model.tie_embeddings=false", "parallel.microbatches=3"], "must divide train.micro_batch"),
         (["parallel.cpu_offload=true"], "needs parallel.dp_shard > 1"),
         (["parallel.tp=2", "train.compile=true"], "not supported yet"),
+        (["parallel.tp=2", "parallel.dp_replicate=2"], "DDP over a tensor-parallel model is not supported"),
         (["parallel.pp_schedule=zb"], "parallel.pp_schedule"),
     ],
 )
@@ -76,3 +79,27 @@ def test_auto_layout_keeps_the_global_batch(monkeypatch) -> None:
     )
     assert launch.auto_layout(None, ["train.micro_batch=15"]) == (1, [])
     assert launch.auto_layout(None, ["parallel.tp=2"]) == (2, [])
+
+
+def test_each_job_gets_its_own_rendezvous_id(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    config = tmp_path / "job.toml"
+    config.write_text("[train]\nsteps = 10\n")
+    first = rendezvous_id(config, ["run.dir=runs/a"])
+    assert first == rendezvous_id(config, ["run.dir=runs/a"])  # every node of one job agrees
+    assert first != rendezvous_id(config, ["run.dir=runs/b"]) != rendezvous_id(None, ["run.dir=runs/a"])
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert rendezvous_id(config, []) == "aiinfra-slurm-4242"
+    command = torchrun_command(2, nnodes=2, rdzv_endpoint="h:1", rdzv_id=first)
+    assert f"--rdzv-id={first}" in command
+
+
+def test_fault_schedule_is_the_same_draw_on_every_rank(monkeypatch) -> None:
+    fault = load_config(None, ["fault.random_kills=2", "fault.random_seed=11", "train.steps=8"]).fault
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert FaultSchedule(fault, 2, 3, 8).kills == FaultSchedule(fault, 2, 3, 8).kills
+    assert len(FaultSchedule(fault, 2, 3, 8).kills) == 1
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+    assert FaultSchedule(fault, 2, 6, 8).kills == []  # attempts past fault.random_kills run clean
+    with pytest.raises(ConfigError, match="fault.kill_rank=3: expected a rank below the world size 2"):
+        FaultSchedule(load_config(None, ["fault.kill_step=1", "fault.kill_rank=3"]).fault, 2, 0, 300)

@@ -14,9 +14,9 @@ _LAZY = {
     "CheckpointManager": "aiinfra.checkpoint.manager",
     "CheckpointMetrics": "aiinfra.checkpoint.manager",
     "CheckpointPolicy": "aiinfra.checkpoint.manager",
-    "Goodput": "aiinfra.checkpoint.manager",
-    "TrainingState": "aiinfra.checkpoint.manager",
-    "effective_training_time_ratio": "aiinfra.checkpoint.manager",
+    "Goodput": "aiinfra.checkpoint.goodput",
+    "TrainingState": "aiinfra.checkpoint.state",
+    "effective_training_time_ratio": "aiinfra.checkpoint.goodput",
     "list_checkpoints": "aiinfra.checkpoint.manager",
     "export_hf": "aiinfra.checkpoint.export",
 }

@@ -5,8 +5,8 @@
     <checkpoint_dir>/step_000000100/manifest.json      ours, written last: the commit record (see commit.py)
 
 A checkpoint holds the model and optimizer (through `get_state_dict`, so plain, DDP, FSDP2 and TP modules all
-work and DCP reshards on load), the LR scheduler, the step, the RNG states of every rank and the data position of
-every data-parallel rank. The trainer calls, on every rank:
+work and DCP reshards on load; see `storage` for node-local disks), the LR scheduler, the step, the RNG states of
+every rank and the data position of every data-parallel rank. The trainer calls, on every rank:
 
     manager = CheckpointManager(run_dir / "checkpoints", CheckpointPolicy(every_steps=100, keep_last=3))
     state = TrainingState(model, optimizer, lr_scheduler, data=sampler, extra={"goodput": goodput})
@@ -20,176 +20,55 @@ every data-parallel rank. The trainer calls, on every rank:
 from __future__ import annotations
 
 import logging
-import random
 import shutil
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from aiinfra.checkpoint.commit import (
     MANIFEST_FILE,
     CheckpointError,
+    DamagedCheckpointError,
     FaultHook,
     HashingFileSystemWriter,
+    VerifyingFileSystemReader,
+    check_before_load,
+    data_files,
+    describe_failure,
     fault_hook_from_env,
+    files_to_verify,
     read_manifest,
-    verify_files,
     write_manifest,
+    write_manifest_copy,
 )
+from aiinfra.checkpoint.directories import (
+    RETIRED_PREFIX,
+    checkpoint_name,
+    delete_all,
+    list_checkpoints,
+    remove_checkpoint,
+    retire_checkpoint,
+)
+from aiinfra.checkpoint.goodput import Goodput, effective_training_time_ratio
+from aiinfra.checkpoint.policy import CheckpointMetrics, CheckpointPolicy
 from aiinfra.checkpoint.staging import ReusedBufferStager
+from aiinfra.checkpoint.state import Stateful, TrainingState, local_shards, rng_state, set_rng_state, take_loaded_values
 
 log = logging.getLogger(__name__)
-STEP_PREFIX = "step_"
-RETIRED_PREFIX = ".retired-"
 # Optimizer state keyed by parameter name ("param_groups.<fqn>.lr"), not by group index: pipeline ranks hold
 # different parameters, and index-keyed param groups saved under the same key on every rank are deduplicated by DCP
 # (one rank's groups, naming its parameters, came back on all: AdamW then lost "betas" on the others).
 STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 # We pass no_dist=True on purpose when torch.distributed is not initialized; DCP still warns on every call.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-
-
-class Stateful(Protocol):
-    """Anything with state_dict/load_state_dict (a sampler, a trainer's counters)."""
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-@dataclass
-class CheckpointPolicy:
-    """When to save and what to keep."""
-
-    every_steps: int = 0
-    """save when step % every_steps == 0 (0: never by step count)"""
-    every_seconds: float = 0.0
-    """save when this long has passed since the last save (0: never by time); rank 0's clock decides for all"""
-    keep_last: int = 3
-    """complete checkpoints kept on disk (older ones are deleted once a newer one commits); 0 keeps all"""
-    async_save: bool = True
-    """write in a background thread: only the copy of the state to CPU memory blocks training"""
-    writer_threads: int = 2
-    """files written in parallel per rank (one thread's hashing and serialization overlap another's disk writes)"""
-
-
-@dataclass
-class TrainingState:
-    """Everything a checkpoint captures. `model` may be a list of modules (pipeline stages on this rank)."""
-
-    model: nn.Module | list[nn.Module]
-    optimizer: torch.optim.Optimizer | None = None
-    lr_scheduler: Stateful | None = None
-    data: Stateful | None = None
-    """this rank's data position, saved once per data-parallel rank"""
-    extra: dict[str, Stateful] = field(default_factory=dict)
-    """other global state, the same on every rank (e.g. the trainer's token counter)"""
-
-
-@dataclass
-class CheckpointMetrics:
-    """What checkpointing cost so far, for the trainer's metrics line."""
-
-    saves: int = 0
-    last_step: int | None = None
-    last_blocking_s: float = 0.0
-    last_save_s: float = 0.0
-    last_bytes: int = 0
-    total_blocking_s: float = 0.0
-    total_save_s: float = 0.0
-    total_bytes: int = 0
-    load_s: float = 0.0
-
-    def as_dict(self) -> dict[str, float | int | None]:
-        """Flat metric names for metrics.jsonl."""
-        return {
-            "checkpoint_saves": self.saves,
-            "checkpoint_last_step": self.last_step,
-            "checkpoint_blocking_s": self.last_blocking_s,
-            "checkpoint_save_s": self.last_save_s,
-            "checkpoint_bytes": self.last_bytes,
-            "checkpoint_blocking_s_total": self.total_blocking_s,
-            "checkpoint_save_s_total": self.total_save_s,
-            "checkpoint_bytes_total": self.total_bytes,
-            "checkpoint_load_s": self.load_s,
-        }
-
-
-def checkpoint_name(step: int) -> str:
-    """The directory name of the checkpoint of `step` (zero-padded so names sort by step)."""
-    return f"{STEP_PREFIX}{step:09d}"
-
-
-def list_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
-    """(step, path) of every checkpoint directory, complete or not, oldest first."""
-    found = []
-    for path in Path(checkpoint_dir).glob(f"{STEP_PREFIX}*"):
-        suffix = path.name.removeprefix(STEP_PREFIX)
-        if path.is_dir() and suffix.isdigit():
-            found.append((int(suffix), path))
-    return sorted(found)
-
-
-def _remove_checkpoint(path: Path) -> None:
-    # Decommit first: a crash halfway through the deletion must leave a directory that reads as incomplete.
-    (path / MANIFEST_FILE).unlink(missing_ok=True)
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _retire_checkpoint(path: Path) -> Path | None:
-    """Decommit a checkpoint and move it out of the way (two metadata operations); the caller deletes the returned
-    directory at leisure. Freeing a few hundred MB of extents takes a tenth of a second that no save should wait for.
-    Where the file system cannot rename a directory (some object-store mounts), it is deleted here instead (None).
-    """
-    (path / MANIFEST_FILE).unlink(missing_ok=True)
-    retired = path.with_name(f"{RETIRED_PREFIX}{path.name}")
-    shutil.rmtree(retired, ignore_errors=True)
-    try:
-        path.rename(retired)
-    except OSError:
-        _remove_checkpoint(path)
-        return None
-    return retired
-
-
-def _delete_all(paths: list[Path]) -> None:
-    for path in paths:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _describe(error: BaseException) -> str:
-    """One line per failing rank instead of DCP's CheckpointException with every rank's traceback."""
-    if isinstance(error, CheckpointException):
-        return "; ".join(f"rank {rank}: {failure[0]}" for rank, failure in sorted(error.failures.items()))
-    return str(error)
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
-    state["python"] = random.getstate()
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 class CheckpointManager:
@@ -204,8 +83,15 @@ class CheckpointManager:
         dp_size: int | None = None,
         fault_hook: FaultHook | None = None,
         timeout_s: float | None = None,
+        storage: str = "shared",
     ):
+        """`storage` is 'shared' (every rank sees every file: one DCP checkpoint, reshardable) or 'local' (each rank
+        sees only its own `checkpoint_dir`, a node-local disk: each rank saves, verifies and loads a checkpoint of
+        its own shards; rank 0 commits once every rank has reported its files; the same layout resumes)."""
+        if storage not in ("shared", "local"):
+            raise ValueError(f"storage={storage!r}: expected 'shared' or 'local'")
         self.checkpoint_dir = Path(checkpoint_dir)
+        self.local = storage == "local"
         self.policy = policy or CheckpointPolicy()
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
@@ -228,10 +114,15 @@ class CheckpointManager:
         self._pending: Future | None = None
         self._last_save_time = time.monotonic()
         self._last_saved_step: int | None = None
-        if self.rank == 0:
+        if self._owns_dir:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             for leftover in self.checkpoint_dir.glob(f"{RETIRED_PREFIX}*"):  # retired before a crash
                 shutil.rmtree(leftover, ignore_errors=True)
+
+    @property
+    def _owns_dir(self) -> bool:
+        """Whether this rank creates, replaces and retires checkpoint directories (rank 0 on shared storage)."""
+        return self.local or self.rank == 0
 
     # ----- saving -----
 
@@ -263,23 +154,29 @@ class CheckpointManager:
         if step == self._last_saved_step:
             return
         path = self.checkpoint_dir / checkpoint_name(step)
-        if self.rank == 0 and path.exists():
+        if self._owns_dir and path.exists():
             # A torn (or superseded) attempt at the same step, from before a restart: it is rewritten whole.
             log.warning("checkpoint %s exists from an earlier attempt: replacing it", path)
-            _remove_checkpoint(path)
+            remove_checkpoint(path)
         self._barrier()
         state_dict = self._state_dict(state, step)
         writer = HashingFileSystemWriter(path, lambda phase: self._fault(phase, step), self.policy.writer_threads)
-        info = {"step": step, "world_size": self.world_size, "dp_size": self.dp_size}
+        info = {
+            "step": step, "world_size": self.world_size, "dp_size": self.dp_size,
+            "storage": "local" if self.local else "shared",
+        }
+        # Node-local: each rank's own DCP checkpoint of its local shards (no collective, no file of another rank).
+        group, no_dist = (None, True) if self.local else (self._writer_group, not self.distributed)
+        if self.local:
+            state_dict = local_shards(state_dict)
         use_async = self.policy.async_save if block is None else not block
         if use_async:
             dcp_future = dcp.async_save(
-                state_dict, storage_writer=writer, process_group=self._writer_group, no_dist=not self.distributed,
-                async_stager=self._stager,
+                state_dict, storage_writer=writer, process_group=group, no_dist=no_dist, async_stager=self._stager
             )
             self._pending = self._executor.submit(self._commit, dcp_future, writer, path, info, started)
         else:
-            dcp.save(state_dict, storage_writer=writer, process_group=self._writer_group, no_dist=not self.distributed)
+            dcp.save(state_dict, storage_writer=writer, process_group=group, no_dist=no_dist)
             self._commit(None, writer, path, info, started)
         blocking_s = time.perf_counter() - started
         self.metrics.last_blocking_s = blocking_s
@@ -321,24 +218,25 @@ class CheckpointManager:
         try:
             if dcp_future is not None:
                 dcp_future.result()
-            files = writer.fs.files
+            # Every rank reports the sizes and checksums of the files it wrote; rank 0 commits once all have.
+            rank_files: list[dict] = [writer.fs.files]
             if self.distributed:
-                gathered: list[dict] = [{} for _ in range(self.world_size)]
-                dist.all_gather_object(gathered, files, group=self._writer_group)
-                files = {name: entry for rank_files in gathered for name, entry in rank_files.items()}
-            total_bytes = sum(entry["bytes"] for entry in files.values())
+                rank_files = [{} for _ in range(self.world_size)]
+                dist.all_gather_object(rank_files, writer.fs.files, group=self._writer_group)
+            files = {name: entry for files_of_rank in rank_files for name, entry in files_of_rank.items()}
+            total_bytes = sum(entry["bytes"] for files_of_rank in rank_files for entry in files_of_rank.values())
             self._fault("before_manifest", info["step"])
+            manifest = None
             if self.rank == 0:
-                write_manifest(path, files, {**info, "created_unix_s": time.time()})
+                info = {**info, "created_unix_s": time.time()}
+                if self.local:
+                    manifest = write_manifest(path, rank_files[0], {**info, "rank_files": rank_files})
+                else:
+                    manifest = write_manifest(path, files, info)
             self._fault("after_manifest", info["step"])
-            if self.rank == 0:
-                try:
-                    self._apply_retention()
-                except OSError as error:  # the checkpoint is committed; failing to drop an old one must not fail it
-                    log.warning("checkpoint retention in %s failed (old checkpoints kept): %s", self.checkpoint_dir,
-                                error)
+            self._after_commit(path, manifest)
         except (Exception, CheckpointException) as error:
-            raise CheckpointError(f"saving checkpoint {path} failed: {_describe(error)}") from error
+            raise CheckpointError(f"saving checkpoint {path} failed: {describe_failure(error)}") from error
         save_s = time.perf_counter() - started
         self.metrics.saves += 1
         self.metrics.last_step = info["step"]
@@ -351,22 +249,44 @@ class CheckpointManager:
         if self.fault_hook is not None:
             self.fault_hook(phase, step)
 
-    def _apply_retention(self) -> None:
-        """Keep the newest `keep_last` complete checkpoints; drop older ones and torn leftovers older than them."""
-        checkpoints = list_checkpoints(self.checkpoint_dir)
-        complete = [(step, path) for step, path in checkpoints if (path / MANIFEST_FILE).is_file()]
-        if not complete:
+    def _after_commit(self, path: Path, manifest: dict[str, Any] | None) -> None:
+        """Retention, and on node-local storage a copy of rank 0's manifest beside every rank's files (the record
+        that lets a later resume tell a lost checkpoint from a torn one)."""
+        complete_steps = None
+        if self.rank == 0:
+            complete_steps = self._committed_steps()
+        if self.local and self.distributed:
+            box = [manifest, complete_steps]
+            dist.broadcast_object_list(box, src=0, group=self._writer_group)
+            manifest, complete_steps = box
+            if self.rank != 0:
+                write_manifest_copy(path, manifest)
+        if complete_steps is None:
             return
-        kept = complete[-self.policy.keep_last :] if self.policy.keep_last else complete
-        oldest_kept = kept[0][0]
+        try:
+            self._apply_retention(complete_steps)
+        except OSError as error:  # the checkpoint is committed; failing to drop an old one must not fail it
+            log.warning("checkpoint retention in %s failed (old checkpoints kept): %s", self.checkpoint_dir, error)
+
+    def _committed_steps(self) -> list[int]:
+        """Steps of this rank's checkpoint directories that hold a manifest, oldest first."""
+        return [step for step, path in list_checkpoints(self.checkpoint_dir) if (path / MANIFEST_FILE).is_file()]
+
+    def _apply_retention(self, complete_steps: list[int]) -> None:
+        """Keep the newest `keep_last` complete checkpoints (as rank 0 sees them); drop older ones and torn
+        leftovers older than them from this rank's directory."""
+        if not complete_steps:
+            return
+        kept = complete_steps[-self.policy.keep_last :] if self.policy.keep_last else complete_steps
+        oldest_kept, newest = kept[0], complete_steps[-1]
         retired = [
             moved
-            for step, path in checkpoints
-            if step < oldest_kept or (step < complete[-1][0] and (step, path) not in complete)
-            if (moved := _retire_checkpoint(path)) is not None
+            for step, path in list_checkpoints(self.checkpoint_dir)
+            if step < oldest_kept or (step < newest and step not in complete_steps)
+            if (moved := retire_checkpoint(path)) is not None
         ]
         if retired:  # one cleanup thread: waiting for the latest deletion waits for all earlier ones
-            self._cleanup = self._cleaner.submit(_delete_all, retired)
+            self._cleanup = self._cleaner.submit(delete_all, retired)
 
     def _barrier(self) -> None:
         if self.distributed:
@@ -387,7 +307,7 @@ class CheckpointManager:
         for name, stateful in state.extra.items():
             result[f"extra.{name}"] = stateful.state_dict()
         if not for_load:
-            result[f"rng.rank{self.rank}"] = _rng_state()
+            result[f"rng.rank{self.rank}"] = rng_state()
             if state.data is not None:
                 result[f"data.dp{self.dp_rank}"] = state.data.state_dict()
         return result
@@ -397,32 +317,101 @@ class CheckpointManager:
     def load_latest(self, state: TrainingState) -> int | None:
         """Load the newest checkpoint that verifies into `state` and return its step; None if there is none.
 
-        A torn or corrupted checkpoint is reported in one warning line and the previous one is tried.
+        A torn or corrupted checkpoint is reported in one warning line and the previous one is tried; checksums are
+        verified while the checkpoint loads, so when no earlier one is left after a damaged one was partly loaded,
+        that is an error rather than a start from step 0 with a half-loaded state.
         """
         self.wait()
+        if self.local:
+            return self._load_latest_local(state)
         candidates = list_checkpoints(self.checkpoint_dir) if self.rank == 0 else []
         if self.distributed:
             box = [candidates]
             dist.broadcast_object_list(box, src=0, group=self._main_group)
             candidates = box[0]
+        partly_loaded = None
         for step, path in reversed(candidates):
-            manifest, problem = self._verify(path)
-            if problem is not None:
-                if self.rank == 0:
-                    log.warning("checkpoint %s is unusable (%s): falling back to an earlier one", path, problem)
-                continue
-            self.load(path, state, manifest)
-            return step
+            manifest, problem = self._check(path)
+            if problem is None:
+                try:
+                    self.load(path, state, manifest)
+                    return step
+                except DamagedCheckpointError as error:
+                    problem, partly_loaded = str(error), path
+            if self.rank == 0:
+                log.warning("checkpoint %s is unusable (%s): falling back to an earlier one", path, problem)
+        if partly_loaded is not None:
+            raise CheckpointError(f"checkpoint {partly_loaded} is damaged and no earlier one is usable")
         return None
 
-    def _verify(self, path: Path) -> tuple[dict[str, Any] | None, str | None]:
-        """Every rank checks a share of the files; all ranks return the same verdict (the first problem found)."""
+    def _load_latest_local(self, state: TrainingState) -> int | None:
+        """Node-local storage: rank 0's newest committed checkpoint, loaded by every rank from its own files.
+
+        Never a silent fresh start: a checkpoint committed (by rank 0's manifest, or its copy on another rank) that
+        is missing or damaged on some rank raises a CheckpointError naming the rank and the file.
+        """
+        committed = self._committed_steps()
+        everyone = [(str(self.checkpoint_dir), committed)]
+        if self.distributed:
+            everyone = [None] * self.world_size
+            dist.all_gather_object(everyone, (str(self.checkpoint_dir), committed), group=self._main_group)
+        newest = max(everyone[0][1], default=None)
+        for rank, (directory, steps) in enumerate(everyone):
+            if steps and (newest is None or steps[-1] > newest):
+                raise CheckpointError(
+                    f"node-local checkpoint {checkpoint_name(steps[-1])} was committed (rank {rank} holds it in "
+                    f"{directory}) but rank 0 has no {checkpoint_name(steps[-1])}/{MANIFEST_FILE} in "
+                    f"{everyone[0][0]}: rank 0's checkpoint files are missing"
+                )
+        if newest is None:
+            return None
+        path = self.checkpoint_dir / checkpoint_name(newest)
+        box = [read_manifest(path) if self.rank == 0 else None]
+        if self.distributed:
+            dist.broadcast_object_list(box, src=0, group=self._main_group)
+        manifest = box[0]
+        problem = None
+        if manifest["world_size"] != self.world_size:
+            problem = (f"saved on {manifest['world_size']} ranks, this job has {self.world_size}: node-local "
+                       "checkpoints resume on the same layout (use shared storage to reshard)")
+        else:
+            try:
+                check_before_load(path, files_to_verify(manifest, self.rank, self.world_size), manifest["checksum"])
+            except CheckpointError as error:
+                problem = f"{error} in {path}"
+        failed = self._gather_problems(problem)
+        if failed:
+            raise CheckpointError(f"node-local checkpoint {checkpoint_name(newest)} is unusable: {failed}")
+        try:
+            self.load(path, state, manifest)
+        except DamagedCheckpointError as error:  # no earlier checkpoint is tried: the state is partly loaded
+            raise CheckpointError(f"node-local {error}") from None
+        return newest
+
+    def _raise_if_damaged(self, reader: VerifyingFileSystemReader, path: Path, manifest: dict[str, Any]) -> None:
+        """A DamagedCheckpointError on every rank if any rank's share failed its checksum (a collective)."""
+        problems = reader.fs.verify_rest(path)
+        damage = self._gather_problems("; ".join(f"{problem} in {path}" for problem in problems) or None)
+        if damage:
+            raise DamagedCheckpointError(f"checkpoint {checkpoint_name(int(manifest['step']))} is damaged: {damage}")
+
+    def _gather_problems(self, problem: str | None) -> str | None:
+        """Every rank's problem (None: none), as one line naming the ranks; None if no rank has one."""
+        problems = [problem]
+        if self.distributed:
+            problems = [None] * self.world_size
+            dist.all_gather_object(problems, problem, group=self._main_group)
+        failed = [f"rank {rank}: {p}" for rank, p in enumerate(problems) if p is not None]
+        return "; ".join(failed) or None
+
+    def _check(self, path: Path) -> tuple[dict[str, Any] | None, str | None]:
+        """The manifest, and the first problem any rank found in it or in the presence and sizes of its share of
+        the files (None if none); the same verdict on every rank. Checksums are verified while loading."""
         problem: str | None = None
         manifest: dict[str, Any] | None = None
         try:
             manifest = read_manifest(path)
-            names = sorted(manifest["files"])
-            verify_files(path, manifest, names[self.rank :: self.world_size])
+            check_before_load(path, files_to_verify(manifest, self.rank, self.world_size), manifest["checksum"])
         except CheckpointError as error:
             problem = str(error)
         except OSError as error:
@@ -439,24 +428,40 @@ class CheckpointManager:
         path = Path(path)
         manifest = manifest or read_manifest(path)
         saved_dp, saved_world = manifest["dp_size"], manifest["world_size"]
+        saved_storage, storage = manifest.get("storage", "shared"), "local" if self.local else "shared"
+        if saved_storage != storage:
+            raise CheckpointError(f"checkpoint {path} was saved with checkpoint.storage={saved_storage!r}; this "
+                                  f"run has {storage!r}: resume with the same setting")
         to_load = self._state_dict(state, manifest["step"], for_load=True)
         # RNG streams belong to ranks: restored only when the world is the same shape, else left as seeded.
         same_world = saved_world == self.world_size
         if same_world:
-            to_load[f"rng.rank{self.rank}"] = _rng_state()
+            to_load[f"rng.rank{self.rank}"] = rng_state()
         if state.data is not None:
             # The data position must be exact; with another data-parallel size it carries over only if every saved
             # data-parallel rank was at the same position (true of WindowSampler, which tracks the global batch).
             dp_keys = [self.dp_rank] if saved_dp == self.dp_size else list(range(saved_dp))
             for dp in dp_keys:
                 to_load[f"data.dp{dp}"] = state.data.state_dict()
+        mine = data_files(files_to_verify(manifest, self.rank, self.world_size))
+        reader = VerifyingFileSystemReader(path, mine, manifest["checksum"])
         try:
-            dcp.load(to_load, checkpoint_id=path, process_group=self._main_group, no_dist=not self.distributed)
+            if self.local:
+                if not same_world:
+                    raise CheckpointError(f"node-local, saved on {saved_world} ranks: resume on the same layout")
+                loaded = local_shards(to_load)
+                dcp.load(loaded, storage_reader=reader, no_dist=True)
+                take_loaded_values(to_load, loaded)
+            else:
+                dcp.load(to_load, storage_reader=reader, process_group=self._main_group, no_dist=not self.distributed)
         except (Exception, CheckpointException) as error:
+            self._raise_if_damaged(reader, path, manifest)  # damaged bytes can break torch.load before the checksum
             raise CheckpointError(
                 f"checkpoint {path} (world size {saved_world}) does not fit this model/layout "
-                f"(world size {self.world_size}): {_describe(error)}"
+                f"(world size {self.world_size}): {describe_failure(error)}"
             ) from error
+        # Every rank checksummed its share while DCP read it; nothing is applied from a damaged checkpoint.
+        self._raise_if_damaged(reader, path, manifest)
         optimizers = [state.optimizer] if state.optimizer is not None else []
         set_state_dict(
             state.model,
@@ -478,7 +483,7 @@ class CheckpointManager:
                 )
             state.data.load_state_dict(positions[0])
         if same_world:
-            _set_rng_state(to_load[f"rng.rank{self.rank}"])
+            set_rng_state(to_load[f"rng.rank{self.rank}"])
         elif self.rank == 0:
             log.info("checkpoint %s: saved on %d ranks, loaded on %d; RNG states not restored", path, saved_world,
                      self.world_size)
@@ -487,47 +492,13 @@ class CheckpointManager:
         return int(manifest["step"])
 
 
-def effective_training_time_ratio(productive_s: float, wall_s: float) -> float:
-    """Productive step time over wall time (Llama 3 reports > 0.9): 1.0 means no time lost to checkpoints,
-    restarts, recomputed steps or start-up."""
-    if wall_s <= 0:
-        raise ValueError(f"wall_s={wall_s}: must be > 0")
-    return productive_s / wall_s
-
-
-class Goodput:
-    """Tracks productive training time across restarts; save it in the checkpoint (`TrainingState.extra`).
-
-    Steps lost to a crash are not in the checkpoint, so after a resume they no longer count as productive, while
-    the wall clock keeps running from the job's first start: the ratio falls exactly by the work that was lost.
-    """
-
-    def __init__(self) -> None:
-        self.first_start_unix_s = time.time()
-        self.productive_s = 0.0
-
-    def add_step(self, step_time_s: float) -> None:
-        """Count one finished training step."""
-        self.productive_s += step_time_s
-
-    def ratio(self) -> float:
-        """The effective training time ratio since the job first started."""
-        return effective_training_time_ratio(self.productive_s, max(time.time() - self.first_start_unix_s, 1e-9))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"first_start_unix_s": self.first_start_unix_s, "productive_s": self.productive_s}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.first_start_unix_s = float(state["first_start_unix_s"])
-        self.productive_s = float(state["productive_s"])
-
-
 __all__ = [
     "CheckpointError",
     "CheckpointManager",
     "CheckpointMetrics",
     "CheckpointPolicy",
     "Goodput",
+    "Stateful",
     "TrainingState",
     "checkpoint_name",
     "effective_training_time_ratio",

@@ -53,6 +53,18 @@ def save_run(run_dir: Path, model: Transformer, config: Config, tokenizer: Token
     atomic_write(run_dir / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
 
 
+def point_latest(run_dir: Path) -> None:
+    """Make <runs>/latest a symlink to the newest finished run (best effort: some filesystems refuse links)."""
+    latest = run_dir.parent / "latest"
+    try:
+        tmp = run_dir.parent / f".latest-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(run_dir.name)
+        os.replace(tmp, latest)
+    except OSError:
+        pass
+
+
 @dataclass
 class LoadedRun:
     """A model ready for inference, with its config and tokenizer."""

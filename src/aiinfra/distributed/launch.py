@@ -15,14 +15,40 @@ import subprocess
 import sys
 from pathlib import Path
 
+import xxhash
+
 from aiinfra.config import ConfigError, load_config
 from aiinfra.distributed.layout import ParallelLayout
 
 
+def rendezvous_id(config: Path | None, overrides: list[str]) -> str:
+    """An id the same on every node of one job and different for another job on the same endpoint: the batch
+    scheduler's job id where there is one (SLURM_JOB_ID), else a hash of the config file's content and the
+    overrides, which every node of a job runs alike."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if job_id:
+        return f"aiinfra-slurm-{job_id}"
+    digest = xxhash.xxh3_64()
+    if config is not None:
+        try:
+            digest.update(Path(config).read_bytes())
+        except OSError:
+            raise ConfigError(f"config file {str(config)!r} cannot be read") from None
+    for item in overrides:
+        digest.update(item.encode() + b"\0")
+    return f"aiinfra-{digest.hexdigest()}"
+
+
 def torchrun_command(
-    nproc: int, nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None, max_restarts: int = 0
+    nproc: int,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: str | None = None,
+    max_restarts: int = 0,
+    rdzv_id: str = "aiinfra",
 ) -> list[str]:
-    """The `python -m torch.distributed.run ...` prefix for these launch settings."""
+    """The `python -m torch.distributed.run ...` prefix for these launch settings; `rdzv_id` names the job at a
+    c10d rendezvous endpoint (see `rendezvous_id`)."""
     if nproc < 1 or nnodes < 1:
         raise ConfigError(f"--nproc={nproc} --nnodes={nnodes}: both must be >= 1")
     if not 0 <= node_rank < nnodes:
@@ -37,7 +63,7 @@ def torchrun_command(
             f"--node-rank={node_rank}",
             "--rdzv-backend=c10d",
             f"--rdzv-endpoint={rdzv_endpoint}",
-            "--rdzv-id=aiinfra",
+            f"--rdzv-id={rdzv_id}",
         ]
     else:
         command.append("--standalone")  # one node, a free port chosen by torchrun
@@ -91,11 +117,12 @@ def launch_train(
     node_rank: int = 0,
     rdzv_endpoint: str | None = None,
     max_restarts: int = 0,
+    rdzv_id: str | None = None,
 ) -> int:
     """Run `aiinfra train CONFIG --set ...` in `nproc` workers on this node (of `nnodes`); return the exit status.
 
     The config is checked here first, so a mistake is reported once rather than by every worker. With no
-    parallel degrees set, every process is a data-parallel replica (DDP).
+    parallel degrees set, every process is a data-parallel replica (DDP). `rdzv_id` defaults to `rendezvous_id`.
     """
     world_size = nproc * nnodes
     layout = ParallelLayout.from_config(load_config(config, overrides).parallel)
@@ -106,7 +133,8 @@ def launch_train(
     train_args = ["-m", "aiinfra", "train", *([str(config)] if config else [])]
     for item in overrides:
         train_args += ["--set", item]
-    command = torchrun_command(nproc, nnodes, node_rank, rdzv_endpoint, max_restarts) + train_args
+    rdzv_id = rdzv_id or rendezvous_id(config, overrides)
+    command = torchrun_command(nproc, nnodes, node_rank, rdzv_endpoint, max_restarts, rdzv_id) + train_args
     return subprocess.call(command, env=worker_env(nproc))
 
 
@@ -142,10 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node-rank", type=int, default=0)
     parser.add_argument("--rdzv-endpoint")
     parser.add_argument("--max-restarts", type=int, default=0)
+    parser.add_argument("--rdzv-id")
     args = parser.parse_args(argv)
     try:
         return launch_train(
-            args.config, args.overrides, args.nproc, args.nnodes, args.node_rank, args.rdzv_endpoint, args.max_restarts
+            args.config, args.overrides, args.nproc, args.nnodes, args.node_rank, args.rdzv_endpoint, args.max_restarts,
+            args.rdzv_id,
         )
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from aiinfra.config import Config
+from aiinfra.distributed.materialize import is_meta, materialize
 
 # Selective checkpointing keeps the outputs of these (the expensive ops) and recomputes the cheap ones around
 # them (norms, activations, rotary, residual adds): most of the memory saving of full recomputation for a
@@ -44,11 +45,13 @@ def _save_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def parallelize(model: nn.Module, mesh: DeviceMesh | None, config: Config) -> nn.Module:
+def parallelize(model: nn.Module, mesh: DeviceMesh | None, config: Config, device: torch.device) -> nn.Module:
     """Apply the layout of `config.parallel` to `model` (in place where the APIs allow); return the module to run.
 
     `mesh` is None for a single process: only checkpointing and compile apply then. A pipeline stage is a
-    `Transformer` with some parts set to None, and is parallelized the same way.
+    `Transformer` with some parts set to None, and is parallelized the same way. A model built on the meta device
+    is materialised on `device` (this rank's shards only, initialised from train.seed) once sharded, before DDP,
+    which broadcasts real parameters.
     """
     par = config.parallel
     if mesh is not None and par.tp > 1:
@@ -59,11 +62,15 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, config: Config) -> nn
         # Per block, as torchtitan: blocks are identical, so one compiled graph serves them all.
         for block in model.layers.values():
             block.compile()
-    if mesh is None:
-        return model
     # FSDP on a single rank shards nothing but still brings its mixed-precision policy (bf16 parameters).
-    if par.dp_shard > 1 or par.mixed_precision == "fsdp":
-        return apply_fsdp(model, mesh, config)
+    use_fsdp = mesh is not None and (par.dp_shard > 1 or par.mixed_precision == "fsdp")
+    if use_fsdp:
+        apply_fsdp(model, mesh, config)
+    if is_meta(model):
+        # Offloaded FSDP shards live in CPU memory; FSDP moves them to the device for each gather.
+        materialize(model, torch.device("cpu") if par.cpu_offload else device, config.train.seed)
+    if mesh is None or use_fsdp:
+        return model
     if par.dp_replicate > 1:
         return DistributedDataParallel(model, process_group=mesh["dp_replicate"].get_group())
     return model
@@ -120,7 +127,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
             checkpoint(block, context_fn=partial(create_selective_checkpoint_contexts, _save_matmuls))
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, config: Config) -> nn.Module:
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, config: Config) -> None:
     """FSDP2 per block, then the root (embeddings, final norm, output); HSDP when dp_replicate > 1 as well."""
     par = config.parallel
     dp_mesh = mesh["dp_replicate", "dp_shard"] if par.dp_replicate > 1 else mesh["dp_shard"]
@@ -134,4 +141,3 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, config: Config) -> nn.Module:
     for block in model.layers.values():
         fully_shard(block, **options)
     fully_shard(model, **options)
-    return model

@@ -30,7 +30,7 @@ from aiinfra.distributed.layout import ParallelLayout
 from aiinfra.distributed.measure import CommCompute, StepProfiler, peak_memory_bytes, stragglers
 from aiinfra.distributed.parallelize import parallelize
 from aiinfra.distributed.pipeline import build_schedule, build_stages
-from aiinfra.models import Transformer
+from aiinfra.models import Transformer, model_from_state_dict
 
 LossFromLogits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Autocast = Callable[[], contextlib.AbstractContextManager]
@@ -192,7 +192,7 @@ class Runtime:
     def build_runner(self, model: Transformer, autocast: Autocast, loss_from_logits: LossFromLogits) -> ModelRunner:
         if self.config.parallel.mixed_precision == "fsdp":
             raise ConfigError("parallel.mixed_precision=fsdp needs FSDP: launch with `aiinfra train --nproc N`")
-        return ModelRunner(parallelize(model, None, self.config), model, autocast, loss_from_logits)
+        return ModelRunner(parallelize(model, None, self.config, self.device), model, autocast, loss_from_logits)
 
     def mean_loss(self, local: torch.Tensor | None) -> float:
         """The loss averaged over the ranks that computed one."""
@@ -254,11 +254,12 @@ class DistributedRuntime(Runtime):
     def build_runner(self, model: Transformer, autocast: Autocast, loss_from_logits: LossFromLogits) -> ModelRunner:
         par = self.config.parallel
         if par.pp == 1:
-            return ModelRunner(parallelize(model, self.mesh, self.config), model, autocast, loss_from_logits)
+            module = parallelize(model, self.mesh, self.config, self.device)
+            return ModelRunner(module, model, autocast, loss_from_logits)
         pp_mesh = self.mesh["pp"]
         indices, stages = build_stages(model, pp_mesh, par.pp_schedule, self.device)
         n_stages = pp_mesh.size() * stages_per_rank(par.pp_schedule)
-        stages = [parallelize(stage, self.mesh, self.config) for stage in stages]
+        stages = [parallelize(stage, self.mesh, self.config, self.device) for stage in stages]
 
         def schedule_for(loss_fn: LossFromLogits):
             return build_schedule(
@@ -292,9 +293,7 @@ class DistributedRuntime(Runtime):
             state = self._merge_stages(state)
         if not self.is_main:
             return None
-        model = Transformer(self.config.model)
-        model.load_state_dict(state)
-        return model.to(self.device)
+        return model_from_state_dict(self.config.model, state, self.device)
 
     def _merge_stages(self, stage_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """All stages' parameters on rank 0. One copy of each stage is enough: its first data-parallel and

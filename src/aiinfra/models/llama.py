@@ -8,6 +8,7 @@ tensor shapes so that tensor-parallel sharding of the projections needs no chang
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,29 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
+
+
+InitRule = tuple[str, float]
+"""('normal', std), ('ones', 0.0) or ('zeros', 0.0)."""
+
+
+def parameter_seed(seed: int, name: str) -> int:
+    """The seed of one parameter's initial values: the run's seed and the parameter's name, nothing of the layout."""
+    return (seed * 0x9E3779B97F4A7C15 + zlib.crc32(name.encode())) % 2**63
+
+
+def initial_values(
+    rule: InitRule, shape: torch.Size | tuple[int, ...], seed: int, name: str, device: torch.device
+) -> torch.Tensor:
+    """The full fp32 initial tensor of parameter `name`: the same values for the same seed however the model is
+    later split, because each parameter has a generator of its own (drawn on `device`: CPU and CUDA differ)."""
+    kind, std = rule
+    if kind == "ones":
+        return torch.ones(shape, device=device)
+    if kind == "zeros":
+        return torch.zeros(shape, device=device)
+    generator = torch.Generator(device=device).manual_seed(parameter_seed(seed, name))
+    return torch.empty(shape, device=device).normal_(0.0, std, generator=generator)
 
 
 def make_norm(spec: ModelSpec) -> nn.Module:
@@ -135,31 +159,54 @@ class Transformer(nn.Module):
         self.output = nn.Linear(spec.dim, spec.vocab_size, bias=False)
         if spec.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        # Rotary tables are derived state: not saved, rebuilt by init_weights (e.g. after meta-device build).
+        # Rotary tables are derived state: not saved, rebuilt by init_buffers (e.g. after a meta-device build).
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Normal(0, 0.02) weights, residual output projections scaled by 1/sqrt(2 * layers) (GPT-2)."""
+    def init_buffers(self) -> None:
+        """Rebuild the derived rotary tables on the parameters' device (after a meta-device build, for instance)."""
         if self.spec.position == "rope":
-            device = self.tok_embeddings.weight.device
+            device = next(self.parameters()).device
             cos, sin = rotary_tables(self.spec.head_dim, self.spec.max_seq_len, self.spec.rope_theta)
             self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
-        if self.tok_embeddings.weight.is_meta:
-            return
+
+    def init_rules(self) -> dict[str, InitRule]:
+        """How each parameter (by name) starts: Normal(0, 0.02) weights, residual output projections scaled by
+        1/sqrt(2 * layers) (GPT-2), norm scales one, biases zero."""
         residual_std = 0.02 / math.sqrt(2 * self.spec.n_layers)
-        for name, module in self.named_modules():
+        rules: dict[str, InitRule] = {}
+        for module_name, module in self.named_modules():
+            prefix = f"{module_name}." if module_name else ""
             if isinstance(module, nn.Linear):
-                is_residual_out = name.endswith(("attention.wo", "w2"))
-                nn.init.normal_(module.weight, std=residual_std if is_residual_out else 0.02)
+                is_residual_out = module_name.endswith(("attention.wo", "w2"))
+                rules[prefix + "weight"] = ("normal", residual_std if is_residual_out else 0.02)
                 if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+                    rules[prefix + "bias"] = ("zeros", 0.0)
             elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=0.02)
+                rules[prefix + "weight"] = ("normal", 0.02)
             elif isinstance(module, (nn.RMSNorm, nn.LayerNorm)):
-                module.reset_parameters()
+                if module.weight is not None:
+                    rules[prefix + "weight"] = ("ones", 0.0)
+                if getattr(module, "bias", None) is not None:
+                    rules[prefix + "bias"] = ("zeros", 0.0)
+        return rules
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Initial weights (see `init_rules`), each parameter drawn from its own generator seeded by `seed` and its
+        name (`initial_values`), so that any sharding of the model can reproduce them; None draws `seed` from
+        torch's global generator. On the meta device only the buffers are set."""
+        if next(self.parameters()).is_meta:
+            self.init_buffers()
+            return
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        self.init_buffers()
+        rules = self.init_rules()
+        for name, param in self.named_parameters():
+            param.copy_(initial_values(rules[name], param.shape, seed, name, param.device))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         seq = tokens.shape[1]
@@ -178,3 +225,14 @@ class Transformer(nn.Module):
         if self.output is None:
             return x
         return self.output(self.norm(x))
+
+
+def model_from_state_dict(spec: ModelSpec, state: dict[str, torch.Tensor], device: torch.device) -> Transformer:
+    """A Transformer holding `state` (full tensors), built on the meta device so that no weights are drawn first."""
+    with torch.device("meta"):
+        model = Transformer(spec)
+    model.load_state_dict(state, strict=True, assign=True)
+    if spec.tie_embeddings:  # assign=True replaced the two names' shared Parameter one by one
+        model.output.weight = model.tok_embeddings.weight
+    model.init_buffers()  # on the state's device, so that no buffer is left on meta
+    return model.to(device)

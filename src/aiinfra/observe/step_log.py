@@ -6,6 +6,7 @@ It is the only place the trainer reports to, so the per-step cost is one dict, o
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -63,3 +64,28 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """All records of a run's metrics.jsonl."""
     with open(run_dir / "metrics.jsonl") as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def truncate_metrics(run_dir: Path, last_step: int) -> int:
+    """Drop the records of steps after `last_step` from a run's metrics.jsonl (trained before a crash, lost with it),
+    atomically, so the file reads as one uninterrupted run; return how many records remain."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the torn last line of a killed writer
+            continue
+        if record.get("step", 0) <= last_step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w") as handle:
+            handle.write("".join(line + "\n" for line in kept))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    return len(kept)

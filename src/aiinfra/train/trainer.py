@@ -11,13 +11,11 @@ schedule), the data-parallel coordinates and the per-rank figures.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import random
-import signal
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -28,16 +26,17 @@ import torch
 import torch.nn.functional as F
 
 from aiinfra.checkpoint.manager import CheckpointManager, CheckpointPolicy, Goodput, TrainingState
-from aiinfra.checkpoint.run_dir import atomic_write, save_run
+from aiinfra.checkpoint.run_dir import point_latest, save_run
 from aiinfra.config import Config, ConfigError
-from aiinfra.data.dataset import default_cache_dir, prepare_dataset, unigram_entropy_nats
+from aiinfra.data.dataset import TokenDataset, default_cache_dir, prepare_dataset, unigram_entropy_nats
 from aiinfra.data.sampler import WindowSampler, eval_batches
 from aiinfra.data.tokenizer import decode, encode
 from aiinfra.distributed.runtime import SilentLogger, make_runtime
 from aiinfra.models import Transformer, sample
 from aiinfra.observe.device_peak import device_peak
 from aiinfra.observe.plots import plot_loss_curve
-from aiinfra.observe.step_log import StepLogger, read_metrics
+from aiinfra.observe.step_log import StepLogger, read_metrics, truncate_metrics
+from aiinfra.train.faults import FaultSchedule, check_fault_rank
 
 
 @dataclass
@@ -133,21 +132,23 @@ class Trainer:
         self.device = self.runtime.device
 
         cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else default_cache_dir()
-        with self.runtime.main_first():  # rank 0 fills the tokenizer, token and peak-FLOP/s caches; the rest read
-            self.dataset = prepare_dataset(
-                config.data.corpus, config.model.vocab_size, config.data.val_fraction, cache_dir
-            )
-            self.autocast_dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
+        marker = self._check_shared_cache(cache_dir)
+        self.dataset = self._prepare_data(cache_dir)
+        self.autocast_dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
+        with self.runtime.main_first():  # rank 0 fills the peak-FLOP/s cache; the others read it
             self.peak = device_peak(self.device, self.autocast_dtype or torch.float32, cache_dir)
+        if marker is not None and self.runtime.is_main:  # every rank checked it before that barrier
+            marker.unlink(missing_ok=True)
         tokenizer_vocab = self.dataset.tokenizer.get_vocab_size()
         if tokenizer_vocab > config.model.vocab_size:
             raise ConfigError(f"model.vocab_size={config.model.vocab_size} < the tokenizer's {tokenizer_vocab}")
 
-        # Every rank builds the same full model from the same seed, then keeps its part. Seeded here, after the
-        # peak-FLOP/s measurement, which draws random matrices only when its cache is cold.
+        # Built on the meta device (no memory), parallelized there, then each rank allocates and initialises only
+        # its shards from train.seed: the same full model whatever the layout (distributed/materialize.py).
         seed_everything(cfg.seed)
-        full_model = Transformer(config.model).to(self.device)
-        self.runner = self.runtime.build_runner(full_model, self._autocast, _loss_from_logits)
+        with torch.device("meta"):
+            model = Transformer(config.model)
+        self.runner = self.runtime.build_runner(model, self._autocast, _loss_from_logits)
         # What this rank trains: the model (sharded in place under FSDP/TP), or its pipeline stages.
         self.model = self.runner.model
         self.optimizer = build_optimizer(self.runner.root, config)
@@ -169,19 +170,17 @@ class Trainer:
             raise ConfigError(f"run.dir={str(self.run_dir)!r} already holds a finished run; choose another")
         if self.runtime.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        if config.fault.kill_step and config.fault.kill_rank >= self.runtime.world_size:
-            raise ConfigError(
-                f"fault.kill_rank={config.fault.kill_rank}: expected a rank below the world size "
-                f"{self.runtime.world_size}"
-            )
+        check_fault_rank(config.fault, self.runtime.world_size)
 
         ckpt = config.checkpoint
+        checkpoint_dir = Path(ckpt.dir.format(rank=self.runtime.rank)) if ckpt.dir else self.run_dir / "checkpoints"
         self.checkpoints = CheckpointManager(
-            self.run_dir / "checkpoints",
+            checkpoint_dir,
             CheckpointPolicy(ckpt.every_steps, ckpt.every_seconds, ckpt.keep_last, ckpt.async_save),
             dp_rank=dp_rank,
             dp_size=dp_size,
             timeout_s=config.parallel.collective_timeout_s,
+            storage=ckpt.storage,
         )
         self.goodput = Goodput()
         self.counters = RunCounters()
@@ -192,6 +191,32 @@ class Trainer:
             data=self.sampler,
             extra={"goodput": self.goodput, "counters": self.counters},
         )
+
+    def _check_shared_cache(self, cache_dir: Path) -> Path | None:
+        """Ranks meet in `cache_dir` while they prepare the data, waiting for each other's files with no deadline, so
+        a folder that is not the same on every rank (a node-local home on a cluster) is refused first rather than
+        left to hang. Returns the marker file rank 0 wrote (None on one process); rank 0 deletes it once every rank
+        is past a later barrier."""
+        if self.runtime.world_size == 1:
+            return None
+        marker = cache_dir / f".shared-{self.runtime.share(uuid.uuid4().hex if self.runtime.is_main else None)}"
+        with self.runtime.main_first():
+            if self.runtime.is_main:
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                marker.touch()
+            elif not marker.exists():
+                raise ConfigError(f"data.cache_dir={str(cache_dir)!r} is not the folder rank 0 sees (rank "
+                                  f"{self.runtime.rank}): set data.cache_dir to a folder every rank shares")
+        return marker
+
+    def _prepare_data(self, cache_dir: Path) -> TokenDataset:
+        """Every rank tokenizes a share of the corpus (data/dataset.py)."""
+        data = self.config.data
+        try:
+            return prepare_dataset(data.corpus, self.config.model.vocab_size, data.val_fraction, cache_dir,
+                                   rank=self.runtime.rank, world_size=self.runtime.world_size)
+        except (ValueError, FileNotFoundError) as error:  # CorpusError included: the corpus is the bad input
+            raise ConfigError(f"data.corpus={data.corpus!r}: {error}") from None
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None or self.config.parallel.mixed_precision == "fsdp":
@@ -300,7 +325,7 @@ class Trainer:
             self.step = step
             self.counters.restarts += 1
         if self.runtime.is_main:
-            kept = _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            kept = truncate_metrics(self.run_dir, self.step)
             if step is not None:
                 print(
                     f"resumed {self.run_dir} at step {step} from its latest checkpoint "
@@ -309,27 +334,6 @@ class Trainer:
                     flush=True,
                 )
         return self.step
-
-    def _fault_schedule(self, first_step: int) -> list[tuple[int, int]]:
-        """(step, rank) pairs at which this attempt of the job SIGKILLs a rank: fault.kill_step on the first attempt,
-        and a random (step, rank) after `first_step` on each of the first fault.random_kills attempts. Every rank
-        draws the same pair (same seed, same attempt number, same resumed step)."""
-        fault, world = self.config.fault, self.runtime.world_size
-        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-        schedule = [(fault.kill_step, fault.kill_rank)] if fault.kill_step and attempt == 0 else []
-        if attempt < fault.random_kills and first_step < self.config.train.steps:
-            draw = random.Random(f"{fault.random_seed}:{attempt}")
-            schedule.append((draw.randint(first_step + 1, self.config.train.steps), draw.randrange(world)))
-        return schedule
-
-    def _maybe_inject_fault(self, schedule: list[tuple[int, int]]) -> None:
-        """SIGKILL this rank if the schedule names this step and rank."""
-        if (self.step, self.runtime.rank) in schedule:
-            # Let a save in flight commit first, so the kill lands between two complete checkpoints (torn saves are
-            # AIINFRA_CHECKPOINT_FAULT's business) and a test knows which one the restart resumes from.
-            self.checkpoints.wait()
-            print(f"fault injection: SIGKILL rank {self.runtime.rank} at step {self.step}", file=sys.stderr, flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
 
     def fit(self) -> TrainResult:
         """Train (or resume) to `train.steps` steps, checkpointing as configured; write the run directory."""
@@ -349,12 +353,12 @@ class Trainer:
             f"({self.peak.source})"
         )
         records = read_metrics(self.run_dir) if self.runtime.is_main and self.step else []
-        faults = self._fault_schedule(self.step)
+        faults = FaultSchedule(self.config.fault, self.runtime.world_size, self.step, cfg.steps)
         try:
             self.runner.module.train()
             while self.step < cfg.steps:
                 records.append(self.run_step(logger))
-                self._maybe_inject_fault(faults)
+                faults.maybe_kill(self.step, self.runtime.rank, before_kill=self.checkpoints.wait)
             # The final state, for continuing or resharding later (free when the policy just saved this step).
             self.checkpoints.save(self.step, self.training_state, block=True)
         finally:
@@ -388,38 +392,8 @@ class Trainer:
         if full_model is not None:
             save_run(self.run_dir, full_model, self.config, self.dataset.tokenizer, asdict(result))
             plot_loss_curve(read_metrics(self.run_dir), self.run_dir / "loss_curve.png", reference_nats=entropy)
-            _point_latest(self.run_dir)
+            point_latest(self.run_dir)
         return result
-
-
-def _truncate_metrics(path: Path, last_step: int) -> int:
-    """Drop the records of steps after `last_step` from a metrics.jsonl (atomically); return how many remain."""
-    if not path.exists():
-        return 0
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # the torn last line of a killed writer
-            continue
-        if record.get("step", 0) <= last_step:
-            kept.append(line)
-    if len(kept) != len(lines):
-        atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
-    return len(kept)
-
-
-def _point_latest(run_dir: Path) -> None:
-    """Make <runs>/latest a symlink to the newest finished run (best effort: some filesystems refuse links)."""
-    latest = run_dir.parent / "latest"
-    try:
-        tmp = run_dir.parent / f".latest-{os.getpid()}"
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(run_dir.name)
-        os.replace(tmp, latest)
-    except OSError:
-        pass
 
 
 def train(config: Config) -> TrainResult | None:
