@@ -18,8 +18,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from aiinfra.route.cache.calibration import CALIBRATION_PATH, threshold_for
 from aiinfra.route.cache.embed import Encoder
 from aiinfra.route.cache.guard import mismatch

@@ -137,11 +137,11 @@ def processes() -> Iterator[list[Process]]:
 
 
 @contextmanager
-def gateway_in_thread(fleet: FleetConfig) -> Iterator[tuple[str, Gateway]]:
+def gateway_in_thread(fleet: FleetConfig, gateway: Gateway | None = None) -> Iterator[tuple[str, Gateway]]:
     """`aiinfra route`'s application on a thread of its own (its own event loop), for tests that look inside."""
     from aiohttp import web
 
-    gateway = Gateway(fleet, seed=0)
+    gateway = gateway or Gateway(fleet, seed=0)
     app = build_app(fleet, gateway)
     loop = asyncio.new_event_loop()
     sock = socket.socket()

@@ -71,13 +71,17 @@ class StreamState:
     chunks: int = 0  # chunks with text: the token count where the server gives no ids
     finish_reason: str | None = None
     usage_sent: bool = False
+    pieces: list[str] = field(default_factory=list)  # the text as it was chunked, for the cache's replay
+    usage: dict[str, Any] | None = None
+    model: str | None = None
 
     def observe(self, chunk: dict[str, Any]) -> None:
         """Record a chunk the client was sent."""
         if self.id is None:
-            self.id, self.created = chunk.get("id"), chunk.get("created")
-        if chunk.get("usage") and not chunk.get("choices"):
-            self.usage_sent = True
+            self.id, self.created, self.model = chunk.get("id"), chunk.get("created"), chunk.get("model")
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+            self.usage_sent = self.usage_sent or not chunk.get("choices")
         for choice in chunk.get("choices") or ():
             if choice.get("index", 0) != 0:
                 continue
@@ -85,6 +89,7 @@ class StreamState:
             if text:
                 self.text += text
                 self.chunks += 1
+                self.pieces.append(text)
             self.token_ids += choice.get("token_ids") or ()
             if choice.get("finish_reason") is not None:
                 self.finish_reason = choice["finish_reason"]

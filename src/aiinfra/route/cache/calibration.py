@@ -8,14 +8,14 @@ target."""
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 CALIBRATION_PATH = Path(__file__).with_name("calibration.json")
 FLOOR = 0.5  # never below this, whatever the calibration says: a guard is not a substitute for similarity
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load() -> tuple[int, tuple[float, ...]]:
     data = json.loads(CALIBRATION_PATH.read_text())
     return int(data["negatives"]), tuple(sorted(data["passing_negative_cosines"], reverse=True))
