@@ -4,6 +4,7 @@ partitions, bypasses, what is never cached, invalidation, metrics."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -33,7 +34,7 @@ def fake() -> Iterator[FakeBackend]:
 
 
 def fleet_for(fake: FakeBackend, **cache: object):
-    table = {"enabled": True} | cache
+    table = {"enabled": True, "speculative": False} | cache  # requests counted at the backend are real misses
     return parse_fleet({"gateway": {"health_interval_s": 5}, "cache": table,
                         "backend": [{"name": "fake", "url": fake.url, "model": MODEL}]})
 
@@ -156,3 +157,16 @@ def test_admin_invalidation_by_key_and_prefix(fake: FakeBackend, encoder: Encode
         assert ask(url, "What is the price of silver?").headers["x-aiinfra-cache"] == "miss"
         assert ask(url, "Who painted the Mona Lisa?").headers["x-aiinfra-cache"] == "hit"
         assert httpx.post(invalidate, json={}).status_code == 400
+
+
+def test_a_speculative_request_is_cancelled_by_a_hit(fake: FakeBackend, encoder: Encoder) -> None:
+    with cached_gateway(fleet_for(fake, speculative=True), encoder) as (url, _):
+        assert ask(url, "How do I exit vim?").headers["x-aiinfra-cache"] == "miss"
+        fake.behaviour.first_delay_s = 5.0
+        started = time.monotonic()
+        assert ask(url, "How can I quit the vim editor?").headers["x-aiinfra-cache"] == "hit"
+        assert time.monotonic() - started < 2.0
+        deadline = time.monotonic() + 5
+        while fake.cancelled < 1:  # the copy sent while the lookup ran was cancelled at the backend
+            assert time.monotonic() < deadline
+            time.sleep(0.02)

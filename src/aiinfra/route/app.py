@@ -20,7 +20,7 @@ from aiohttp import web
 
 from aiinfra.config import ConfigError
 from aiinfra.route.backend_client import AttemptFailed
-from aiinfra.route.cached import Outcome, consult, invalidate
+from aiinfra.route.cached import Outcome, consult, invalidate, open_during_lookup, resolve
 from aiinfra.route.fleet import FleetConfig
 from aiinfra.route.gateway import Gateway, NoBackend, Tried
 from aiinfra.route.health import check, health_loop
@@ -69,12 +69,14 @@ async def _proxy(request: web.Request, path: str) -> web.StreamResponse:
     chat = path.endswith("chat/completions")
     route = route_request(body, chat, model, request.headers, config, gateway.policy.uses_prefix)
     streaming = bool(body.get("stream"))
-    outcome = None
+    outcome, lookup = None, None
     if gateway.cache is not None:
-        consulted = await consult(request, gateway.cache, gateway.metrics, body, chat, model)
+        consulted = consult(request, gateway.cache, gateway.metrics, body, chat, model)
         if not isinstance(consulted, Outcome):
-            return consulted
+            return consulted  # an exact repeat: answered without a model or a backend
         outcome = request[CACHE_OUTCOME] = consulted
+        if outcome.status == "lookup":
+            lookup = asyncio.create_task(resolve(outcome, body))
     # Ask our servers for token ids so that a cut stream continues exactly; strip them if the client did not ask.
     want_ids = streaming and body.get("n", 1) == 1 and not isinstance(body.get("prompt"), list)
     strip = want_ids and not body.get("return_token_ids")
@@ -87,7 +89,14 @@ async def _proxy(request: web.Request, path: str) -> web.StreamResponse:
     tried = Tried(set(), config.max_retries)
     try:
         try:
-            attempt = await gateway.open(model, route, path, body_for, streaming, tried)
+            opening = gateway.open(model, route, path, body_for, streaming, tried)
+            if lookup is None:
+                attempt = await opening
+            else:
+                attempt = await open_during_lookup(lookup, opening, gateway.cache.config.speculative,
+                                                   (NoBackend, AttemptFailed))
+                if isinstance(attempt, web.Response):
+                    return attempt
         except NoBackend:
             raise ClientError(503, f"no backend of model {model!r} is available now; retry later",
                               code="no_backend_available", type_="server_error",
@@ -151,7 +160,8 @@ async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
                                type_="server_error").response()
     outcome = request.get(CACHE_OUTCOME)
     if outcome is not None and not response.prepared:
-        response.headers.update(outcome.headers())
+        for name, value in outcome.headers().items():
+            response.headers.setdefault(name, value)  # a hit's own headers stand
     metrics = request.app[GATEWAY_KEY].metrics
     metrics.child(metrics.client_requests, request.get(MODEL_KEY, "-"), str(response.status)).inc()
     return response

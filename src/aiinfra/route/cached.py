@@ -3,10 +3,13 @@ go to a backend and keep its answer if it completed. Every response says which i
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import os
-from dataclasses import dataclass
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,12 +31,14 @@ KEY_HEADER = "x-aiinfra-cache-key"
 
 @dataclass
 class Outcome:
-    """A request that went to a backend: `miss` (its answer may be stored) or `bypass`."""
+    """A request that goes to a backend: `lookup` (not yet decided), `miss` (its answer may be stored) or
+    `bypass`."""
 
     status: str
     cache: SemanticCache | None = None
     plan: Plan | None = None
     vector: np.ndarray | None = None
+    started: float = field(default_factory=time.perf_counter)
 
     def headers(self) -> dict[str, str]:
         headers = {CACHE_HEADER: self.status}
@@ -69,9 +74,9 @@ def _tenant(request: web.Request, cache: SemanticCache) -> str | None:
     return hashlib.sha256(request.headers.get("authorization", "").encode()).hexdigest()[:16]
 
 
-async def consult(request: web.Request, cache: SemanticCache, metrics: RouteMetrics, body: dict[str, Any],
-                  chat: bool, model: str) -> web.Response | Outcome:
-    """A hit's response, or what the request that goes to a backend should do with its answer."""
+def consult(request: web.Request, cache: SemanticCache, metrics: RouteMetrics, body: dict[str, Any],
+            chat: bool, model: str) -> web.Response | Outcome:
+    """An exact hit's response at once, or the request's outcome so far: `bypass`, or `lookup` (see `resolve`)."""
     planned = plan(body, chat, model, request.headers, cache.config, _tenant(request, cache))
     if isinstance(planned, str):
         metrics.child(metrics.cache_bypasses, planned).inc()
@@ -79,11 +84,55 @@ async def consult(request: web.Request, cache: SemanticCache, metrics: RouteMetr
     if not planned.lookup:
         metrics.child(metrics.cache_bypasses, "cache-control").inc()
         return Outcome("bypass", cache, planned)
-    entry, vector = await cache.lookup(planned)
-    if entry is None:
-        return Outcome("miss", cache, planned, vector)
+    entry = cache.exact(planned)
+    return Outcome("lookup", cache, planned) if entry is None else hit_response(entry, body, metrics)
+
+
+async def resolve(outcome: Outcome, body: dict[str, Any]) -> web.Response | None:
+    """The semantic lookup: a hit's response, or None (the outcome is then a miss that knows its vector)."""
+    assert outcome.cache is not None and outcome.plan is not None
+    entry, outcome.vector = await outcome.cache.semantic(outcome.plan, outcome.started)
+    outcome.status = "miss" if entry is None else "hit"
+    return None if entry is None else hit_response(entry, body, outcome.cache.metrics)
+
+
+async def open_during_lookup(lookup: asyncio.Task, opening: Awaitable[Any], speculative: bool,
+                             failures: tuple[type[BaseException], ...]) -> Any:
+    """A hit's response, or the backend attempt of a miss. Speculatively, the attempt starts while the lookup
+    runs (a miss waits for no embedding) and a hit cancels it."""
+    if not speculative:
+        try:
+            hit = await lookup
+        except BaseException:
+            opening.close()  # type: ignore[attr-defined] - a coroutine never started
+            raise
+        if hit is not None:
+            opening.close()  # type: ignore[attr-defined]
+            return hit
+        return await opening
+    attempt = asyncio.ensure_future(opening)
+    try:
+        hit = await lookup
+    except BaseException:
+        attempt.cancel()
+        raise
+    if hit is None:
+        return await attempt
+    attempt.cancel()
+    try:
+        started = await attempt
+    except (asyncio.CancelledError, *failures):
+        pass
+    else:
+        started.close("cancelled")  # it had its first byte before the lookup finished
+    return hit
+
+
+def hit_response(entry: Any, body: dict[str, Any], metrics: RouteMetrics | None = None) -> web.Response:
+    """The cached answer, as JSON or as a replayed SSE stream."""
     record = orjson.loads(entry.answer)
-    metrics.cache_tokens_saved.inc(tokens(record))
+    if metrics is not None:
+        metrics.cache_tokens_saved.inc(tokens(record))
     headers = {CACHE_HEADER: "hit", KEY_HEADER: entry.id}
     if body.get("stream"):
         return web.Response(body=render_stream(record), content_type="text/event-stream",

@@ -122,6 +122,9 @@ class CacheConfig(Section):
     all_temperatures: bool = Field(
         False, description="cache sampled requests too (else only temperature 0, or a request's "
         "'x-aiinfra-cache: use' header)")
+    speculative: bool = Field(
+        True, description="send a request to a backend while its lookup runs, cancelled on a hit: a miss then "
+        "waits for no embedding")
     per_tenant: bool = Field(False, description="partition entries by the client's API key")
     admin_key_env: str = Field("", description="environment variable holding the key of /admin/cache/invalidate "
                                "(unset: any client key, or none when the gateway has none)")

@@ -79,7 +79,14 @@ class SemanticCache:
     async def lookup(self, plan: Plan) -> tuple[Entry | None, np.ndarray | None]:
         """The entry that answers the request (an exact repeat first, then the nearest that passes the guard),
         and the request's vector for storing its answer (None after an exact hit, which needs no embedding)."""
-        assert self.embedder is not None
+        started = time.perf_counter()
+        exact = self.exact(plan)
+        if exact is not None:
+            return exact, None
+        return await self.semantic(plan, started)
+
+    def exact(self, plan: Plan) -> Entry | None:
+        """The entry for this very question, if there is one (no embedding: microseconds)."""
         started = time.perf_counter()
         metrics = self.metrics
         metrics.cache_lookups.inc()
@@ -87,7 +94,12 @@ class SemanticCache:
         if exact is not None:
             metrics.child(metrics.cache_hits, "exact").inc()
             metrics.cache_lookup_seconds.observe(time.perf_counter() - started)
-            return exact, None
+        return exact
+
+    async def semantic(self, plan: Plan, started: float) -> tuple[Entry | None, np.ndarray]:
+        """After `exact` found nothing: the nearest entry that passes the guard, and the request's vector."""
+        assert self.embedder is not None
+        metrics = self.metrics
         vector = await self.embedder.embed(plan.text)
         found = self.store.search(plan.partition, plan.text, vector)
         if found.rejected:
