@@ -31,6 +31,7 @@ health_interval_s = 5
 
 [cache]
 enabled = true
+speculative = false
 {cache}
 
 [[backend]]

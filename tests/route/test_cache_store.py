@@ -140,3 +140,42 @@ def test_the_guard_rejects_near_opposites_it_never_saw(a: str, b: str, reason: s
 ])
 def test_the_guard_lets_paraphrases_through(a: str, b: str) -> None:
     assert mismatch(a, b) is None
+
+
+def test_lookups_that_arrive_together_are_embedded_in_one_batch() -> None:
+    import asyncio
+
+    from aiinfra.route.cache.embed import BatchingEmbedder
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.batches: list[int] = []
+
+        def encode(self, texts: list[str]) -> np.ndarray:
+            time.sleep(0.01)
+            self.batches.append(len(texts))
+            return np.stack([unit(len(text)) for text in texts])
+
+    recorder = Recorder()
+    embedder = BatchingEmbedder(recorder)  # type: ignore[arg-type]
+
+    async def together() -> list[np.ndarray]:
+        return await asyncio.gather(*(embedder.embed("x" * i) for i in range(1, 9)))
+
+    vectors = asyncio.run(together())
+    embedder.close()
+    assert sum(recorder.batches) == 8 and len(recorder.batches) <= 2
+    assert np.array_equal(vectors[3], unit(4))
+
+
+def test_bad_cache_config_names_the_key() -> None:
+    from aiinfra.config import ConfigError
+    from aiinfra.route.fleet import parse_fleet
+
+    backend = [{"name": "b", "url": "http://127.0.0.1:1", "model": "m"}]
+    with pytest.raises(ConfigError, match=r"cache\.target_false_hit_rate"):
+        parse_fleet({"cache": {"enabled": True, "target_false_hit_rate": 2}, "backend": backend})
+    with pytest.raises(ConfigError, match=r"cache\.redis_url"):
+        parse_fleet({"cache": {"redis_url": "localhost:6379"}, "backend": backend})
+    with pytest.raises(ConfigError, match=r"cache\.size: unknown key"):
+        parse_fleet({"cache": {"size": 1}, "backend": backend})
