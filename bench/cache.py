@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import statistics
 import sys
@@ -128,6 +129,7 @@ def zipf_workload(encoder: Encoder, requests: int, seed: int = 0) -> dict:
         cache = SemanticCache(CacheConfig(enabled=True), RouteMetrics(), encoder)
         await cache.start()
         hits = wrong = saved = spent = 0
+        confused: set[tuple[str, str]] = set()
         for draw in draws:
             wanted = int(order[draw])
             text = phrasings[wanted][int(rng.integers(len(phrasings[wanted])))]
@@ -140,14 +142,19 @@ def zipf_workload(encoder: Encoder, requests: int, seed: int = 0) -> dict:
             if found is not None:
                 hits += 1
                 saved += prompt_tokens + 150
-                wrong += orjson.loads(found.answer)["choices"][0]["pieces"][0] != str(wanted)
+                if orjson.loads(found.answer)["choices"][0]["pieces"][0] != str(wanted):
+                    wrong += 1
+                    confused.add((text, found.text))
             else:
                 spent += prompt_tokens + 150
                 cache.save(plan, vector, record)
         await cache.close()
+        for asked, answered in sorted(confused):
+            print(f"  wrong answer: {asked!r} answered as {answered!r}", file=sys.stderr)
         distinct = len({int(order[d]) for d in draws})
         return {"requests": requests, "intents_asked": distinct, "hit_ratio": round(hits / requests, 4),
                 "best_possible_hit_ratio": round(1 - distinct / requests, 4), "wrong_answers": wrong,
+                "confused_pairs": len(confused),
                 "backend_tokens_saved": saved, "backend_tokens_spent": spent,
                 "tokens_saved_share": round(saved / (saved + spent), 4)}
 
@@ -233,7 +240,8 @@ def main() -> None:
     args = parser.parse_args()
     encoder = Encoder()
     sizes = [int(size) for size in args.entries.split(",")]
-    result: dict = {"latency": [], "gateway": None, "zipf": None}
+    result: dict = {"load_average_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(), "latency": [],
+                    "gateway": None, "zipf": None}
     for size in sizes:
         row = asyncio.run(latency(encoder, size))
         result["latency"].append(row)
@@ -248,6 +256,9 @@ def main() -> None:
     zipf = result["zipf"] = zipf_workload(encoder, args.requests)
     print(f"zipf: hit ratio {zipf['hit_ratio']:.1%} (at most {zipf['best_possible_hit_ratio']:.1%}), "
           f"{zipf['tokens_saved_share']:.1%} of backend tokens saved, {zipf['wrong_answers']} wrong answers")
+    result["load_average_1m_end"] = round(os.getloadavg()[0], 2)
+    print(f"load average (1 min) {result['load_average_1m']} at the start, {result['load_average_1m_end']} at the "
+          f"end, on {os.cpu_count()} CPUs: latencies scale with it on a shared machine")
     print(json.dumps(result))
 
 

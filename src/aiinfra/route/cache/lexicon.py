@@ -45,7 +45,7 @@ install | uninstall
 import | export
 upload | download
 push | pull
-read reader | write writer
+read reader load loading | write writer save saving dump
 send sender | receive receiver recipient
 input | output
 buy buyer purchase | sell seller

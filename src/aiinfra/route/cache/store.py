@@ -3,7 +3,9 @@ eviction of the least recently used entries by bytes.
 
 hnswlib was chosen by measurement (100k random unit vectors, dim 384, M 16, ef 64, one query at a time on this
 machine): search p50 0.38 ms / p99 0.75 ms, against FAISS's IndexHNSWFlat 0.44 / 4.6 ms and usearch 1.2 / 7.3 ms;
-it also deletes in place (mark_deleted, slots reused), which a TTL and an LRU need.
+it also deletes in place (mark_deleted, slots reused), which a TTL and an LRU need. The search keeps 256
+candidates (ef): with 100k random filler vectors added before 158 real questions, ef 64 found a paraphrase's
+entry among the 4 nearest for 74.7% of lookups, ef 256 for 98.1% (1.4 ms a query on the loaded machine).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from aiinfra.route.cache.guard import mismatch
 from aiinfra.route.cache.keys import entry_id
 
 ENTRY_OVERHEAD_BYTES = 400  # the Python objects, the index's links (M=16) and the maps, per entry (measured)
+SEARCH_EF = 256
 CANDIDATES = 4  # nearest entries the guard may look at before a lookup gives up
 
 
@@ -51,7 +54,7 @@ class PartitionIndex:
     def __init__(self, capacity: int = 256):
         self.index = hnswlib.Index(space="ip", dim=DIM)
         self.index.init_index(max_elements=capacity, M=16, ef_construction=64, allow_replace_deleted=True)
-        self.index.set_ef(64)
+        self.index.set_ef(SEARCH_EF)
         self.index.set_num_threads(1)
         self.ids: dict[int, str] = {}
         self.next_label = 0
