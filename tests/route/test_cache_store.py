@@ -179,3 +179,18 @@ def test_bad_cache_config_names_the_key() -> None:
         parse_fleet({"cache": {"redis_url": "localhost:6379"}, "backend": backend})
     with pytest.raises(ConfigError, match=r"cache\.size: unknown key"):
         parse_fleet({"cache": {"size": 1}, "backend": backend})
+
+
+def test_an_enabled_cache_without_its_packages_is_a_clear_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from aiinfra.config import ConfigError
+    from aiinfra.route.app import check_cache
+    from aiinfra.route.fleet import parse_fleet
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "hnswlib" else real(name, *a))
+    backend = [{"name": "b", "url": "http://127.0.0.1:1", "model": "m"}]
+    check_cache(parse_fleet({"backend": backend}))  # disabled: nothing is needed
+    with pytest.raises(ConfigError, match=r"cache\.enabled: needs the cache extra.*missing: hnswlib"):
+        check_cache(parse_fleet({"cache": {"enabled": True}, "backend": backend}))
