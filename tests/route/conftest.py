@@ -128,11 +128,11 @@ def processes() -> Iterator[list[Process]]:
 
 
 @contextmanager
-def gateway_in_thread(fleet: FleetConfig) -> Iterator[tuple[str, Gateway]]:
+def gateway_in_thread(fleet: FleetConfig, gateway: Gateway | None = None) -> Iterator[tuple[str, Gateway]]:
     """`aiinfra route`'s application on a thread of its own (its own event loop), for tests that look inside."""
     from aiohttp import web
 
-    gateway = Gateway(fleet, seed=0)
+    gateway = gateway or Gateway(fleet, seed=0)
     app = build_app(fleet, gateway)
     loop = asyncio.new_event_loop()
     sock = socket.socket()
@@ -153,3 +153,34 @@ def gateway_in_thread(fleet: FleetConfig) -> Iterator[tuple[str, Gateway]]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(30)
         loop.close()
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    """A redis-server of its own on a free port (Debian's package; `.ci/run` installs it under CI)."""
+    import shutil
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        message = "redis-server is not installed (apt-get install -y redis-server)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    port = free_ports(1)[0]
+    server = Process([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                      "--dir", str(tmp_path)], port, tmp_path / "redis.log").start()
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "redis.log").read_text()
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.stop()

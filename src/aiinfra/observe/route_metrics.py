@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from aiinfra.observe.serve_metrics import LATENCY_BUCKETS_S
 
+CACHE_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.5)
+
 
 class RouteMetrics:
     """Every metric the gateway's `/metrics` exposes; one instance per gateway process."""
@@ -46,6 +48,30 @@ class RouteMetrics:
         self.stream_errors = Counter(
             f"{prefix}_stream_errors", "Streams ended with an error event because no backend could continue them",
             registry=registry)
+
+        self.cache_lookups = Counter(f"{prefix}_cache_lookups", "Requests the semantic cache looked up",
+                                     registry=registry)
+        self.cache_hits = Counter(f"{prefix}_cache_hits", "Lookups answered from the cache", ["match"],
+                                  registry=registry)
+        self.cache_misses = Counter(f"{prefix}_cache_misses", "Lookups that went to a backend", registry=registry)
+        self.cache_bypasses = Counter(
+            f"{prefix}_cache_bypasses", "Requests not looked up (temperature, Cache-Control, unsupported)",
+            ["reason"], registry=registry)
+        self.cache_guard_rejections = Counter(
+            f"{prefix}_cache_guard_rejections", "Near entries the guard turned down as a different question",
+            registry=registry)
+        self.cache_stores = Counter(f"{prefix}_cache_stores", "Answers stored", registry=registry)
+        self.cache_evictions = Counter(f"{prefix}_cache_evictions", "Entries dropped by bytes or TTL",
+                                       registry=registry)
+        self.cache_tokens_saved = Counter(f"{prefix}_cache_tokens_saved",
+                                          "Backend tokens (prompt + completion) that hits did not spend",
+                                          registry=registry)
+        self.cache_entries = Gauge(f"{prefix}_cache_entries", "Entries held by this process", registry=registry)
+        self.cache_bytes = Gauge(f"{prefix}_cache_bytes", "Bytes of the entries held by this process",
+                                 registry=registry)
+        self.cache_lookup_seconds = Histogram(
+            f"{prefix}_cache_lookup_seconds", "From the start of a lookup to its hit or miss (embedding included)",
+            buckets=CACHE_BUCKETS_S, registry=registry)
 
         self._children: dict[tuple, object] = {}
 

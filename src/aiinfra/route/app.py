@@ -18,7 +18,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from aiinfra.config import ConfigError
 from aiinfra.route.backend_client import AttemptFailed
+from aiinfra.route.cached import Outcome, consult, invalidate, open_during_lookup, resolve
 from aiinfra.route.fleet import FleetConfig
 from aiinfra.route.gateway import Gateway, NoBackend, Tried
 from aiinfra.route.health import check, health_loop
@@ -28,6 +30,7 @@ from aiinfra.route.requests import ClientError, read_json, route_request
 GATEWAY_KEY = web.AppKey("gateway", Gateway)
 CLIENT_KEYS = web.AppKey("client_keys", list)
 MODEL_KEY = web.RequestKey("model", str)
+CACHE_OUTCOME = web.RequestKey("cache_outcome", Outcome)
 log = logging.getLogger("aiinfra.route")
 
 
@@ -66,6 +69,14 @@ async def _proxy(request: web.Request, path: str) -> web.StreamResponse:
     chat = path.endswith("chat/completions")
     route = route_request(body, chat, model, request.headers, config, gateway.policy.uses_prefix)
     streaming = bool(body.get("stream"))
+    outcome, lookup = None, None
+    if gateway.cache is not None:
+        consulted = consult(request, gateway.cache, gateway.metrics, body, chat, model)
+        if not isinstance(consulted, Outcome):
+            return consulted  # an exact repeat: answered without a model or a backend
+        outcome = request[CACHE_OUTCOME] = consulted
+        if outcome.status == "lookup":
+            lookup = asyncio.create_task(resolve(outcome, body))
     # Ask our servers for token ids so that a cut stream continues exactly; strip them if the client did not ask.
     want_ids = streaming and body.get("n", 1) == 1 and not isinstance(body.get("prompt"), list)
     strip = want_ids and not body.get("return_token_ids")
@@ -78,7 +89,14 @@ async def _proxy(request: web.Request, path: str) -> web.StreamResponse:
     tried = Tried(set(), config.max_retries)
     try:
         try:
-            attempt = await gateway.open(model, route, path, body_for, streaming, tried)
+            opening = gateway.open(model, route, path, body_for, streaming, tried)
+            if lookup is None:
+                attempt = await opening
+            else:
+                attempt = await open_during_lookup(lookup, opening, gateway.cache.config.speculative,
+                                                   (NoBackend, AttemptFailed))
+                if isinstance(attempt, web.Response):
+                    return attempt
         except NoBackend:
             raise ClientError(503, f"no backend of model {model!r} is available now; retry later",
                               code="no_backend_available", type_="server_error",
@@ -86,8 +104,11 @@ async def _proxy(request: web.Request, path: str) -> web.StreamResponse:
         except AttemptFailed as failure:
             return _upstream_error(failure)
         if not streaming or attempt.status != 200:
+            if outcome is not None and attempt.status == 200:
+                outcome.save_json(attempt.payload, chat)
             return answer(attempt, gateway)
-        return await stream(request, gateway, attempt, route, path, body, tried, strip)
+        return await stream(request, gateway, attempt, route, path, body, tried, strip,
+                            outcome.headers() if outcome else None, outcome.save_stream if outcome else None)
     finally:
         gateway.in_flight -= 1
 
@@ -137,20 +158,48 @@ async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
         log.exception("request %s failed", request_id)
         response = ClientError(500, f"internal error (request id {request_id}, in the gateway's log)",
                                type_="server_error").response()
+    outcome = request.get(CACHE_OUTCOME)
+    if outcome is not None and not response.prepared:
+        for name, value in outcome.headers().items():
+            response.headers.setdefault(name, value)  # a hit's own headers stand
     metrics = request.app[GATEWAY_KEY].metrics
     metrics.child(metrics.client_requests, request.get(MODEL_KEY, "-"), str(response.status)).inc()
     return response
 
 
+async def invalidate_cache(request: web.Request) -> web.Response:
+    return await invalidate(request, request.app[GATEWAY_KEY].cache, request.app[CLIENT_KEYS])
+
+
+def check_cache(fleet: FleetConfig) -> None:
+    """ConfigError when the cache is enabled and its packages are not installed."""
+    if not fleet.cache.enabled:
+        return
+    from aiinfra.route.cache import missing_packages
+
+    missing = missing_packages(bool(fleet.cache.redis_url))
+    if missing:
+        raise ConfigError(f"cache.enabled: needs the cache extra, pip install 'aiinfra[cache]' "
+                          f"(missing: {', '.join(missing)})")
+
+
 def build_app(fleet: FleetConfig, gateway: Gateway | None = None) -> web.Application:
-    """The gateway application; it opens its HTTP client and health checks on start-up and closes them after."""
+    """The gateway application; it opens its HTTP client, its cache and health checks on start-up and closes them
+    after."""
     app = web.Application(middlewares=[errors], client_max_size=fleet.gateway.max_body_bytes)
     gateway = gateway or Gateway(fleet)
+    if fleet.cache.enabled and gateway.cache is None:
+        check_cache(fleet)
+        from aiinfra.route.cache.semantic import SemanticCache
+
+        gateway.cache = SemanticCache(fleet.cache, gateway.metrics)
     app[GATEWAY_KEY] = gateway
     app[CLIENT_KEYS] = fleet.gateway.client_keys()
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
         await gateway.start()
+        if gateway.cache is not None:
+            await gateway.cache.start()
         await asyncio.gather(*(check(gateway, backend) for backend in gateway.backends))
         checker = asyncio.create_task(health_loop(gateway))
         yield
@@ -158,6 +207,8 @@ def build_app(fleet: FleetConfig, gateway: Gateway | None = None) -> web.Applica
         with contextlib.suppress(asyncio.CancelledError):
             await checker
         await gateway.close()
+        if gateway.cache is not None:
+            await gateway.cache.close()
 
     app.cleanup_ctx.append(lifecycle)
     app.router.add_post("/v1/completions", completions)
@@ -165,4 +216,5 @@ def build_app(fleet: FleetConfig, gateway: Gateway | None = None) -> web.Applica
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    app.router.add_post("/admin/cache/invalidate", invalidate_cache)
     return app

@@ -55,10 +55,12 @@ def route_command(
     workers: Annotated[int, typer.Option(min=1, help="gateway processes sharing the port (SO_REUSEPORT)")] = 1,
 ) -> None:
     """An OpenAI-compatible gateway over many servers: routing, health checks, retries, hedging, failover."""
+    from aiinfra.route.app import check_cache
     from aiinfra.route.fleet import load_fleet
 
     try:
         fleet_config = load_fleet(fleet)
+        check_cache(fleet_config)
         sockets = [_listen(host, port, reuse_port=workers > 1) for _ in range(workers)]
     except ConfigError as error:
         raise _fail(str(error)) from None

@@ -14,6 +14,12 @@ region = "eu"
 cost_per_mtok_in = 0.5
 cost_per_mtok_out = 1.5
 max_concurrency = 64           # optional
+
+[cache]                        # optional: the semantic cache (pip install 'aiinfra[cache]')
+enabled = true
+target_false_hit_rate = 0.01   # the one knob: the share of hits allowed to answer a different question
+path = "cache.sqlite"          # survives restarts (empty: memory only)
+redis_url = "redis://127.0.0.1:6379/0"   # optional: entries shared by every gateway on this Redis
 ```
 """
 
@@ -101,6 +107,36 @@ class GatewayConfig(Section):
         return keys
 
 
+class CacheConfig(Section):
+    """The semantic cache: answers to temperature-0 requests, reused for the same question asked again."""
+
+    enabled: bool = Field(False, description="look up and store answers (needs the `cache` extra)")
+    target_false_hit_rate: float = Field(
+        0.01, gt=0, lt=0.5, description="the one knob: the share of hits that may answer a different question")
+    ttl_s: float = Field(86_400.0, gt=0, description="an entry's lifetime from its store (a hit does not extend it)")
+    max_bytes: int = Field(256 << 20, ge=1 << 16, description="entries' bytes kept at most; the least recently "
+                           "used go first")
+    path: str = Field("", description="SQLite file the entries survive restarts in (empty: memory only)")
+    redis_url: str = Field("", description="Redis shared by several gateways, e.g. redis://127.0.0.1:6379/0")
+    redis_prefix: str = Field("aiinfra:cache", min_length=1, description="prefix of every Redis key written")
+    all_temperatures: bool = Field(
+        False, description="cache sampled requests too (else only temperature 0, or a request's "
+        "'x-aiinfra-cache: use' header)")
+    speculative: bool = Field(
+        True, description="send a request to a backend while its lookup runs, cancelled on a hit: a miss then "
+        "waits for no embedding")
+    per_tenant: bool = Field(False, description="partition entries by the client's API key")
+    admin_key_env: str = Field("", description="environment variable holding the key of /admin/cache/invalidate "
+                               "(unset: any client key, or none when the gateway has none)")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, url: str) -> str:
+        if url and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"{url!r}: expected redis://HOST:PORT/DB")
+        return url
+
+
 class BackendConfig(Section):
     """One OpenAI-compatible server (ours, vLLM, anything) serving one model."""
 
@@ -138,9 +174,10 @@ class BackendConfig(Section):
 
 
 class FleetConfig(Section):
-    """The whole file: one [gateway] table and one [[backend]] table per server."""
+    """The whole file: one [gateway] table, an optional [cache] table and one [[backend]] table per server."""
 
     gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="gateway settings")
+    cache: CacheConfig = Field(default_factory=CacheConfig, description="the semantic cache")
     backend: list[BackendConfig] = Field(min_length=1, description="the servers")
 
     @model_validator(mode="after")

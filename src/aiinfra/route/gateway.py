@@ -52,6 +52,7 @@ class Gateway:
         self.in_flight = 0
         self.retries_in_flight = 0
         self.session: aiohttp.ClientSession | None = None
+        self.cache: Any = None  # the SemanticCache when FLEET.toml enables it (its packages are optional)
 
     def _state(self, config: BackendConfig) -> BackendState:
         state = BackendState(config, PrefixIndex(self.config.prefix_blocks_per_backend))

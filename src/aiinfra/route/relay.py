@@ -5,6 +5,7 @@ over to another backend mid-answer, so that the client sees one uninterrupted st
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -119,10 +120,14 @@ async def _continue(gateway: Gateway, state: StreamState, route: RouteRequest, p
 
 
 async def stream(request: web.Request, gateway: Gateway, attempt: Attempt, route: RouteRequest, path: str,
-                 body: dict[str, Any], tried: Tried, strip: bool) -> web.StreamResponse:
-    """Relay a stream; on a backend's failure continue the same answer elsewhere, or end with an error event."""
+                 body: dict[str, Any], tried: Tried, strip: bool, headers: dict[str, str] | None = None,
+                 on_complete: Callable[[StreamState], None] | None = None) -> web.StreamResponse:
+    """Relay a stream; on a backend's failure continue the same answer elsewhere, or end with an error event.
+
+    `on_complete` sees the stream's state when one backend sent the whole answer, uncut (what may be cached)."""
     response = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache",
-                                           "x-accel-buffering": "no", "x-aiinfra-backend": attempt.backend.name})
+                                           "x-accel-buffering": "no", "x-aiinfra-backend": attempt.backend.name,
+                                           **(headers or {})})
     state = StreamState(chat=path.endswith("chat/completions"))
     exact_so_far, continuing = True, False
     current: Attempt | None = attempt
@@ -133,6 +138,9 @@ async def stream(request: web.Request, gateway: Gateway, attempt: Attempt, route
             if await _pump(current, response, state, continuing, strip):
                 gateway.record_success(current, len(state.sent))
                 current.close("200")
+                if on_complete is not None and not continuing:
+                    state.summarise()
+                    on_complete(state)
                 break
             current.close("cut")
             gateway.record_failure(AttemptFailed(current.backend, "the stream broke"))

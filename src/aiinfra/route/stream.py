@@ -75,11 +75,14 @@ class StreamState:
     token_ids: list[int] = field(default_factory=list)
     chunks: int = 0  # chunks with text: the token count where the server gives no ids
     finish_reason: str | None = None
+    pieces: list[str] = field(default_factory=list)  # the text as it was chunked, for the cache's replay
+    usage: dict[str, Any] | None = None
+    model: str | None = None
 
     def summarise(self) -> None:
-        """Parse what was sent into the text, token ids and finish reason a continuation needs."""
-        self.id = self.created = self.finish_reason = None
-        self.text, self.token_ids, self.chunks = "", [], 0
+        """Parse what was sent into the text, token ids and finish reason a continuation (or the cache) needs."""
+        self.id = self.created = self.finish_reason = self.usage = self.model = None
+        self.text, self.token_ids, self.chunks, self.pieces = "", [], 0, []
         for data in self.sent:
             try:
                 chunk = orjson.loads(data)
@@ -91,7 +94,9 @@ class StreamState:
     def observe(self, chunk: dict[str, Any]) -> None:
         """Add one chunk the client was sent to the summary."""
         if self.id is None:
-            self.id, self.created = chunk.get("id"), chunk.get("created")
+            self.id, self.created, self.model = chunk.get("id"), chunk.get("created"), chunk.get("model")
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
         for choice in chunk.get("choices") or ():
             if choice.get("index", 0) != 0:
                 continue
@@ -99,6 +104,7 @@ class StreamState:
             if text:
                 self.text += text
                 self.chunks += 1
+                self.pieces.append(text)
             self.token_ids += choice.get("token_ids") or ()
             if choice.get("finish_reason") is not None:
                 self.finish_reason = choice["finish_reason"]
