@@ -1,7 +1,7 @@
 """The gateway's HTTP layer (aiohttp): /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics.
 
-aiohttp serves and calls backends on one event loop: in the same run it held 4.8k proxied requests/s per process
-against 2.8k for FastAPI + aiohttp's client and 0.4k for FastAPI + httpx (a canned-answer backend, 16 clients).
+aiohttp serves and calls backends on one event loop: a pass-through proxy on it costs 0.45 ms of CPU per streamed
+request against 0.79 ms for FastAPI with aiohttp's client and 3.8 ms for FastAPI with httpx (bench/route_stacks.py).
 """
 
 from __future__ import annotations
