@@ -13,20 +13,8 @@ from openai import OpenAI
 from aiinfra.models.sampling import sample
 from aiinfra.serve.api import ServerConfig
 from aiinfra.serve.engine import EngineConfig
-from aiinfra.serve.loading import ServedModel
 
 from .server import RunningServer, running_server, tiny_served_model
-
-
-@pytest.fixture(scope="module")
-def served() -> ServedModel:
-    return tiny_served_model()
-
-
-@pytest.fixture(scope="module")
-def server(served: ServedModel):
-    with running_server(served) as running:
-        yield running
 
 
 def wait_until_idle(server: RunningServer, timeout_s: float = 15.0) -> None:

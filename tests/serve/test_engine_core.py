@@ -13,7 +13,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from aiinfra.serve.async_engine import AsyncEngine
 from aiinfra.serve.commands import parse_cpu_list
@@ -22,24 +21,8 @@ from aiinfra.serve.engine_core import EngineDeadError, EngineRecipe, ProcessEngi
 from aiinfra.serve.loading import load_model
 from aiinfra.serve.request import SamplingParams
 
-from .server import tiny_served_model
-
 ENGINE_CONFIG = EngineConfig(block_size=4, num_blocks=128, max_num_seqs=8)
 PROMPTS = ["def function_3(value):", "    return value", "# the answer is"]
-
-
-@pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    transformers = pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    config = transformers.LlamaConfig(
-        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, rope_theta=10000.0, eos_token_id=0, bos_token_id=0,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    tiny_served_model().tokenizer.save(str(folder / "tokenizer.json"))
-    return folder
 
 
 async def complete_all(engine: AsyncEngine, prompts: list[list[int]], max_tokens: int) -> list[tuple[str, int]]:

@@ -15,20 +15,7 @@ from aiinfra.serve.engine import EngineConfig, LLMEngine
 from aiinfra.serve.loading import ServedModel
 from aiinfra.serve.request import SamplingParams
 
-from .server import running_server, tiny_served_model
-
 PROMPT = "def function_3(value):"
-
-
-@pytest.fixture(scope="module")
-def served() -> ServedModel:
-    return tiny_served_model()
-
-
-@pytest.fixture(scope="module")
-def server(served: ServedModel):
-    with running_server(served) as running:
-        yield running
 
 
 @torch.inference_mode()

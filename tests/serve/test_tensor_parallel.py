@@ -14,15 +14,12 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 import torch
 
 from aiinfra.serve.engine import EngineConfig, LLMEngine
 from aiinfra.serve.engine_core import EngineRecipe, build_engine, start_tensor_parallel_workers
 from aiinfra.serve.request import SamplingParams
 from aiinfra.serve.tensor_parallel import TensorParallelConfig
-
-from .server import tiny_served_model
 
 ROOT = Path(__file__).resolve().parents[2]
 # Small blocks and a small token budget: prompts are prefilled in chunks and share cached prefix blocks.
@@ -31,20 +28,6 @@ ENGINE_CONFIG = EngineConfig(block_size=4, num_blocks=96, max_num_batched_tokens
 SHARED = [5, 17, 42, 99, 7, 250, 31, 8, 64, 12, 3, 77]
 PROMPTS = [SHARED + [i, i + 1, i + 2] for i in range(20, 25)] + [SHARED[:6] + [200, 201], [9] * 19]
 PARAMS = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    transformers = pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("tiny-llama-tp")
-    config = transformers.LlamaConfig(
-        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, rope_theta=10000.0, eos_token_id=0, bos_token_id=0,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    tiny_served_model().tokenizer.save(str(folder / "tokenizer.json"))
-    return folder
 
 
 def free_port() -> int:

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from aiinfra.distributed.runtime import shutdown_process_groups
 from aiinfra.models.llama import FeedForward, Transformer
 
 
@@ -95,9 +96,9 @@ class TensorParallelGroup:
         return box[0]
 
     def close(self) -> None:
-        """Leave the group."""
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        """Leave the group and free it, threads included (a gloo thread left to interpreter shutdown can abort a
+        finished process: `distributed.runtime.shutdown_process_groups`)."""
+        shutdown_process_groups()
 
 
 def join_group(config: TensorParallelConfig, rank: int, device_type: str = "cpu") -> TensorParallelGroup:
