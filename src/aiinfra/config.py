@@ -263,17 +263,22 @@ def _describe(error: dict[str, Any], origins: dict[str, str], default_origin: st
     return f"{origin}: {key}: {message}" if key else f"{origin}: {message}"
 
 
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """A TOML file's tree; a `ConfigError` naming the file (`what` says which kind) if it is missing or not TOML."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {str(path)!r} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{what} {str(path)!r} is not valid TOML: {error}") from None
+
+
 def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a TOML file (or the defaults), apply `section.key=value` overrides, validate everything."""
     tree: dict[str, Any] = {}
     origins: dict[str, str] = {}
     if path is not None:
-        try:
-            tree = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {str(path)!r} does not exist") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {error}") from None
+        tree = read_toml(path, "config file")
     for item in overrides:
         keys, value = parse_override(item)
         _merge(tree, keys, value, f"--set {item}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -9,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import httpx
 import torch
 import uvicorn
 
@@ -64,3 +66,12 @@ def running_server(served: ServedModel, engine_config: EngineConfig | None = Non
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+def stream_events(url: str, body: dict, timeout_s: float = 60) -> list[dict]:
+    """The JSON chunks of a streamed answer, checked to end with `data: [DONE]`."""
+    with httpx.stream("POST", url, json=body, timeout=timeout_s) as response:
+        assert response.status_code == 200, response.read()
+        lines = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]

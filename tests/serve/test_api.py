@@ -14,7 +14,7 @@ from aiinfra.models.sampling import sample
 from aiinfra.serve.api import ServerConfig
 from aiinfra.serve.engine import EngineConfig
 
-from .server import RunningServer, running_server, tiny_served_model
+from .server import RunningServer, running_server, stream_events, tiny_served_model
 
 
 def wait_until_idle(server: RunningServer, timeout_s: float = 15.0) -> None:
@@ -87,14 +87,6 @@ def test_stop_strings_cut_the_text(server, served) -> None:
     assert cut["choices"][0]["text"] == text[: text.index(stop)]
     assert cut["choices"][0]["finish_reason"] == "stop"
     wait_until_idle(server)
-
-
-def stream_events(url: str, body: dict) -> list[dict]:
-    with httpx.stream("POST", url, json=body, timeout=30) as response:
-        assert response.status_code == 200, response.read()
-        lines = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
-    assert lines[-1] == "[DONE]"
-    return [json.loads(line) for line in lines[:-1]]
 
 
 @pytest.mark.parametrize("kind", ["completions", "chat"])

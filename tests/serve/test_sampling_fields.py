@@ -4,7 +4,6 @@ each penalty and logit_bias follow their formulas, and a seed reproduces a sampl
 from __future__ import annotations
 
 import asyncio
-import json
 
 import httpx
 import pytest
@@ -15,6 +14,8 @@ from aiinfra.serve.engine import EngineConfig, LLMEngine
 from aiinfra.serve.loading import ServedModel
 from aiinfra.serve.request import SamplingParams
 
+from .server import stream_events
+
 PROMPT = "def function_3(value):"
 
 
@@ -22,14 +23,6 @@ PROMPT = "def function_3(value):"
 def reference_logprobs(served: ServedModel, ids: list[int]) -> torch.Tensor:
     """(len(ids), vocab): row p is log P(next token | ids[: p + 1]) by a plain full forward pass."""
     return served.model(torch.tensor([ids]))[0].float().log_softmax(dim=-1)
-
-
-def stream_chunks(url: str, body: dict) -> list[dict]:
-    with httpx.stream("POST", url, json=body, timeout=60) as response:
-        assert response.status_code == 200, response.read()
-        lines = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
-    assert lines[-1] == "[DONE]"
-    return [json.loads(line) for line in lines[:-1]]
 
 
 def test_completion_logprobs_and_echo_scoring_equal_the_log_softmax_of_the_logits(server, served) -> None:
@@ -57,7 +50,7 @@ def test_completion_logprobs_and_echo_scoring_equal_the_log_softmax_of_the_logit
     assert "".join(block["tokens"]) == choice["text"]
     assert block["text_offset"][-1] == len(choice["text"]) - len(block["tokens"][-1])
 
-    streamed = stream_chunks(url, body | {"stream": True})
+    streamed = stream_events(url, body | {"stream": True})
     tokens = [t for chunk in streamed for t in (chunk["choices"][0]["logprobs"] or {}).get("tokens", [])]
     values = [v for chunk in streamed for v in (chunk["choices"][0]["logprobs"] or {}).get("token_logprobs", [])]
     assert tokens == block["tokens"]
@@ -87,7 +80,7 @@ def test_chat_logprobs_streamed_and_whole_equal_the_log_softmax_of_the_logits(se
         best = row.topk(3)
         assert [e["logprob"] for e in entry["top_logprobs"]] == pytest.approx(best.values.tolist(), abs=1e-5)
         assert entry["top_logprobs"][0]["logprob"] >= entry["top_logprobs"][-1]["logprob"]
-    streamed = stream_chunks(url, body | {"stream": True})
+    streamed = stream_events(url, body | {"stream": True})
     streamed_content = [e for chunk in streamed for e in ((chunk["choices"][0].get("logprobs") or {}).get("content")
                                                            or [])]
     assert [e["token"] for e in streamed_content] == [e["token"] for e in content]

@@ -6,11 +6,14 @@ import os
 import signal
 import socket
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from aiinfra.config import ConfigError
+
+if TYPE_CHECKING:  # the CLI imports this module at start-up: the gateway's modules load only to serve
+    from aiinfra.route.fleet import FleetConfig
 
 
 def _fail(message: str) -> typer.Exit:
@@ -30,12 +33,11 @@ def _listen(host: str, port: int, reuse_port: bool) -> socket.socket:
     return sock
 
 
-def serve_fleet(fleet_path: Path, sock: socket.socket) -> None:
+def serve_fleet(fleet: FleetConfig, sock: socket.socket) -> None:
     """Run one gateway process on `sock` until SIGINT or SIGTERM."""
     from aiohttp import web
 
     from aiinfra.route.app import build_app
-    from aiinfra.route.fleet import load_fleet
 
     loop = None
     try:
@@ -44,8 +46,11 @@ def serve_fleet(fleet_path: Path, sock: socket.socket) -> None:
         loop = uvloop.new_event_loop()
     except ImportError:  # uvloop is optional: asyncio's own loop works, a little slower
         pass
-    web.run_app(build_app(load_fleet(fleet_path)), sock=sock, print=None, access_log=None,
-                handler_cancellation=True, loop=loop, shutdown_timeout=5)
+    try:
+        web.run_app(build_app(fleet), sock=sock, print=None, access_log=None,
+                    handler_cancellation=True, loop=loop, shutdown_timeout=5)
+    except web.GracefulExit:
+        pass  # a second SIGTERM while shutting down (the process group's and the parent's): still a clean stop
 
 
 def route_command(
@@ -70,7 +75,7 @@ def route_command(
     typer.echo(f"routing {len(pools)} model(s) over {len(fleet_config.backend)} backend(s) with policy "
                f"{fleet_config.gateway.policy!r} on http://{host}:{port} ({workers} process(es))")
     if workers == 1:
-        serve_fleet(fleet, sockets[0])
+        serve_fleet(fleet_config, sockets[0])
         return
     children = []
     for sock in sockets:
@@ -78,8 +83,9 @@ def route_command(
         if pid == 0:  # a worker: its own event loop, state and health checks on its own socket
             code = 0
             try:
-                serve_fleet(fleet, sock)
-            except BaseException:  # noqa: BLE001 - a worker must never return into the parent's code
+                serve_fleet(fleet_config, sock)
+            except BaseException as error:  # noqa: BLE001 - a worker must never return into the parent's code
+                typer.echo(f"error: gateway process {os.getpid()} stopped: {error!r}", err=True)
                 code = 1
             os._exit(code)
         children.append(pid)

@@ -26,18 +26,12 @@ redis_url = "redis://127.0.0.1:6379/0"   # optional: entries shared by every gat
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from aiinfra.config import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from aiinfra.config import ConfigError, read_toml
 
 POLICIES = ("round_robin", "least_outstanding", "latency", "cost", "prefix", "session")
 SCORERS = ("prefix", "queue", "kv", "latency", "cost")
@@ -216,10 +210,4 @@ def parse_fleet(tree: dict[str, Any], origin: str = "FLEET.toml") -> FleetConfig
 
 def load_fleet(path: Path) -> FleetConfig:
     """Read and validate FLEET.toml."""
-    try:
-        tree = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"fleet file {str(path)!r} does not exist") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise ConfigError(f"fleet file {str(path)!r} is not valid TOML: {error}") from None
-    return parse_fleet(tree, str(path))
+    return parse_fleet(read_toml(path, "fleet file"), str(path))

@@ -40,7 +40,7 @@ class Gateway:
     """Pools of backends by model name, the policy, the budgets and the HTTP client they share."""
 
     def __init__(self, fleet: FleetConfig, metrics: RouteMetrics | None = None, seed: int | None = None):
-        self.fleet, self.config = fleet, fleet.gateway
+        self.config = fleet.gateway
         self.metrics = metrics or RouteMetrics()
         self.policy = Policy(self.config, seed)
         self.pools: dict[str, list[BackendState]] = {

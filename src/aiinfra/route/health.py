@@ -1,8 +1,8 @@
 """Active health checks: every backend's health endpoint each `health_interval_s`, apart from passive detection.
 
 A check that fails (no answer within `health_timeout_s`, or any status but 200) marks the backend down at once;
-the first one that passes marks it up again. An aiinfra server's /health also reports its running and waiting
-requests and KV-cache use, which the queue and KV scorers read. A check never touches the load counters.
+the first one that passes marks it up again. An aiinfra server's /health also reports its waiting requests and
+KV-cache use, which the queue and KV scorers read. A check never touches the load counters.
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ async def check(gateway: Gateway, backend: BackendState) -> None:
     if healthy:
         with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
             status = orjson.loads(payload) if payload else {}
-            backend.running = int(status["running"]) if "running" in status else None
             backend.waiting = int(status["waiting"]) if "waiting" in status else None
             backend.kv_cache_usage = float(status["kv_cache_usage"]) if "kv_cache_usage" in status else None
         if not was_up or not backend.checked:  # a restarted backend may be another server

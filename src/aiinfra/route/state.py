@@ -86,8 +86,7 @@ class BackendState:
     outstanding: int = 0
     ttft_s: float | None = None  # moving averages
     tpot_s: float | None = None
-    running: int | None = None  # from an aiinfra server's /health
-    waiting: int | None = None
+    waiting: int | None = None  # from an aiinfra server's /health
     kv_cache_usage: float | None = None
     cooldown_until: float = 0.0  # a 429/503's Retry-After
     outlier: Outlier = field(default_factory=Outlier)
