@@ -160,7 +160,7 @@ def test_admin_invalidation_by_key_and_prefix(fake: FakeBackend, encoder: Encode
 
 
 def test_a_speculative_request_is_cancelled_by_a_hit(fake: FakeBackend, encoder: Encoder) -> None:
-    with cached_gateway(fleet_for(fake, speculative=True), encoder) as (url, _):
+    with cached_gateway(fleet_for(fake, speculative=True, speculative_after_ms=0), encoder) as (url, _):
         assert ask(url, "How do I exit vim?").headers["x-aiinfra-cache"] == "miss"
         fake.behaviour.first_delay_s = 5.0
         started = time.monotonic()
@@ -170,3 +170,14 @@ def test_a_speculative_request_is_cancelled_by_a_hit(fake: FakeBackend, encoder:
         while fake.cancelled < 1:  # the copy sent while the lookup ran was cancelled at the backend
             assert time.monotonic() < deadline
             time.sleep(0.02)
+
+
+def test_a_speculative_lookup_that_answers_within_its_delay_sends_nothing(fake: FakeBackend,
+                                                                           encoder: Encoder) -> None:
+    # A delay no lookup reaches: a hit never dispatches, a miss waits for its lookup and then goes out once.
+    with cached_gateway(fleet_for(fake, speculative=True, speculative_after_ms=1000), encoder) as (url, _):
+        assert ask(url, "How do I exit vim?").headers["x-aiinfra-cache"] == "miss"
+        assert len(fake.requests) == 1
+        assert ask(url, "How can I quit the vim editor?").headers["x-aiinfra-cache"] == "hit"
+        assert ask(url, "How do I exit vim?").headers["x-aiinfra-cache"] == "hit"
+        assert len(fake.requests) == 1 and fake.cancelled == 0

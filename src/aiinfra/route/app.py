@@ -93,8 +93,9 @@ async def _proxy(request: web.Request, path: str) -> web.StreamResponse:
             if lookup is None:
                 attempt = await opening
             else:
-                attempt = await open_during_lookup(lookup, opening, gateway.cache.config.speculative,
-                                                   (NoBackend, AttemptFailed))
+                cache_config = gateway.cache.config
+                attempt = await open_during_lookup(lookup, opening, cache_config.speculative,
+                                                   (NoBackend, AttemptFailed), cache_config.speculative_after_ms / 1e3)
                 if isinstance(attempt, web.Response):
                     return attempt
         except NoBackend:

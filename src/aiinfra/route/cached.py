@@ -97,10 +97,21 @@ async def resolve(outcome: Outcome, body: dict[str, Any]) -> web.Response | None
 
 
 async def open_during_lookup(lookup: asyncio.Task, opening: Awaitable[Any], speculative: bool,
-                             failures: tuple[type[BaseException], ...]) -> Any:
-    """A hit's response, or the backend attempt of a miss. Speculatively, the attempt starts while the lookup
-    runs (a miss waits for no embedding) and a hit cancels it."""
-    if not speculative:
+                             failures: tuple[type[BaseException], ...], after_s: float = 0.0) -> Any:
+    """A hit's response, or the backend attempt of a miss. Speculatively, the attempt starts `after_s` into the
+    lookup if the lookup has not answered by then (a miss waits at most that long for its embedding) and a hit
+    cancels it; a lookup that answers within `after_s` never dispatches, so a quick hit costs no backend work."""
+    if speculative and after_s > 0:
+        try:
+            await asyncio.wait_for(asyncio.shield(lookup), after_s)
+        except asyncio.TimeoutError:
+            pass  # still looking up: dispatch now
+        except BaseException:
+            if not lookup.done():  # this request was cancelled while it waited
+                lookup.cancel()
+                opening.close()  # type: ignore[attr-defined]
+                raise
+    if not speculative or lookup.done():
         try:
             hit = await lookup
         except BaseException:

@@ -119,6 +119,9 @@ class CacheConfig(Section):
     speculative: bool = Field(
         True, description="send a request to a backend while its lookup runs, cancelled on a hit: a miss then "
         "waits for no embedding")
+    speculative_after_ms: float = Field(
+        4.0, ge=0, le=1000, description="how long a speculative lookup runs before its request is sent to a "
+        "backend: a hit found sooner costs no backend work, and a miss waits at most this long (0: send at once)")
     per_tenant: bool = Field(False, description="partition entries by the client's API key")
     admin_key_env: str = Field("", description="environment variable holding the key of /admin/cache/invalidate "
                                "(unset: any client key, or none when the gateway has none)")
