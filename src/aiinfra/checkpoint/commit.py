@@ -41,9 +41,12 @@ import xxhash
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystem
-from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, SavePlan, SavePlanner
+from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
+from aiinfra.checkpoint.raw_format import ChunkShapes, is_raw_file, read_file, write_files
 from aiinfra.checkpoint.run_dir import atomic_write
 
 MANIFEST_FILE = "manifest.json"
@@ -224,15 +227,25 @@ class HashingFileSystem(FileSystem):
 
 
 class HashingFileSystemWriter(FileSystemWriter):
-    """DCP's FileSystemWriter (fsync on) whose files are hashed as they are written.
+    """DCP's FileSystemWriter (fsync on) whose files are hashed as they are written, tensors as raw bytes
+    (`raw_format`) unless `raw` is False (then through torch.save, as DCP writes them).
 
-    Two writer threads per rank, each with its own file: one thread's checksum and serialization overlap the other's
-    disk writes.
+    Two writer threads per rank, each with its own file: one thread's checksum overlaps the other's disk writes.
     """
 
-    def __init__(self, path: Path, fault: Callable[[str], None], thread_count: int = 2):
+    def __init__(self, path: Path, fault: Callable[[str], None], thread_count: int = 2, raw: bool = True):
         super().__init__(path, single_file_per_rank=True, sync_files=True, thread_count=thread_count)
         self.fs = HashingFileSystem(fault)
+        self.raw = raw
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        if not self.raw:
+            return super().write_data(plan, planner)
+        results = write_files(self.fs, Path(self.path), plan.storage_data.prefix, plan.items, planner,
+                              self.thread_count, self.sync_files, DATA_SUFFIX)
+        done: Future[list[WriteResult]] = Future()
+        done.set_result(results)
+        return done
 
 
 def write_manifest(checkpoint_path: Path, files: dict[str, dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
@@ -440,19 +453,28 @@ class VerifyingFileSystemReader(FileSystemReader):
         super().__init__(path)
         self.fs = VerifyingFileSystem(expected, algorithm)
         self.thread_count = thread_count
+        self.shapes: ChunkShapes | None = None
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
+        self.shapes = ChunkShapes(metadata)
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         per_file: dict[str, list[Any]] = {}
         for item in plan.items:
             per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
-        def offset(item: Any) -> int:
-            return self.storage_data[item.storage_index].offset
 
-        plans = [dataclasses.replace(plan, items=sorted(items, key=offset)) for items in per_file.values()]
-        read_file = super().read_data
-        with ThreadPoolExecutor(max_workers=max(1, min(self.thread_count, len(plans)))) as pool:
-            for done in [pool.submit(read_file, part, planner) for part in plans]:
-                done.result().wait()
+        def read_one(name: str, items: list[Any]) -> None:
+            if is_raw_file(items, self.storage_data):
+                assert self.shapes is not None
+                read_file(self.fs, Path(self.path) / name, items, self.storage_data, self.shapes, planner)
+                return
+            items = sorted(items, key=lambda item: self.storage_data[item.storage_index].offset)
+            FileSystemReader.read_data(self, dataclasses.replace(plan, items=items), planner).wait()
+
+        with ThreadPoolExecutor(max_workers=max(1, min(self.thread_count, len(per_file)))) as pool:
+            for done in [pool.submit(read_one, name, items) for name, items in per_file.items()]:
+                done.result()
         finished: Future[None] = Future()
         finished.set_result(None)
         return finished
