@@ -142,8 +142,8 @@ def _mkdocs(config: Path, site: Path) -> subprocess.CompletedProcess:
             pytest.fail(message)
         pytest.skip(message)
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
-    command = [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(config), "--site-dir", str(site)]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=180)
+    command = [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(config), "--site-dir"]
+    return subprocess.run([*command, str(site)], capture_output=True, text=True, env=env, timeout=180)
 
 
 def test_the_site_builds_strictly(tmp_path: Path) -> None:
