@@ -29,6 +29,8 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
+    """The text trained on, its validation split and where its tokenized form is cached."""
+
     corpus: str = Field(
         "stdlib",
         description="'stdlib' (this interpreter's standard library), a text, JSONL ('text' field) or Parquet ('text' "
@@ -39,6 +41,8 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
+    """The optimization loop: steps, batch, learning-rate schedule, AdamW, evaluation, dtype and device."""
+
     steps: int = Field(300, ge=1, description="optimizer steps")
     seq_len: int = Field(256, ge=8, description="tokens per training sequence")
     micro_batch: int = Field(16, ge=1, description="sequences per forward/backward pass on one process")
@@ -146,6 +150,8 @@ class FaultConfig(Section):
 
 
 class RunConfig(Section):
+    """The run directory and what the run prints while it trains and at the end."""
+
     dir: str | None = Field(None, description="run directory (default runs/<preset>-<timestamp>)")
     log_every: int = Field(10, ge=1, description="print a progress line every N steps when not on a terminal")
     progress: bool = Field(True, description="show the live progress bar")
@@ -156,13 +162,14 @@ class RunConfig(Section):
 class Config(Section):
     """The whole training configuration."""
 
-    model: ModelSpec = Field(default_factory=lambda: ModelSpec(preset="tiny"))
-    data: DataConfig = Field(default_factory=DataConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
-    run: RunConfig = Field(default_factory=RunConfig)
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    fault: FaultConfig = Field(default_factory=FaultConfig)
+    model: ModelSpec = Field(default_factory=lambda: ModelSpec(preset="tiny"),
+                             description="the model's shape: a named preset (default tiny) and any field overridden")
+    data: DataConfig = Field(default_factory=DataConfig, description="the corpus and its validation split")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="the optimization loop")
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="the parallel layout")
+    run: RunConfig = Field(default_factory=RunConfig, description="the run directory and what is printed")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpoints and resume")
+    fault: FaultConfig = Field(default_factory=FaultConfig, description="fault injection for tests and demos")
 
     @model_validator(mode="after")
     def _check(self) -> Config:

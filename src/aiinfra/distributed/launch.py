@@ -89,7 +89,7 @@ def auto_layout(config: Path | None, overrides: list[str]) -> tuple[int, list[st
 
     One process per GPU. On a CPU with several cores: one single-threaded DDP process per core, with the
     per-process micro-batch divided so that the global batch (and so the training) is unchanged. Measured by
-    bench/scaling.py on the shared 2-core machine (README, distributed training): DDP on 2 processes gave several times
+    bench/scaling.py on the shared 2-core machine (docs/distributed.md): DDP on 2 processes gave several times
     the tokens/s of one process with 2 threads, whose OpenMP threads stall whenever a core is taken by another
     job. A layout the user set decides the process count itself; a batch that does not divide stays on one.
     """

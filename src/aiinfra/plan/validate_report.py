@@ -84,7 +84,7 @@ def _memory_table() -> Table:
 
 
 def markdown_rows(report: FitReport, serving: list[InferenceValidationRow], not_run: list[str]) -> str:
-    """The per-row tables as Markdown (for the README): held-out and in-sample errors, then inference, not run."""
+    """The per-row tables as Markdown (for docs/planner.md): held-out and in-sample errors, then inference, not run."""
     lines = ["| run | gen | metric | published | predicted (held out) | error held out | error in-sample | layout |",
              "|---|---|---|---:|---:|---:|---:|---|"]
     for held, fitted in zip(report.out_of_sample, report.in_sample, strict=True):

@@ -1,7 +1,7 @@
 """The gateway's core: backend state per pool, picking a backend, and getting a first byte with retries and hedges.
 
 One `Gateway` per process. Its state (load, moving averages, ejections, the prefix index, budgets) is that
-process's view: several gateway processes each count only their own requests (see the README).
+process's view: several gateway processes each count only their own requests (see docs/gateway.md).
 """
 
 from __future__ import annotations
