@@ -282,6 +282,40 @@ def test_async_save_returns_before_the_write_and_equals_a_sync_save(tmp_path: Pa
     assert_same(from_async, saved, saved_extras)
 
 
+def test_an_overlapped_staging_copy_runs_beside_the_next_step_and_holds_the_state_at_save_time(tmp_path: Path):
+    copying = threading.Event()
+    release = threading.Event()
+    state = trained_state(2)
+    saved, saved_extras = full_state(state), extras(state)
+    manager = CheckpointManager(tmp_path, CheckpointPolicy(async_save=True, overlap_staging=True))
+    original_copy = torch.Tensor.copy_
+    staging_thread: list[str] = []
+
+    def held_copy(self: torch.Tensor, *args, **kwargs):  # hold the staging thread inside its first copy
+        if threading.current_thread().name.startswith("checkpoint-staging") and not copying.is_set():
+            staging_thread.append(threading.current_thread().name)
+            copying.set()
+            assert release.wait(timeout=120)
+        return original_copy(self, *args, **kwargs)
+
+    torch.Tensor.copy_ = held_copy
+    try:
+        manager.save(2, state)  # returns while the copy is held: the state is not yet staged
+        assert copying.wait(timeout=120) and staging_thread
+        state.model(state.data.next_batch()[0]).float().mean().backward()  # the next step's forward and backward
+        release.set()
+        manager.before_update()  # the optimizer step waits for the copy, then changes every tensor
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+    finally:
+        torch.Tensor.copy_ = original_copy
+    manager.close()
+    assert manager.metrics.saves == 1
+    loaded = trained_state(0, seed=3)
+    assert CheckpointManager(tmp_path).load_latest(loaded) == 2
+    assert_same(loaded, saved, saved_extras)
+
+
 def test_background_failure_is_raised_on_the_next_call(tmp_path: Path):
     def fail(phase: str, step: int) -> None:
         if phase == "before_manifest":

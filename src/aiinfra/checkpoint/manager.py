@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
 from aiinfra.checkpoint.commit import (
     MANIFEST_FILE,
@@ -110,7 +111,7 @@ class CheckpointManager:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-commit")
         self._cleaner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-cleanup")
         self._cleanup: Future | None = None
-        self._stager = ReusedBufferStager()
+        self._stager = ReusedBufferStager(overlap=self.policy.overlap_staging)
         self._pending: Future | None = None
         self._last_save_time = time.monotonic()
         self._last_saved_step: int | None = None
@@ -174,6 +175,8 @@ class CheckpointManager:
             dcp_future = dcp.async_save(
                 state_dict, storage_writer=writer, process_group=group, no_dist=no_dist, async_stager=self._stager
             )
+            if isinstance(dcp_future, AsyncSaveResponse):  # an overlapped stage: the copies are still running
+                dcp_future = dcp_future.upload_completion
             self._pending = self._executor.submit(self._commit, dcp_future, writer, path, info, started)
         else:
             dcp.save(state_dict, storage_writer=writer, process_group=group, no_dist=no_dist)
@@ -183,6 +186,13 @@ class CheckpointManager:
         self.metrics.total_blocking_s += blocking_s
         self._last_save_time = time.monotonic()
         self._last_saved_step = step
+
+    def before_update(self) -> None:
+        """Call before changing the model or optimizer state (the optimizer step): waits until an overlapped async
+        save's copy of the state is complete (at once when none is in flight); the wait counts as blocking time."""
+        waited = self._stager.wait_staged()
+        self.metrics.last_blocking_s += waited
+        self.metrics.total_blocking_s += waited
 
     def wait(self) -> None:
         """Block until the save in flight (if any) has committed and retired checkpoints are deleted; re-raise a
@@ -424,6 +434,7 @@ class CheckpointManager:
 
     def load(self, path: Path, state: TrainingState, manifest: dict[str, Any] | None = None) -> int:
         """Load one checkpoint directory into `state` (any world size or layout DCP can reshard to); its step."""
+        self._stager.wait_staged()  # an overlapped save must have copied the state before it is overwritten
         started = time.perf_counter()
         path = Path(path)
         manifest = manifest or read_manifest(path)

@@ -19,6 +19,9 @@ class CheckpointPolicy:
     """write in a background thread: only the copy of the state to CPU memory blocks training"""
     writer_threads: int = 2
     """files written in parallel per rank (one thread's hashing and serialization overlap another's disk writes)"""
+    overlap_staging: bool = False
+    """an async save's copy of the state runs in the background while training computes; whoever changes the
+    state next calls `CheckpointManager.before_update()` first (the trainer does, before each optimizer step)"""
 
 
 @dataclass

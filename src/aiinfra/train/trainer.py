@@ -176,7 +176,8 @@ class Trainer:
         checkpoint_dir = Path(ckpt.dir.format(rank=self.runtime.rank)) if ckpt.dir else self.run_dir / "checkpoints"
         self.checkpoints = CheckpointManager(
             checkpoint_dir,
-            CheckpointPolicy(ckpt.every_steps, ckpt.every_seconds, ckpt.keep_last, ckpt.async_save),
+            CheckpointPolicy(ckpt.every_steps, ckpt.every_seconds, ckpt.keep_last, ckpt.async_save,
+                             overlap_staging=ckpt.async_save),
             dp_rank=dp_rank,
             dp_size=dp_size,
             timeout_s=config.parallel.collective_timeout_s,
@@ -235,6 +236,7 @@ class Trainer:
             with self.runner.grad_sync(index == cfg.grad_accum - 1):
                 losses.append(self.runner.forward_backward(micro_inputs, micro_targets, 1 / cfg.grad_accum))
         grad_norm = self.runner.clip_grad_norm(cfg.grad_clip) if cfg.grad_clip > 0 else torch.zeros(())
+        self.checkpoints.before_update()  # an async save's copy of the weights ran during forward and backward
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
