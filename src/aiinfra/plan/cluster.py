@@ -121,14 +121,15 @@ def group_bandwidth_bytes_per_s(cluster: Cluster, group_size: int, stride: int) 
 
 
 def collective_time_s(cluster: Cluster, kind: Collective, size_bytes: float, group_size: int, stride: int = 1,
-                      n_calls: float = 1.0) -> float:
+                      n_calls: float = 1.0, remote_share: float = 1.0) -> float:
     """Time of a collective over `size_bytes` (the full, unsharded buffer) on a group of ranks, split in `n_calls`.
 
     all_gather / reduce_scatter: (n-1)/n x size / bw + (n-1) alpha; all_reduce: twice that;
     all_to_all: (n-1)/n x size / bw + (n-1) alpha (each rank keeps 1/n and sends the rest);
     p2p: size / bw + alpha (one send). A buffer sent in `n_calls` buckets pays the latency term once per bucket,
     which is what makes many small collectives over many ranks latency-bound (each ring step waits on the slowest
-    link of the ring).
+    link of the ring). `remote_share` scales the off-domain bytes of an all-to-all (node-limited MoE dispatch sends
+    fewer copies over the network than it delivers).
     """
     if group_size <= 1 or size_bytes <= 0:
         return 0.0
@@ -140,7 +141,7 @@ def collective_time_s(cluster: Cluster, kind: Collective, size_bytes: float, gro
         # on-domain share crosses the fast fabric (DeepEP's split of NVLink and RDMA traffic, DeepSeek-V3 3.2.2).
         eff = cluster.efficiency
         local = max(1, min(group_size, cluster.scaleup_domain // max(1, stride)))
-        remote_s = (group_size - local) / group_size * size_bytes / (cluster.scaleout_bw_bytes_per_s
+        remote_s = remote_share * (group_size - local) / group_size * size_bytes / (cluster.scaleout_bw_bytes_per_s
                                                                      * eff.collective_bw_efficiency)
         local_s = (local - 1) / group_size * size_bytes / (cluster.scaleup_bw_bytes_per_s
                                                            * eff.collective_bw_efficiency)

@@ -45,10 +45,12 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         "Megatron-LM/Megatron-Core arguments.py and DDP config: GPT hidden/attention dropout 0.1; --overlap-grad-"
         "reduce and --overlap-param-gather; buckets of max(40M, 1M x dp) parameters; fp32 main gradients reduced in "
         "fp32; interleaved 1F1B (--num-layers-per-virtual-pipeline-stage); sequence parallel with TP; TP comm "
-        "overlap; --recompute-num-layers for recomputing part of a stage; Megatron-FSDP gathers per module; MoE "
-        "all-to-all overlapped with the other micro-batch (--overlap-moe-expert-parallel-comm); TE fused attention",
+        "overlap; --recompute-num-layers for recomputing part of a stage; Megatron-FSDP gathers per module; the MoE "
+        "all-to-all blocks the expert GEMMs (TransformerConfig.overlap_moe_expert_parallel_comm defaults to False: "
+        "overlapping it with another micro-batch is opt-in, and the published tables do not say it was on); TE "
+        "fused attention",
         dropout_families=("gpt",), tp_overlap=True, interleaved_by_default=True, dp_bucket_params=40e6,
-        sequence_parallel=True, partial_recompute=True, ep_overlap=True,
+        sequence_parallel=True, partial_recompute=True,
     ),
     "megatron-deepspeed": FrameworkFacts(
         "megatron-deepspeed",

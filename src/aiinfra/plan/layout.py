@@ -94,6 +94,7 @@ class TrainSettings:
     dp_bucket_params: float = 0.0  # parameters per ZeRO-0/1/2 gradient bucket; 0: one per layer
     zero3_bucket_params: float = 0.0  # parameters per ZeRO-3 gather/scatter; 0: one per layer (FSDP units)
     ep_overlap: bool = False  # expert-parallel all-to-alls overlap another micro-batch's compute
+    moe_node_limit: int = 0  # a token's experts lie in at most this many scale-up domains (0: no limit)
     reshard_after_forward: bool = True  # ZeRO-3 drops gathered weights after the forward, gathers again for backward
     grad_reduce_every_micro_batch: bool = False  # ZeRO-1/2 reduce-scatter after every micro-batch (DeepSpeed)
     fp8_param_gather: bool = False  # FSDP all-gathers fp8 weights (torchao float8 all-gather)

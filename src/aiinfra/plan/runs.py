@@ -33,6 +33,9 @@ GPT_FAMILIES = ("gpt",)
 TWO_MATRIX_FAMILIES = ("gpt", "nemotron")
 TIED_FAMILIES = ("gpt", "palm", "gemma")
 DEFAULT_VOCAB = {"gpt": 50257}
+# Node-limited routing in the model's own router: DeepSeek-V3 config.json n_group 8, topk_group 4 (each token's 8
+# experts come from at most 4 of 8 groups, one group per node in the authors' EP64 layout; arXiv 2412.19437, 3.2.2).
+NODE_LIMITED_ROUTING = {"deepseek-v3": 4}
 
 
 class RowNotRepresentable(PlanError):
@@ -184,6 +187,7 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
         dp_overlap=facts.dp_overlap, tp_overlap=facts.tp_overlap, dp_bucket_params=facts.dp_bucket_params,
         zero3_bucket_params=facts.zero3_bucket_params, ep_overlap=facts.ep_overlap,
         grad_reduce_every_micro_batch=facts.grad_reduce_every_micro_batch,
+        moe_node_limit=NODE_LIMITED_ROUTING.get(row.get("model", "").strip(), 0),
     )
     try:
         cluster = make_cluster(row["hardware"].strip(), n_devices)

@@ -79,6 +79,15 @@ def _mlp_gemm_s(spec: ModelSpec, layout: Layout, cluster: Cluster, precision: st
     return gemm + _gemm_time_s(cluster, precision, tokens_per_expert, ffn_local, h, local_experts)
 
 
+def moe_remote_share(experts_per_token: int, node_limit: int) -> float:
+    """Share of a token's k routed copies that cross the network when its experts lie in at most `node_limit`
+    domains: one copy per target domain goes over the network and is forwarded to its experts inside the domain
+    (DeepSeek-V3, arXiv 2412.19437, 3.2.2: at most 4 nodes per token, IB then NVLink; DeepEP), so M of k copies."""
+    if node_limit <= 0 or experts_per_token <= node_limit:
+        return 1.0
+    return node_limit / experts_per_token
+
+
 def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster) -> PassTimes:
     """Forward-pass costs of one transformer layer for one micro-batch on one device."""
     eff = cluster.efficiency
@@ -142,8 +151,11 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
         # 3.3.1; Megatron's fp8 dispatch); the combine returns bf16 outputs.
         dispatch_bytes = m * spec.experts_per_token * h * (1 if precision in ("fp8", "fp4") else a)
         combine_bytes = m * spec.experts_per_token * h * a
-        ep_comm = (collective_time_s(cluster, "all_to_all", dispatch_bytes, layout.ep, tp * layout.cp)
-                   + collective_time_s(cluster, "all_to_all", combine_bytes, layout.ep, tp * layout.cp))
+        share = moe_remote_share(spec.experts_per_token, settings.moe_node_limit)
+        ep_comm = (collective_time_s(cluster, "all_to_all", dispatch_bytes, layout.ep, tp * layout.cp,
+                                     remote_share=share)
+                   + collective_time_s(cluster, "all_to_all", combine_bytes, layout.ep, tp * layout.cp,
+                                       remote_share=share))
     return PassTimes(
         gemm_s=gemm,
         attention_s=attention,
