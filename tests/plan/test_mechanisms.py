@@ -9,9 +9,10 @@ from aiinfra.plan.cluster import collective_time_s, make_cluster
 from aiinfra.plan.from_config import configured_run, load_run_config
 from aiinfra.plan.inference import WEIGHT_BYTES, touched_experts
 from aiinfra.plan.layout import Layout, TrainSettings
-from aiinfra.plan.memory import layer_activation_bytes
-from aiinfra.plan.runs import mfu_flops_per_token, spec_from_row
-from aiinfra.plan.step import dp_collective_calls, step_breakdown
+from aiinfra.plan.memory import layer_activation_bytes, memory_breakdown
+from aiinfra.plan.runs import mfu_flops_per_token, setup_from_row, spec_from_row
+from aiinfra.plan.step import dp_collective_calls, moe_remote_share, step_breakdown
+from aiinfra.plan.validation import best_layout, load_training_runs
 from aiinfra.spec import preset
 
 
@@ -102,3 +103,40 @@ def test_a_training_config_is_predicted_with_the_trainers_names(tmp_path: Path) 
     assert (run.layout.dp_replicate, run.layout.dp_shard, run.layout.tp, run.n_devices) == (2, 2, 2, 8)
     assert run.layout.zero_stage == 3 and run.settings.global_batch_seqs == 4 * 2 * 4
     assert run.tokens == 10 * 32 * 256
+
+
+def test_node_limited_dispatch_sends_one_copy_per_target_node() -> None:
+    # DeepSeek-V3 3.2.2: a token's 8 experts lie in at most 4 nodes, one copy per node crosses the network.
+    assert moe_remote_share(8, 4) == pytest.approx(0.5)
+    assert moe_remote_share(8, 0) == 1.0 and moe_remote_share(2, 4) == 1.0
+    cluster = make_cluster("h100-sxm-80gb", 64)
+    size = 1e9
+    remote = 0.5 * 56 / 64 * size / (50e9 * 0.8)  # 56 of 64 peers off-node, half the copies deduplicated
+    local = 7 / 64 * size / (450e9 * 0.8)
+    assert collective_time_s(cluster, "all_to_all", size, 64, 1, remote_share=0.5) == pytest.approx(
+        max(remote, local) + 1e-5)
+
+
+def _moe_step_s(**settings: object) -> float:
+    spec = preset("small", n_experts=64, experts_per_token=8)
+    layout = Layout(dp_shard=64, zero_stage=1, ep=64, micro_batch=1)
+    return step_breakdown(spec, TrainSettings(seq_len=4096, global_batch_seqs=64, **settings),  # type: ignore[arg-type]
+                          layout, make_cluster("h100-sxm-80gb", 64)).step_time_s
+
+
+def test_node_limited_routing_and_all_to_all_overlap_never_slow_a_step() -> None:
+    blocking = _moe_step_s()
+    assert _moe_step_s(moe_node_limit=4) < blocking  # EP64 spans 8 nodes: fewer copies over the NICs
+    assert _moe_step_s(ep_overlap=True) <= blocking
+
+
+def test_megatron_core_readme_layouts_fit_with_the_distributed_optimizer() -> None:
+    # The README's --overlap-param-gather requires --use-distributed-optimizer, so these runs sharded the optimizer;
+    # the stated layout (TP8 PP2 DP48 for 70B, TP8 PP8 DP48 for 314B) must fit an 80 GB H100.
+    rows = {r["id"]: r for r in load_training_runs()}
+    for run_id in ("mcore-70b", "mcore-314b"):
+        setup = setup_from_row(rows[run_id])
+        assert setup.layout.zero_stage == 1
+        layout, _ = best_layout(setup)
+        need = memory_breakdown(setup.spec, setup.settings, layout).total_bytes
+        assert need <= setup.cluster.usable_memory_bytes
