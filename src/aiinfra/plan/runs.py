@@ -1,10 +1,11 @@
 """One row of the shared run schema (../shared/reference/README.md) as a spec, settings, layout and cluster.
 
 Every column is read: shape, batch, hardware, the degrees tp/pp/dp/cp/ep/vp, `sharding`, `recompute`,
-`precision`, `framework` (which selects documented software behaviour, `frameworks.py`) and the mixture-of-experts
-shape. Nothing is looked up by the row's `source` or `id`. A knob the row leaves empty (micro-batch, interleaved
-chunks, recomputation) is searched: the fastest setting that fits, as the authors tuned theirs. A row the planner
-cannot represent raises `RowNotRepresentable` with the reason.
+`precision`, `framework` (which selects documented software behaviour, `frameworks.py`), the mixture-of-experts
+shape, and the optional `attention` column (flash or materialized, where a source states its kernel). Nothing is
+looked up by the row's `source` or `id`. A knob the row leaves empty (micro-batch, interleaved chunks,
+recomputation) is searched: the fastest setting that fits, as the authors tuned theirs. A row the planner cannot
+represent raises `RowNotRepresentable` with the reason.
 """
 
 from __future__ import annotations
@@ -131,6 +132,17 @@ def _recompute(text: str) -> tuple[str, bool]:
     raise RowNotRepresentable(f"recompute={text!r}: expected none, selective or full")
 
 
+def _attention(row: dict[str, str]) -> str:
+    """The attention kernel: the row's `attention` column (an optional extension of the schema: flash or
+    materialized) or, when empty, fused flash-style attention, every framework's default since 2023."""
+    text = (row.get("attention") or "").strip()
+    if text in ("", "flash"):
+        return "flash"
+    if text == "materialized":
+        return text
+    raise RowNotRepresentable(f"attention={text!r}: expected flash or materialized")
+
+
 def within_domain(dp: int, ranks_per_domain: int) -> int:
     """The largest divisor of dp that fits in a scale-up domain (MaxText: FSDP over ICI, data parallel over DCN)."""
     return max((d for d in range(1, dp + 1) if dp % d == 0 and d <= max(1, ranks_per_domain)), default=1)
@@ -180,7 +192,7 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
     settings = TrainSettings(
         seq_len=spec.max_seq_len, global_batch_seqs=_int(row, "global_batch_seqs"),
         precision=precision,  # type: ignore[arg-type]
-        attention_kernel="flash", dropout=row.get("model", "").strip() in facts.dropout_families,
+        attention_kernel=_attention(row), dropout=row.get("model", "").strip() in facts.dropout_families,
         param_bytes=facts.param_bytes, gather_param_bytes=facts.gather_param_bytes, grad_bytes=facts.grad_bytes,
         grad_reduce_bytes=4 if facts.grad_reduce_fp32 else 2,
         optimizer_bytes_per_param=facts.optimizer_bytes_per_param,
