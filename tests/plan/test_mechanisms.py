@@ -1,15 +1,17 @@
 """The mechanisms added for runs the planner had never seen, each against a hand computation."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from aiinfra.hardware import get_accelerator
 from aiinfra.plan.cluster import collective_time_s, make_cluster
+from aiinfra.plan.errors import PlanError
 from aiinfra.plan.from_config import configured_run, load_run_config
 from aiinfra.plan.inference import WEIGHT_BYTES, touched_experts
 from aiinfra.plan.layout import Layout, TrainSettings
-from aiinfra.plan.memory import layer_activation_bytes, memory_breakdown
+from aiinfra.plan.memory import activation_memory_bytes, layer_activation_bytes, memory_breakdown, offloaded_layer_bytes
 from aiinfra.plan.runs import RowNotRepresentable, mfu_flops_per_token, setup_from_row, spec_from_row
 from aiinfra.plan.step import dp_collective_calls, moe_remote_share, step_breakdown
 from aiinfra.plan.validation import best_layout, load_training_runs
@@ -157,3 +159,38 @@ def test_the_attention_column_selects_the_kernel() -> None:
     assert step.step_time_s > step_breakdown(flash.spec, flash.settings, flash.layout, flash.cluster).step_time_s
     with pytest.raises(RowNotRepresentable, match="attention='sparse'"):
         setup_from_row({**row, "attention": "sparse"})
+
+
+def test_offloaded_activations_against_a_hand_count() -> None:
+    # MaxText's custom policy: layer input, Q, K, V and the attention output go to the host (bf16), plus the fp32
+    # log-sum-exp per head; nothing of the layer stays on the device between the passes.
+    spec = preset("llama3-8b")
+    settings = TrainSettings(seq_len=4096, global_batch_seqs=8)
+    layout = Layout(recompute="selective", offload_activations=True)
+    per_token = 2 * (2 * 4096 + 2 * 1024) + 4 * 32 + 2 * 4096
+    assert offloaded_layer_bytes(spec, settings, layout) == pytest.approx(4096 * per_token)
+    assert layer_activation_bytes(spec, settings, layout) == 0.0
+
+
+def _offload_step_s(host_bw_gbs: float | None) -> float:
+    spec = preset("llama3-8b")
+    cluster = make_cluster("tpu-v6e", 8)
+    cluster = replace(cluster, accelerator=replace(cluster.accelerator, host_bw_gbs=host_bw_gbs))
+    settings = TrainSettings(seq_len=8192, global_batch_seqs=32)
+    layout = Layout(dp_shard=8, zero_stage=3, micro_batch=4, recompute="selective", offload_activations=True)
+    return step_breakdown(spec, settings, layout, cluster).step_time_s
+
+
+def test_more_host_bandwidth_never_slows_an_offloaded_step() -> None:
+    steps = [_offload_step_s(bw) for bw in (2.0, 8.0, 32.0, 1e6)]
+    assert steps == sorted(steps, reverse=True) and steps[0] > steps[-1]
+    with pytest.raises(PlanError, match="host_bw_gbs"):
+        _offload_step_s(None)
+
+
+def test_logits_are_stored_at_the_frameworks_width() -> None:
+    spec = preset("llama3-8b")
+    layout = Layout(micro_batch=2)
+    fp32 = activation_memory_bytes(spec, TrainSettings(seq_len=4096, global_batch_seqs=2), layout)
+    bf16 = activation_memory_bytes(spec, TrainSettings(seq_len=4096, global_batch_seqs=2, logit_bytes=2), layout)
+    assert fp32 - bf16 == pytest.approx(2 * 4096 * 2 * spec.vocab_size)  # tokens x vocab x 2 bytes saved

@@ -37,6 +37,8 @@ class FrameworkFacts:
     shard_within_domain: bool = False  # FSDP shards inside a scale-up domain and replicates across domains
     fsdp_like_is_hybrid: bool = False  # an FSDP-style scheme here is HYBRID_SHARD: ZeRO-3 in a node, DDP across
     mfu_causal_attention: bool = False  # its MFU counts half the attention products (causal), not the full square
+    activation_offload: bool = False  # a selective policy may keep its saved activations in host memory
+    logit_bytes: int = 4  # bytes per stored logit
 
 
 FRAMEWORKS: dict[str, FrameworkFacts] = {
@@ -90,9 +92,12 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         "MaxText base.yml: weight_dtype float32 (fp32 weights and gradients, Adam moments in fp32, no separate "
         "master copy; XLA casts to bf16 before the FSDP all-gather), ici_fsdp_parallelism -1 and "
         "dcn_data_parallelism -1 (shard inside a slice, replicate across slices), latency-hiding scheduler, fused "
-        "(splash) attention; its MFU counts causal attention (calculate_tflops_training_per_device)",
+        "(splash) attention; its MFU counts causal attention (calculate_tflops_training_per_device); remat_policy "
+        "custom and the *_offloaded policies move saved activations to host memory (jax.checkpoint offload policies); "
+        "logits_dot_in_fp32 False (bf16 logits)",
         tp_overlap=True, grad_reduce_fp32=False, param_bytes=4, gather_param_bytes=2, optimizer_bytes_per_param=8,
-        sequence_parallel=True, shard_within_domain=True, mfu_causal_attention=True,
+        sequence_parallel=True, shard_within_domain=True, mfu_causal_attention=True, activation_offload=True,
+        logit_bytes=2,
     ),
     "in-house": FrameworkFacts(
         "in-house",

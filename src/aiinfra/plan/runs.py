@@ -199,7 +199,7 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
         dp_overlap=facts.dp_overlap, tp_overlap=facts.tp_overlap, dp_bucket_params=facts.dp_bucket_params,
         zero3_bucket_params=facts.zero3_bucket_params, ep_overlap=facts.ep_overlap,
         grad_reduce_every_micro_batch=facts.grad_reduce_every_micro_batch,
-        moe_node_limit=NODE_LIMITED_ROUTING.get(row.get("model", "").strip(), 0),
+        moe_node_limit=NODE_LIMITED_ROUTING.get(row.get("model", "").strip(), 0), logit_bytes=facts.logit_bytes,
     )
     try:
         cluster = make_cluster(row["hardware"].strip(), n_devices)

@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aiinfra.plan.cluster import Cluster, collective_time_s
+from aiinfra.plan.errors import PlanError
 from aiinfra.plan.layout import Layout, TrainSettings, check_layout, layers_per_stage, micro_batches
-from aiinfra.plan.memory import device_param_counts, memory_breakdown
+from aiinfra.plan.memory import device_param_counts, memory_breakdown, offloaded_layer_bytes
 from aiinfra.spec import ModelSpec
 
 # Bytes moved per logit by a fused vocab-parallel cross-entropy (write bf16 logits, read them, write fp32
@@ -44,6 +45,7 @@ class PassTimes:
     """Seconds of one layer's forward pass for one micro-batch on one device, by kind of work."""
 
     gemm_s: float
+    mlp_gemm_s: float  # the MLP's share of gemm_s (router and experts for mixture-of-experts)
     attention_s: float  # score and value products (materialized or fused)
     scores_elementwise_s: float  # softmax/dropout on materialized scores (recomputed by selective recompute)
     elementwise_s: float  # norms, residuals, activations, rotary
@@ -103,7 +105,8 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
 
     gemm = _gemm_time_s(cluster, precision, m, h, q_local + 2 * kv_local)  # fused QKV projection
     gemm += _gemm_time_s(cluster, precision, m, q_local, h)  # output projection
-    gemm += _mlp_gemm_s(spec, layout, cluster, precision, m)
+    mlp_gemm = _mlp_gemm_s(spec, layout, cluster, precision, m)
+    gemm += mlp_gemm
 
     seq = settings.seq_len
     attention_flops = 4.0 * m * seq * q_local  # QK^T and PV over the full key range (spec convention)
@@ -158,6 +161,7 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
                                        remote_share=share))
     return PassTimes(
         gemm_s=gemm,
+        mlp_gemm_s=mlp_gemm,
         attention_s=attention,
         scores_elementwise_s=scores_bytes / bandwidth,
         elementwise_s=elementwise,
@@ -173,7 +177,7 @@ class MicroBatchTimes:
 
     compute_s: float
     tp_comm_exposed_s: float
-    other_comm_exposed_s: float  # context and expert parallel
+    other_comm_exposed_s: float  # context and expert parallel, and host transfers of offloaded activations
     backward_s: float  # the backward share, the window that data-parallel reductions overlap
 
     @property
@@ -198,6 +202,9 @@ def layer_micro_batch_times(
     if layout.recompute == "full":
         recompute = fwd_compute
         recomputed_tp_passes = 1.0
+    elif layout.offload_activations:
+        # Offloaded policy: the attention side comes back from the host, the MLP and the norms run again.
+        recompute = fwd.mlp_gemm_s + fwd.elementwise_s
     elif layout.recompute == "selective" and settings.attention_kernel == "materialized":
         recompute = fwd.attention_s + fwd.scores_elementwise_s
     elif layout.recompute == "selective":
@@ -214,6 +221,7 @@ def layer_micro_batch_times(
     # K/V gathers overlap the attention of the chunk already present; the backward gathers and reduce-scatters.
     cp_exposed = overlapped_s(fwd.cp_comm_s, fwd.attention_s)
     cp_exposed += overlapped_s(2 * fwd.cp_comm_s, attention_bwd * fwd.attention_s)
+    offload = host_transfer_exposed_s(spec, settings, layout, cluster, fwd_compute, bwd_compute + recompute)
     if settings.ep_overlap:
         # Dispatch and combine of one micro-batch run under another's compute (Megatron-Core's EP all-to-all
         # overlap in 1F1B; DeepSeek-V3's DualPipe), paying the SM tax.
@@ -223,9 +231,24 @@ def layer_micro_batch_times(
     return MicroBatchTimes(
         compute_s=fwd_compute + bwd_compute + recompute,
         tp_comm_exposed_s=tp_exposed,
-        other_comm_exposed_s=cp_exposed + ep_exposed,
+        other_comm_exposed_s=cp_exposed + ep_exposed + offload,
         backward_s=bwd_compute + recompute,
     )
+
+
+def host_transfer_exposed_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster,
+                            forward_s: float, backward_s: float) -> float:
+    """Offloaded activations of one layer and micro-batch: written to the host during the forward, read back during
+    the backward, each through the device's host link by DMA engines that leave the compute units free, so only the
+    excess over the pass they run under is exposed."""
+    size = offloaded_layer_bytes(spec, settings, layout)
+    if size <= 0:
+        return 0.0
+    host_gbs = cluster.accelerator.host_bw_gbs
+    if not host_gbs:
+        raise PlanError(f"activation offload: hardware {cluster.accelerator.id!r} has no host_bw_gbs in the catalog")
+    transfer = size / (host_gbs * 1e9)
+    return max(0.0, transfer - forward_s) + max(0.0, transfer - backward_s)
 
 
 def head_micro_batch_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster) -> float:
@@ -256,7 +279,7 @@ class StepBreakdown:
 
     compute_s: float  # all micro-batches' computation on the slowest stage
     tp_comm_s: float  # exposed tensor/sequence-parallel communication
-    other_comm_s: float  # exposed context/expert-parallel communication
+    other_comm_s: float  # exposed context/expert-parallel communication and host (offload) transfers
     pp_p2p_s: float  # pipeline sends and receives
     bubble_s: float  # pipeline fill and drain
     dp_comm_s: float  # exposed data-parallel / ZeRO / FSDP collectives
