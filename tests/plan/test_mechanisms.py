@@ -8,10 +8,17 @@ import pytest
 from aiinfra.hardware import get_accelerator
 from aiinfra.plan.cluster import collective_time_s, make_cluster
 from aiinfra.plan.errors import PlanError
+from aiinfra.plan.frameworks import framework_facts
 from aiinfra.plan.from_config import configured_run, load_run_config
 from aiinfra.plan.inference import WEIGHT_BYTES, touched_experts
 from aiinfra.plan.layout import Layout, TrainSettings
-from aiinfra.plan.memory import activation_memory_bytes, layer_activation_bytes, memory_breakdown, offloaded_layer_bytes
+from aiinfra.plan.memory import (
+    activation_memory_bytes,
+    device_param_counts,
+    layer_activation_bytes,
+    memory_breakdown,
+    offloaded_layer_bytes,
+)
 from aiinfra.plan.runs import RowNotRepresentable, mfu_flops_per_token, setup_from_row, spec_from_row
 from aiinfra.plan.step import dp_collective_calls, moe_remote_share, step_breakdown
 from aiinfra.plan.validation import best_layout, load_training_runs
@@ -194,3 +201,19 @@ def test_logits_are_stored_at_the_frameworks_width() -> None:
     fp32 = activation_memory_bytes(spec, TrainSettings(seq_len=4096, global_batch_seqs=2), layout)
     bf16 = activation_memory_bytes(spec, TrainSettings(seq_len=4096, global_batch_seqs=2, logit_bytes=2), layout)
     assert fp32 - bf16 == pytest.approx(2 * 4096 * 2 * spec.vocab_size)  # tokens x vocab x 2 bytes saved
+
+
+def test_without_overlap_a_step_pays_the_whole_gradient_all_reduce() -> None:
+    # Megatron-LM's 2021 local DDP all-reduced every gradient after the backward (--DDP-impl local).
+    spec = preset("1b")
+    cluster = make_cluster("a100-sxm-80gb", 32)
+    layout = Layout(dp_replicate=32, micro_batch=2)
+    blocking = TrainSettings(seq_len=2048, global_batch_seqs=64, dp_overlap=False)
+    step = step_breakdown(spec, blocking, layout, cluster)
+    params = device_param_counts(spec, layout).total
+    calls = dp_collective_calls(params, spec.n_layers, 0.0)  # one bucket per layer
+    assert step.dp_comm_s == pytest.approx(collective_time_s(cluster, "all_reduce", params * 4, 32, 1, calls))
+    overlapped = step_breakdown(spec, replace(blocking, dp_overlap=True), layout, cluster)
+    assert overlapped.step_time_s < step.step_time_s
+    facts = framework_facts("megatron-2021")
+    assert not facts.dp_overlap and not facts.tp_overlap and not facts.sequence_parallel

@@ -54,6 +54,16 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         dropout_families=("gpt",), tp_overlap=True, interleaved_by_default=True, dp_bucket_params=40e6,
         sequence_parallel=True, partial_recompute=True,
     ),
+    "megatron-2021": FrameworkFacts(
+        "megatron-2021",
+        "Megatron-LM as its 2021-22 papers ran it (Narayanan et al. 2021; Korthikanti et al. 2022), before Megatron-"
+        "Core: gradients all-reduced after the backward by its local DDP (--DDP-impl local, the default; "
+        "--overlap-grad-reduce arrived with Megatron-Core's DistributedDataParallel in 2023), tensor-parallel "
+        "all-reduces synchronous in RowParallelLinear (no TP overlap before Transformer Engine's userbuffers), "
+        "GPT dropout 0.1, interleaved 1F1B, sequence parallelism only where a run states it (Korthikanti 2022 "
+        "introduced it)",
+        dropout_families=("gpt",), dp_overlap=False, interleaved_by_default=True,
+    ),
     "megatron-deepspeed": FrameworkFacts(
         "megatron-deepspeed",
         "Megatron-DeepSpeed: Megatron's model code under DeepSpeed's engine (reduce_bucket_size 5e8 elements, "
