@@ -20,7 +20,7 @@ from aiinfra.plan.memory import (
     offloaded_layer_bytes,
 )
 from aiinfra.plan.runs import RowNotRepresentable, mfu_flops_per_token, setup_from_row, spec_from_row
-from aiinfra.plan.step import dp_collective_calls, moe_remote_share, step_breakdown
+from aiinfra.plan.step import dp_collective_calls, hardware_flops_per_token, moe_remote_share, step_breakdown
 from aiinfra.plan.validation import best_layout, load_training_runs
 from aiinfra.spec import preset
 
@@ -177,6 +177,9 @@ def test_offloaded_activations_against_a_hand_count() -> None:
     per_token = 2 * (2 * 4096 + 2 * 1024) + 4 * 32 + 2 * 4096
     assert offloaded_layer_bytes(spec, settings, layout) == pytest.approx(4096 * per_token)
     assert layer_activation_bytes(spec, settings, layout) == 0.0
+    # The MLP's forward runs again: 2 x 3 x d x ffn FLOPs per token per layer on top of the training FLOPs.
+    extra = hardware_flops_per_token(spec, 4096, "selective", "flash", offload=True) - spec.train_flops_per_token(4096)
+    assert extra == pytest.approx(2 * 3 * 4096 * 14336 * 32)
 
 
 def _offload_step_s(host_bw_gbs: float | None) -> float:

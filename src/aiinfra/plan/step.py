@@ -262,11 +262,16 @@ def head_micro_batch_s(spec: ModelSpec, settings: TrainSettings, layout: Layout,
 
 
 def hardware_flops_per_token(spec: ModelSpec, seq_len: int, recompute: str, attention_kernel: str,
-                             recompute_fraction: float = 1.0) -> float:
-    """Training FLOPs per token including recomputation (the HFU numerator; Megatron's eq. 3 for full)."""
+                             recompute_fraction: float = 1.0, offload: bool = False) -> float:
+    """Training FLOPs per token including recomputation (the HFU numerator; Megatron's eq. 3 for full); the offload
+    policy recomputes the MLP's forward."""
     flops = float(spec.train_flops_per_token(seq_len))
     head = 2.0 * spec.vocab_size * spec.dim
-    if recompute == "full":
+    if offload:
+        matrices = 3 if spec.mlp == "swiglu" else 2
+        flops += 2.0 * matrices * spec.dim * spec.ffn_dim * (spec.experts_per_token if spec.is_moe else 1) \
+            * spec.n_layers
+    elif recompute == "full":
         flops += recompute_fraction * (spec.forward_flops_per_token(seq_len) - head)  # the head is not recomputed
     elif recompute == "selective" and attention_kernel == "materialized":
         flops += recompute_fraction * spec.attention_flops_per_token(seq_len)
@@ -401,5 +406,5 @@ def step_breakdown(spec: ModelSpec, settings: TrainSettings, layout: Layout, clu
         model_flops=tokens * float(spec.train_flops_per_token(settings.seq_len)),
         hardware_flops=tokens
         * hardware_flops_per_token(spec, settings.seq_len, layout.recompute, settings.attention_kernel,
-                                   layout.recompute_fraction),
+                                   layout.recompute_fraction, layout.offload_activations),
     )
