@@ -20,7 +20,13 @@ from aiinfra.plan.memory import (
     offloaded_layer_bytes,
 )
 from aiinfra.plan.runs import RowNotRepresentable, mfu_flops_per_token, setup_from_row, spec_from_row
-from aiinfra.plan.step import dp_collective_calls, hardware_flops_per_token, moe_remote_share, step_breakdown
+from aiinfra.plan.step import (
+    dp_bucket_params,
+    dp_collective_calls,
+    hardware_flops_per_token,
+    moe_remote_share,
+    step_breakdown,
+)
 from aiinfra.plan.validation import best_layout, load_training_runs
 from aiinfra.spec import preset
 
@@ -220,3 +226,12 @@ def test_without_overlap_a_step_pays_the_whole_gradient_all_reduce() -> None:
     assert overlapped.step_time_s < step.step_time_s
     facts = framework_facts("megatron-2021")
     assert not facts.dp_overlap and not facts.tp_overlap and not facts.sequence_parallel
+
+
+def test_megatron_buckets_grow_with_the_data_parallel_size() -> None:
+    # Megatron-LM without --ddp-bucket-size: max(40M, 1M x dp x cp) parameters per bucket.
+    settings = TrainSettings(seq_len=4096, global_batch_seqs=256, dp_bucket_params=40e6, dp_bucket_params_per_rank=1e6)
+    assert dp_bucket_params(settings, Layout(dp_shard=8, zero_stage=1)) == 40e6
+    assert dp_bucket_params(settings, Layout(dp_shard=64, zero_stage=1)) == 64e6
+    assert dp_bucket_params(settings, Layout(dp_shard=32, cp=4, zero_stage=1)) == 128e6
+    assert dp_bucket_params(replace(settings, dp_bucket_params=0.0), Layout(dp_shard=64)) == 0.0  # one per layer

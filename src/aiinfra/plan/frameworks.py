@@ -25,6 +25,7 @@ class FrameworkFacts:
     grad_reduce_fp32: bool = True  # bf16 gradients reduced in fp32
     interleaved_by_default: bool = False  # pipeline runs interleave (several chunks per rank) unless told otherwise
     dp_bucket_params: float = 0.0  # parameters per ZeRO-0/1/2 gradient bucket; 0: one per layer
+    dp_bucket_params_per_rank: float = 0.0  # buckets grow with the data-parallel size: at least this x dp x cp
     zero3_bucket_params: float = 0.0  # parameters per ZeRO-3 gather; 0: one per layer (FSDP units)
     ep_overlap: bool = False  # expert-parallel all-to-alls hidden under another micro-batch's compute
     grad_reduce_every_micro_batch: bool = False  # ZeRO-1/2 reduce-scatter after every micro-batch
@@ -52,7 +53,7 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         "overlapping it with another micro-batch is opt-in, and the published tables do not say it was on); TE "
         "fused attention",
         dropout_families=("gpt",), tp_overlap=True, interleaved_by_default=True, dp_bucket_params=40e6,
-        sequence_parallel=True, partial_recompute=True,
+        dp_bucket_params_per_rank=1e6, sequence_parallel=True, partial_recompute=True,
     ),
     "megatron-2021": FrameworkFacts(
         "megatron-2021",
@@ -115,7 +116,8 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         "FSDP-style sharding, fp32 gradient reduction, interleaved pipeline, sequence parallel, no dropout); MFU "
         "counted with causal attention, an ASSUMPTION (Llama 3 does not state its counting; PaLM-style full "
         "counting would put 131K-context attention at a higher efficiency than 8K's)",
-        tp_overlap=True, interleaved_by_default=True, dp_bucket_params=40e6, sequence_parallel=True,
+        tp_overlap=True, interleaved_by_default=True, dp_bucket_params=40e6, dp_bucket_params_per_rank=1e6,
+        sequence_parallel=True,
         partial_recompute=True, mfu_causal_attention=True,
     ),
 }

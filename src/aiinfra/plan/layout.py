@@ -95,6 +95,7 @@ class TrainSettings:
     tp_overlap: bool = False  # tensor-parallel collectives overlap their GEMMs (Megatron-Core tp-comm-overlap)
     p2p_scatter_gather: bool = True  # pipeline sends split across the TP ranks (Narayanan et al. 2021, 4.1)
     dp_bucket_params: float = 0.0  # parameters per ZeRO-0/1/2 gradient bucket; 0: one per layer
+    dp_bucket_params_per_rank: float = 0.0  # ... but at least this many per data-parallel rank (dp x cp)
     zero3_bucket_params: float = 0.0  # parameters per ZeRO-3 gather/scatter; 0: one per layer (FSDP units)
     ep_overlap: bool = False  # expert-parallel all-to-alls overlap another micro-batch's compute
     moe_node_limit: int = 0  # a token's experts lie in at most this many scale-up domains (0: no limit)

@@ -197,6 +197,7 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
         grad_reduce_bytes=4 if facts.grad_reduce_fp32 else 2,
         optimizer_bytes_per_param=facts.optimizer_bytes_per_param,
         dp_overlap=facts.dp_overlap, tp_overlap=facts.tp_overlap, dp_bucket_params=facts.dp_bucket_params,
+        dp_bucket_params_per_rank=facts.dp_bucket_params_per_rank,
         zero3_bucket_params=facts.zero3_bucket_params, ep_overlap=facts.ep_overlap,
         grad_reduce_every_micro_batch=facts.grad_reduce_every_micro_batch,
         moe_node_limit=NODE_LIMITED_ROUTING.get(row.get("model", "").strip(), 0), logit_bytes=facts.logit_bytes,

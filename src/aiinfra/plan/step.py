@@ -310,6 +310,14 @@ def dp_collective_calls(params: float, stage_layers: int, bucket_params: float) 
     return float(max(1, stage_layers))
 
 
+def dp_bucket_params(settings: TrainSettings, layout: Layout) -> float:
+    """Parameters per ZeRO-0/1/2 bucket: Megatron-LM sizes them max(40M, 1M x dp x cp) when --ddp-bucket-size is
+    not given (megatron/training/training.py), so that each rank's share of a bucket stays large at scale."""
+    if settings.dp_bucket_params <= 0:
+        return 0.0
+    return max(settings.dp_bucket_params, settings.dp_bucket_params_per_rank * layout.dp * layout.cp)
+
+
 def _dp_comm_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster, mb: MicroBatchTimes,
                stage_layers: int, m: int) -> float:
     """Exposed data-parallel time: gradient reduction, parameter gathers, and how much the passes hide.
@@ -323,7 +331,7 @@ def _dp_comm_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster
     params = device_param_counts(spec, layout).total
     grads = params * settings.grad_reduce_bytes
     weights = params * (1 if settings.fp8_param_gather else settings.gathered_bytes)
-    bucket = settings.zero3_bucket_params if layout.zero_stage == 3 else settings.dp_bucket_params
+    bucket = settings.zero3_bucket_params if layout.zero_stage == 3 else dp_bucket_params(settings, layout)
     calls = dp_collective_calls(params, stage_layers, bucket)
     backward_window = mb.backward_s * stage_layers
     forward_window = (mb.compute_s - mb.backward_s) * stage_layers
