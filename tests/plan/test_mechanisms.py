@@ -11,7 +11,7 @@ from aiinfra.plan.errors import PlanError
 from aiinfra.plan.frameworks import framework_facts
 from aiinfra.plan.from_config import configured_run, load_run_config
 from aiinfra.plan.inference import WEIGHT_BYTES, touched_experts
-from aiinfra.plan.layout import Layout, TrainSettings
+from aiinfra.plan.layout import Layout, TrainSettings, check_layout
 from aiinfra.plan.memory import (
     activation_memory_bytes,
     device_param_counts,
@@ -202,6 +202,9 @@ def test_more_host_bandwidth_never_slows_an_offloaded_step() -> None:
     assert steps == sorted(steps, reverse=True) and steps[0] > steps[-1]
     with pytest.raises(PlanError, match="host_bw_gbs"):
         _offload_step_s(None)
+    with pytest.raises(PlanError, match="offload_activations needs recompute none or selective"):
+        check_layout(preset("tiny"), TrainSettings(seq_len=64, global_batch_seqs=1),
+                     Layout(recompute="full", offload_activations=True), 1)
 
 
 def test_logits_are_stored_at_the_frameworks_width() -> None:
