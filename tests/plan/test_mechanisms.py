@@ -10,7 +10,7 @@ from aiinfra.plan.cluster import collective_time_s, make_cluster
 from aiinfra.plan.errors import PlanError
 from aiinfra.plan.frameworks import framework_facts
 from aiinfra.plan.from_config import configured_run, load_run_config
-from aiinfra.plan.inference import WEIGHT_BYTES, touched_experts
+from aiinfra.plan.inference import WEIGHT_BYTES, engine_max_batch, touched_experts
 from aiinfra.plan.layout import Layout, TrainSettings, check_layout
 from aiinfra.plan.memory import (
     activation_memory_bytes,
@@ -238,3 +238,12 @@ def test_megatron_buckets_grow_with_the_data_parallel_size() -> None:
     assert dp_bucket_params(settings, Layout(dp_shard=64, zero_stage=1)) == 64e6
     assert dp_bucket_params(settings, Layout(dp_shard=32, cp=4, zero_stage=1)) == 128e6
     assert dp_bucket_params(replace(settings, dp_bucket_params=0.0), Layout(dp_shard=64)) == 0.0  # one per layer
+
+
+def test_engine_batch_limit_from_the_row_or_its_engines_default() -> None:
+    assert engine_max_batch({"system": "vLLM benchmark_throughput.py"}) == 256  # SchedulerConfig.max_num_seqs
+    assert engine_max_batch({"system": "TensorRT-LLM max-throughput"}) == 2048
+    assert engine_max_batch({"system": "vLLM (ROCm)", "max_batch": "3200"}) == 3200
+    assert engine_max_batch({"system": ""}) == 2048
+    with pytest.raises(RowNotRepresentable, match="max_batch='0'"):
+        engine_max_batch({"system": "vLLM", "max_batch": "0"})
