@@ -247,3 +247,19 @@ def test_engine_batch_limit_from_the_row_or_its_engines_default() -> None:
     assert engine_max_batch({"system": ""}) == 2048
     with pytest.raises(RowNotRepresentable, match="max_batch='0'"):
         engine_max_batch({"system": "vLLM", "max_batch": "0"})
+
+
+def test_bf16_weights_keep_two_plus_two_plus_four_bytes_a_parameter() -> None:
+    row = {"model": "llama", "layers": "32", "hidden": "4096", "heads": "32", "kv_heads": "8", "ffn": "14336",
+           "vocab": "128256", "seq_len": "8192", "global_batch_seqs": "32", "micro_batch": "1", "hardware": "tpu-v6e",
+           "n_devices": "32", "dp": "32", "sharding": "fsdp", "recompute": "full", "precision": "bf16",
+           "framework": "jax", "metric": "tokens_per_s_per_device", "value": "1"}
+    fp32 = setup_from_row(row)
+    bf16 = setup_from_row({**row, "weight_dtype": "bf16"})
+    assert (fp32.settings.param_bytes, fp32.settings.grad_bytes, fp32.settings.optimizer_bytes_per_param) == (4, 4, 8)
+    assert (bf16.settings.param_bytes, bf16.settings.grad_bytes, bf16.settings.optimizer_bytes_per_param) == (2, 2, 4)
+    states = memory_breakdown(bf16.spec, bf16.settings, bf16.layout)
+    sharded = bf16.spec.num_params() / 32
+    assert states.gradients_bytes + states.optimizer_bytes == pytest.approx(sharded * (2 + 4))
+    with pytest.raises(RowNotRepresentable, match="weight_dtype='fp8'"):
+        setup_from_row({**row, "weight_dtype": "fp8"})

@@ -2,16 +2,16 @@
 
 Every column is read: shape, batch, hardware, the degrees tp/pp/dp/cp/ep/vp, `sharding`, `recompute`,
 `precision`, `framework` (which selects documented software behaviour, `frameworks.py`), the mixture-of-experts
-shape, and the optional `attention` column (flash or materialized, where a source states its kernel). Nothing is
-looked up by the row's `source` or `id`. A knob the row leaves empty (micro-batch, interleaved chunks,
-recomputation) is searched: the fastest setting that fits, as the authors tuned theirs. A row the planner cannot
-represent raises `RowNotRepresentable` with the reason.
+shape, and the optional `attention` (flash or materialized) and `weight_dtype` (fp32 or bf16) columns, where a
+source states them. Nothing is looked up by the row's `source` or `id`. A knob the row leaves empty (micro-batch,
+interleaved chunks, recomputation) is searched: the fastest setting that fits, as the authors tuned theirs. A row
+the planner cannot represent raises `RowNotRepresentable` with the reason.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pydantic import ValidationError
 
@@ -143,6 +143,19 @@ def _attention(row: dict[str, str]) -> str:
     raise RowNotRepresentable(f"attention={text!r}: expected flash or materialized")
 
 
+def _with_weight_dtype(settings: TrainSettings, row: dict[str, str]) -> TrainSettings:
+    """The optional `weight_dtype` column: bf16 keeps the weights, their gradients and both Adam moments in bf16 with
+    no fp32 master copy (MaxText weight_dtype=bfloat16: optax's moments follow the parameters' dtype and mu_dtype
+    defaults to weight_dtype), 2 + 2 + 4 bytes a parameter; fp32 or empty: the framework's default."""
+    text = (row.get("weight_dtype") or "").strip()
+    if text in ("", "fp32"):
+        return settings
+    if text != "bf16":
+        raise RowNotRepresentable(f"weight_dtype={text!r}: expected fp32 or bf16")
+    return replace(settings, param_bytes=2, gather_param_bytes=2, grad_bytes=2, grad_reduce_bytes=2,
+                   optimizer_bytes_per_param=4)
+
+
 def within_domain(dp: int, ranks_per_domain: int) -> int:
     """The largest divisor of dp that fits in a scale-up domain (MaxText: FSDP over ICI, data parallel over DCN)."""
     return max((d for d in range(1, dp + 1) if dp % d == 0 and d <= max(1, ranks_per_domain)), default=1)
@@ -202,6 +215,7 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
         grad_reduce_every_micro_batch=facts.grad_reduce_every_micro_batch,
         moe_node_limit=NODE_LIMITED_ROUTING.get(row.get("model", "").strip(), 0), logit_bytes=facts.logit_bytes,
     )
+    settings = _with_weight_dtype(settings, row)
     try:
         cluster = make_cluster(row["hardware"].strip(), n_devices)
         cluster.peak_flops(settings.gemm_precision)
