@@ -34,6 +34,7 @@ class Accelerator:
     sources: str
     notes: str = ""
     fp4_dense_tflops: float | None = None  # NVFP4/MXFP4 dense peak (Blackwell); None where the chip has none
+    host_bw_gbs: float | None = None  # device <-> host memory link per direction (PCIe); None where not catalogued
 
     @property
     def memory_bytes(self) -> float:
@@ -69,6 +70,7 @@ def _row_to_accelerator(row: dict[str, str]) -> Accelerator:
         sources=row["sources"],
         notes=row.get("notes") or "",
         fp4_dense_tflops=_number(row.get("fp4_dense_tflops") or ""),
+        host_bw_gbs=_number(row.get("host_bw_gbs") or ""),
     )
 
 

@@ -1,23 +1,39 @@
 """The mechanisms added for runs the planner had never seen, each against a hand computation."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from aiinfra.hardware import get_accelerator
 from aiinfra.plan.cluster import collective_time_s, make_cluster
+from aiinfra.plan.errors import PlanError
+from aiinfra.plan.frameworks import framework_facts
 from aiinfra.plan.from_config import configured_run, load_run_config
-from aiinfra.plan.inference import WEIGHT_BYTES, touched_experts
-from aiinfra.plan.layout import Layout, TrainSettings
-from aiinfra.plan.memory import layer_activation_bytes
-from aiinfra.plan.runs import mfu_flops_per_token, spec_from_row
-from aiinfra.plan.step import dp_collective_calls, step_breakdown
+from aiinfra.plan.inference import WEIGHT_BYTES, engine_max_batch, touched_experts
+from aiinfra.plan.layout import Layout, TrainSettings, check_layout
+from aiinfra.plan.memory import (
+    activation_memory_bytes,
+    device_param_counts,
+    layer_activation_bytes,
+    memory_breakdown,
+    offloaded_layer_bytes,
+)
+from aiinfra.plan.runs import RowNotRepresentable, mfu_flops_per_token, setup_from_row, spec_from_row
+from aiinfra.plan.step import (
+    dp_bucket_params,
+    dp_collective_calls,
+    hardware_flops_per_token,
+    moe_remote_share,
+    step_breakdown,
+)
+from aiinfra.plan.validation import best_layout, load_training_runs
 from aiinfra.spec import preset
 
 
 def test_vendor_gigabytes_are_gibibytes() -> None:
     assert get_accelerator("h100-sxm-80gb").memory_bytes == 80 * 2**30
-    assert make_cluster("a100-sxm-80gb", 8).usable_memory_bytes == pytest.approx(0.9 * 80 * 2**30)
+    assert make_cluster("a100-sxm-80gb", 8).usable_memory_bytes == pytest.approx(0.96 * 80 * 2**30)
 
 
 def test_fp4_peaks_per_generation() -> None:
@@ -102,3 +118,148 @@ def test_a_training_config_is_predicted_with_the_trainers_names(tmp_path: Path) 
     assert (run.layout.dp_replicate, run.layout.dp_shard, run.layout.tp, run.n_devices) == (2, 2, 2, 8)
     assert run.layout.zero_stage == 3 and run.settings.global_batch_seqs == 4 * 2 * 4
     assert run.tokens == 10 * 32 * 256
+
+
+def test_node_limited_dispatch_sends_one_copy_per_target_node() -> None:
+    # DeepSeek-V3 3.2.2: a token's 8 experts lie in at most 4 nodes, one copy per node crosses the network.
+    assert moe_remote_share(8, 4) == pytest.approx(0.5)
+    assert moe_remote_share(8, 0) == 1.0 and moe_remote_share(2, 4) == 1.0
+    cluster = make_cluster("h100-sxm-80gb", 64)
+    size = 1e9
+    remote = 0.5 * 56 / 64 * size / (50e9 * 0.8)  # 56 of 64 peers off-node, half the copies deduplicated
+    local = 7 / 64 * size / (450e9 * 0.8)
+    assert collective_time_s(cluster, "all_to_all", size, 64, 1, remote_share=0.5) == pytest.approx(
+        max(remote, local) + 1e-5)
+
+
+def _moe_step_s(**settings: object) -> float:
+    spec = preset("small", n_experts=64, experts_per_token=8)
+    layout = Layout(dp_shard=64, zero_stage=1, ep=64, micro_batch=1)
+    return step_breakdown(spec, TrainSettings(seq_len=4096, global_batch_seqs=64, **settings),  # type: ignore[arg-type]
+                          layout, make_cluster("h100-sxm-80gb", 64)).step_time_s
+
+
+def test_node_limited_routing_and_all_to_all_overlap_never_slow_a_step() -> None:
+    blocking = _moe_step_s()
+    assert _moe_step_s(moe_node_limit=4) < blocking  # EP64 spans 8 nodes: fewer copies over the NICs
+    assert _moe_step_s(ep_overlap=True) <= blocking
+
+
+def test_published_layouts_that_ran_fit() -> None:
+    # Megatron-Core's README lists --overlap-param-gather, which requires --use-distributed-optimizer (ZeRO-1): its
+    # 70B (TP8 PP2 DP48) and 314B (TP8 PP8 DP48) runs fit an 80 GB H100 only so. Korthikanti et al. 2022's 1T model
+    # (TP8 PP64, selective recompute, materialized attention) needs 95% of an 80 GiB A100 by its own count.
+    rows = {r["id"]: r for r in load_training_runs()}
+    for run_id in ("mcore-70b", "mcore-314b", "kort22-1t-sel"):
+        setup = setup_from_row(rows[run_id])
+        layout, _ = best_layout(setup)
+        need = memory_breakdown(setup.spec, setup.settings, layout).total_bytes
+        assert need <= setup.cluster.usable_memory_bytes
+    assert setup_from_row(rows["mcore-70b"]).layout.zero_stage == 1
+
+
+def test_the_attention_column_selects_the_kernel() -> None:
+    row = {"model": "gpt", "layers": "24", "hidden": "2048", "heads": "16", "vocab": "51200", "seq_len": "2048",
+           "global_batch_seqs": "16", "micro_batch": "1", "hardware": "a100-sxm-80gb", "n_devices": "8", "tp": "1",
+           "pp": "1", "dp": "8", "sharding": "none", "recompute": "none", "precision": "bf16", "framework": "megatron",
+           "metric": "mfu", "value": "0.4"}
+    assert setup_from_row(row).settings.attention_kernel == "flash"  # empty: every framework's default since 2023
+    materialized = setup_from_row({**row, "attention": "materialized"})
+    assert materialized.settings.attention_kernel == "materialized"
+    # Stored scores cost memory traffic: softmax read/write and dropout per score, so the step is slower.
+    step = step_breakdown(materialized.spec, materialized.settings, materialized.layout, materialized.cluster)
+    flash = setup_from_row(row)
+    assert step.step_time_s > step_breakdown(flash.spec, flash.settings, flash.layout, flash.cluster).step_time_s
+    with pytest.raises(RowNotRepresentable, match="attention='sparse'"):
+        setup_from_row({**row, "attention": "sparse"})
+
+
+def test_offloaded_activations_against_a_hand_count() -> None:
+    # MaxText's custom policy: layer input, Q, K, V and the attention output go to the host (bf16), plus the fp32
+    # log-sum-exp per head; nothing of the layer stays on the device between the passes.
+    spec = preset("llama3-8b")
+    settings = TrainSettings(seq_len=4096, global_batch_seqs=8)
+    layout = Layout(recompute="selective", offload_activations=True)
+    per_token = 2 * (2 * 4096 + 2 * 1024) + 4 * 32 + 2 * 4096
+    assert offloaded_layer_bytes(spec, settings, layout) == pytest.approx(4096 * per_token)
+    assert layer_activation_bytes(spec, settings, layout) == 0.0
+    # The MLP's forward runs again: 2 x 3 x d x ffn FLOPs per token per layer on top of the training FLOPs.
+    extra = hardware_flops_per_token(spec, 4096, "selective", "flash", offload=True) - spec.train_flops_per_token(4096)
+    assert extra == pytest.approx(2 * 3 * 4096 * 14336 * 32)
+
+
+def _offload_step_s(host_bw_gbs: float | None) -> float:
+    spec = preset("llama3-8b")
+    cluster = make_cluster("tpu-v6e", 8)
+    cluster = replace(cluster, accelerator=replace(cluster.accelerator, host_bw_gbs=host_bw_gbs))
+    settings = TrainSettings(seq_len=8192, global_batch_seqs=32)
+    layout = Layout(dp_shard=8, zero_stage=3, micro_batch=4, recompute="selective", offload_activations=True)
+    return step_breakdown(spec, settings, layout, cluster).step_time_s
+
+
+def test_more_host_bandwidth_never_slows_an_offloaded_step() -> None:
+    steps = [_offload_step_s(bw) for bw in (2.0, 8.0, 32.0, 1e6)]
+    assert steps == sorted(steps, reverse=True) and steps[0] > steps[-1]
+    with pytest.raises(PlanError, match="host_bw_gbs"):
+        _offload_step_s(None)
+    with pytest.raises(PlanError, match="offload_activations needs recompute none or selective"):
+        check_layout(preset("tiny"), TrainSettings(seq_len=64, global_batch_seqs=1),
+                     Layout(recompute="full", offload_activations=True), 1)
+
+
+def test_logits_are_stored_at_the_frameworks_width() -> None:
+    spec = preset("llama3-8b")
+    layout = Layout(micro_batch=2)
+    fp32 = activation_memory_bytes(spec, TrainSettings(seq_len=4096, global_batch_seqs=2), layout)
+    bf16 = activation_memory_bytes(spec, TrainSettings(seq_len=4096, global_batch_seqs=2, logit_bytes=2), layout)
+    assert fp32 - bf16 == pytest.approx(2 * 4096 * 2 * spec.vocab_size)  # tokens x vocab x 2 bytes saved
+
+
+def test_without_overlap_a_step_pays_the_whole_gradient_all_reduce() -> None:
+    # Megatron-LM's 2021 local DDP all-reduced every gradient after the backward (--DDP-impl local).
+    spec = preset("1b")
+    cluster = make_cluster("a100-sxm-80gb", 32)
+    layout = Layout(dp_replicate=32, micro_batch=2)
+    blocking = TrainSettings(seq_len=2048, global_batch_seqs=64, dp_overlap=False)
+    step = step_breakdown(spec, blocking, layout, cluster)
+    params = device_param_counts(spec, layout).total
+    calls = dp_collective_calls(params, spec.n_layers, 0.0)  # one bucket per layer
+    assert step.dp_comm_s == pytest.approx(collective_time_s(cluster, "all_reduce", params * 4, 32, 1, calls))
+    overlapped = step_breakdown(spec, replace(blocking, dp_overlap=True), layout, cluster)
+    assert overlapped.step_time_s < step.step_time_s
+    facts = framework_facts("megatron-2021")
+    assert not facts.dp_overlap and not facts.tp_overlap and not facts.sequence_parallel
+
+
+def test_megatron_buckets_grow_with_the_data_parallel_size() -> None:
+    # Megatron-LM without --ddp-bucket-size: max(40M, 1M x dp x cp) parameters per bucket.
+    settings = TrainSettings(seq_len=4096, global_batch_seqs=256, dp_bucket_params=40e6, dp_bucket_params_per_rank=1e6)
+    assert dp_bucket_params(settings, Layout(dp_shard=8, zero_stage=1)) == 40e6
+    assert dp_bucket_params(settings, Layout(dp_shard=64, zero_stage=1)) == 64e6
+    assert dp_bucket_params(settings, Layout(dp_shard=32, cp=4, zero_stage=1)) == 128e6
+    assert dp_bucket_params(replace(settings, dp_bucket_params=0.0), Layout(dp_shard=64)) == 0.0  # one per layer
+
+
+def test_engine_batch_limit_from_the_row_or_its_engines_default() -> None:
+    assert engine_max_batch({"system": "vLLM benchmark_throughput.py"}) == 256  # SchedulerConfig.max_num_seqs
+    assert engine_max_batch({"system": "TensorRT-LLM max-throughput"}) == 2048
+    assert engine_max_batch({"system": "vLLM (ROCm)", "max_batch": "3200"}) == 3200
+    assert engine_max_batch({"system": ""}) == 2048
+    with pytest.raises(RowNotRepresentable, match="max_batch='0'"):
+        engine_max_batch({"system": "vLLM", "max_batch": "0"})
+
+
+def test_bf16_weights_keep_two_plus_two_plus_four_bytes_a_parameter() -> None:
+    row = {"model": "llama", "layers": "32", "hidden": "4096", "heads": "32", "kv_heads": "8", "ffn": "14336",
+           "vocab": "128256", "seq_len": "8192", "global_batch_seqs": "32", "micro_batch": "1", "hardware": "tpu-v6e",
+           "n_devices": "32", "dp": "32", "sharding": "fsdp", "recompute": "full", "precision": "bf16",
+           "framework": "jax", "metric": "tokens_per_s_per_device", "value": "1"}
+    fp32 = setup_from_row(row)
+    bf16 = setup_from_row({**row, "weight_dtype": "bf16"})
+    assert (fp32.settings.param_bytes, fp32.settings.grad_bytes, fp32.settings.optimizer_bytes_per_param) == (4, 4, 8)
+    assert (bf16.settings.param_bytes, bf16.settings.grad_bytes, bf16.settings.optimizer_bytes_per_param) == (2, 2, 4)
+    states = memory_breakdown(bf16.spec, bf16.settings, bf16.layout)
+    sharded = bf16.spec.num_params() / 32
+    assert states.gradients_bytes + states.optimizer_bytes == pytest.approx(sharded * (2 + 4))
+    with pytest.raises(RowNotRepresentable, match="weight_dtype='fp8'"):
+        setup_from_row({**row, "weight_dtype": "fp8"})

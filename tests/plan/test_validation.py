@@ -1,8 +1,11 @@
 """The validation report: every row run or reported, out of sample first, and the memory check."""
 
+import pytest
+
 from aiinfra.plan.fitting import fit_and_hold_out
 from aiinfra.plan.inference import validate_inference
-from aiinfra.plan.validation import memory_check, prepare_training, validate_training
+from aiinfra.plan.validate_report import errors_by_source
+from aiinfra.plan.validation import ValidationRow, memory_check, prepare_training, validate_training
 
 
 def test_every_training_row_is_run_or_says_why() -> None:
@@ -31,3 +34,13 @@ def test_activation_memory_within_10_percent_of_korthikanti() -> None:
     rows = memory_check()
     assert {r.model for r in rows} == {"22b", "175b", "530b", "1t"}
     assert all(abs(r.error) <= 0.10 and abs(r.params_error) <= 0.10 for r in rows)
+
+
+def test_errors_by_source_groups_held_out_rows_by_publisher() -> None:
+    def row(run_id: str, source: str, predicted: float) -> ValidationRow:
+        return ValidationRow(run_id, source, "hopper", "bf16", "mfu", 0.5, predicted, "TP1", 1.0)
+
+    rows = [row("a", "Smith et al. 2024 Table 1", 0.6), row("b", "Smith et al. 2024 Table 2", 0.45),
+            row("c", "org/repo README.md", 0.5)]
+    assert errors_by_source(rows) == [("Smith", 2, pytest.approx(0.15), pytest.approx(0.2)),
+                                      ("org/repo", 1, 0.0, 0.0)]

@@ -114,7 +114,7 @@ def print_training_plan(plan: TrainingPlan) -> None:
                 _gb(memory.activations_bytes), _gb(memory.total_bytes), capacity)
     console.print(mem)
     times = Table(title=f"step time ({step.micro_batches} micro-batches)")
-    for name in ("compute", "TP comm", "CP/EP comm", "PP p2p", "bubble", "DP comm", "optimizer", "step"):
+    for name in ("compute", "TP comm", "CP/EP/host", "PP p2p", "bubble", "DP comm", "optimizer", "step"):
         times.add_column(name, justify="right")
     times.add_row(*(f"{v:.3f} s" for v in (step.compute_s, step.tp_comm_s, step.other_comm_s, step.pp_p2p_s,
                                             step.bubble_s, step.dp_comm_s, step.optimizer_s, step.step_time_s)))

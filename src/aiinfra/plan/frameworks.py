@@ -25,6 +25,7 @@ class FrameworkFacts:
     grad_reduce_fp32: bool = True  # bf16 gradients reduced in fp32
     interleaved_by_default: bool = False  # pipeline runs interleave (several chunks per rank) unless told otherwise
     dp_bucket_params: float = 0.0  # parameters per ZeRO-0/1/2 gradient bucket; 0: one per layer
+    dp_bucket_params_per_rank: float = 0.0  # buckets grow with the data-parallel size: at least this x dp x cp
     zero3_bucket_params: float = 0.0  # parameters per ZeRO-3 gather; 0: one per layer (FSDP units)
     ep_overlap: bool = False  # expert-parallel all-to-alls hidden under another micro-batch's compute
     grad_reduce_every_micro_batch: bool = False  # ZeRO-1/2 reduce-scatter after every micro-batch
@@ -37,6 +38,8 @@ class FrameworkFacts:
     shard_within_domain: bool = False  # FSDP shards inside a scale-up domain and replicates across domains
     fsdp_like_is_hybrid: bool = False  # an FSDP-style scheme here is HYBRID_SHARD: ZeRO-3 in a node, DDP across
     mfu_causal_attention: bool = False  # its MFU counts half the attention products (causal), not the full square
+    activation_offload: bool = False  # a selective policy may keep its saved activations in host memory
+    logit_bytes: int = 4  # bytes per stored logit
 
 
 FRAMEWORKS: dict[str, FrameworkFacts] = {
@@ -45,10 +48,22 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         "Megatron-LM/Megatron-Core arguments.py and DDP config: GPT hidden/attention dropout 0.1; --overlap-grad-"
         "reduce and --overlap-param-gather; buckets of max(40M, 1M x dp) parameters; fp32 main gradients reduced in "
         "fp32; interleaved 1F1B (--num-layers-per-virtual-pipeline-stage); sequence parallel with TP; TP comm "
-        "overlap; --recompute-num-layers for recomputing part of a stage; Megatron-FSDP gathers per module; MoE "
-        "all-to-all overlapped with the other micro-batch (--overlap-moe-expert-parallel-comm); TE fused attention",
+        "overlap; --recompute-num-layers for recomputing part of a stage; Megatron-FSDP gathers per module; the MoE "
+        "all-to-all blocks the expert GEMMs (TransformerConfig.overlap_moe_expert_parallel_comm defaults to False: "
+        "overlapping it with another micro-batch is opt-in, and the published tables do not say it was on); TE "
+        "fused attention",
         dropout_families=("gpt",), tp_overlap=True, interleaved_by_default=True, dp_bucket_params=40e6,
-        sequence_parallel=True, partial_recompute=True, ep_overlap=True,
+        dp_bucket_params_per_rank=1e6, sequence_parallel=True, partial_recompute=True,
+    ),
+    "megatron-2021": FrameworkFacts(
+        "megatron-2021",
+        "Megatron-LM as its 2021-22 papers ran it (Narayanan et al. 2021; Korthikanti et al. 2022), before Megatron-"
+        "Core: gradients all-reduced after the backward by its local DDP (--DDP-impl local, the default; "
+        "--overlap-grad-reduce arrived with Megatron-Core's DistributedDataParallel in 2023), tensor-parallel "
+        "all-reduces synchronous in RowParallelLinear (no TP overlap before Transformer Engine's userbuffers), "
+        "GPT dropout 0.1, interleaved 1F1B, sequence parallelism only where a run states it (Korthikanti 2022 "
+        "introduced it)",
+        dropout_families=("gpt",), dp_overlap=False, interleaved_by_default=True,
     ),
     "megatron-deepspeed": FrameworkFacts(
         "megatron-deepspeed",
@@ -88,9 +103,12 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         "MaxText base.yml: weight_dtype float32 (fp32 weights and gradients, Adam moments in fp32, no separate "
         "master copy; XLA casts to bf16 before the FSDP all-gather), ici_fsdp_parallelism -1 and "
         "dcn_data_parallelism -1 (shard inside a slice, replicate across slices), latency-hiding scheduler, fused "
-        "(splash) attention; its MFU counts causal attention (calculate_tflops_training_per_device)",
+        "(splash) attention; its MFU counts causal attention (calculate_tflops_training_per_device); remat_policy "
+        "custom and the *_offloaded policies move saved activations to host memory (jax.checkpoint offload policies); "
+        "logits_dot_in_fp32 False (bf16 logits)",
         tp_overlap=True, grad_reduce_fp32=False, param_bytes=4, gather_param_bytes=2, optimizer_bytes_per_param=8,
-        sequence_parallel=True, shard_within_domain=True, mfu_causal_attention=True,
+        sequence_parallel=True, shard_within_domain=True, mfu_causal_attention=True, activation_offload=True,
+        logit_bytes=2,
     ),
     "in-house": FrameworkFacts(
         "in-house",
@@ -98,7 +116,8 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         "FSDP-style sharding, fp32 gradient reduction, interleaved pipeline, sequence parallel, no dropout); MFU "
         "counted with causal attention, an ASSUMPTION (Llama 3 does not state its counting; PaLM-style full "
         "counting would put 131K-context attention at a higher efficiency than 8K's)",
-        tp_overlap=True, interleaved_by_default=True, dp_bucket_params=40e6, sequence_parallel=True,
+        tp_overlap=True, interleaved_by_default=True, dp_bucket_params=40e6, dp_bucket_params_per_rank=1e6,
+        sequence_parallel=True,
         partial_recompute=True, mfu_causal_attention=True,
     ),
 }

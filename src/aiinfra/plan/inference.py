@@ -30,6 +30,10 @@ INFERENCE_MODELS_CSV = Path(__file__).with_name("inference_models.csv")
 # CUDA context, cuBLAS/NCCL workspaces and allocator slack outside the planner's explicit terms (an assumption of
 # about 1 GB, the size of a CUDA context plus library workspaces on a recent GPU).
 RUNTIME_OVERHEAD_BYTES = 1.0e9
+# Most sequences an engine schedules at once when a row does not say, by the first word of its `system` column:
+# TensorRT-LLM's max_batch_size default (2048) and vLLM's SchedulerConfig.max_num_seqs default (256). Other engines
+# get TensorRT-LLM's figure.
+ENGINE_MAX_BATCH = {"TensorRT-LLM": 2048, "vLLM": 256}
 
 
 @dataclass(frozen=True)
@@ -262,6 +266,19 @@ def serve_models(path: Path = INFERENCE_MODELS_CSV) -> dict[str, ServeModel]:
     return models
 
 
+def engine_max_batch(row: dict[str, str]) -> int:
+    """The row's `max_batch` (an optional column: sequences the engine schedules at once), else its engine's default."""
+    from aiinfra.plan.runs import RowNotRepresentable
+
+    text = (row.get("max_batch") or "").strip()
+    if text:
+        if not text.isdigit() or int(text) < 1:
+            raise RowNotRepresentable(f"max_batch={text!r}: expected a whole number >= 1")
+        return int(text)
+    words = (row.get("system") or "").split()
+    return ENGINE_MAX_BATCH.get(words[0] if words else "", ENGINE_MAX_BATCH["TensorRT-LLM"])
+
+
 def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -> InferenceValidationRow:
     from aiinfra.plan.calibrated import calibrated
     from aiinfra.plan.cluster import make_cluster
@@ -286,7 +303,8 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
     # GEMM ceilings fitted on the training runs only: no value is fitted to an inference row.
     cluster = calibrated(make_cluster(row["hardware"].strip(), tp))
     settings = ServeSettings(int(row["input_tokens"]), int(row["output_tokens"] or 1), weight_dtype=weight_dtype,
-                             kv_dtype=kv_dtype, tp=tp, kv_dim_per_layer=model.kv_dim_per_layer)
+                             kv_dtype=kv_dtype, tp=tp, kv_dim_per_layer=model.kv_dim_per_layer,
+                             max_batch=engine_max_batch(row))
     value = float(row["value"])
     if row["metric"] == "ms_per_token_low_batch":
         predicted = 1e3 * decode_step_time_s(model.spec, cluster, settings, 1, prefill=False)

@@ -40,6 +40,7 @@ class Layout:
     recompute: Recompute = "none"
     recompute_fraction: float = 1.0  # share of a stage's layers recomputed (Megatron --recompute-num-layers)
     sequence_parallel: bool = False  # shard norms/dropout along the sequence inside the TP group
+    offload_activations: bool = False  # what the recompute policy saves, beyond layer inputs, waits in host memory
 
     @property
     def dp(self) -> int:
@@ -70,6 +71,8 @@ class Layout:
         if recompute != "none" and self.recompute_fraction < 1:
             recompute += f"({100 * self.recompute_fraction:.0f}% of layers)"
         parts += [f"ZeRO-{self.zero_stage}", f"mb{self.micro_batch}", f"recompute={recompute}"]
+        if self.offload_activations:
+            parts[-1] += "+offload"
         if self.sequence_parallel:
             parts.append("SP")
         return " ".join(parts)
@@ -92,12 +95,15 @@ class TrainSettings:
     tp_overlap: bool = False  # tensor-parallel collectives overlap their GEMMs (Megatron-Core tp-comm-overlap)
     p2p_scatter_gather: bool = True  # pipeline sends split across the TP ranks (Narayanan et al. 2021, 4.1)
     dp_bucket_params: float = 0.0  # parameters per ZeRO-0/1/2 gradient bucket; 0: one per layer
+    dp_bucket_params_per_rank: float = 0.0  # ... but at least this many per data-parallel rank (dp x cp)
     zero3_bucket_params: float = 0.0  # parameters per ZeRO-3 gather/scatter; 0: one per layer (FSDP units)
     ep_overlap: bool = False  # expert-parallel all-to-alls overlap another micro-batch's compute
+    moe_node_limit: int = 0  # a token's experts lie in at most this many scale-up domains (0: no limit)
     reshard_after_forward: bool = True  # ZeRO-3 drops gathered weights after the forward, gathers again for backward
     grad_reduce_every_micro_batch: bool = False  # ZeRO-1/2 reduce-scatter after every micro-batch (DeepSpeed)
     fp8_param_gather: bool = False  # FSDP all-gathers fp8 weights (torchao float8 all-gather)
     gather_param_bytes: int = 0  # bytes per weight a ZeRO-3 gather moves and holds (0: param_bytes)
+    logit_bytes: int = 4  # bytes per stored logit (Megatron keeps fp32 logits for its fused cross-entropy)
 
     @property
     def activation_bytes(self) -> int:
@@ -175,5 +181,7 @@ def check_layout(spec: ModelSpec, settings: TrainSettings, layout: Layout, n_dev
         if (layout.dp * layout.cp) % layout.ep or layout.ep > spec.n_experts:
             raise PlanError(f"ep={layout.ep} must divide dp x cp = {layout.dp * layout.cp} and be <= the "
                             f"{spec.n_experts} experts")
+    if layout.offload_activations and layout.recompute == "full":
+        raise PlanError("offload_activations needs recompute none or selective (full keeps only layer inputs)")
     if layout.sequence_parallel and layout.tp == 1:
         raise PlanError("sequence parallelism needs tp >= 2")

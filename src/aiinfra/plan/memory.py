@@ -54,9 +54,35 @@ def activation_terms(spec: ModelSpec, settings: TrainSettings, tp: int) -> Activ
     return ActivationTerms(replicated_bytes=replicated, split_bytes=attention + mlp, scores_bytes=scores)
 
 
+def layer_input_bytes(spec: ModelSpec, settings: TrainSettings, layout: Layout) -> float:
+    """The layer input of one micro-batch (what full recomputation keeps; Korthikanti Table 2: 2 s b h)."""
+    tokens = layout.micro_batch * settings.seq_len / layout.cp
+    return tokens * settings.activation_bytes * spec.dim / (layout.tp if layout.sequence_parallel else 1)
+
+
+def offloaded_layer_bytes(spec: ModelSpec, settings: TrainSettings, layout: Layout) -> float:
+    """Bytes of one layer and micro-batch that wait in host memory under activation offload.
+
+    The policy is MaxText's tuned `remat_policy: custom` (tpu-recipes' Llama 3.1 configs: decoder_layer_input,
+    query_proj, key_proj, value_proj and out_proj set to offload; everything else rematerialized): the layer input,
+    Q, K, V and the attention output go to the host (jax.checkpoint's save_and_offload_only_these_names), the MLP and
+    the norms are recomputed in the backward.
+    """
+    if not layout.offload_activations:
+        return 0.0
+    a = settings.activation_bytes
+    tokens = layout.micro_batch * settings.seq_len / layout.cp
+    q_local = spec.n_heads * spec.head_dim / layout.tp
+    kv_local = spec.head_dim * math.ceil(spec.n_kv_heads / layout.tp)
+    lse = 4 * spec.n_heads / layout.tp if settings.attention_kernel == "flash" else 0.0
+    return tokens * (a * (2 * q_local + 2 * kv_local) + lse) + layer_input_bytes(spec, settings, layout)
+
+
 def layer_activation_bytes(spec: ModelSpec, settings: TrainSettings, layout: Layout) -> float:
     """Activations one layer stores for one micro-batch on one device, averaged over the stage's layers when only
     a share of them is recomputed (the others keep everything)."""
+    if layout.offload_activations:
+        return 0.0
     stored = _layer_activation_bytes(spec, settings, layout)
     if layout.recompute == "none" or layout.recompute_fraction >= 1:
         return stored
@@ -159,15 +185,18 @@ def activation_memory_bytes(spec: ModelSpec, settings: TrainSettings, layout: La
     stored = per_layer * stage_layers * in_flight
     tokens = layout.micro_batch * settings.seq_len / layout.cp
     sp_divisor = layout.tp if layout.sequence_parallel else 1
-    if layout.recompute == "full":
-        # The layer being recomputed holds its full activations for one micro-batch during its backward.
-        stored += _layer_activation_bytes(spec, settings, replace(layout, recompute="none"))
+    if layout.recompute == "full" or layout.offload_activations:
+        # The layer being recomputed (or brought back from the host) holds its full activations for one micro-batch
+        # during its backward; under offload the next layer's saved tensors are prefetched meanwhile.
+        stored += _layer_activation_bytes(spec, settings, replace(layout, recompute="none",
+                                                                  offload_activations=False))
+        stored += offloaded_layer_bytes(spec, settings, layout)
     if settings.dropout:
         stored += tokens * spec.dim / sp_divisor * in_flight  # embedding dropout mask (Korthikanti 4.3)
     if layout.pp == 1:
-        # Final norm and head inputs plus fp32 logits: 4 s b h / t (1 + v / h) in Korthikanti 4.3.
+        # Final norm and head inputs plus the logits: 4 s b h / t (1 + v / h) in Korthikanti 4.3 with fp32 logits.
         a = settings.activation_bytes
-        stored += tokens * (2 * a * spec.dim / sp_divisor + 4 * spec.vocab_size / layout.tp)
+        stored += tokens * (2 * a * spec.dim / sp_divisor + settings.logit_bytes * spec.vocab_size / layout.tp)
     return stored
 
 

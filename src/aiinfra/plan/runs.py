@@ -1,16 +1,17 @@
 """One row of the shared run schema (../shared/reference/README.md) as a spec, settings, layout and cluster.
 
 Every column is read: shape, batch, hardware, the degrees tp/pp/dp/cp/ep/vp, `sharding`, `recompute`,
-`precision`, `framework` (which selects documented software behaviour, `frameworks.py`) and the mixture-of-experts
-shape. Nothing is looked up by the row's `source` or `id`. A knob the row leaves empty (micro-batch, interleaved
-chunks, recomputation) is searched: the fastest setting that fits, as the authors tuned theirs. A row the planner
-cannot represent raises `RowNotRepresentable` with the reason.
+`precision`, `framework` (which selects documented software behaviour, `frameworks.py`), the mixture-of-experts
+shape, and the optional `attention` (flash or materialized) and `weight_dtype` (fp32 or bf16) columns, where a
+source states them. Nothing is looked up by the row's `source` or `id`. A knob the row leaves empty (micro-batch,
+interleaved chunks, recomputation) is searched: the fastest setting that fits, as the authors tuned theirs. A row
+the planner cannot represent raises `RowNotRepresentable` with the reason.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pydantic import ValidationError
 
@@ -33,6 +34,9 @@ GPT_FAMILIES = ("gpt",)
 TWO_MATRIX_FAMILIES = ("gpt", "nemotron")
 TIED_FAMILIES = ("gpt", "palm", "gemma")
 DEFAULT_VOCAB = {"gpt": 50257}
+# Node-limited routing in the model's own router: DeepSeek-V3 config.json n_group 8, topk_group 4 (each token's 8
+# experts come from at most 4 of 8 groups, one group per node in the authors' EP64 layout; arXiv 2412.19437, 3.2.2).
+NODE_LIMITED_ROUTING = {"deepseek-v3": 4}
 
 
 class RowNotRepresentable(PlanError):
@@ -128,6 +132,30 @@ def _recompute(text: str) -> tuple[str, bool]:
     raise RowNotRepresentable(f"recompute={text!r}: expected none, selective or full")
 
 
+def _attention(row: dict[str, str]) -> str:
+    """The attention kernel: the row's `attention` column (an optional extension of the schema: flash or
+    materialized) or, when empty, fused flash-style attention, every framework's default since 2023."""
+    text = (row.get("attention") or "").strip()
+    if text in ("", "flash"):
+        return "flash"
+    if text == "materialized":
+        return text
+    raise RowNotRepresentable(f"attention={text!r}: expected flash or materialized")
+
+
+def _with_weight_dtype(settings: TrainSettings, row: dict[str, str]) -> TrainSettings:
+    """The optional `weight_dtype` column: bf16 keeps the weights, their gradients and both Adam moments in bf16 with
+    no fp32 master copy (MaxText weight_dtype=bfloat16: optax's moments follow the parameters' dtype and mu_dtype
+    defaults to weight_dtype), 2 + 2 + 4 bytes a parameter; fp32 or empty: the framework's default."""
+    text = (row.get("weight_dtype") or "").strip()
+    if text in ("", "fp32"):
+        return settings
+    if text != "bf16":
+        raise RowNotRepresentable(f"weight_dtype={text!r}: expected fp32 or bf16")
+    return replace(settings, param_bytes=2, gather_param_bytes=2, grad_bytes=2, grad_reduce_bytes=2,
+                   optimizer_bytes_per_param=4)
+
+
 def within_domain(dp: int, ranks_per_domain: int) -> int:
     """The largest divisor of dp that fits in a scale-up domain (MaxText: FSDP over ICI, data parallel over DCN)."""
     return max((d for d in range(1, dp + 1) if dp % d == 0 and d <= max(1, ranks_per_domain)), default=1)
@@ -177,14 +205,17 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
     settings = TrainSettings(
         seq_len=spec.max_seq_len, global_batch_seqs=_int(row, "global_batch_seqs"),
         precision=precision,  # type: ignore[arg-type]
-        attention_kernel="flash", dropout=row.get("model", "").strip() in facts.dropout_families,
+        attention_kernel=_attention(row), dropout=row.get("model", "").strip() in facts.dropout_families,
         param_bytes=facts.param_bytes, gather_param_bytes=facts.gather_param_bytes, grad_bytes=facts.grad_bytes,
         grad_reduce_bytes=4 if facts.grad_reduce_fp32 else 2,
         optimizer_bytes_per_param=facts.optimizer_bytes_per_param,
         dp_overlap=facts.dp_overlap, tp_overlap=facts.tp_overlap, dp_bucket_params=facts.dp_bucket_params,
+        dp_bucket_params_per_rank=facts.dp_bucket_params_per_rank,
         zero3_bucket_params=facts.zero3_bucket_params, ep_overlap=facts.ep_overlap,
         grad_reduce_every_micro_batch=facts.grad_reduce_every_micro_batch,
+        moe_node_limit=NODE_LIMITED_ROUTING.get(row.get("model", "").strip(), 0), logit_bytes=facts.logit_bytes,
     )
+    settings = _with_weight_dtype(settings, row)
     try:
         cluster = make_cluster(row["hardware"].strip(), n_devices)
         cluster.peak_flops(settings.gemm_precision)

@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aiinfra.plan.cluster import Cluster, collective_time_s
+from aiinfra.plan.errors import PlanError
 from aiinfra.plan.layout import Layout, TrainSettings, check_layout, layers_per_stage, micro_batches
-from aiinfra.plan.memory import device_param_counts, memory_breakdown
+from aiinfra.plan.memory import device_param_counts, memory_breakdown, offloaded_layer_bytes
 from aiinfra.spec import ModelSpec
 
 # Bytes moved per logit by a fused vocab-parallel cross-entropy (write bf16 logits, read them, write fp32
@@ -44,6 +45,7 @@ class PassTimes:
     """Seconds of one layer's forward pass for one micro-batch on one device, by kind of work."""
 
     gemm_s: float
+    mlp_gemm_s: float  # the MLP's share of gemm_s (router and experts for mixture-of-experts)
     attention_s: float  # score and value products (materialized or fused)
     scores_elementwise_s: float  # softmax/dropout on materialized scores (recomputed by selective recompute)
     elementwise_s: float  # norms, residuals, activations, rotary
@@ -79,6 +81,15 @@ def _mlp_gemm_s(spec: ModelSpec, layout: Layout, cluster: Cluster, precision: st
     return gemm + _gemm_time_s(cluster, precision, tokens_per_expert, ffn_local, h, local_experts)
 
 
+def moe_remote_share(experts_per_token: int, node_limit: int) -> float:
+    """Share of a token's k routed copies that cross the network when its experts lie in at most `node_limit`
+    domains: one copy per target domain goes over the network and is forwarded to its experts inside the domain
+    (DeepSeek-V3, arXiv 2412.19437, 3.2.2: at most 4 nodes per token, IB then NVLink; DeepEP), so M of k copies."""
+    if node_limit <= 0 or experts_per_token <= node_limit:
+        return 1.0
+    return node_limit / experts_per_token
+
+
 def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster) -> PassTimes:
     """Forward-pass costs of one transformer layer for one micro-batch on one device."""
     eff = cluster.efficiency
@@ -94,7 +105,8 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
 
     gemm = _gemm_time_s(cluster, precision, m, h, q_local + 2 * kv_local)  # fused QKV projection
     gemm += _gemm_time_s(cluster, precision, m, q_local, h)  # output projection
-    gemm += _mlp_gemm_s(spec, layout, cluster, precision, m)
+    mlp_gemm = _mlp_gemm_s(spec, layout, cluster, precision, m)
+    gemm += mlp_gemm
 
     seq = settings.seq_len
     attention_flops = 4.0 * m * seq * q_local  # QK^T and PV over the full key range (spec convention)
@@ -142,10 +154,14 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
         # 3.3.1; Megatron's fp8 dispatch); the combine returns bf16 outputs.
         dispatch_bytes = m * spec.experts_per_token * h * (1 if precision in ("fp8", "fp4") else a)
         combine_bytes = m * spec.experts_per_token * h * a
-        ep_comm = (collective_time_s(cluster, "all_to_all", dispatch_bytes, layout.ep, tp * layout.cp)
-                   + collective_time_s(cluster, "all_to_all", combine_bytes, layout.ep, tp * layout.cp))
+        share = moe_remote_share(spec.experts_per_token, settings.moe_node_limit)
+        ep_comm = (collective_time_s(cluster, "all_to_all", dispatch_bytes, layout.ep, tp * layout.cp,
+                                     remote_share=share)
+                   + collective_time_s(cluster, "all_to_all", combine_bytes, layout.ep, tp * layout.cp,
+                                       remote_share=share))
     return PassTimes(
         gemm_s=gemm,
+        mlp_gemm_s=mlp_gemm,
         attention_s=attention,
         scores_elementwise_s=scores_bytes / bandwidth,
         elementwise_s=elementwise,
@@ -161,7 +177,7 @@ class MicroBatchTimes:
 
     compute_s: float
     tp_comm_exposed_s: float
-    other_comm_exposed_s: float  # context and expert parallel
+    other_comm_exposed_s: float  # context and expert parallel, and host transfers of offloaded activations
     backward_s: float  # the backward share, the window that data-parallel reductions overlap
 
     @property
@@ -186,6 +202,9 @@ def layer_micro_batch_times(
     if layout.recompute == "full":
         recompute = fwd_compute
         recomputed_tp_passes = 1.0
+    elif layout.offload_activations:
+        # Offloaded policy: the attention side comes back from the host, the MLP and the norms run again.
+        recompute = fwd.mlp_gemm_s + fwd.elementwise_s
     elif layout.recompute == "selective" and settings.attention_kernel == "materialized":
         recompute = fwd.attention_s + fwd.scores_elementwise_s
     elif layout.recompute == "selective":
@@ -202,6 +221,7 @@ def layer_micro_batch_times(
     # K/V gathers overlap the attention of the chunk already present; the backward gathers and reduce-scatters.
     cp_exposed = overlapped_s(fwd.cp_comm_s, fwd.attention_s)
     cp_exposed += overlapped_s(2 * fwd.cp_comm_s, attention_bwd * fwd.attention_s)
+    offload = host_transfer_exposed_s(spec, settings, layout, cluster, fwd_compute, bwd_compute + recompute)
     if settings.ep_overlap:
         # Dispatch and combine of one micro-batch run under another's compute (Megatron-Core's EP all-to-all
         # overlap in 1F1B; DeepSeek-V3's DualPipe), paying the SM tax.
@@ -211,9 +231,24 @@ def layer_micro_batch_times(
     return MicroBatchTimes(
         compute_s=fwd_compute + bwd_compute + recompute,
         tp_comm_exposed_s=tp_exposed,
-        other_comm_exposed_s=cp_exposed + ep_exposed,
+        other_comm_exposed_s=cp_exposed + ep_exposed + offload,
         backward_s=bwd_compute + recompute,
     )
+
+
+def host_transfer_exposed_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster,
+                            forward_s: float, backward_s: float) -> float:
+    """Offloaded activations of one layer and micro-batch: written to the host during the forward, read back during
+    the backward, each through the device's host link by DMA engines that leave the compute units free, so only the
+    excess over the pass they run under is exposed."""
+    size = offloaded_layer_bytes(spec, settings, layout)
+    if size <= 0:
+        return 0.0
+    host_gbs = cluster.accelerator.host_bw_gbs
+    if not host_gbs:
+        raise PlanError(f"activation offload: hardware {cluster.accelerator.id!r} has no host_bw_gbs in the catalog")
+    transfer = size / (host_gbs * 1e9)
+    return max(0.0, transfer - forward_s) + max(0.0, transfer - backward_s)
 
 
 def head_micro_batch_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster) -> float:
@@ -227,11 +262,16 @@ def head_micro_batch_s(spec: ModelSpec, settings: TrainSettings, layout: Layout,
 
 
 def hardware_flops_per_token(spec: ModelSpec, seq_len: int, recompute: str, attention_kernel: str,
-                             recompute_fraction: float = 1.0) -> float:
-    """Training FLOPs per token including recomputation (the HFU numerator; Megatron's eq. 3 for full)."""
+                             recompute_fraction: float = 1.0, offload: bool = False) -> float:
+    """Training FLOPs per token including recomputation (the HFU numerator; Megatron's eq. 3 for full); the offload
+    policy recomputes the MLP's forward."""
     flops = float(spec.train_flops_per_token(seq_len))
     head = 2.0 * spec.vocab_size * spec.dim
-    if recompute == "full":
+    if offload:
+        matrices = 3 if spec.mlp == "swiglu" else 2
+        flops += 2.0 * matrices * spec.dim * spec.ffn_dim * (spec.experts_per_token if spec.is_moe else 1) \
+            * spec.n_layers
+    elif recompute == "full":
         flops += recompute_fraction * (spec.forward_flops_per_token(seq_len) - head)  # the head is not recomputed
     elif recompute == "selective" and attention_kernel == "materialized":
         flops += recompute_fraction * spec.attention_flops_per_token(seq_len)
@@ -244,7 +284,7 @@ class StepBreakdown:
 
     compute_s: float  # all micro-batches' computation on the slowest stage
     tp_comm_s: float  # exposed tensor/sequence-parallel communication
-    other_comm_s: float  # exposed context/expert-parallel communication
+    other_comm_s: float  # exposed context/expert-parallel communication and host (offload) transfers
     pp_p2p_s: float  # pipeline sends and receives
     bubble_s: float  # pipeline fill and drain
     dp_comm_s: float  # exposed data-parallel / ZeRO / FSDP collectives
@@ -270,6 +310,14 @@ def dp_collective_calls(params: float, stage_layers: int, bucket_params: float) 
     return float(max(1, stage_layers))
 
 
+def dp_bucket_params(settings: TrainSettings, layout: Layout) -> float:
+    """Parameters per ZeRO-0/1/2 bucket: Megatron-LM sizes them max(40M, 1M x dp x cp) when --ddp-bucket-size is
+    not given (megatron/training/training.py), so that each rank's share of a bucket stays large at scale."""
+    if settings.dp_bucket_params <= 0:
+        return 0.0
+    return max(settings.dp_bucket_params, settings.dp_bucket_params_per_rank * layout.dp * layout.cp)
+
+
 def _dp_comm_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster, mb: MicroBatchTimes,
                stage_layers: int, m: int) -> float:
     """Exposed data-parallel time: gradient reduction, parameter gathers, and how much the passes hide.
@@ -283,7 +331,7 @@ def _dp_comm_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster
     params = device_param_counts(spec, layout).total
     grads = params * settings.grad_reduce_bytes
     weights = params * (1 if settings.fp8_param_gather else settings.gathered_bytes)
-    bucket = settings.zero3_bucket_params if layout.zero_stage == 3 else settings.dp_bucket_params
+    bucket = settings.zero3_bucket_params if layout.zero_stage == 3 else dp_bucket_params(settings, layout)
     calls = dp_collective_calls(params, stage_layers, bucket)
     backward_window = mb.backward_s * stage_layers
     forward_window = (mb.compute_s - mb.backward_s) * stage_layers
@@ -366,5 +414,5 @@ def step_breakdown(spec: ModelSpec, settings: TrainSettings, layout: Layout, clu
         model_flops=tokens * float(spec.train_flops_per_token(settings.seq_len)),
         hardware_flops=tokens
         * hardware_flops_per_token(spec, settings.seq_len, layout.recompute, settings.attention_kernel,
-                                   layout.recompute_fraction),
+                                   layout.recompute_fraction, layout.offload_activations),
     )

@@ -16,7 +16,7 @@ from rich.table import Table
 from aiinfra.plan.efficiency import efficiency_table
 from aiinfra.plan.fitting import LOW_PRECISION, MIN_ROWS_PER_GENERATION, FitReport, fit_and_hold_out
 from aiinfra.plan.inference import INFERENCE_RUNS_CSV, InferenceValidationRow, validate_inference
-from aiinfra.plan.validation import TRAINING_RUNS_CSV, memory_check, prepare_training
+from aiinfra.plan.validation import TRAINING_RUNS_CSV, ValidationRow, memory_check, prepare_training, source_group
 
 
 def error_summary(errors: list[float]) -> tuple[float, float]:
@@ -73,6 +73,24 @@ def _ceiling_table(report: FitReport) -> Table:
     return table
 
 
+def errors_by_source(rows: list[ValidationRow]) -> list[tuple[str, int, float, float]]:
+    """(publisher, rows, MAPE, max) of the held-out predictions, worst MAPE first (each source was held out whole)."""
+    groups: dict[str, list[float]] = {}
+    for row in rows:
+        groups.setdefault(source_group(row.source), []).append(row.error)
+    summary = [(name, len(errors), *error_summary(errors)) for name, errors in groups.items()]
+    return sorted(summary, key=lambda item: -item[2])
+
+
+def _source_table(report: FitReport) -> Table:
+    table = Table(title="leave-one-source-out error per source (the source held out, the fit on all others)")
+    for name in ("source", "rows", "MAPE", "max"):
+        table.add_column(name, justify="left" if name == "source" else "right")
+    for name, count, mape, worst in errors_by_source(report.out_of_sample):
+        table.add_row(name, str(count), f"{100 * mape:.1f}%", f"{100 * worst:.1f}%")
+    return table
+
+
 def _memory_table() -> Table:
     table = Table(title="activation memory, first stage, vs Korthikanti et al. 2022 (Table 2 x L)")
     for name in ("model", "case", "ours", "Korthikanti", "error"):
@@ -90,6 +108,9 @@ def markdown_rows(report: FitReport, serving: list[InferenceValidationRow], not_
     for held, fitted in zip(report.out_of_sample, report.in_sample, strict=True):
         lines.append(f"| {held.run_id} | {held.generation} | {held.metric} | {held.published:g} | "
                      f"{held.predicted:.4g} | {100 * held.error:+.1f}% | {100 * fitted.error:+.1f}% | {held.layout} |")
+    lines += ["", "| source (held out) | rows | MAPE | max |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {count} | {100 * mape:.1f}% | {100 * worst:.1f}% |"
+              for name, count, mape, worst in errors_by_source(report.out_of_sample)]
     lines += ["", "| inference run | gen | metric | published | predicted | error | batch (bound) |",
               "|---|---|---|---:|---:|---:|---|"]
     for s in serving:
@@ -123,6 +144,7 @@ def run_validation(console: Console, runs: Path = TRAINING_RUNS_CSV, inference: 
     for line in reasons:
         console.print(f"not run: {line}", markup=False)
     console.print(_ceiling_table(report))
+    console.print(_source_table(report))
     if not markdown:
         console.print(_training_table(report))
         console.print(_inference_table(serving))

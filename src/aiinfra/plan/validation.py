@@ -54,8 +54,13 @@ def _candidates(setup: RunSetup) -> list[Layout]:
         # (Megatron's --recompute-num-layers), full on a quarter, half or three quarters of the layers.
         shares = (0.25, 0.5, 0.75, 1.0) if setup.facts.partial_recompute else (1.0,)
         recomputes = [("none", 1.0), ("selective", 1.0)] + [("full", f) for f in shares]
-    return [replace(layout, micro_batch=b, virtual_stages=v, recompute=r, recompute_fraction=f)  # type: ignore[arg-type]
-            for b, v, (r, f) in itertools.product(micro, chunks, recomputes)]
+    # A framework whose selective policies can keep the saved activations in host memory (MaxText) may have run
+    # them so: the searched variant pays the host transfers and keeps only layer inputs on the device.
+    offloads = (False, True) if setup.facts.activation_offload else (False,)
+    return [replace(layout, micro_batch=b, virtual_stages=v, recompute=r, recompute_fraction=f,  # type: ignore[arg-type]
+                    offload_activations=o)
+            for b, v, (r, f), o in itertools.product(micro, chunks, recomputes, offloads)
+            if not (o and r != "selective")]
 
 
 def best_layout(setup: RunSetup) -> tuple[Layout, StepBreakdown]:
