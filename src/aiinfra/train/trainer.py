@@ -36,6 +36,7 @@ from aiinfra.models import Transformer, sample
 from aiinfra.observe.device_peak import device_peak
 from aiinfra.observe.plots import plot_loss_curve
 from aiinfra.observe.step_log import StepLogger, read_metrics, truncate_metrics
+from aiinfra.train.distill import build_distiller
 from aiinfra.train.faults import FaultSchedule, check_fault_rank
 
 
@@ -145,10 +146,13 @@ class Trainer:
 
         # Built on the meta device (no memory), parallelized there, then each rank allocates and initialises only
         # its shards from train.seed: the same full model whatever the layout (distributed/materialize.py).
+        # A full replica of the teacher on every rank, outside DDP/FSDP (train/distill.py); None without one.
+        self.distiller = build_distiller(config, self.dataset.tokenizer, self.device)
+        loss_from_logits = self.distiller.loss_from_logits if self.distiller is not None else _loss_from_logits
         seed_everything(cfg.seed)
         with torch.device("meta"):
             model = Transformer(config.model)
-        self.runner = self.runtime.build_runner(model, self._autocast, _loss_from_logits)
+        self.runner = self.runtime.build_runner(model, self._autocast, loss_from_logits)
         # What this rank trains: the model (sharded in place under FSDP/TP), or its pipeline stages.
         self.model = self.runner.model
         self.optimizer = build_optimizer(self.runner.root, config)
@@ -232,6 +236,8 @@ class Trainer:
         for index, (micro_inputs, micro_targets) in enumerate(
             zip(inputs.chunk(cfg.grad_accum), targets.chunk(cfg.grad_accum))
         ):
+            if self.distiller is not None:
+                self.distiller.teach(micro_inputs)
             with self.runner.grad_sync(index == cfg.grad_accum - 1):
                 losses.append(self.runner.forward_backward(micro_inputs, micro_targets, 1 / cfg.grad_accum))
         grad_norm = self.runner.clip_grad_norm(cfg.grad_clip) if cfg.grad_clip > 0 else torch.zeros(())
@@ -241,7 +247,11 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         local_loss = None if losses[0] is None else torch.stack(losses).sum()
-        return {"loss": self.runtime.mean_loss(local_loss), "grad_norm": float(grad_norm), "lr": lr}
+        metrics = {"loss": self.runtime.mean_loss(local_loss), "grad_norm": float(grad_norm), "lr": lr}
+        if self.distiller is not None:
+            kd, ce = self.distiller.take_terms()
+            metrics |= {"kd_loss": self.runtime.mean_loss(kd), "ce_loss": self.runtime.mean_loss(ce)}
+        return metrics
 
     @torch.no_grad()
     def evaluate(self) -> float:
