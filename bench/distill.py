@@ -8,7 +8,8 @@ same batches: the baseline plainly (cross-entropy), the others with `distill.tea
 
 Reported for each model: the validation loss (the held-out split, plain cross-entropy, `train.eval_batches` windows),
 its size (parameters, bytes of model.safetensors) and its serving throughput (the engine, greedy, a batch of prompts
-from the validation text, output tokens per second, one process with `--threads` threads).
+from the validation text, output tokens per second, one process with `--threads` threads, default 1: on a shared
+machine a team of OpenMP threads stalls whenever a core is taken).
 
 Honesty about settings: the first setting is the headline and was chosen before any run (torchtune's KD recipe:
 alpha 0.5, T = 1); further settings are reported beside it. Choosing among them by the figure printed here would be
@@ -102,7 +103,7 @@ def main() -> None:
     parser.add_argument("--teacher", default="tiny", help="teacher preset")
     parser.add_argument("--student", default="micro", help="student preset (the teacher's vocabulary)")
     parser.add_argument("--setting", action="append", help="alpha:temperature of a KD run, repeatable")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads when measuring serving")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads when measuring serving")
     parser.add_argument("--dir", type=Path, default=None, help="where the runs go (default: a temporary folder)")
     args = parser.parse_args()
     settings = [tuple(float(x) for x in item.split(":")) for item in (args.setting or ["0.5:1.0"])]
