@@ -198,12 +198,12 @@ def main() -> None:
         )
     print(f"edge: {edge['log'][0]}")
     within = edge["peak_rss_bytes"] <= args.memory_mb * MIB
+    ratio = {key: edge[key] / cloud[key] for key in ("peak_rss_bytes", "startup_s", "tokens_per_s")}
     print(
         f"edge peak RSS {edge['peak_rss_bytes'] / MIB:.0f} MiB {'within' if within else 'OVER'} its "
-        f"{args.memory_mb:g} MiB budget; edge / cloud: RSS {edge['peak_rss_bytes'] / cloud['peak_rss_bytes']:.2f}x, "
-        f"start-up {edge['startup_s'] / cloud['startup_s']:.2f}x, tokens/s "
-        f"{edge['tokens_per_s'] / cloud['tokens_per_s']:.2f}x ({edge['tokens_per_s'] / cloud_1['tokens_per_s']:.2f}x the "
-        "one-thread cloud server)"
+        f"{args.memory_mb:g} MiB budget; edge / cloud: RSS {ratio['peak_rss_bytes']:.2f}x, start-up "
+        f"{ratio['startup_s']:.2f}x, tokens/s {ratio['tokens_per_s']:.2f}x "
+        f"({edge['tokens_per_s'] / cloud_1['tokens_per_s']:.2f}x the one-thread cloud server)"
     )
 
     torch.set_num_threads(1)
