@@ -1,4 +1,4 @@
-"""Distillation under data (and tensor) parallelism trains like one process: same global batch, same teacher.
+"""Distillation under data and tensor parallelism trains like one process: same global batch, same teacher.
 
 Each rank runs a full replica of the teacher on its own micro-batch; the KD and CE terms and the losses must match
 the single-process run within fp32 tolerance (1e-5 relative), as every layout does in test_equivalence.py.
@@ -20,6 +20,7 @@ LAYOUTS = {
     "kd_ddp": ["parallel.dp_replicate=2", "train.micro_batch=4"],
     "kd_ddp_grad_accum": ["parallel.dp_replicate=2", "train.micro_batch=2", "train.grad_accum=2"],
     "kd_fsdp": ["parallel.dp_shard=2", "train.micro_batch=4"],
+    "kd_tp": ["parallel.tp=2", "train.micro_batch=8"],
 }
 
 
@@ -44,7 +45,7 @@ def kd_runs(student: list[str], launch, single_process, tmp_path_factory: pytest
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_distillation_under_data_parallelism_equals_one_process(layout: str, kd_runs: dict) -> None:
+def test_distillation_under_every_layout_equals_one_process(layout: str, kd_runs: dict) -> None:
     expected, result = kd_runs["reference"]["records"], kd_runs[layout]["records"]
     for key in ("loss", "kd_loss", "ce_loss"):
         assert [r[key] for r in result] == pytest.approx([r[key] for r in expected], rel=1e-5), key
