@@ -5,7 +5,8 @@ and schedule, log, checkpoint when due. Everything that must survive a restart (
 every rank's RNG, each data-parallel rank's data position) goes into the checkpoints under <run>/checkpoints, and a
 run directory that holds checkpoints but no finished model resumes from its latest good one. Under torchrun the same
 loop runs on every rank: `distributed.runtime` supplies the process group, the parallelized model (or pipeline
-schedule), the data-parallel coordinates and the per-rank figures.
+schedule), the data-parallel coordinates and the per-rank figures. With `distill.teacher`, a frozen teacher runs on
+each micro-batch first and the loss is train/distill.py's (its two terms logged as kd_loss and ce_loss).
 """
 
 from __future__ import annotations
