@@ -149,6 +149,27 @@ class FaultConfig(Section):
     random_seed: int = Field(0, description="seed of the random schedule (the same schedule for the same seed)")
 
 
+class DistillConfig(Section):
+    """Knowledge distillation from a finished run (the teacher) into the model trained here (the student)."""
+
+    teacher: str | None = Field(
+        None,
+        description="run directory of the teacher (its model.safetensors, config.toml, tokenizer.json); "
+        "none: plain training",
+    )
+    alpha: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="weight of the distillation term; 1 - alpha weighs the cross-entropy (torchtune's kd_ratio)",
+    )
+    # 1.0 as torchtune's KD recipe: forward KL on the teacher's own distribution. A higher T softens both sides and
+    # weighs the teacher's ranking of unlikely tokens more; T^2 keeps the soft term's gradient scale the same.
+    temperature: float = Field(
+        1.0, gt=0, description="softmax temperature of teacher and student in the distillation term (scaled by T^2)"
+    )
+
+
 class RunConfig(Section):
     """The run directory and what the run prints while it trains and at the end."""
 
@@ -170,6 +191,8 @@ class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig, description="the run directory and what is printed")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpoints and resume")
     fault: FaultConfig = Field(default_factory=FaultConfig, description="fault injection for tests and demos")
+    distill: DistillConfig = Field(default_factory=DistillConfig,
+                                   description="knowledge distillation from a teacher run (off by default)")
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -177,6 +200,11 @@ class Config(Section):
             raise ValueError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         if self.fault.kill_step > self.train.steps:
             raise ValueError(f"fault.kill_step={self.fault.kill_step} is past train.steps={self.train.steps}")
+        if self.distill.teacher is not None and self.parallel.pp > 1:
+            raise ValueError(
+                f"distill.teacher with parallel.pp={self.parallel.pp}: distillation needs the full logits on one "
+                "rank; use data parallelism (dp_replicate, dp_shard) or tensor parallelism"
+            )
         self._check_parallel()
         self._check_checkpoint()
         return self

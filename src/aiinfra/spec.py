@@ -168,6 +168,8 @@ def _gpt(vocab: int, dim: int, layers: int, heads: int, seq: int) -> dict:
 PRESETS: dict[str, dict[str, Any]] = {
     # The embedded default: sized so `aiinfra train` finishes in minutes on a 2-core CPU.
     "tiny": dict(_llama(4096, 256, 4, 8, 4, 768, 256, 10000.0), tie_embeddings=True),
+    # A distillation student (and edge model) for `tiny`: the same vocabulary, so it can use tiny's tokenizer.
+    "micro": dict(_llama(4096, 128, 2, 4, 2, 384, 256, 10000.0), tie_embeddings=True),
     "small": _llama(8192, 512, 8, 8, 4, 1536, 512, 10000.0),
     # About 1.1B parameters: the single-GPU benchmark preset.
     "1b": _llama(32000, 2048, 22, 32, 4, 5632, 2048, 10000.0),

@@ -13,9 +13,13 @@ Our names map one to one onto Hugging Face's, and both use the rotate-half rotar
 Only Llama-style specs (SwiGLU, RMSNorm, rotary positions, no biases, dense) have a Llama equivalent.
 
 ONNX (`export_onnx`, needs the `onnx` and `onnxscript` packages): `model.onnx` mapping int64 `input_ids` (batch,
-seq) to fp32 `logits` (batch, seq, vocab), both dimensions dynamic up to max_seq_len, exported from our own module
-by torch.onnx's dynamo exporter, so any spec exports; the tokenizer files sit beside it. With `int8` (needs
-`onnxruntime`), ONNX Runtime's dynamic quantization stores every MatMul weight as int8 per output channel.
+seq) and fp32 `past_key_values.{i}.key` / `.value` (batch, kv_heads, past_seq, head_dim) of every layer to fp32
+`logits` (batch, seq, vocab) and `present.{i}.key` / `.value` (the past with the new tokens appended), every
+dimension but the heads dynamic up to max_seq_len (models/cached.py): a prefill, then one call per new token. The
+past inputs default to an empty cache, so a caller that feeds `input_ids` alone gets the logits of the whole
+sequence as before. Exported from our own module by torch.onnx's dynamo exporter, so any spec exports; the tokenizer
+files sit beside it. With `int8` (needs `onnxruntime`), ONNX Runtime's dynamic quantization stores every MatMul
+weight as int8 per output channel.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from tokenizers import Tokenizer
 from aiinfra.checkpoint.run_dir import atomic_write, load_run
 from aiinfra.config import ConfigError
 from aiinfra.data.tokenizer import END_OF_TEXT
+from aiinfra.models.cached import CachedTransformer, cache_names
 from aiinfra.spec import ModelSpec
 
 OUR_LAYER_TO_HF = {
@@ -177,8 +182,13 @@ def export_onnx(run_dir: Path, out_dir: Path, int8: bool = False) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     batch = torch.export.Dim("batch", min=1, max=1024)
-    sequence = torch.export.Dim("sequence", min=2, max=max(2, spec.max_seq_len))
-    example = torch.zeros(2, min(8, spec.max_seq_len), dtype=torch.long)
+    sequence = torch.export.Dim("sequence", min=1, max=max(2, spec.max_seq_len))
+    past_sequence = torch.export.Dim("past_sequence", min=0, max=max(2, spec.max_seq_len))
+    cached = CachedTransformer(run.model).eval()
+    past_names, present_names = cache_names(spec.n_layers)
+    # Example sizes other than 0 and 1, which torch.export would take for constants.
+    example = torch.zeros(2, min(4, spec.max_seq_len), dtype=torch.long)
+    example_past = tuple(torch.zeros(2, spec.n_kv_heads, 3, spec.head_dim) for _ in past_names)
     # The exporter logs a line per torchvision operator it cannot find and warns about its own deprecations:
     # noise for a user who exports a language model.
     registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
@@ -187,12 +197,16 @@ def export_onnx(run_dir: Path, out_dir: Path, int8: bool = False) -> Path:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
+            # The past inputs share the batch symbol with input_ids: the exporter says so once per input.
+            warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
             program = torch.onnx.export(
-                run.model, (example,), dynamo=True, input_names=["input_ids"], output_names=["logits"],
-                dynamic_shapes=({0: batch, 1: sequence},), optimize=True, verbose=False,
+                cached, (example, *example_past), dynamo=True, input_names=["input_ids", *past_names],
+                output_names=["logits", *present_names], optimize=True, verbose=False,
+                dynamic_shapes=({0: batch, 1: sequence}, tuple({0: batch, 2: past_sequence} for _ in past_names)),
             )
     finally:
         registration_log.setLevel(previous_level)
+    _default_empty_cache(program, past_names, spec)
     # Saved in place, not through a temporary name: a graph over 2 GB keeps its weights in an external file that
     # model.onnx refers to by name.
     if int8:
@@ -213,6 +227,32 @@ def export_onnx(run_dir: Path, out_dir: Path, int8: bool = False) -> Path:
         program.save(str(out_dir / "model.onnx"))
     _write_tokenizer_files(out_dir, run.tokenizer, spec.max_seq_len)
     return out_dir
+
+
+def _default_empty_cache(program: Any, past_names: list[str], spec: ModelSpec) -> None:
+    """Make every past input optional, defaulting to an empty cache: ONNX takes an initializer named as a graph input
+    for that input's default. The default has batch 1, so each past input is first broadcast to the batch of
+    `input_ids` (Expand; a no-op for a real cache): the exporter had taken the past's batch for the same symbol."""
+    import numpy as np
+    import onnx_ir as ir
+
+    graph = program.model.graph
+    input_ids = graph.inputs[0]
+    nodes = [ir.node("Shape", [input_ids], {"start": 0, "end": 1}), ir.node("Constant", [], {
+        "value": ir.tensor(np.ones(3, dtype=np.int64), name="ones3")})]
+    nodes.append(ir.node("Concat", [nodes[0].outputs[0], nodes[1].outputs[0]], {"axis": 0}))
+    batch_shape = nodes[2].outputs[0]
+    for value in graph.inputs:
+        if value.name not in past_names:
+            continue
+        expand = ir.node("Expand", [value, batch_shape])
+        ir.convenience.replace_all_uses_with(value, expand.outputs[0])
+        expand.replace_input_with(0, value)  # the line above also rewired the Expand's own input
+        nodes.append(expand)
+        empty = np.zeros((1, spec.n_kv_heads, 0, spec.head_dim), dtype=np.float32)
+        value.const_value = ir.tensor(empty, name=value.name)
+        graph.register_initializer(value)
+    graph.insert_before(graph.node(0), nodes)
 
 
 def _quantize_int8(fp32_path: Path, out_path: Path, large: bool) -> None:

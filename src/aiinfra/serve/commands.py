@@ -77,6 +77,19 @@ def resolve_api_key(api_key: str | None, api_key_file: Path | None) -> str | Non
     return key
 
 
+def check_profile(profile: str, memory_mb: float | None, tp: int) -> None:
+    """--profile and --memory-mb checked together (a ValueError naming the option)."""
+    if profile not in ("cloud", "edge"):
+        raise ValueError(f"--profile {profile!r}: expected cloud or edge")
+    if profile == "cloud" and memory_mb is not None:
+        raise ValueError("--memory-mb is the edge profile's budget: add --profile edge (the cloud profile sizes its "
+                         "KV cache with --kv-cache-memory-mb)")
+    if profile == "edge" and memory_mb is None:
+        raise ValueError("--profile edge needs --memory-mb, the memory budget the server keeps to")
+    if profile == "edge" and tp > 1:
+        raise ValueError(f"--profile edge runs one process: drop --tp {tp}")
+
+
 def serve_command(
     model: Annotated[Path, typer.Argument(help="a run directory of ours or a Hugging Face Llama-format folder")],
     host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
@@ -109,6 +122,11 @@ def serve_command(
     node_rank: Annotated[int, typer.Option(min=0, help="this node's rank, 0..nnodes-1 (0 serves HTTP)")] = 0,
     rdzv_endpoint: Annotated[str | None, typer.Option(
         help="HOST:PORT where node 0's rank 0 meets the others, the same on every node")] = None,
+    profile: Annotated[str, typer.Option(
+        help="cloud: the options as given; edge: int8 weights, one thread, one process, the whole server kept to "
+        "--memory-mb")] = "cloud",
+    memory_mb: Annotated[float | None, typer.Option(
+        min=1, help="edge: the server's memory budget, MiB (runtime, weights, a step, KV cache from the rest)")] = None,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API with continuous batching and a paged KV cache."""
     import torch
@@ -130,6 +148,7 @@ def serve_command(
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=prefix_caching,
             pack_weights=pack_weights,
         )
+        check_profile(profile, memory_mb, tp)
         cpus = parse_cpu_list(engine_cpus)
         if cpus and not engine_process:
             raise ValueError("--engine-cpus pins the engine process; it has no effect with --no-engine-process")
@@ -139,17 +158,23 @@ def serve_command(
             typer.echo(f"node {node_rank}: tensor-parallel ranks {list(tensor_parallel.ranks_of_this_node())} of "
                        f"{tp}, meeting at {tensor_parallel.endpoint}")
             raise typer.Exit(run_node_workers(recipe))
-        # With an engine process, this process needs the tokenizer and the model's shapes, not its weights.
-        served = load_model(model, weights=not engine_process, dtype=dtype)
-        if served_model_name:
-            served.name = served_model_name
-        if engine_process:
+        if profile == "edge":
+            from aiinfra.serve.edge import load_edge_engine
+
+            served, core, plan = load_edge_engine(model, memory_mb, engine_config, dtype)
+            typer.echo(f"edge profile: int8 weights, 1 thread, 1 process; {plan.describe()}")
+        elif engine_process:
+            # This process needs the tokenizer and the model's shapes, not its weights.
+            served = load_model(model, weights=False, dtype=dtype)
             recipe = EngineRecipe(model, engine_config, int8, dtype, threads, tensor_parallel, cpus)
-            core: ProcessEngineCore | LLMEngine = ProcessEngineCore(recipe)
+            core = ProcessEngineCore(recipe)
         else:
+            served = load_model(model, dtype=dtype)
             if int8:
                 quantize_int8(served.model)
             core = LLMEngine(served.model, engine_config, served.eos_token_id)
+        if served_model_name:
+            served.name = served_model_name
     except (ConfigError, ValueError, OSError) as error:
         raise _fail(str(error)) from None
     server_config = ServerConfig(

@@ -5,7 +5,8 @@ and schedule, log, checkpoint when due. Everything that must survive a restart (
 every rank's RNG, each data-parallel rank's data position) goes into the checkpoints under <run>/checkpoints, and a
 run directory that holds checkpoints but no finished model resumes from its latest good one. Under torchrun the same
 loop runs on every rank: `distributed.runtime` supplies the process group, the parallelized model (or pipeline
-schedule), the data-parallel coordinates and the per-rank figures.
+schedule), the data-parallel coordinates and the per-rank figures. With `distill.teacher`, a frozen teacher runs on
+each micro-batch first and the loss is train/distill.py's (its two terms logged as kd_loss and ce_loss).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from aiinfra.models import Transformer, sample
 from aiinfra.observe.device_peak import device_peak
 from aiinfra.observe.plots import plot_loss_curve
 from aiinfra.observe.step_log import StepLogger, read_metrics, truncate_metrics
+from aiinfra.train.distill import build_distiller
 from aiinfra.train.faults import FaultSchedule, check_fault_rank
 
 
@@ -145,10 +147,13 @@ class Trainer:
 
         # Built on the meta device (no memory), parallelized there, then each rank allocates and initialises only
         # its shards from train.seed: the same full model whatever the layout (distributed/materialize.py).
+        # A full replica of the teacher on every rank, outside DDP/FSDP (train/distill.py); None without one.
+        self.distiller = build_distiller(config, self.dataset.tokenizer, self.device)
+        loss_from_logits = self.distiller.loss_from_logits if self.distiller is not None else _loss_from_logits
         seed_everything(cfg.seed)
         with torch.device("meta"):
             model = Transformer(config.model)
-        self.runner = self.runtime.build_runner(model, self._autocast, _loss_from_logits)
+        self.runner = self.runtime.build_runner(model, self._autocast, loss_from_logits)
         # What this rank trains: the model (sharded in place under FSDP/TP), or its pipeline stages.
         self.model = self.runner.model
         self.optimizer = build_optimizer(self.runner.root, config)
@@ -233,6 +238,8 @@ class Trainer:
         for index, (micro_inputs, micro_targets) in enumerate(
             zip(inputs.chunk(cfg.grad_accum), targets.chunk(cfg.grad_accum))
         ):
+            if self.distiller is not None:
+                self.distiller.teach(micro_inputs)
             with self.runner.grad_sync(index == cfg.grad_accum - 1):
                 losses.append(self.runner.forward_backward(micro_inputs, micro_targets, 1 / cfg.grad_accum))
         grad_norm = self.runner.clip_grad_norm(cfg.grad_clip) if cfg.grad_clip > 0 else torch.zeros(())
@@ -243,7 +250,11 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         local_loss = None if losses[0] is None else torch.stack(losses).sum()
-        return {"loss": self.runtime.mean_loss(local_loss), "grad_norm": float(grad_norm), "lr": lr}
+        metrics = {"loss": self.runtime.mean_loss(local_loss), "grad_norm": float(grad_norm), "lr": lr}
+        if self.distiller is not None:
+            kd, ce = self.distiller.take_terms()
+            metrics |= {"kd_loss": self.runtime.mean_loss(kd), "ce_loss": self.runtime.mean_loss(ce)}
+        return metrics
 
     @torch.no_grad()
     def evaluate(self) -> float:
