@@ -62,6 +62,12 @@ class TrainConfig(Section):
     threads: int = Field(0, ge=0, description="CPU threads for torch (0: all cores)")
     compile: bool = Field(False, description="torch.compile the model")
     deterministic: bool = Field(False, description="use deterministic algorithms (for bitwise-reproducible runs)")
+    init_from: str | None = Field(
+        None,
+        description="fine-tune from a Hugging Face Llama-format folder: its config.json sets the model (model.* "
+        "must agree), its tokenizer.json tokenizes the corpus, its safetensors are the starting weights (each rank "
+        "reads only its own shards)",
+    )
 
 
 def stages_per_rank(schedule: str) -> int:
@@ -308,6 +314,25 @@ def read_toml(path: Path, what: str) -> dict[str, Any]:
         raise ConfigError(f"{what} {str(path)!r} is not valid TOML: {error}") from None
 
 
+def _model_from_hf_folder(folder: str, given: Any) -> dict[str, Any]:
+    """The model section of a fine-tuning run: the shape in the folder's config.json; model.* fields given as well
+    must agree with it (a resolved config.toml repeats them)."""
+    from aiinfra.hf_format import read_hf_config, rope_scaling_of, spec_from_hf_config
+
+    source = f"train.init_from={folder!r}"
+    hf_config = read_hf_config(Path(folder))
+    if rope_scaling_of(hf_config, source) is not None:
+        raise ConfigError(f"{source}: its rope_scaling is not supported in training yet (serving supports it)")
+    spec = spec_from_hf_config(hf_config, source).model_dump()
+    given = given if isinstance(given, dict) else {}
+    differing = [f"model.{key}={value!r} (the folder has {spec[key]!r})" for key, value in given.items()
+                 if key != "preset" and key in spec and value != spec[key]]
+    if differing or given.get("preset") not in (None, spec["preset"]):
+        raise ConfigError(f"{source} sets the model from its config.json; these disagree: "
+                          f"{', '.join(differing) or 'model.preset=' + repr(given.get('preset'))}")
+    return spec
+
+
 def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a TOML file (or the defaults), apply `section.key=value` overrides, validate everything."""
     tree: dict[str, Any] = {}
@@ -318,7 +343,10 @@ def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...]
         keys, value = parse_override(item)
         _merge(tree, keys, value, f"--set {item}")
         origins[".".join(keys)] = f"--set {item}"
-    if isinstance(tree.get("model"), dict) and "preset" not in tree["model"]:
+    init_from = (tree.get("train") or {}).get("init_from") if isinstance(tree.get("train"), dict) else None
+    if isinstance(init_from, str) and init_from:
+        tree["model"] = _model_from_hf_folder(init_from, tree.get("model"))
+    elif isinstance(tree.get("model"), dict) and "preset" not in tree["model"]:
         tree["model"]["preset"] = "tiny"  # fields given without a preset override the default preset
     try:
         return Config.model_validate(tree)

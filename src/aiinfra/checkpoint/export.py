@@ -40,22 +40,11 @@ from tokenizers import Tokenizer
 from aiinfra.checkpoint.run_dir import atomic_write, load_run
 from aiinfra.config import ConfigError
 from aiinfra.data.tokenizer import END_OF_TEXT
+from aiinfra.hf_format import OUR_LAYER_TO_HF, OUR_TOP_TO_HF
 from aiinfra.models.cached import CachedTransformer, cache_names
 from aiinfra.spec import ModelSpec
 
-OUR_LAYER_TO_HF = {
-    "attention.wq": "self_attn.q_proj",
-    "attention.wk": "self_attn.k_proj",
-    "attention.wv": "self_attn.v_proj",
-    "attention.wo": "self_attn.o_proj",
-    "feed_forward.w1": "mlp.gate_proj",
-    "feed_forward.w2": "mlp.down_proj",
-    "feed_forward.w3": "mlp.up_proj",
-    "attention_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
 SCRATCH_PREFIX = ".export-"
-OUR_TOP_TO_HF = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
 
 
 def check_llama_exportable(spec: ModelSpec) -> None:

@@ -117,10 +117,10 @@ def _part(build: Path, split: str, block: int) -> Path:
 
 
 def _tokenize_share(
-    corpus: str, tokenizer: Tokenizer, val_fraction: float, dtype: np.dtype, build: Path, rank: int, world_size: int
+    corpus: str, tokenizer: Tokenizer, val_fraction: float, dtype: np.dtype, build: Path, rank: int, world_size: int,
+    end_of_text: int,
 ) -> dict[str, int]:
-    """Tokenize this rank's blocks into part files; the counts of what it wrote."""
-    end_of_text = tokenizer.token_to_id(END_OF_TEXT)
+    """Tokenize this rank's blocks into part files, each document followed by `end_of_text`; the counts written."""
     counts = {"blocks": 0, "train_documents": 0, "val_documents": 0, "train_tokens": 0, "val_tokens": 0}
     for index, documents in _blocks(corpus, rank, world_size):
         counts["blocks"] = max(counts["blocks"], index + 1)
@@ -149,20 +149,28 @@ def _merge_parts(build: Path, blocks: int) -> None:
 
 
 def _build(
-    corpus: str, vocab_size: int, val_fraction: float, build: Path, rank: int, world_size: int
+    corpus: str, vocab_size: int, val_fraction: float, build: Path, rank: int, world_size: int,
+    tokenizer_file: Path | None, end_of_text_id: int | None,
 ) -> dict[str, object] | None:
     """This rank's part of the build; on rank 0, the finished meta (the others return None)."""
     if rank == 0:
-        sample = _training_sample(corpus, val_fraction, TOKENIZER_SAMPLE_BYTES)
-        # The tokenizer sees only training text, so validation measures generalisation honestly.
-        tokenizer = train_tokenizer(sample, vocab_size)
+        if tokenizer_file is not None:  # a given tokenizer (fine-tuning): used as it is
+            tokenizer = load_tokenizer(tokenizer_file)
+        else:
+            sample = _training_sample(corpus, val_fraction, TOKENIZER_SAMPLE_BYTES)
+            # The tokenizer sees only training text, so validation measures generalisation honestly.
+            tokenizer = train_tokenizer(sample, vocab_size)
         tokenizer.save(str(build / ".tokenizer.json.tmp"))
         os.replace(build / ".tokenizer.json.tmp", build / "tokenizer.json")
     else:
         _wait_for(build / "tokenizer.json")
         tokenizer = load_tokenizer(build / "tokenizer.json")
-    dtype = _token_dtype(vocab_size)
-    counts = _tokenize_share(corpus, tokenizer, val_fraction, dtype, build, rank, world_size)
+    if end_of_text_id is None:
+        end_of_text_id = tokenizer.token_to_id(END_OF_TEXT)
+    if end_of_text_id is None:
+        raise ValueError(f"the tokenizer has no {END_OF_TEXT!r} token and no end-of-text id was given")
+    dtype = _token_dtype(max(vocab_size, tokenizer.get_vocab_size()))
+    counts = _tokenize_share(corpus, tokenizer, val_fraction, dtype, build, rank, world_size, end_of_text_id)
     (build / f".done.{rank}.tmp").write_text(json.dumps(counts))
     os.replace(build / f".done.{rank}.tmp", build / f"done.{rank}.json")
     if rank != 0:
@@ -192,12 +200,18 @@ def prepare_dataset(
     rank: int = 0,
     world_size: int = 1,
     build_id: str | None = None,
+    tokenizer_file: Path | None = None,
+    end_of_text_id: int | None = None,
 ) -> TokenDataset:
     """Train the tokenizer and tokenize `corpus`, or reuse the cached result for the same content and settings.
+    With `tokenizer_file` (a tokenizer.json), that tokenizer is used instead of one trained here, and documents end
+    with `end_of_text_id` (default: its "<|endoftext|>").
 
     Call it on every rank of a job alike (`rank`, `world_size`), with a cache folder they all see."""
     cache_dir = cache_dir or default_cache_dir()
     key_text = f"{FORMAT_VERSION}:{corpus_fingerprint(corpus)}:{vocab_size}:{val_fraction}:{TOKENIZER_SAMPLE_BYTES}"
+    if tokenizer_file is not None:
+        key_text += f":{xxhash.xxh3_64_hexdigest(Path(tokenizer_file).read_bytes())}:{end_of_text_id}"
     key = xxhash.xxh3_64_hexdigest(key_text.encode())
     path = cache_dir / "datasets" / key
     if (path / "meta.json").exists():
@@ -210,7 +224,7 @@ def prepare_dataset(
         if (path / "meta.json").exists():
             return _open(path)
     try:
-        meta = _build(corpus, vocab_size, val_fraction, build, rank, world_size)
+        meta = _build(corpus, vocab_size, val_fraction, build, rank, world_size, tokenizer_file, end_of_text_id)
         if meta is not None:
             (build / "meta.json").write_text(json.dumps(meta, indent=2))
             try:

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from aiinfra.config import Config
-from aiinfra.distributed.materialize import is_meta, materialize
+from aiinfra.distributed.materialize import SafetensorsWeights, is_meta, materialize
 
 # Selective checkpointing keeps the outputs of these (the expensive ops) and recomputes the cheap ones around
 # them (norms, activations, rotary, residual adds): most of the memory saving of full recomputation for a
@@ -68,7 +68,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, config: Config, devic
         apply_fsdp(model, mesh, config)
     if is_meta(model):
         # Offloaded FSDP shards live in CPU memory; FSDP moves them to the device for each gather.
-        materialize(model, torch.device("cpu") if par.cpu_offload else device, config.train.seed)
+        weights = SafetensorsWeights(config.train.init_from) if config.train.init_from else None
+        materialize(model, torch.device("cpu") if par.cpu_offload else device, config.train.seed, weights)
     if mesh is None or use_fsdp:
         return model
     if par.dp_replicate > 1:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,16 +18,12 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from aiinfra.checkpoint.export import OUR_LAYER_TO_HF, OUR_TOP_TO_HF
 from aiinfra.checkpoint.run_dir import load_run
 from aiinfra.config import ConfigError
 from aiinfra.data.tokenizer import END_OF_TEXT
+from aiinfra.hf_format import hf_name_to_ours, hf_weight_files, rope_scaling_of, spec_from_hf_config
 from aiinfra.models.llama import Transformer, rotary_inv_freq, rotary_tables
-from aiinfra.spec import ModelSpec
 
-# One name map for both directions: export writes these names, loading reads them back.
-HF_LAYER_NAMES = {hf: ours for ours, hf in OUR_LAYER_TO_HF.items()}
-HF_TOP_NAMES = {hf: ours for ours, hf in OUR_TOP_TO_HF.items()}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEFAULT_CHAT_TEMPLATE = (
@@ -51,35 +46,6 @@ class ServedModel:
     """further ids that end a turn (Llama 3.1 lists <|end_of_text|>, <|eom_id|> and <|eot_id|>)"""
 
 
-def hf_name_to_ours(name: str) -> str | None:
-    """'model.layers.3.self_attn.q_proj.weight' -> 'layers.3.attention.wq.weight'; None for tensors we skip."""
-    stem, _, kind = name.rpartition(".")
-    if stem in HF_TOP_NAMES:
-        return f"{HF_TOP_NAMES[stem]}.{kind}"
-    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", stem)
-    if match and match.group(2) in HF_LAYER_NAMES:
-        return f"layers.{match.group(1)}.{HF_LAYER_NAMES[match.group(2)]}.{kind}"
-    if stem.endswith("rotary_emb"):  # old exports carry derived inv_freq buffers
-        return None
-    raise ConfigError(f"unexpected tensor {name!r} in the Hugging Face weights: not a Llama-format model?")
-
-
-def rope_scaling_of(config: dict, source: str) -> dict | None:
-    """The config's RoPE scaling (`rope_scaling`, or transformers 5's `rope_parameters`); None when plain."""
-    scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
-    kind = scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind == "default":
-        return None
-    needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                                                "original_max_position_embeddings")}
-    if kind not in needed:
-        raise ConfigError(f"{source}: rope_scaling type {kind!r} is not supported (supported: linear, llama3)")
-    missing = [key for key in needed[kind] if not isinstance(scaling.get(key), (int, float))]
-    if missing:
-        raise ConfigError(f"{source}: rope_scaling of type {kind!r} needs numeric {', '.join(missing)}")
-    return {"rope_type": kind, **{key: float(scaling[key]) for key in needed[kind]}}
-
-
 def scaled_inv_freq(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
     """Rotary frequencies under a RoPE scaling, as transformers' `_compute_linear_scaling_rope_parameters` and
     `_compute_llama3_parameters` compute them (Llama 3.1: long wavelengths slowed by `factor`, short ones kept,
@@ -96,51 +62,6 @@ def scaled_inv_freq(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
     return torch.where(medium, smoothed, scaled)
-
-
-def spec_from_hf_config(config: dict, source: str) -> ModelSpec:
-    """Our ModelSpec from a Hugging Face LlamaConfig dict; unsupported features are refused by name."""
-    if config.get("model_type", "llama") != "llama":
-        raise ConfigError(f"{source}: model_type={config.get('model_type')!r}; only Llama-format models are served")
-    rope_scaling_of(config, source)
-    heads = config["num_attention_heads"]
-    if config.get("head_dim") not in (None, config["hidden_size"] // heads):
-        raise ConfigError(f"{source}: head_dim={config['head_dim']} must equal hidden_size / num_attention_heads")
-    if config.get("hidden_act", "silu") != "silu" or config.get("attention_bias") or config.get("mlp_bias"):
-        raise ConfigError(f"{source}: only SiLU-gated MLPs without biases are supported")
-    rope_theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-    return ModelSpec(
-        vocab_size=config["vocab_size"],
-        dim=config["hidden_size"],
-        n_layers=config["num_hidden_layers"],
-        n_heads=heads,
-        n_kv_heads=config.get("num_key_value_heads") or heads,
-        ffn_dim=config["intermediate_size"],
-        max_seq_len=config.get("max_position_embeddings", 2048),
-        rope_theta=rope_theta,
-        norm_eps=config.get("rms_norm_eps", 1e-6),
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-    )
-
-
-def hf_weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a folder: the shards model.safetensors.index.json lists, else every *.safetensors."""
-    index_path = folder / "model.safetensors.index.json"
-    if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise ConfigError(f"{index_path}: not a safetensors index (expected a 'weight_map' of tensor -> file)"
-                              ) from None
-        missing = [name for name in names if not (folder / name).is_file()]
-        if missing:
-            raise ConfigError(f"{index_path}: lists shards that are not in the folder: {', '.join(missing)}")
-        return [folder / name for name in names]
-    weight_files = sorted(folder.glob("*.safetensors"))
-    if not weight_files:
-        raise ConfigError(f"{folder}: no *.safetensors weights (pickled .bin weights are not loaded)")
-    return weight_files
 
 
 def resolve_dtype(dtype: str, checkpoint_dtype: torch.dtype | None) -> torch.dtype:

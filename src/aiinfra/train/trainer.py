@@ -33,6 +33,7 @@ from aiinfra.data.dataset import TokenDataset, default_cache_dir, prepare_datase
 from aiinfra.data.sampler import WindowSampler, eval_batches
 from aiinfra.data.tokenizer import decode, encode
 from aiinfra.distributed.runtime import SilentLogger, make_runtime
+from aiinfra.hf_format import hf_tokenizer
 from aiinfra.models import Transformer, sample
 from aiinfra.observe.device_peak import device_peak
 from aiinfra.observe.plots import plot_loss_curve
@@ -218,9 +219,11 @@ class Trainer:
     def _prepare_data(self, cache_dir: Path) -> TokenDataset:
         """Every rank tokenizes a share of the corpus (data/dataset.py)."""
         data = self.config.data
+        tokenizer_file, end_of_text_id = hf_tokenizer(self.config.train.init_from)
         try:
             return prepare_dataset(data.corpus, self.config.model.vocab_size, data.val_fraction, cache_dir,
-                                   rank=self.runtime.rank, world_size=self.runtime.world_size)
+                                   rank=self.runtime.rank, world_size=self.runtime.world_size,
+                                   tokenizer_file=tokenizer_file, end_of_text_id=end_of_text_id)
         except (ValueError, FileNotFoundError) as error:  # CorpusError included: the corpus is the bad input
             raise ConfigError(f"data.corpus={data.corpus!r}: {error}") from None
 
