@@ -217,7 +217,7 @@ class ScrapeSource:
             point["running"] = total(samples, "aiinfra_route_backend_outstanding_requests")
             up = [v for (n, _), v in samples.items() if n == "aiinfra_route_backend_up"]
             point["backends_up"] = sum(up) if up else None
-            point["backends"] = float(len(up)) if up else None
+            point["backends_total"] = float(len(up)) if up else None
             hits, prompts = self._rate("aiinfra_route_cache_hits_total"), self._rate("aiinfra_route_cache_lookups_total")
         point["cache_hit_ratio"] = hits / prompts if hits is not None and prompts else None
         return point
@@ -230,7 +230,7 @@ class ScrapeSource:
                 if name == "aiinfra_route_backend_up":
                     backends[dict(labels)["backend"]] = value
         return {
-            "url": self.url, "kind": self.kind, "error": self.error, "backends": backends,
+            "url": self.url, "kind": self.kind, "error": self.error, "backend_health": backends,
             "ttft_slo_s": TTFT_SLO_S, "itl_slo_s": INTER_TOKEN_SLO_S,
             **{key: list(values) for key, values in self.series.items()},
         }

@@ -137,13 +137,13 @@ function drawScrape(scrape, index) {
   } else {
     chart(grid, `${id}-queue`, "outstanding requests, healthy backends", x, [
       {label: "outstanding", values: scrape.running}, {label: "backends up", values: scrape.backends_up},
-      {label: "backends", values: scrape.backends, dash: [6, 4]}], {time: true});
+      {label: "backends", values: scrape.backends_total, dash: [6, 4]}], {time: true});
     let health = document.getElementById(`${id}-health`);
     if (!health) {
       health = el("div", {className: "panel backends", id: `${id}-health`}, grid);
     }
     health.replaceChildren(el("h3", {textContent: "backend health"}));
-    for (const [name, up] of Object.entries(scrape.backends)) {
+    for (const [name, up] of Object.entries(scrape.backend_health)) {
       el("span", {className: up ? "up" : "down", textContent: `${name}: ${up ? "up" : "down"}`}, health);
     }
   }
