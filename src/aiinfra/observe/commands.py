@@ -11,7 +11,8 @@ import typer
 def dashboard_command(
     run_dirs: Annotated[list[Path] | None, typer.Argument(help="training run directories to follow")] = None,
     scrape: Annotated[
-        list[str] | None, typer.Option("--scrape", help="a /metrics URL of `aiinfra serve` or `aiinfra route`; repeatable")
+        list[str] | None,
+        typer.Option("--scrape", help="a /metrics URL of `aiinfra serve` or `aiinfra route`; repeatable"),
     ] = None,
     host: Annotated[str, typer.Option(help="address the page listens on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="port of the page (0: a free one)")] = 8050,

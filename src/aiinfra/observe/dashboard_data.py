@@ -218,7 +218,8 @@ class ScrapeSource:
             up = [v for (n, _), v in samples.items() if n == "aiinfra_route_backend_up"]
             point["backends_up"] = sum(up) if up else None
             point["backends_total"] = float(len(up)) if up else None
-            hits, prompts = self._rate("aiinfra_route_cache_hits_total"), self._rate("aiinfra_route_cache_lookups_total")
+            hits = self._rate("aiinfra_route_cache_hits_total")
+            prompts = self._rate("aiinfra_route_cache_lookups_total")
         point["cache_hit_ratio"] = hits / prompts if hits is not None and prompts else None
         return point
 
