@@ -26,6 +26,7 @@ from serve.server import running_server, tiny_served_model  # tests/serve/server
 
 PROMETHEUS = "/usr/bin/prometheus"
 STEPS = 40
+SLOW_FROM_STEP = 25
 
 
 def require(path: str, package: str) -> str | None:
@@ -119,6 +120,8 @@ def train_overrides(corpus: Path, cache_dir: Path, run_dir: Path, port: int) -> 
         "train.warmup_steps=2", "train.eval_every=20", "train.eval_batches=1", "train.dtype=fp32", "train.device=cpu",
         "run.progress=false", "run.sample_tokens=0", "checkpoint.every_steps=20", "parallel.measure_comm_every=10",
         f"observe.metrics_port={port}", f"run.dir={run_dir}",
+        # Rank 1 turns straggler at step 25, so the heatmap and the page name one.
+        "fault.slow_rank=1", "fault.slow_ms=60", f"fault.slow_from_step={SLOW_FROM_STEP}",
     ]
 
 

@@ -75,6 +75,7 @@ def test_dashboard_in_headless_chromium_plots_training_and_serving(stack: Stack,
                  "the serving charts to hold data")
         for name in TRAINING_CHARTS:
             assert points(driver, f"run0-{name}") >= 40, name  # 40 steps
+        assert "straggler: rank 1" in driver.find_element("id", "run0").text
         heat = driver.execute_script("return window.aiinfraHeatmaps['run0-heat'];")
         assert heat == {"ranks": 2, "steps": 40}
         predicted = driver.execute_script("return window.aiinfraCharts['run0-step'].data[3].filter(v => v > 0).length")

@@ -39,8 +39,8 @@ function chart(grid, id, title, x, series, opts) {
   el("h3", {textContent: title}, panel);
   const config = {
     width: WIDTH, height: HEIGHT,
-    scales: {x: {time: !!opts.time}},
-    axes: [{}, {size: 60, values: opts.format ? (u, ticks) => ticks.map(opts.format) : undefined}],
+    scales: {x: {time: !!opts.time}, y: opts.ratio ? {range: [0, 1]} : {}},
+    axes: [{}, {size: 75, values: opts.format ? (u, ticks) => ticks.map(opts.format) : undefined}],
     series: [{label: opts.time ? "time" : "step"}, ...series.map((s, i) => ({
       label: s.label, stroke: s.color || COLORS[i % COLORS.length], width: s.points ? 0 : 1.5,
       dash: s.dash, spanGaps: true,
@@ -133,7 +133,7 @@ function drawScrape(scrape, index) {
     chart(grid, `${id}-queue`, "running and waiting requests", x, [
       {label: "running", values: scrape.running}, {label: "waiting", values: scrape.waiting}], {time: true});
     chart(grid, `${id}-kv`, "KV-cache use", x, [{label: "KV use", values: scrape.kv_cache_usage_ratio}],
-      {time: true, format: pct});
+      {time: true, format: pct, ratio: true});
   } else {
     chart(grid, `${id}-queue`, "outstanding requests, healthy backends", x, [
       {label: "outstanding", values: scrape.running}, {label: "backends up", values: scrape.backends_up},
@@ -148,7 +148,7 @@ function drawScrape(scrape, index) {
     }
   }
   chart(grid, `${id}-cache`, scrape.kind === "serve" ? "prefix-cache hit ratio (tokens)" : "semantic-cache hit ratio",
-    x, [{label: "hit ratio", values: scrape.cache_hit_ratio}], {time: true, format: pct});
+    x, [{label: "hit ratio", values: scrape.cache_hit_ratio}], {time: true, format: pct, ratio: true});
 }
 
 async function refresh() {
