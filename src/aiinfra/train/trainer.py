@@ -362,10 +362,10 @@ class Trainer:
             f"{torch.get_num_threads()} threads each; MFU peak {self.peak.flops_per_s / 1e12:.3f} TFLOP/s per process "
             f"({self.peak.source})"
         )
-        logger.print(self.observer.start(self.step, self.counters.restarts, self.peak.flops_per_s))
         records = read_metrics(self.run_dir) if self.runtime.is_main and self.step else []
         faults = FaultSchedule(self.config.fault, self.runtime.world_size, self.step, cfg.steps)
         try:
+            logger.print(self.observer.start(self.step, self.counters.restarts, self.peak.flops_per_s))
             self.runner.module.train()
             while self.step < cfg.steps:
                 records.append(self.run_step(logger))
