@@ -31,7 +31,7 @@ def test_prometheus_catalogue_follows_the_naming_conventions() -> None:
             suffix = UNIT_SUFFIX.get(spec.unit)
             if suffix:
                 assert spec.name.endswith(suffix), f"{spec.name}: a metric in {spec.unit} ends {suffix}"
-            assert spec.help and spec.help[0].isupper(), spec.name
+            assert spec.help and not spec.help.endswith("."), spec.name
             if spec.kind == "histogram":
                 assert list(spec.buckets) == sorted(spec.buckets) and spec.unit == "seconds"
 

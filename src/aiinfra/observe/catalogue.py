@@ -78,9 +78,9 @@ TRAIN = (
     _g("aiinfra_train_rank_compute_seconds", "seconds",
        "Compute time of the last step, per rank (CPU time of the training thread on CPU; waits excluded)",
        ("rank",)),
-    _g("aiinfra_train_rank_straggler_score", "ratio",
-       "Fastest rank's compute time over this rank's (1: fastest; below observe.straggler_threshold: slow)",
-       ("rank",)),
+    _g("aiinfra_train_rank_straggler_score_ratio", "ratio",
+       "Straggler score: the fastest rank's compute time over this rank's (1: fastest; below "
+       "observe.straggler_threshold: slow)", ("rank",), attr="rank_straggler_score"),
     _g("aiinfra_train_straggler_compute_ratio", "ratio", "Slowest rank's compute time over the median rank's"),
     _g("aiinfra_train_straggler_rank", "rank",
        "The rank named straggler (slow for observe.straggler_steps steps in a row); -1 when none"),

@@ -28,7 +28,6 @@ class TrainMetrics(MetricSet):
         self._server = self._thread = None
         self._checkpoints_seen = 0
         self._last_checkpoint_unix_s: float | None = None
-        self._named: set[int] = set()
         self.checkpoint_age_seconds.set_function(self._checkpoint_age_s)
         self.straggler_rank.set(-1)
 
