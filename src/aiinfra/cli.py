@@ -88,6 +88,7 @@ def generate_command(
 def _mount_pillars() -> None:
     """Commands defined beside their pillar; each module imports only typer at the top, so start-up stays fast."""
     from aiinfra.checkpoint.commands import export_command
+    from aiinfra.observe.commands import dashboard_command
     from aiinfra.plan.commands import plan_app
     from aiinfra.route.commands import route_command
     from aiinfra.serve.commands import bench_serve_command, serve_command
@@ -96,6 +97,7 @@ def _mount_pillars() -> None:
     app.command("serve")(serve_command)
     app.command("export")(export_command)
     app.command("route")(route_command)
+    app.command("dashboard")(dashboard_command)
     bench_app = typer.Typer(no_args_is_help=True, help="Measured benchmarks with the field's own definitions.")
     bench_app.command("serve")(bench_serve_command)
     bench_app.command("comm")(bench_comm_command)

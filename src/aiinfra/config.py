@@ -153,6 +153,28 @@ class FaultConfig(Section):
         0, ge=0, description="kill a random rank at a random step on each of the job's first N attempts (0: never)"
     )
     random_seed: int = Field(0, description="seed of the random schedule (the same schedule for the same seed)")
+    slow_rank: int = Field(0, ge=0, description="the global rank slowed by fault.slow_ms")
+    slow_ms: float = Field(
+        0.0, ge=0, description="make fault.slow_rank compute this many ms longer every step (busy CPU time; 0: never)"
+    )
+    slow_from_step: int = Field(1, ge=1, description="the first step fault.slow_rank is slowed at")
+
+
+class ObserveConfig(Section):
+    """What training exposes while it runs: rank 0's Prometheus /metrics, straggler detection, power, TensorBoard."""
+
+    metrics_port: int = Field(
+        0, ge=-1, le=65535,
+        description="rank 0 serves Prometheus /metrics on this port (0: a free port, written to "
+        "<run.dir>/observe.json; -1: off)",
+    )
+    metrics_host: str = Field("127.0.0.1", description="address /metrics listens on (0.0.0.0 to be scraped remotely)")
+    straggler_threshold: float = Field(
+        0.7, gt=0, lt=1,
+        description="a rank whose straggler score (fastest compute time / its own) is below this is slow",
+    )
+    straggler_steps: int = Field(3, ge=1, description="steps in a row a rank must be slow to be named the straggler")
+    tensorboard: bool = Field(False, description="also write TensorBoard event files under <run.dir>/tensorboard")
 
 
 class DistillConfig(Section):
@@ -199,6 +221,8 @@ class Config(Section):
     fault: FaultConfig = Field(default_factory=FaultConfig, description="fault injection for tests and demos")
     distill: DistillConfig = Field(default_factory=DistillConfig,
                                    description="knowledge distillation from a teacher run (off by default)")
+    observe: ObserveConfig = Field(default_factory=ObserveConfig,
+                                   description="what training exposes while it runs (/metrics, stragglers)")
 
     @model_validator(mode="after")
     def _check(self) -> Config:

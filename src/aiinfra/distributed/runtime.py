@@ -206,9 +206,11 @@ class Runtime:
         """Profile this step when it is due; a single process has no communication to measure."""
         return contextlib.nullcontext()
 
-    def step_record(self, step_time_s: float, measured: Any) -> dict[str, Any]:
-        """Per-rank fields for the step's record."""
-        return {}
+    def step_record(self, step_time_s: float, measured: Any, compute_s: float, energy_j: float) -> dict[str, Any]:
+        """Per-rank fields for the step's record (lists indexed by rank): peak memory and this step's compute
+        time; the job's energy this step (-1: not measured)."""
+        return {"rank_peak_memory_bytes": [peak_memory_bytes(self.device)], "rank_compute_s_step": [compute_s],
+                "energy_j": energy_j}
 
     def close(self) -> None:
         pass
@@ -310,20 +312,25 @@ class DistributedRuntime(Runtime):
             return StepProfiler()
         return contextlib.nullcontext()
 
-    def step_record(self, step_time_s: float, measured: Any) -> dict[str, Any]:
+    def step_record(self, step_time_s: float, measured: Any, compute_s: float, energy_j: float) -> dict[str, Any]:
         comm = measured.result if isinstance(measured, StepProfiler) else CommCompute(-1.0, -1.0)
         mine = torch.tensor(
-            [step_time_s, comm.comm_s, comm.compute_s, float(peak_memory_bytes(self.device))],
+            [step_time_s, comm.comm_s, comm.compute_s, float(peak_memory_bytes(self.device)), compute_s, energy_j],
             dtype=torch.float64,
             device=self.device,
         )
-        everyone = torch.empty(self.world_size * 4, dtype=torch.float64, device=self.device)
+        fields = len(mine)
+        everyone = torch.empty(self.world_size * fields, dtype=torch.float64, device=self.device)
         # torch 2.13 renamed all_gather_into_tensor (deprecated, warns every call) to all_gather_single.
         getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(everyone, mine)
-        step_times, comm_s, compute_s, peak = everyone.view(self.world_size, 4).cpu().T.tolist()
+        columns = everyone.view(self.world_size, fields).cpu().T.tolist()
+        step_times, comm_s, compute_s, peak, step_compute_s, energy = columns
         record: dict[str, Any] = {
             "rank_step_time_s": step_times,
             "rank_peak_memory_bytes": [int(value) for value in peak],
+            # Every step, one float per rank: the straggler detector's input (observe/straggler.py).
+            "rank_compute_s_step": step_compute_s,
+            "energy_j": sum(energy) if min(energy) >= 0 else -1.0,
         }
         if comm_s[0] >= 0:
             record |= {

@@ -1,1 +1,2 @@
-"""Observability: metrics, the step logger, device peaks for MFU, plots."""
+"""Observability: the metric catalogue and Prometheus registries, the step logger, straggler detection, energy,
+device peaks for MFU, the dashboard, plots."""

@@ -60,16 +60,33 @@ class StepLogger:
         self._file.close()
 
 
+class RankLogger:
+    """Every rank's own JSONL (`<run_dir>/ranks/rank<N>.jsonl`): its step time, compute time, memory and score."""
+
+    def __init__(self, run_dir: Path, rank: int):
+        self.name = f"ranks/rank{rank}.jsonl"
+        (run_dir / "ranks").mkdir(parents=True, exist_ok=True)
+        self._file: TextIO = open(run_dir / self.name, "a", buffering=1)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """One line of this rank's figures of a step."""
+        self._file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """All records of a run's metrics.jsonl."""
     with open(run_dir / "metrics.jsonl") as handle:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def truncate_metrics(run_dir: Path, last_step: int) -> int:
-    """Drop the records of steps after `last_step` from a run's metrics.jsonl (trained before a crash, lost with it),
-    atomically, so the file reads as one uninterrupted run; return how many records remain."""
-    path = run_dir / "metrics.jsonl"
+def truncate_metrics(run_dir: Path, last_step: int, name: str = "metrics.jsonl") -> int:
+    """Drop the records of steps after `last_step` from a run's metrics.jsonl (or another of its JSONL files: `name`)
+    (trained before a crash, lost with it), atomically, so the file reads as one uninterrupted run; return how many
+    records remain."""
+    path = run_dir / name
     if not path.exists():
         return 0
     lines = [line for line in path.read_text().splitlines() if line.strip()]

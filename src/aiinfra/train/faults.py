@@ -2,7 +2,9 @@
 
 `fault.kill_step`/`fault.kill_rank` kill one rank at one step on the job's first attempt; `fault.random_kills`
 kills a random rank at a random step on each of the job's first N attempts (torchrun's restart count numbers
-them). Torn checkpoint writes are the checkpoint layer's own fault injection (`AIINFRA_CHECKPOINT_FAULT`).
+them). `fault.slow_rank`/`fault.slow_ms`/`fault.slow_from_step` make one rank compute longer every step from a
+step on (a straggler, for the detector in `observe.straggler`). Torn checkpoint writes are the checkpoint layer's
+own fault injection (`AIINFRA_CHECKPOINT_FAULT`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import random
 import signal
 import sys
+import time
 from collections.abc import Callable
 
 from aiinfra.config import ConfigError, FaultConfig
@@ -20,6 +23,22 @@ def check_fault_rank(fault: FaultConfig, world_size: int) -> None:
     """A ConfigError unless fault.kill_rank names a rank of this world (checked before training starts)."""
     if fault.kill_step and fault.kill_rank >= world_size:
         raise ConfigError(f"fault.kill_rank={fault.kill_rank}: expected a rank below the world size {world_size}")
+    if fault.slow_ms and fault.slow_rank >= world_size:
+        raise ConfigError(f"fault.slow_rank={fault.slow_rank}: expected a rank below the world size {world_size}")
+
+
+def busy_cpu(seconds: float) -> None:
+    """Spend `seconds` of this thread's CPU time computing: a slower device, not a sleep (a sleeping rank is idle,
+    a slow one is busy, and the straggler detector measures busy time)."""
+    start = time.thread_time()
+    while time.thread_time() - start < seconds:
+        sum(range(1000))
+
+
+def maybe_slow(fault: FaultConfig, step: int, rank: int) -> None:
+    """Compute fault.slow_ms longer if `rank` is fault.slow_rank and `step` is at or past fault.slow_from_step."""
+    if fault.slow_ms and rank == fault.slow_rank and step >= fault.slow_from_step:
+        busy_cpu(fault.slow_ms / 1000)
 
 
 class FaultSchedule:

@@ -38,8 +38,9 @@ from aiinfra.models import Transformer, sample
 from aiinfra.observe.device_peak import device_peak
 from aiinfra.observe.plots import plot_loss_curve
 from aiinfra.observe.step_log import StepLogger, read_metrics, truncate_metrics
+from aiinfra.observe.train_observer import TrainObserver
 from aiinfra.train.distill import build_distiller
-from aiinfra.train.faults import FaultSchedule, check_fault_rank
+from aiinfra.train.faults import FaultSchedule, check_fault_rank, maybe_slow
 
 
 @dataclass
@@ -189,6 +190,8 @@ class Trainer:
             timeout_s=config.parallel.collective_timeout_s,
             storage=ckpt.storage,
         )
+        self.observer = TrainObserver(config, self.run_dir, self.runtime.rank, self.runtime.world_size, self.device,
+                                      self.tokens_per_step)
         self.goodput = Goodput()
         self.counters = RunCounters()
         self.training_state = TrainingState(
@@ -299,9 +302,12 @@ class Trainer:
     def run_step(self, logger: StepLogger) -> dict[str, Any]:
         """One training step as `fit` runs it: train, time, evaluate when due, log. Returns the step's record."""
         cfg = self.config.train
+        busy_clock = self.observer.busy_clock
         with self.runtime.measure_step(self.step + 1) as measured:
-            step_start = time.perf_counter()
+            step_start, busy_start = time.perf_counter(), busy_clock()
+            maybe_slow(self.config.fault, self.step + 1, self.runtime.rank)
             metrics = self.train_step()
+            compute_s = busy_clock() - busy_start
             step_time_s = time.perf_counter() - step_start
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"loss became {metrics['loss']} at step {self.step}; lower train.lr")
@@ -313,8 +319,11 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
             "mfu": tokens_per_s * self.flops_per_token / self.peak_flops_per_s,
             "tokens": self.step * self.tokens_per_step,
-            **self.runtime.step_record(step_time_s, measured),
+            **self.runtime.step_record(step_time_s, measured, compute_s, self.observer.power.read()),
         }
+        straggler_line = self.observer.enrich(record)
+        if straggler_line:
+            logger.print(straggler_line)
         self.goodput.add_step(step_time_s)
         self.checkpoints.maybe_save(self.step, self.training_state)
         record |= {
@@ -328,6 +337,7 @@ class Trainer:
                 f"step {self.step}: train loss {metrics['loss']:.3f}, validation loss {record['val_loss']:.3f}"
             )
         logger.log(record)
+        self.observer.publish(record)
         return record
 
     def resume(self) -> int:
@@ -371,6 +381,7 @@ class Trainer:
         records = read_metrics(self.run_dir) if self.runtime.is_main and self.step else []
         faults = FaultSchedule(self.config.fault, self.runtime.world_size, self.step, cfg.steps)
         try:
+            logger.print(self.observer.start(self.step, self.counters.restarts, self.peak.flops_per_s))
             self.runner.module.train()
             while self.step < cfg.steps:
                 records.append(self.run_step(logger))
@@ -379,6 +390,7 @@ class Trainer:
             self.checkpoints.save(self.step, self.training_state, block=True)
         finally:
             logger.close()
+            self.observer.close()
             self.checkpoints.close()
 
         # The first step pays one-off warm-up costs (allocations, kernel selection): leave it out of the rate.
