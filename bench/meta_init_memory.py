@@ -132,7 +132,10 @@ def main() -> None:
     print(f"old construction (full model built, then sharded): +{old_build:.0f} MiB per rank before sharding")
     result = {"parameters": params, "full_fp32_bytes": full["parameters"], "full_build_peak_mib": round(old_build)}
     for rank, figures in enumerate(ranks):
-        shards = figures["parameters"] + figures["gradients"] + figures["optimizer"]
+        # The step ends with zero_grad(set_to_none): the gradient shard (under FSDP2 the parameter shard's size
+        # in fp32) was live at the peak but is gone when the shards are counted, so it is counted as that size.
+        gradients = figures["gradients"] or figures["parameters"]
+        shards = figures["parameters"] + gradients + figures["optimizer"]
         built = (figures["built_peak_rss_bytes"] - figures["baseline_peak_rss_bytes"]) / mib
         trained = (figures["trained_peak_rss_bytes"] - figures["baseline_peak_rss_bytes"]) / mib
         print(f"rank {rank}: built +{built:.0f} MiB (its parameter shard {figures['parameters'] / mib:.0f} MiB), "
