@@ -73,6 +73,13 @@ class RouteMetrics:
             f"{prefix}_cache_lookup_seconds", "From the start of a lookup to its hit or miss (embedding included)",
             buckets=CACHE_BUCKETS_S, registry=registry)
 
+        self.cascade_decisions = Counter(
+            f"{prefix}_cascade_decisions", "Requests to a cascade's virtual model, by the pool that answered (small, "
+            "large) and why", ["model", "pool", "reason"], registry=registry)
+        self.cascade_score = Histogram(
+            f"{prefix}_cascade_score", "Confidence scores the cascade judged (a probability)", ["model"],
+            buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99), registry=registry)
+
         self._children: dict[tuple, object] = {}
 
     def child(self, metric: Counter | Histogram, *labels: str):  # noqa: ANN201 - prometheus' own child types
