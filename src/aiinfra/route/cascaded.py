@@ -154,7 +154,6 @@ async def cascade(request: web.Request, gateway: Gateway, config: CascadeConfig,
     """Answer a request for the cascade's virtual model; `forward(request, model, body, headers)` sends a request
     to one pool as the gateway sends any other (retries, failover, the semantic cache)."""
     chat = path.endswith("chat/completions")
-    route_request(body, chat, config.small, request.headers, gateway.config, False)  # the client's mistakes: 400
     if config.mode == "prompt":
         return await _prompt_mode(request, gateway, config, body, chat, forward)
     return await _generate_mode(request, gateway, config, body, path, chat, forward)
