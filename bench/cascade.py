@@ -252,6 +252,24 @@ def print_curves(results: dict[str, dict], held_small: list[float], held_large: 
               f"{quality_at(oracle, f):>9.4f}")
 
 
+def by_score_bins(scores: list[float], small: list[float], large: list[float], bins: int = 5) -> list[tuple]:
+    """(mean score, small quality, large quality) per fifth of the prompts by score: a cascade beats random only
+    where the large model's gain is largest on the prompts it sends there, the least confident."""
+    order = sorted(range(len(scores)), key=scores.__getitem__)
+    rows = []
+    for b in range(bins):
+        idx = order[b * len(order) // bins: (b + 1) * len(order) // bins]
+        rows.append(tuple(statistics.mean(values[i] for i in idx) for values in (scores, small, large)))
+    return rows
+
+
+def correlation(a: list[float], b: list[float]) -> float:
+    mean_a, mean_b = statistics.mean(a), statistics.mean(b)
+    cov = sum((x - mean_a) * (y - mean_b) for x, y in zip(a, b))
+    norm = math.sqrt(sum((x - mean_a) ** 2 for x in a) * sum((y - mean_b) ** 2 for y in b))
+    return cov / norm if norm else 0.0
+
+
 def run(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     work = Path(args.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -303,6 +321,15 @@ def run(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> dict[s
         oracle_apgr = apgr(oracle_curve(hs, hl), weak, strong)
         random_fraction = fraction_for_quality(random_curve(hs, hl), 0.95 * strong)
         print_curves(results, hs, hl)
+        gains = [lq - sq for sq, lq in zip(hs, hl)]
+        for mode, result in results.items():
+            held_scores = [result["scores"][i] for i in parts.held_out]
+            result["corr_score_gain"] = correlation(held_scores, gains)
+            print(f"\n{mode} mode, held-out prompts in fifths by score (corr(score, large - small) "
+                  f"{result['corr_score_gain']:+.3f}; a cascade needs it negative):")
+            print(f"{'mean score':>12} {'small':>8} {'large':>8} {'gain':>8}")
+            for score, sq, lq in by_score_bins(held_scores, hs, hl):
+                print(f"{score:>12.4f} {sq:>8.4f} {lq:>8.4f} {lq - sq:>+8.4f}")
 
         # Through the gateway, each mode at its 95%-quality threshold.
         thresholds = {mode: results[mode]["threshold_95"] for mode in results}
@@ -359,6 +386,8 @@ def run(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> dict[s
         "mode_a_stream_ttft_ms": round(ttft["auto"], 1), "small_stream_ttft_ms": round(ttft["small"], 1),
         "mode_a_stream_ttft_cost_ms": round(ttft["auto"] - ttft["small"], 1),
         "mode_b_stream_ttft_ms": round(ttft["auto-prompt"], 1), "large_stream_ttft_ms": round(ttft["large"], 1),
+        "corr_score_gain_generate": round(results["generate"]["corr_score_gain"], 4),
+        "corr_score_gain_prompt": round(results["prompt"]["corr_score_gain"], 4),
         "gateway_agreement_generate": through["agreement"]["generate"],
         "gateway_agreement_prompt": through["agreement"]["prompt"],
         "prompts_fit": len(parts.fit), "prompts_held_out": len(held), "quality": args.quality, **other_apgr,

@@ -55,6 +55,9 @@ def test_answer_logprobs_reads_both_formats() -> None:
     chat = {"choices": [{"index": 0, "message": {"content": "x"},
                          "logprobs": {"content": [{"token": "x", "logprob": -0.3}]}}]}
     assert answer_logprobs(chat, chat=True) == [[-0.3]]
+    echoed = {"choices": [{"index": 0, "logprobs": {"token_logprobs": [None, -1.0, -0.2, -0.4]}}],
+              "usage": {"prompt_tokens": 2, "completion_tokens": 2}}
+    assert answer_logprobs(echoed, chat=False, echo=True) == [[-0.2, -0.4]]  # the prompt's entries are not scored
     with pytest.raises(ValueError, match="no logprobs"):
         answer_logprobs({"choices": [{"index": 0, "text": "a", "logprobs": None}]}, chat=False)
     with pytest.raises(ValueError, match="no choices"):

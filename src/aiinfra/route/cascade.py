@@ -48,9 +48,14 @@ def decide(score: float | None, threshold: float) -> Decision:
     return "small" if score >= threshold else "large"
 
 
-def answer_logprobs(payload: dict[str, Any], chat: bool) -> list[list[float]]:
+def answer_logprobs(payload: dict[str, Any], chat: bool, echo: bool = False) -> list[list[float]]:
     """The generated tokens' log-probabilities of each choice of a non-streamed answer (OpenAI's two formats:
-    completions' `logprobs.token_logprobs`, chat's `logprobs.content[].logprob`); ValueError if absent."""
+    completions' `logprobs.token_logprobs`, chat's `logprobs.content[].logprob`; with `echo`, the entries after the
+    prompt's); ValueError if absent."""
+    if echo and not chat:
+        choices = payload.get("choices") or []
+        generated = int((payload.get("usage") or {}).get("completion_tokens") or 0) // max(len(choices), 1)
+        return [run[len(run) - generated:] if generated else [] for run in prompt_logprobs(payload, generated_too=True)]
     runs = []
     for choice in sorted(payload.get("choices") or [], key=lambda c: c.get("index", 0)):
         block = choice.get("logprobs")
@@ -65,9 +70,10 @@ def answer_logprobs(payload: dict[str, Any], chat: bool) -> list[list[float]]:
     return runs
 
 
-def prompt_logprobs(payload: dict[str, Any]) -> list[list[float]]:
+def prompt_logprobs(payload: dict[str, Any], generated_too: bool = False) -> list[list[float]]:
     """Each prompt's token log-probabilities from a completions answer with `echo` and `logprobs`: the echoed
-    entries before the generated ones (the first is null, nothing predicts it); ValueError if absent."""
+    entries before the generated ones (the first is null, nothing predicts it), or every entry with
+    `generated_too`; ValueError if absent."""
     choices = sorted(payload.get("choices") or [], key=lambda c: c.get("index", 0))
     if not choices:
         raise ValueError("the scoring answer has no choices")
@@ -79,7 +85,7 @@ def prompt_logprobs(payload: dict[str, Any]) -> list[list[float]]:
         if not isinstance(block, dict) or not isinstance(block.get("token_logprobs"), list):
             raise ValueError("the scoring answer carries no logprobs (does the small pool's server support echo?)")
         entries = block["token_logprobs"]
-        prompt = entries[: len(entries) - per_choice] if per_choice else entries
+        prompt = entries[: len(entries) - per_choice] if per_choice and not generated_too else entries
         runs.append([float(lp) for lp in prompt if lp is not None])
     return runs
 

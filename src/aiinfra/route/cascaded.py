@@ -195,7 +195,8 @@ async def _generate_mode(request: web.Request, gateway: Gateway, config: Cascade
     response = answer(attempt, gateway)  # records the success and releases the attempt
     try:
         payload = orjson.loads(payload_bytes)
-        score = score_runs(answer_logprobs(payload, chat), config.statistic, config.quantile)
+        score = score_runs(answer_logprobs(payload, chat, bool(body.get("echo"))), config.statistic,
+                           config.quantile)
     except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
         _count(gateway, config, "large", "no_logprobs", None)
         return await forward(request, config.large, body, _headers(config, "large", None, "no_logprobs"))
