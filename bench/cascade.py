@@ -91,7 +91,7 @@ def labelled_set(tokenizer: Any, count: int, context: int, k: int, val_fraction:
         if len(ids) < context + k + 1:
             continue
         span = context + k
-        for start in range(rng.randrange(span), len(ids) - span, span * 4):  # windows apart, from a random offset
+        for start in range(rng.randrange(span), len(ids) - span, span * 2):  # windows apart, from a random offset
             places.append((ids[start: start + context], ids[start + context: start + span]))
     rng.shuffle(places)
     if len(places) < count:
@@ -263,6 +263,24 @@ def by_score_bins(scores: list[float], small: list[float], large: list[float], b
     return rows
 
 
+def bootstrap_apgr(scores: list[float], small: list[float], large: list[float], rounds: int,
+                   seed: int) -> tuple[float, float, float]:
+    """The 2.5th and 97.5th percentiles of APGR over prompts resampled with replacement, and the share of
+    resamples in which the router beats random routing (APGR > 0.5)."""
+    rng = random.Random(seed)
+    values = []
+    n = len(scores)
+    for _ in range(rounds):
+        idx = [rng.randrange(n) for _ in range(n)]
+        rs, rl = [small[i] for i in idx], [large[i] for i in idx]
+        weak, strong = sum(rs) / n, sum(rl) / n
+        if strong > weak:
+            values.append(apgr(router_curve([scores[i] for i in idx], rs, rl), weak, strong))
+    values.sort()
+    return values[int(0.025 * len(values))], values[int(0.975 * len(values)) - 1], sum(v > 0.5 for v in values) / len(
+        values)
+
+
 def correlation(a: list[float], b: list[float]) -> float:
     mean_a, mean_b = statistics.mean(a), statistics.mean(b)
     cov = sum((x - mean_a) * (y - mean_b) for x, y in zip(a, b))
@@ -325,11 +343,12 @@ def run(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> dict[s
         for mode, result in results.items():
             held_scores = [result["scores"][i] for i in parts.held_out]
             result["corr_score_gain"] = correlation(held_scores, gains)
+            result["apgr_ci"] = bootstrap_apgr(held_scores, hs, hl, args.bootstrap, args.seed)
             print(f"\n{mode} mode, held-out prompts in fifths by score (corr(score, large - small) "
                   f"{result['corr_score_gain']:+.3f}; a cascade needs it negative):")
             print(f"{'mean score':>12} {'small':>8} {'large':>8} {'gain':>8}")
             for score, sq, lq in by_score_bins(held_scores, hs, hl):
-                print(f"{score:>12.4f} {sq:>8.4f} {lq:>8.4f} {lq - sq:>+8.4f}")
+                print(f"{score:>12.3g} {sq:>8.4f} {lq:>8.4f} {lq - sq:>+8.4f}")
 
         # Through the gateway, each mode at its 95%-quality threshold.
         thresholds = {mode: results[mode]["threshold_95"] for mode in results}
@@ -362,7 +381,9 @@ def run(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> dict[s
     for mode, result in results.items():
         print(f"{mode:>9}: statistic {result['statistic']}"
               f"{'' if result['statistic'] == 'mean' else ' q=' + str(result['quantile'])} (fit APGR by statistic "
-              f"{result['apgr_by_statistic_fit']}); held-out APGR {result['apgr']:.3f}; threshold for 95% "
+              f"{result['apgr_by_statistic_fit']}); held-out APGR {result['apgr']:.3f} (95% bootstrap interval "
+              f"{result['apgr_ci'][0]:.3f} to {result['apgr_ci'][1]:.3f}, above 0.5 in {result['apgr_ci'][2]:.0%} of "
+              f"resamples); threshold for 95% "
               f"(fit) {result['threshold_95']:.4f} gives a large fraction "
               f"{result['large_fraction_at_95pct_quality']:.3f}"
               f" at {result['quality_ratio_at_95pct_target']:.3f} of large quality; the held-out curve reaches 95% "
@@ -386,6 +407,8 @@ def run(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> dict[s
         "mode_a_stream_ttft_ms": round(ttft["auto"], 1), "small_stream_ttft_ms": round(ttft["small"], 1),
         "mode_a_stream_ttft_cost_ms": round(ttft["auto"] - ttft["small"], 1),
         "mode_b_stream_ttft_ms": round(ttft["auto-prompt"], 1), "large_stream_ttft_ms": round(ttft["large"], 1),
+        "apgr_generate_ci95": [round(v, 4) for v in results["generate"]["apgr_ci"][:2]],
+        "apgr_prompt_ci95": [round(v, 4) for v in results["prompt"]["apgr_ci"][:2]],
         "corr_score_gain_generate": round(results["generate"]["corr_score_gain"], 4),
         "corr_score_gain_prompt": round(results["prompt"]["corr_score_gain"], 4),
         "gateway_agreement_generate": through["agreement"]["generate"],
@@ -403,7 +426,7 @@ def main() -> None:
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "bench_cascade"), help="trained runs, logs")
     parser.add_argument("--large-steps", type=int, default=300)
     parser.add_argument("--small-steps", type=int, default=150)
-    parser.add_argument("--prompts", type=int, default=400, help="labelled prompts (half fit, half held out)")
+    parser.add_argument("--prompts", type=int, default=1200, help="labelled prompts (half fit, half held out)")
     parser.add_argument("--context", type=int, default=64, help="prompt tokens")
     parser.add_argument("--k", type=int, default=12, help="truth tokens; each model answers this many")
     parser.add_argument("--gateway-prompts", type=int, default=40, help="held-out prompts sent through the gateway")
@@ -411,6 +434,7 @@ def main() -> None:
                         help="per-prompt quality of the headline: match (top-1 = truth token, given the true text so "
                         "far), likelihood (the truth's mean token probability), prefix (the greedy answer's exact "
                         "prefix of the truth)")
+    parser.add_argument("--bootstrap", type=int, default=300, help="resamples of the APGR interval")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--extra-json", action="append", default=[], help="JSON object files merged into the last line")
     args = parser.parse_args()

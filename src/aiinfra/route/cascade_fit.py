@@ -81,9 +81,22 @@ def threshold_for_quality(scores: Sequence[float], small: Sequence[float], large
 
 
 def router_curve(scores: Sequence[float], small: Sequence[float], large: Sequence[float]) -> list[Point]:
-    """(large fraction, mean quality) at every threshold, from all-small to all-large."""
+    """(large fraction, mean quality) at every threshold, from all-small to all-large: the least confident prompts
+    go to the large model first, prompts of equal score together."""
     _check(scores, small, large)
-    return [(large_fraction(scores, t), routed_quality(scores, small, large, t)) for t in _thresholds(scores)]
+    n = len(scores)
+    order = sorted(range(n), key=scores.__getitem__)
+    total = float(sum(small))
+    points = [(0.0, total / n)]
+    start = 0
+    while start < n:
+        end = start
+        while end < n and scores[order[end]] == scores[order[start]]:
+            total += large[order[end]] - small[order[end]]
+            end += 1
+        points.append((end / n, total / n))
+        start = end
+    return points
 
 
 def oracle_curve(small: Sequence[float], large: Sequence[float]) -> list[Point]:
