@@ -292,7 +292,9 @@ def run(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> dict[s
     work = Path(args.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     large_run = train(work / f"large-s{args.large_steps}", args.large_steps, [])
-    small_run = train(work / f"small-s{args.small_steps}", args.small_steps, SMALL_SHAPE)
+    shape = args.small_set or SMALL_SHAPE
+    tag = "" if shape == SMALL_SHAPE else "-" + "-".join(item.split(".")[-1].replace("=", "") for item in shape)
+    small_run = train(work / f"small-s{args.small_steps}{tag}", args.small_steps, shape)
     same_tokenizer = (large_run / "tokenizer.json").read_bytes() == (small_run / "tokenizer.json").read_bytes()
     if not same_tokenizer:
         raise SystemExit("the two runs' tokenizers differ: the cascade's scores would not compare")
@@ -415,9 +417,12 @@ def run(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> dict[s
         "gateway_agreement_prompt": through["agreement"]["prompt"],
         "prompts_fit": len(parts.fit), "prompts_held_out": len(held), "quality": args.quality, **other_apgr,
     }
-    beats = {mode: results[mode]["apgr"] > 0.5 for mode in results}
-    print("the cascade " + ("beats" if beats[best] else "does NOT beat") + f" random routing ({best} mode); " +
-          ", ".join(f"{mode} {'beats' if ok else 'does not beat'} it" for mode, ok in beats.items()))
+    verdict = {mode: "beats" if results[mode]["apgr_ci"][0] > 0.5 else "is worse than" if
+               results[mode]["apgr_ci"][1] < 0.5 else "is not distinguishable from" for mode in results}
+    summary["cascade_beats_random"] = any(v == "beats" for v in verdict.values())
+    print("the cascade " + ("beats" if summary["cascade_beats_random"] else "does NOT beat") + " random routing "
+          "(judged by the 95% bootstrap interval of the held-out APGR): " +
+          ", ".join(f"{mode} mode {v} random" for mode, v in verdict.items()))
     return summary | (extra or {})
 
 
@@ -426,6 +431,8 @@ def main() -> None:
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "bench_cascade"), help="trained runs, logs")
     parser.add_argument("--large-steps", type=int, default=300)
     parser.add_argument("--small-steps", type=int, default=150)
+    parser.add_argument("--small-set", action="append", default=[],
+                        help=f"the small model's shape, key=value, repeatable (default: {' '.join(SMALL_SHAPE)})")
     parser.add_argument("--prompts", type=int, default=1200, help="labelled prompts (half fit, half held out)")
     parser.add_argument("--context", type=int, default=64, help="prompt tokens")
     parser.add_argument("--k", type=int, default=12, help="truth tokens; each model answers this many")
