@@ -288,32 +288,67 @@ def correlation(a: list[float], b: list[float]) -> float:
     return cov / norm if norm else 0.0
 
 
-def run(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    work = Path(args.work_dir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
+def trained_pair(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
+    """The large and the small run (trained now or reused), checked to share one tokenizer."""
     large_run = train(work / f"large-s{args.large_steps}", args.large_steps, [])
     shape = args.small_set or SMALL_SHAPE
     tag = "" if shape == SMALL_SHAPE else "-" + "-".join(item.split(".")[-1].replace("=", "") for item in shape)
     small_run = train(work / f"small-s{args.small_steps}{tag}", args.small_steps, shape)
-    same_tokenizer = (large_run / "tokenizer.json").read_bytes() == (small_run / "tokenizer.json").read_bytes()
-    if not same_tokenizer:
+    if (large_run / "tokenizer.json").read_bytes() != (small_run / "tokenizer.json").read_bytes():
         raise SystemExit("the two runs' tokenizers differ: the cascade's scores would not compare")
-    tokenizer = load_tokenizer(large_run / "tokenizer.json")
-    records = labelled_set(tokenizer, args.prompts, args.context, args.k, 0.05, args.seed)
+    return large_run, small_run
+
+
+def save_samples(path: Path, samples: list[Sample], qualities: dict[str, tuple[list[float], list[float]]]) -> None:
+    """Every prompt's logprobs, answers and qualities, for a look afterwards."""
+    path.write_text(json.dumps([
+        {"prompt": sample.prompt, "reference": sample.reference, "answer_logprobs": sample.answer_logprobs,
+         "prompt_logprobs": sample.prompt_logprobs, "small_answer": sample.small_answer,
+         "large_answer": sample.large_answer, **{f"{kind}_{pool}": values[j][i] for kind, values in
+                                                qualities.items() for j, pool in enumerate(("small", "large"))}}
+        for i, sample in enumerate(samples)]))
+
+
+def analyse(args: argparse.Namespace, samples: list[Sample], qualities: dict, parts: Any) -> dict[str, Any]:
+    """Both modes on the headline quality (with their intervals, correlations and score bins printed), and their
+    APGR on the other qualities."""
+    small_q, large_q = qualities[args.quality]
+    results = {mode: evaluate(samples, small_q, large_q, parts.fit, parts.held_out, mode)
+               for mode in ("generate", "prompt")}
+    hs, hl = [small_q[i] for i in parts.held_out], [large_q[i] for i in parts.held_out]
+    print_curves(results, hs, hl)
+    gains = [lq - sq for sq, lq in zip(hs, hl)]
+    for mode, result in results.items():
+        held_scores = [result["scores"][i] for i in parts.held_out]
+        result["corr_score_gain"] = correlation(held_scores, gains)
+        result["apgr_ci"] = bootstrap_apgr(held_scores, hs, hl, args.bootstrap, args.seed)
+        print(f"\n{mode} mode, held-out prompts in fifths by score (corr(score, large - small) "
+              f"{result['corr_score_gain']:+.3f}; a cascade needs it negative):")
+        print(f"{'mean score':>12} {'small':>8} {'large':>8} {'gain':>8}")
+        for score, sq, lq in by_score_bins(held_scores, hs, hl):
+            print(f"{score:>12.3g} {sq:>8.4f} {lq:>8.4f} {lq - sq:>+8.4f}")
+    other = {f"apgr_{mode}_{kind}_quality": round(evaluate(samples, *qualities[kind], parts.fit, parts.held_out,
+                                                            mode)["apgr"], 4)
+             for kind in qualities if kind != args.quality for mode in ("generate", "prompt")}
+    return {"modes": results, "held_small": hs, "held_large": hl, "other_apgr": other}
+
+
+def measure(args: argparse.Namespace, work: Path, large_run: Path, small_run: Path,
+            records: list[dict]) -> tuple[dict[str, Any], dict[str, Any], Any, float]:
+    """Serve both models, collect every prompt's figures, analyse them, then check the gateway at the fitted
+    thresholds; every process it starts is stopped on the way out."""
     ports = [free_port() for _ in range(3)]
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
-    servers = [start_server(small_run, "small", ports[0], logs / "small.log"),
-               start_server(large_run, "large", ports[1], logs / "large.log")]
-    processes = list(servers)
+    processes = [start_server(small_run, "small", ports[0], logs / "small.log"),
+                 start_server(large_run, "large", ports[1], logs / "large.log")]
     try:
-        for port, server in zip(ports, servers):
-            wait_healthy(f"http://127.0.0.1:{port}", server)
         urls = [f"http://127.0.0.1:{port}" for port in ports[:2]]
-        placeholder = {"generate": 0.5, "prompt": 0.5}
-        stats = {"generate": ("quantile", 0.1), "prompt": ("mean", 0.0)}
+        for url, server in zip(urls, processes):
+            wait_healthy(url, server)
         fleet_path = work / "FLEET.toml"
-        fleet_path.write_text(fleet_toml(*urls, placeholder, stats))
+        fleet_path.write_text(fleet_toml(*urls, {"generate": 0.5, "prompt": 0.5},
+                                         {"generate": ("quantile", 0.1), "prompt": ("mean", 0.0)}))
         fleet = load_fleet(fleet_path)
         started = time.perf_counter()
         samples = asyncio.run(collect(fleet, fleet.cascade[0], records, args.k, ["generate", "prompt"],
@@ -322,51 +357,26 @@ def run(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> dict[s
         collect_s = time.perf_counter() - started
         qualities = {kind: (forced["small"][kind], forced["large"][kind]) for kind in ("match", "likelihood")}
         qualities["prefix"] = ([s.quality("small") for s in samples], [s.quality("large") for s in samples])
+        save_samples(work / "samples.json", samples, qualities)
         parts = split(len(samples), 0.5, args.seed)
-        (work / "samples.json").write_text(json.dumps([
-            {"prompt": sample.prompt, "reference": sample.reference, "answer_logprobs": sample.answer_logprobs,
-             "prompt_logprobs": sample.prompt_logprobs, "small_answer": sample.small_answer,
-             "large_answer": sample.large_answer, **{f"{kind}_{pool}": values[j][i] for kind, values in
-                                                    qualities.items() for j, pool in enumerate(("small", "large"))}}
-            for i, sample in enumerate(samples)]))
-        small_q, large_q = qualities[args.quality]
-        results = {mode: evaluate(samples, small_q, large_q, parts.fit, parts.held_out, mode)
-                   for mode in ("generate", "prompt")}
-        other_apgr = {f"apgr_{mode}_{kind}_quality": round(evaluate(samples, *qualities[kind], parts.fit,
-                                                                    parts.held_out, mode)["apgr"], 4)
-                      for kind in qualities if kind != args.quality for mode in ("generate", "prompt")}
-        held = [samples[i] for i in parts.held_out]
-        hs, hl = [small_q[i] for i in parts.held_out], [large_q[i] for i in parts.held_out]
-        weak, strong = sum(hs) / len(hs), sum(hl) / len(hl)
-        oracle_apgr = apgr(oracle_curve(hs, hl), weak, strong)
-        random_fraction = fraction_for_quality(random_curve(hs, hl), 0.95 * strong)
-        print_curves(results, hs, hl)
-        gains = [lq - sq for sq, lq in zip(hs, hl)]
-        for mode, result in results.items():
-            held_scores = [result["scores"][i] for i in parts.held_out]
-            result["corr_score_gain"] = correlation(held_scores, gains)
-            result["apgr_ci"] = bootstrap_apgr(held_scores, hs, hl, args.bootstrap, args.seed)
-            print(f"\n{mode} mode, held-out prompts in fifths by score (corr(score, large - small) "
-                  f"{result['corr_score_gain']:+.3f}; a cascade needs it negative):")
-            print(f"{'mean score':>12} {'small':>8} {'large':>8} {'gain':>8}")
-            for score, sq, lq in by_score_bins(held_scores, hs, hl):
-                print(f"{score:>12.3g} {sq:>8.4f} {lq:>8.4f} {lq - sq:>+8.4f}")
+        analysis = analyse(args, samples, qualities, parts)
+        results = analysis["modes"]
 
         # Through the gateway, each mode at its 95%-quality threshold.
         thresholds = {mode: results[mode]["threshold_95"] for mode in results}
-        chosen = {mode: (results[mode]["statistic"], results[mode]["quantile"]) for mode in results}
-        fleet_path.write_text(fleet_toml(*urls, thresholds, chosen))
-        gateway = subprocess.Popen([sys.executable, "-m", "aiinfra", "route", str(fleet_path), "--port",
-                                    str(ports[2])], stdout=(logs / "gateway.log").open("w"),
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-        processes.append(gateway)
+        fleet_path.write_text(fleet_toml(*urls, thresholds, {mode: (results[mode]["statistic"],
+                                                                    results[mode]["quantile"]) for mode in results}))
         gateway_url = f"http://127.0.0.1:{ports[2]}"
-        wait_healthy(gateway_url, gateway)
-        checked = held[: args.gateway_prompts]
-        decisions = {mode: [decide(score, thresholds[mode]) for score in
-                            [results[mode]["scores"][i] for i in parts.held_out][: len(checked)]]
-                     for mode in results}
-        through = asyncio.run(gateway_checks(gateway_url, checked, args.k, decisions))
+        processes.append(subprocess.Popen([sys.executable, "-m", "aiinfra", "route", str(fleet_path), "--port",
+                                           str(ports[2])], stdout=(logs / "gateway.log").open("w"),
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+        wait_healthy(gateway_url, processes[-1])
+        checked = parts.held_out[: args.gateway_prompts]
+        decisions = {mode: [decide(results[mode]["scores"][i], thresholds[mode]) for i in checked] for mode in results}
+        through = asyncio.run(gateway_checks(gateway_url, [samples[i] for i in checked], args.k, decisions))
+        through["checked"] = len(checked)
+        analysis["counts"] = (len(samples), len(parts.fit), len(parts.held_out))
+        return analysis, through, parts, collect_s
     finally:
         for process in processes:
             process.terminate()
@@ -376,25 +386,43 @@ def run(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> dict[s
             except subprocess.TimeoutExpired:
                 process.kill()
 
-    best = max(results, key=lambda mode: results[mode]["fit_apgr"])
-    ttft = through["ttft_ms"]
-    print(f"\n{len(samples)} prompts ({len(parts.fit)} fit, {len(held)} held out), collected in {collect_s:.0f} s")
+
+def report(analysis: dict[str, Any], through: dict[str, Any], collect_s: float) -> tuple[str, float, float | None]:
+    """Print each mode's held-out figures beside random's and the oracle's; the best mode (by its fit APGR)."""
+    results, hs, hl = analysis["modes"], analysis["held_small"], analysis["held_large"]
+    weak, strong = sum(hs) / len(hs), sum(hl) / len(hl)
+    oracle_apgr = apgr(oracle_curve(hs, hl), weak, strong)
+    random_fraction = fraction_for_quality(random_curve(hs, hl), 0.95 * strong)
+    total, fit_count, held_count = analysis["counts"]
+    print(f"\n{total} prompts ({fit_count} fit, {held_count} held out), collected in {collect_s:.0f} s")
     print(f"held out: small quality {weak:.4f}, large {strong:.4f} (small/large {weak / strong:.3f})")
     for mode, result in results.items():
         print(f"{mode:>9}: statistic {result['statistic']}"
               f"{'' if result['statistic'] == 'mean' else ' q=' + str(result['quantile'])} (fit APGR by statistic "
               f"{result['apgr_by_statistic_fit']}); held-out APGR {result['apgr']:.3f} (95% bootstrap interval "
               f"{result['apgr_ci'][0]:.3f} to {result['apgr_ci'][1]:.3f}, above 0.5 in {result['apgr_ci'][2]:.0%} of "
-              f"resamples); threshold for 95% "
-              f"(fit) {result['threshold_95']:.4f} gives a large fraction "
-              f"{result['large_fraction_at_95pct_quality']:.3f}"
-              f" at {result['quality_ratio_at_95pct_target']:.3f} of large quality; the held-out curve reaches 95% "
-              f"at {result['curve_large_fraction_at_95pct_quality']}; cost target 0.3 -> held-out large fraction "
-              f"{result['large_fraction_at_cost_target_0.3']:.3f}")
+              f"resamples); threshold for 95% (fit) {result['threshold_95']:.4f} gives a large fraction "
+              f"{result['large_fraction_at_95pct_quality']:.3f} at {result['quality_ratio_at_95pct_target']:.3f} of "
+              f"large quality; the held-out curve reaches 95% at {result['curve_large_fraction_at_95pct_quality']}; "
+              f"cost target 0.3 -> held-out large fraction {result['large_fraction_at_cost_target_0.3']:.3f}")
     print(f"   random: APGR 0.500, large fraction for 95%: {random_fraction}; oracle APGR {oracle_apgr:.3f}")
     print(f"gateway decisions equal to the offline ones: {through['agreement']}")
-    print(f"streaming TTFT (median ms, {len(checked)} prompts one at a time): {ttft}; auto by pool "
-          f"{through['auto_ttft_ms_by_pool']}")
+    print(f"streaming TTFT (median ms, {through['checked']} prompts one at a time): {through['ttft_ms']}; auto by "
+          f"pool {through['auto_ttft_ms_by_pool']}")
+    return max(results, key=lambda mode: results[mode]["fit_apgr"]), oracle_apgr, random_fraction
+
+
+def run(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The whole benchmark; the headline figures (with `extra` merged in) as one dict."""
+    work = Path(args.work_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    large_run, small_run = trained_pair(args, work)
+    records = labelled_set(load_tokenizer(large_run / "tokenizer.json"), args.prompts, args.context, args.k, 0.05,
+                           args.seed)
+    analysis, through, parts, collect_s = measure(args, work, large_run, small_run, records)
+    best, oracle_apgr, random_fraction = report(analysis, through, collect_s)
+    results, ttft = analysis["modes"], through["ttft_ms"]
+    hs, hl = analysis["held_small"], analysis["held_large"]
     summary = {
         "apgr": round(results[best]["apgr"], 4), "apgr_mode": best,
         "apgr_generate": round(results["generate"]["apgr"], 4), "apgr_prompt": round(results["prompt"]["apgr"], 4),
@@ -405,7 +433,7 @@ def run(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> dict[s
         "quality_ratio_at_95pct_target": round(results[best]["quality_ratio_at_95pct_target"], 4),
         "random_large_fraction_at_95pct_quality": None if random_fraction is None else round(random_fraction, 4),
         "cost_target_0.3_held_out_large_fraction": round(results[best]["large_fraction_at_cost_target_0.3"], 4),
-        "small_quality": round(weak, 4), "large_quality": round(strong, 4),
+        "small_quality": round(sum(hs) / len(hs), 4), "large_quality": round(sum(hl) / len(hl), 4),
         "mode_a_stream_ttft_ms": round(ttft["auto"], 1), "small_stream_ttft_ms": round(ttft["small"], 1),
         "mode_a_stream_ttft_cost_ms": round(ttft["auto"] - ttft["small"], 1),
         "mode_b_stream_ttft_ms": round(ttft["auto-prompt"], 1), "large_stream_ttft_ms": round(ttft["large"], 1),
@@ -415,7 +443,8 @@ def run(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> dict[s
         "corr_score_gain_prompt": round(results["prompt"]["corr_score_gain"], 4),
         "gateway_agreement_generate": through["agreement"]["generate"],
         "gateway_agreement_prompt": through["agreement"]["prompt"],
-        "prompts_fit": len(parts.fit), "prompts_held_out": len(held), "quality": args.quality, **other_apgr,
+        "prompts_fit": len(parts.fit), "prompts_held_out": len(parts.held_out), "quality": args.quality,
+        **analysis["other_apgr"],
     }
     verdict = {mode: "beats" if results[mode]["apgr_ci"][0] > 0.5 else "is worse than" if
                results[mode]["apgr_ci"][1] < 0.5 else "is not distinguishable from" for mode in results}
