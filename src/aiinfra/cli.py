@@ -90,13 +90,13 @@ def _mount_pillars() -> None:
     from aiinfra.checkpoint.commands import export_command
     from aiinfra.observe.commands import dashboard_command
     from aiinfra.plan.commands import plan_app
-    from aiinfra.route.commands import route_command
+    from aiinfra.route.commands import route_app
     from aiinfra.serve.commands import bench_serve_command, serve_command
 
     app.add_typer(plan_app, name="plan", help="Plan GPU/TPU clusters: memory, step time, MFU, cost, goodput.")
     app.command("serve")(serve_command)
     app.command("export")(export_command)
-    app.command("route")(route_command)
+    app.add_typer(route_app, name="route")
     app.command("dashboard")(dashboard_command)
     bench_app = typer.Typer(no_args_is_help=True, help="Measured benchmarks with the field's own definitions.")
     bench_app.command("serve")(bench_serve_command)

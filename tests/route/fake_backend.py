@@ -1,14 +1,17 @@
 """A scriptable OpenAI-compatible server (not ours) on a thread of its own, for the gateway's failure paths: answer
-words after a delay, fail with a status and Retry-After, cut a stream after some chunks, or stall."""
+words after a delay, fail with a status and Retry-After, cut a stream after some chunks, or stall; and, for the
+cascade, logprobs (of its words, and of an echoed prompt) at a probability the test chooses per prompt."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -24,6 +27,8 @@ class Behaviour:
     retry_after: str | None = None
     cut_after: int | None = None  # chunks sent before the connection is dropped
     models_owner: str = "someone-else"
+    word: str = "w"  # the answer is "w0 w1 ...": another letter tells two pools' answers apart
+    probability: Callable[[str], float] = lambda text: 0.5  # every token's probability, from the prompt's text
 
 
 @dataclass
@@ -40,10 +45,30 @@ class FakeBackend:
     def words_for(self, body: dict) -> list[str]:
         """The answer "w0 w1 ... ": a request whose text already holds k of those words (a continuation from
         text) gets the words from k on, so a continued answer equals the uncut one."""
-        text = str(body.get("prompt")) if "prompt" in body else json.dumps(body.get("messages"))
-        done = len(re.findall(r"w\d+ ", text))
+        text = self.text_of(body)
+        word = self.behaviour.word
+        done = len(re.findall(rf"{word}\d+ ", text))
         count = min(self.behaviour.words - done, body.get("max_tokens") or 16)
-        return [f"w{done + i} " for i in range(max(count, 0))]
+        return [f"{word}{done + i} " for i in range(max(count, 0))]
+
+    @staticmethod
+    def text_of(body: dict) -> str:
+        return str(body.get("prompt")) if "prompt" in body else json.dumps(body.get("messages"))
+
+    def logprobs(self, body: dict, chat: bool, words: list[str]) -> dict | None:
+        """OpenAI's logprobs block for the answer (and for the echoed prompt's words), or None if not asked."""
+        logprob = math.log(self.behaviour.probability(self.text_of(body)))
+        if chat:
+            if not body.get("logprobs"):
+                return None
+            return {"content": [{"token": word, "logprob": logprob, "bytes": None, "top_logprobs": []}
+                                for word in words]}
+        if body.get("logprobs") is None:
+            return None
+        tokens = [*(re.findall(r"\S+\s*", str(body["prompt"])) if body.get("echo") else []), *words]
+        values = [None if i == 0 and body.get("echo") else logprob for i in range(len(tokens))]
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": [None] * len(tokens),
+                "text_offset": [0] * len(tokens)}
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -61,8 +86,10 @@ class FakeBackend:
         chat = request.path.endswith("chat/completions")
         words = self.words_for(body)
         if not body.get("stream"):
-            choice = ({"index": 0, "message": {"role": "assistant", "content": "".join(words)}} if chat else
-                      {"index": 0, "text": "".join(words)}) | {"finish_reason": "length"}
+            text = ("".join(re.findall(r"\S+\s*", str(body["prompt"]))) if body.get("echo") else "") + "".join(words)
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat else
+                      {"index": 0, "text": text}) | {"finish_reason": "length",
+                                                     "logprobs": self.logprobs(body, chat, words)}
             return web.json_response({"id": "fake", "object": "x", "created": 1, "model": body.get("model"),
                                       "choices": [choice], "usage": {"prompt_tokens": 1,
                                                                      "completion_tokens": len(words)}})

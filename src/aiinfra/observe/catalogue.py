@@ -155,6 +155,11 @@ ROUTE = (
     _g("aiinfra_route_cache_bytes", "bytes", "Bytes of the entries held by this process"),
     _h("aiinfra_route_cache_lookup_seconds", "From the start of a lookup to its hit or miss (embedding included)",
        CACHE_BUCKETS_S),
+    _c("aiinfra_route_cascade_decisions", "requests", "Requests to a cascade's virtual model, by the pool that "
+       "answered (small, large) and why", ("model", "pool", "reason")),
+    MetricSpec("aiinfra_route_cascade_score_ratio", "histogram", "ratio",
+               "Confidence scores the cascade judged (a probability)", ("model",),
+               (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99), attr="cascade_score"),
 )
 
 SECTIONS: dict[str, tuple[MetricSpec, ...]] = {"train": TRAIN, "serve": SERVE, "route": ROUTE}

@@ -21,6 +21,7 @@ from aiohttp import web
 from aiinfra.config import ConfigError
 from aiinfra.route.backend_client import AttemptFailed
 from aiinfra.route.cached import Outcome, consult, invalidate, open_during_lookup, resolve
+from aiinfra.route.cascaded import cascade
 from aiinfra.route.fleet import FleetConfig
 from aiinfra.route.gateway import Gateway, NoBackend, Tried
 from aiinfra.route.health import check, health_loop
@@ -56,16 +57,27 @@ def _upstream_error(failure: AttemptFailed) -> web.Response:
 
 async def _proxy(request: web.Request, path: str) -> web.StreamResponse:
     gateway = request.app[GATEWAY_KEY]
-    config = gateway.config
     _authorise(request, request.app[CLIENT_KEYS])
-    body = await read_json(request, config.max_body_bytes)
+    body = await read_json(request, gateway.config.max_body_bytes)
     model = body.get("model")
-    if model is None and len(gateway.pools) == 1:
+    if model is None and len(gateway.pools) == 1 and not gateway.cascades:
         model = next(iter(gateway.pools))
+    if model in gateway.cascades:
+        request[MODEL_KEY] = model
+        return await cascade(request, gateway, gateway.cascades[model], body, path,
+                             lambda req, pool, sent, headers: _dispatch(req, gateway, pool, sent, path, headers))
     if model not in gateway.pools:
-        raise ClientError(404, f"model {model!r} does not exist; this gateway serves {sorted(gateway.pools)}",
-                          param="model", code="model_not_found")
+        raise ClientError(404, f"model {model!r} does not exist; this gateway serves "
+                          f"{sorted([*gateway.pools, *gateway.cascades])}", param="model", code="model_not_found")
     request[MODEL_KEY] = model
+    return await _dispatch(request, gateway, model, body, path)
+
+
+async def _dispatch(request: web.Request, gateway: Gateway, model: str, body: dict[str, Any], path: str,
+                    headers: dict[str, str] | None = None) -> web.StreamResponse:
+    """Send the request to a backend of `model` (through the semantic cache when it is on) and answer the client;
+    `headers` go on the response (a cascade's decision)."""
+    config = gateway.config
     chat = path.endswith("chat/completions")
     route = route_request(body, chat, model, request.headers, config, gateway.policy.uses_prefix)
     streaming = bool(body.get("stream"))
@@ -73,6 +85,7 @@ async def _proxy(request: web.Request, path: str) -> web.StreamResponse:
     if gateway.cache is not None:
         consulted = consult(request, gateway.cache, gateway.metrics, body, chat, model)
         if not isinstance(consulted, Outcome):
+            consulted.headers.update(headers or {})
             return consulted  # an exact repeat: answered without a model or a backend
         outcome = request[CACHE_OUTCOME] = consulted
         if outcome.status == "lookup":
@@ -97,19 +110,25 @@ async def _proxy(request: web.Request, path: str) -> web.StreamResponse:
                 attempt = await open_during_lookup(lookup, opening, cache_config.speculative,
                                                    (NoBackend, AttemptFailed), cache_config.speculative_after_ms / 1e3)
                 if isinstance(attempt, web.Response):
+                    attempt.headers.update(headers or {})
                     return attempt
         except NoBackend:
             raise ClientError(503, f"no backend of model {model!r} is available now; retry later",
                               code="no_backend_available", type_="server_error",
-                              headers={"retry-after": "1"}) from None
+                              headers={"retry-after": "1", **(headers or {})}) from None
         except AttemptFailed as failure:
-            return _upstream_error(failure)
+            response = _upstream_error(failure)
+            response.headers.update(headers or {})
+            return response
         if not streaming or attempt.status != 200:
             if outcome is not None and attempt.status == 200:
                 outcome.save_json(attempt.payload, chat)
-            return answer(attempt, gateway)
-        return await stream(request, gateway, attempt, route, path, body, tried, strip,
-                            outcome.headers() if outcome else None, outcome.save_stream if outcome else None)
+            response = answer(attempt, gateway)
+            response.headers.update(headers or {})
+            return response
+        extra = (outcome.headers() if outcome else {}) | (headers or {})
+        return await stream(request, gateway, attempt, route, path, body, tried, strip, extra,
+                            outcome.save_stream if outcome else None)
     finally:
         gateway.in_flight -= 1
 
@@ -125,7 +144,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def models(request: web.Request) -> web.Response:
     _authorise(request, request.app[CLIENT_KEYS])
     gateway = request.app[GATEWAY_KEY]
-    data = [{"id": model, "object": "model", "created": 0, "owned_by": "aiinfra-route"} for model in gateway.pools]
+    data = [{"id": model, "object": "model", "created": 0, "owned_by": "aiinfra-route"}
+            for model in [*gateway.pools, *gateway.cascades]]
     return web.json_response({"object": "list", "data": data}, dumps=lambda obj: orjson.dumps(obj).decode())
 
 

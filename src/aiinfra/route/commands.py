@@ -1,4 +1,5 @@
-"""`aiinfra route FLEET.toml`: a plain typer-compatible function (registered by cli.py)."""
+"""`aiinfra route FLEET.toml` (the gateway) and `aiinfra route calibrate FLEET.toml` (a cascade's threshold): a
+typer group registered by cli.py, whose default command is the gateway."""
 
 from __future__ import annotations
 
@@ -9,11 +10,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from aiinfra.config import ConfigError
 
 if TYPE_CHECKING:  # the CLI imports this module at start-up: the gateway's modules load only to serve
     from aiinfra.route.fleet import FleetConfig
+
+
+class RouteGroup(TyperGroup):
+    """`aiinfra route FLEET.toml ...` runs the gateway (`serve`); `aiinfra route calibrate ...` the calibration."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["serve", *args]
+        return super().parse_args(ctx, args)
+
+
+route_app = typer.Typer(cls=RouteGroup, no_args_is_help=True, add_completion=False,
+                        help="The gateway over a fleet of OpenAI-compatible servers, and its cascade's calibration.")
 
 
 def _fail(message: str) -> typer.Exit:
@@ -53,6 +68,7 @@ def serve_fleet(fleet: FleetConfig, sock: socket.socket) -> None:
         pass  # a second SIGTERM while shutting down (the process group's and the parent's): still a clean stop
 
 
+@route_app.command("serve")
 def route_command(
     fleet: Annotated[Path, typer.Argument(help="FLEET.toml: the gateway settings and the backend servers")],
     host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
@@ -105,3 +121,48 @@ def route_command(
         _, status = os.waitpid(child, 0)
         failed += os.waitstatus_to_exitcode(status) not in (0, -signal.SIGTERM)
     raise typer.Exit(1 if failed else 0)
+
+
+@route_app.command("calibrate")
+def calibrate_command(
+    fleet: Annotated[Path, typer.Argument(help="FLEET.toml with the cascade to calibrate")],
+    prompts: Annotated[Path, typer.Option(help='JSONL: {"prompt": "...", "reference": "..."} per line')],
+    target_large_fraction: Annotated[
+        float | None, typer.Option(min=0.0, max=1.0, help="cost target: the share of requests sent to the large pool")
+    ] = None,
+    target_quality: Annotated[
+        float | None, typer.Option(min=0.0, max=1.0, help="quality target: a fraction of the large model's quality "
+                                   "(needs references)")
+    ] = None,
+    cascade: Annotated[str | None, typer.Option(help="the cascade's model name (default: the only one)")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="tokens each model answers (generate mode, quality)")] = 16,
+    held_out: Annotated[
+        float, typer.Option(min=0.0, max=0.9, help="share of the prompts kept out of the fit to report on")
+    ] = 0.3,
+    concurrency: Annotated[int, typer.Option(min=1, help="requests in flight to each pool")] = 4,
+    output: Annotated[Path | None, typer.Option(help="also write the cascade's table with the threshold here")] = None,
+) -> None:
+    """Pick a cascade's threshold for a cost or a quality target from prompts run through its pools."""
+    import asyncio
+
+    from aiinfra.route.calibrate import collect, find_cascade, fit, read_prompts, report, snippet, write_atomically
+    from aiinfra.route.fleet import load_fleet
+
+    try:
+        if (target_large_fraction is None) == (target_quality is None):
+            raise ConfigError("give exactly one of --target-large-fraction and --target-quality")
+        fleet_config = load_fleet(fleet)
+        chosen = find_cascade(fleet_config, cascade)
+        records = read_prompts(prompts, need_reference=target_quality is not None)
+        samples = asyncio.run(collect(fleet_config, chosen, records, max_tokens, [chosen.mode],
+                                      with_quality=target_quality is not None, concurrency=concurrency))
+        calibration = fit(samples, chosen, target_large_fraction, target_quality, held_out)
+    except ConfigError as error:
+        raise _fail(str(error)) from None
+    target = (f"a large fraction of {target_large_fraction}" if target_large_fraction is not None else
+              f"{target_quality} of the large model's quality")
+    typer.echo(report(calibration, target), err=True)
+    table = snippet(chosen, calibration.threshold)
+    typer.echo(table, nl=False)
+    if output is not None:
+        write_atomically(output, table)

@@ -20,6 +20,14 @@ enabled = true
 target_false_hit_rate = 0.01   # the one knob: the share of hits allowed to answer a different question
 path = "cache.sqlite"          # survives restarts (empty: memory only)
 redis_url = "redis://127.0.0.1:6379/0"   # optional: entries shared by every gateway on this Redis
+
+[[cascade]]                    # optional: a virtual model over a small and a large pool (docs/cascade.md)
+model = "auto"                 # what clients ask for
+small = "tiny-edge"            # the model of the small pool's [[backend]] entries
+large = "tiny-cloud"           # the model of the large pool's
+mode = "generate"              # or "prompt": decide from the small model's likelihood of the prompt alone
+threshold = 0.35               # a score at or above this keeps the small model (`aiinfra route calibrate` sets it)
+quantile = 0.1                 # the quantile of per-token probabilities that scores (0: the least likely token)
 ```
 """
 
@@ -134,6 +142,26 @@ class CacheConfig(Section):
         return url
 
 
+class CascadeConfig(Section):
+    """A virtual model: each request goes to the small pool when its confidence score clears `threshold`, else to
+    the large pool (docs/cascade.md)."""
+
+    model: str = Field(min_length=1, description="the virtual model name clients ask for, e.g. auto")
+    small: str = Field(min_length=1, description="the `model` of the small pool's [[backend]] entries")
+    large: str = Field(min_length=1, description="the `model` of the large pool's [[backend]] entries")
+    mode: Literal["generate", "prompt"] = Field(
+        "generate", description="generate: answer on the small pool, score its tokens, escalate below the threshold; "
+        "prompt: score the prompt on the small pool (one prefill-only request) and send the request to one pool")
+    threshold: float = Field(
+        ge=0, le=1, description="a score (a probability in [0, 1]) at or above this keeps the small model; "
+        "`aiinfra route calibrate` picks it for a target")
+    statistic: Literal["quantile", "mean"] = Field(
+        "quantile", description="quantile: the `quantile` of the per-token probabilities (Gupta et al. 2024, no "
+        "length bias); mean: their geometric mean, exp(mean log-probability)")
+    quantile: float = Field(0.1, ge=0, le=1, description="which quantile scores (0: the least likely token, 0.5: "
+                            "the median)")
+
+
 class BackendConfig(Section):
     """One OpenAI-compatible server (ours, vLLM, anything) serving one model."""
 
@@ -171,11 +199,13 @@ class BackendConfig(Section):
 
 
 class FleetConfig(Section):
-    """The whole file: one [gateway] table, an optional [cache] table and one [[backend]] table per server."""
+    """The whole file: one [gateway] table, optional [cache] and [[cascade]] tables, one [[backend]] per server."""
 
     gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="gateway settings")
     cache: CacheConfig = Field(default_factory=CacheConfig, description="the semantic cache")
     backend: list[BackendConfig] = Field(min_length=1, description="the servers")
+    cascade: list[CascadeConfig] = Field(default_factory=list, description="virtual models over a small and a "
+                                         "large pool")
 
     @model_validator(mode="after")
     def _unique_names(self) -> FleetConfig:
@@ -183,6 +213,27 @@ class FleetConfig(Section):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"backend names must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+    @model_validator(mode="after")
+    def _cascades_over_pools(self) -> FleetConfig:
+        models = sorted({backend.model for backend in self.backend})
+        seen: set[str] = set()
+        for index, cascade in enumerate(self.cascade):
+            where = f"cascade[{index}] ({cascade.model})"
+            if cascade.model in models:
+                raise ValueError(f"{where}.model: {cascade.model!r} is already the model of a [[backend]]; a "
+                                 "cascade needs a name of its own")
+            if cascade.model in seen:
+                raise ValueError(f"{where}.model: {cascade.model!r} names two cascades")
+            seen.add(cascade.model)
+            for key in ("small", "large"):
+                pool = getattr(cascade, key)
+                if pool not in models:
+                    raise ValueError(f"{where}.{key}: {pool!r} is not the model of any [[backend]]; expected one of "
+                                     f"{', '.join(models)}")
+            if cascade.small == cascade.large:
+                raise ValueError(f"{where}: small and large are both {cascade.small!r}; expected two pools")
         return self
 
     def pools(self) -> dict[str, list[BackendConfig]]:
@@ -195,10 +246,10 @@ class FleetConfig(Section):
 
 def _describe(error: Any, tree: dict[str, Any]) -> str:
     parts = [str(part) for part in error["loc"]]
-    if len(parts) >= 2 and parts[0] == "backend" and parts[1].isdigit():
-        backend = tree.get("backend", [])[int(parts[1])] if isinstance(tree.get("backend"), list) else {}
-        name = backend.get("name") if isinstance(backend, dict) else None
-        parts[:2] = [f"backend[{parts[1]}]" + (f" ({name})" if name else "")]
+    if len(parts) >= 2 and parts[0] in ("backend", "cascade") and parts[1].isdigit():
+        table = tree.get(parts[0], [])[int(parts[1])] if isinstance(tree.get(parts[0]), list) else {}
+        name = table.get("name" if parts[0] == "backend" else "model") if isinstance(table, dict) else None
+        parts[:2] = [f"{parts[0]}[{parts[1]}]" + (f" ({name})" if name else "")]
     message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
     return f"{'.'.join(parts)}: {message}" if parts else message
 

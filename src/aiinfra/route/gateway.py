@@ -47,6 +47,7 @@ class Gateway:
             model: [self._state(backend) for backend in backends] for model, backends in fleet.pools().items()
         }
         self.backends = [backend for pool in self.pools.values() for backend in pool]
+        self.cascades = {cascade.model: cascade for cascade in fleet.cascade}  # virtual models over two pools
         self.first_byte = {model: LatencyWindow() for model in self.pools}
         self.hedge_budget = Budget(self.config.hedge_budget_ratio)
         self.in_flight = 0
