@@ -104,8 +104,8 @@ def read_prompts(path: Path, need_reference: bool) -> list[dict[str, str]]:
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"]:
             raise ConfigError(f'--prompts {path}:{number}: expected {{"prompt": "...", "reference": "..."}}')
         if need_reference and not isinstance(record.get("reference"), str):
-            raise ConfigError(f'--prompts {path}:{number}: a quality target or a learned router needs a "reference" (the true '
-                              "continuation) on every line")
+            raise ConfigError(f'--prompts {path}:{number}: a quality target or a learned router needs a "reference" '
+                              "(the true continuation) on every line")
         records.append(record)
     if len(records) < 4:
         raise ConfigError(f"--prompts {path}: {len(records)} prompt(s); calibration needs at least 4")
