@@ -14,6 +14,13 @@ Per prompt: small and large quality, mode (a) "generate" scores (quantiles / mea
 probabilities) and mode (b) "prompt" scores (the same statistics over the prompt's tokens, from one echo request).
 Each mode's statistic is chosen by its APGR on the fit half; the figures are the held-out half's.
 
+Two routers per mode: the threshold router (that statistic against a threshold: "low confidence -> escalate"), and
+the learned router (route.cascade_fit.fit_gain_router: ridge regression of the large model's gain over the small
+one on the mode's features of the small model's token log-probabilities, fitted on the fit half with its penalty
+cross-validated there). The headline `apgr` is the router with the best APGR on the fit half (the learned router's
+out of fold), reported on the held-out half; `cascade_beats_random` is whether that router's held-out 95% bootstrap
+interval lies above 0.5.
+
 Baselines in the same run: random routing at equal cost (the straight line from small to large quality; APGR 0.5)
 and the oracle (the large model exactly where it gains most). APGR and the large fraction for 95% of the large
 model's quality are RouteLLM's measures. Streaming: TTFT through `aiinfra route` of "auto" (mode a) against the
@@ -44,12 +51,14 @@ import aiohttp
 from aiinfra.data.corpus import is_validation, iter_documents
 from aiinfra.data.tokenizer import decode, encode, load_tokenizer
 from aiinfra.route.calibrate import Sample, collect
-from aiinfra.route.cascade import confidence, decide
+from aiinfra.route.cascade import MODE_FEATURES, LearnedRouter, confidence, decide, run_features
 from aiinfra.route.cascade_fit import (
     apgr,
+    fit_gain_router,
     fraction_for_quality,
     large_fraction,
     oracle_curve,
+    out_of_fold_scores,
     quality_at,
     random_curve,
     routed_quality,
@@ -157,14 +166,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def fleet_toml(small_url: str, large_url: str, thresholds: dict[str, float], statistic: dict[str, tuple]) -> str:
+CASCADES = {"generate": "auto", "prompt": "auto-prompt", "generate_learned": "auto-learned",
+            "prompt_learned": "auto-prompt-learned"}  # each router's virtual model in the bench's FLEET.toml
+
+
+def _inline(values: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{name} = {value!r}" for name, value in values.items()) + "}"
+
+
+def fleet_toml(small_url: str, large_url: str, thresholds: dict[str, float], statistic: dict[str, tuple],
+               learned: dict[str, LearnedRouter] | None = None) -> str:
+    """Two backends and a cascade per router: the threshold routers of each mode, and the learned ones if given."""
     lines = ["[gateway]", "health_interval_s = 5", "",
              "[[backend]]", 'name = "small-0"', f'url = "{small_url}"', 'model = "small"', "",
              "[[backend]]", 'name = "large-0"', f'url = "{large_url}"', 'model = "large"']
-    for model, mode in (("auto", "generate"), ("auto-prompt", "prompt")):
-        stat, q = statistic[mode]
-        lines += ["", "[[cascade]]", f'model = "{model}"', 'small = "small"', 'large = "large"', f'mode = "{mode}"',
-                  f"threshold = {thresholds[mode]:.6f}", f'statistic = "{stat}"', f"quantile = {q}"]
+    for key, router in [("generate", None), ("prompt", None), *sorted((learned or {}).items())]:
+        mode = key.removesuffix("_learned")
+        lines += ["", "[[cascade]]", f'model = "{CASCADES[key]}"', 'small = "small"', 'large = "large"',
+                  f'mode = "{mode}"', f"threshold = {thresholds[key]:.6f}"]
+        if router is None:
+            stat, q = statistic[mode]
+            lines += [f'statistic = "{stat}"', f"quantile = {q}"]
+        else:
+            lines += ['router = "learned"', f"weights = {_inline(router.weights)}", f"bias = {router.bias!r}",
+                      f"feature_means = {_inline(router.means)}", f"feature_scales = {_inline(router.scales)}"]
     return "\n".join(lines) + "\n"
 
 
@@ -172,34 +197,62 @@ def scores_of(samples: list[Sample], mode: str, stat: str, q: float) -> list[flo
     return [confidence(s.answer_logprobs if mode == "generate" else s.prompt_logprobs, stat, q) for s in samples]
 
 
-def evaluate(samples: list[Sample], small: list[float], large: list[float], fit_idx: list[int], held_idx: list[int],
-             mode: str) -> dict[str, Any]:
-    """The mode's statistic chosen on the fit part; its curve, APGR and calibrated thresholds on the held-out."""
-    pick = lambda values, idx: [values[i] for i in idx]  # noqa: E731
-    fs, fl = pick(small, fit_idx), pick(large, fit_idx)
-    hs, hl = pick(small, held_idx), pick(large, held_idx)
-    weak_fit, strong_fit = sum(fs) / len(fs), sum(fl) / len(fl)
-    by_stat = {}
-    for stat, q in STATISTICS:
-        scores = scores_of(samples, mode, stat, q)
-        by_stat[(stat, q)] = (apgr(router_curve(pick(scores, fit_idx), fs, fl), weak_fit, strong_fit), scores)
-    (stat, q), (fit_apgr, scores) = max(by_stat.items(), key=lambda item: item[1][0])
-    f_scores, h_scores = pick(scores, fit_idx), pick(scores, held_idx)
+def _pick(values: list[float], idx: list[int]) -> list[float]:
+    return [values[i] for i in idx]
+
+
+def held_out_figures(scores: list[float], small: list[float], large: list[float], fit_idx: list[int],
+                     held_idx: list[int]) -> dict[str, Any]:
+    """A router's thresholds calibrated on the fit part (95% quality; a cost of 0.3), and its curve, APGR and what
+    the thresholds give on the held-out part."""
+    fs, fl, hs, hl = _pick(small, fit_idx), _pick(large, fit_idx), _pick(small, held_idx), _pick(large, held_idx)
+    f_scores, h_scores = _pick(scores, fit_idx), _pick(scores, held_idx)
     weak, strong = sum(hs) / len(hs), sum(hl) / len(hl)
     curve = router_curve(h_scores, hs, hl)
     quality_threshold = threshold_for_quality(f_scores, fs, fl, 0.95)
     cost_threshold = threshold_for_large_fraction(f_scores, 0.3)
     return {
-        "statistic": stat, "quantile": q, "fit_apgr": fit_apgr, "apgr": apgr(curve, weak, strong), "curve": curve,
-        "scores": scores, "threshold_95": quality_threshold,
+        "apgr": apgr(curve, weak, strong), "curve": curve, "scores": scores, "threshold_95": quality_threshold,
         "large_fraction_at_95pct_quality": large_fraction(h_scores, quality_threshold),
         "quality_ratio_at_95pct_target": routed_quality(h_scores, hs, hl, quality_threshold) / strong,
         "curve_large_fraction_at_95pct_quality": fraction_for_quality(curve, 0.95 * strong),
         "threshold_cost_0.3": cost_threshold,
         "large_fraction_at_cost_target_0.3": large_fraction(h_scores, cost_threshold),
-        "apgr_by_statistic_fit": {f"{s}{'' if s == 'mean' else f'@{qq}'}": round(v[0], 4)
-                                  for (s, qq), v in by_stat.items()},
     }
+
+
+def evaluate(samples: list[Sample], small: list[float], large: list[float], fit_idx: list[int], held_idx: list[int],
+             mode: str) -> dict[str, Any]:
+    """The threshold router: the mode's statistic chosen on the fit part; its figures on the held-out."""
+    fs, fl = _pick(small, fit_idx), _pick(large, fit_idx)
+    weak_fit, strong_fit = sum(fs) / len(fs), sum(fl) / len(fl)
+    by_stat = {}
+    for stat, q in STATISTICS:
+        scores = scores_of(samples, mode, stat, q)
+        by_stat[(stat, q)] = (apgr(router_curve(_pick(scores, fit_idx), fs, fl), weak_fit, strong_fit), scores)
+    (stat, q), (fit_apgr, scores) = max(by_stat.items(), key=lambda item: item[1][0])
+    return {"router": "threshold", "statistic": stat, "quantile": q, "fit_apgr": fit_apgr,
+            "apgr_by_statistic_fit": {f"{s}{'' if s == 'mean' else f'@{qq}'}": round(v[0], 4)
+                                      for (s, qq), v in by_stat.items()},
+            **held_out_figures(scores, small, large, fit_idx, held_idx)}
+
+
+def evaluate_learned(samples: list[Sample], small: list[float], large: list[float], fit_idx: list[int],
+                     held_idx: list[int], mode: str, seed: int) -> dict[str, Any]:
+    """The learned router: fitted (ridge penalty by cross-validation) on the fit part only; its fit APGR is
+    out-of-fold (each fit prompt scored by a router fitted on the other folds), comparable with the threshold
+    routers' in-sample choice; its figures on the held-out."""
+    prefix = "answer" if mode == "generate" else "prompt"
+    rows = [run_features(s.answer_logprobs if mode == "generate" else s.prompt_logprobs, prefix) for s in samples]
+    if any(row is None for row in rows):
+        raise SystemExit(f"{mode}: a prompt has no tokens to describe")
+    fit_rows, fs, fl = _pick(rows, fit_idx), _pick(small, fit_idx), _pick(large, fit_idx)
+    router, penalty = fit_gain_router(fit_rows, fs, fl, MODE_FEATURES[mode], seed=seed)
+    out_of_fold = out_of_fold_scores(fit_rows, fs, fl, MODE_FEATURES[mode], seed=seed)
+    fit_apgr = apgr(router_curve(out_of_fold, fs, fl), sum(fs) / len(fs), sum(fl) / len(fl))
+    scores = [router.score_features(row) for row in rows]
+    return {"router": "learned", "learned": router, "penalty": penalty, "fit_apgr": fit_apgr,
+            **held_out_figures(scores, small, large, fit_idx, held_idx)}
 
 
 async def ttft_ms(session: aiohttp.ClientSession, url: str, body: dict) -> tuple[float, str]:
@@ -216,11 +269,12 @@ async def ttft_ms(session: aiohttp.ClientSession, url: str, body: dict) -> tuple
 
 
 async def gateway_checks(url: str, held: list[Sample], k: int, decisions: dict[str, list[str]]) -> dict[str, Any]:
-    """Through the gateway: whether its decisions equal the offline ones, and streaming TTFT of each path."""
+    """Through the gateway: whether its decisions equal the offline ones (every router), and streaming TTFT of each
+    path (the threshold routers)."""
     async with aiohttp.ClientSession() as session:
         agree = {}
-        for model, mode in (("auto", "generate"), ("auto-prompt", "prompt")):
-            same = 0
+        for mode in decisions:
+            model, same = CASCADES[mode], 0
             for sample, expected in zip(held, decisions[mode]):
                 async with session.post(f"{url}/v1/completions", json={
                         "model": model, "prompt": sample.prompt, "max_tokens": k, "temperature": 0}) as response:
@@ -244,12 +298,11 @@ async def gateway_checks(url: str, held: list[Sample], k: int, decisions: dict[s
 def print_curves(results: dict[str, dict], held_small: list[float], held_large: list[float]) -> None:
     oracle, rand = oracle_curve(held_small, held_large), random_curve(held_small, held_large)
     print("\nquality against the large fraction, held-out prompts:")
-    print(f"{'large fraction':>15} {'generate':>9} {'prompt':>9} {'random':>9} {'oracle':>9}")
+    print(f"{'large fraction':>15} " + " ".join(f"{name:>17}" for name in (*results, "random", "oracle")))
     for step in range(11):
         f = step / 10
-        print(f"{f:>15.1f} {quality_at(results['generate']['curve'], f):>9.4f} "
-              f"{quality_at(results['prompt']['curve'], f):>9.4f} {quality_at(rand, f):>9.4f} "
-              f"{quality_at(oracle, f):>9.4f}")
+        print(f"{f:>15.1f} " + " ".join(f"{quality_at(curve, f):>17.4f}" for curve in (
+            *(result["curve"] for result in results.values()), rand, oracle)))
 
 
 def by_score_bins(scores: list[float], small: list[float], large: list[float], bins: int = 5) -> list[tuple]:
@@ -315,6 +368,9 @@ def analyse(args: argparse.Namespace, samples: list[Sample], qualities: dict, pa
     small_q, large_q = qualities[args.quality]
     results = {mode: evaluate(samples, small_q, large_q, parts.fit, parts.held_out, mode)
                for mode in ("generate", "prompt")}
+    for mode in ("generate", "prompt"):
+        results[f"{mode}_learned"] = evaluate_learned(samples, small_q, large_q, parts.fit, parts.held_out, mode,
+                                                      args.seed)
     hs, hl = [small_q[i] for i in parts.held_out], [large_q[i] for i in parts.held_out]
     print_curves(results, hs, hl)
     gains = [lq - sq for sq, lq in zip(hs, hl)]
@@ -362,10 +418,13 @@ def measure(args: argparse.Namespace, work: Path, large_run: Path, small_run: Pa
         analysis = analyse(args, samples, qualities, parts)
         results = analysis["modes"]
 
-        # Through the gateway, each mode at its 95%-quality threshold.
-        thresholds = {mode: results[mode]["threshold_95"] for mode in results}
+        # Through the gateway, each router at its 95%-quality threshold.
+        thresholds = {key: results[key]["threshold_95"] for key in results}
         fleet_path.write_text(fleet_toml(*urls, thresholds, {mode: (results[mode]["statistic"],
-                                                                    results[mode]["quantile"]) for mode in results}))
+                                                                    results[mode]["quantile"]) for mode in
+                                                             ("generate", "prompt")},
+                                         {key: result["learned"] for key, result in results.items()
+                                          if result["router"] == "learned"}))
         gateway_url = f"http://127.0.0.1:{ports[2]}"
         processes.append(subprocess.Popen([sys.executable, "-m", "aiinfra", "route", str(fleet_path), "--port",
                                            str(ports[2])], stdout=(logs / "gateway.log").open("w"),
@@ -388,7 +447,8 @@ def measure(args: argparse.Namespace, work: Path, large_run: Path, small_run: Pa
 
 
 def report(analysis: dict[str, Any], through: dict[str, Any], collect_s: float) -> tuple[str, float, float | None]:
-    """Print each mode's held-out figures beside random's and the oracle's; the best mode (by its fit APGR)."""
+    """Print each router's held-out figures beside random's and the oracle's; the best router (by its fit APGR:
+    chosen on the fit half, never on the held-out one)."""
     results, hs, hl = analysis["modes"], analysis["held_small"], analysis["held_large"]
     weak, strong = sum(hs) / len(hs), sum(hl) / len(hl)
     oracle_apgr = apgr(oracle_curve(hs, hl), weak, strong)
@@ -397,9 +457,14 @@ def report(analysis: dict[str, Any], through: dict[str, Any], collect_s: float) 
     print(f"\n{total} prompts ({fit_count} fit, {held_count} held out), collected in {collect_s:.0f} s")
     print(f"held out: small quality {weak:.4f}, large {strong:.4f} (small/large {weak / strong:.3f})")
     for mode, result in results.items():
-        print(f"{mode:>9}: statistic {result['statistic']}"
-              f"{'' if result['statistic'] == 'mean' else ' q=' + str(result['quantile'])} (fit APGR by statistic "
-              f"{result['apgr_by_statistic_fit']}); held-out APGR {result['apgr']:.3f} (95% bootstrap interval "
+        if result["router"] == "learned":
+            how = (f"learned router, ridge penalty {result['penalty']:g} (cross-validated on the fit half), weights "
+                   + ", ".join(f"{n} {w:+.3f}" for n, w in result["learned"].weights.items())
+                   + f"; fit APGR out of fold {result['fit_apgr']:.3f}")
+        else:
+            q = "" if result["statistic"] == "mean" else f" q={result['quantile']}"
+            how = f"statistic {result['statistic']}{q} (fit APGR by statistic {result['apgr_by_statistic_fit']})"
+        print(f"{mode:>16}: {how}; held-out APGR {result['apgr']:.3f} (95% bootstrap interval "
               f"{result['apgr_ci'][0]:.3f} to {result['apgr_ci'][1]:.3f}, above 0.5 in {result['apgr_ci'][2]:.0%} of "
               f"resamples); threshold for 95% (fit) {result['threshold_95']:.4f} gives a large fraction "
               f"{result['large_fraction_at_95pct_quality']:.3f} at {result['quality_ratio_at_95pct_target']:.3f} of "
@@ -424,12 +489,18 @@ def run(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> dict[s
     results, ttft = analysis["modes"], through["ttft_ms"]
     hs, hl = analysis["held_small"], analysis["held_large"]
     summary = {
-        "apgr": round(results[best]["apgr"], 4), "apgr_mode": best,
+        "apgr": round(results[best]["apgr"], 4), "apgr_mode": best.removesuffix("_learned"),
+        "apgr_router": results[best]["router"], "apgr_chosen_on": "fit half",
+        "apgr_ci95": [round(v, 4) for v in results[best]["apgr_ci"][:2]],
         "apgr_generate": round(results["generate"]["apgr"], 4), "apgr_prompt": round(results["prompt"]["apgr"], 4),
+        "apgr_generate_learned": round(results["generate_learned"]["apgr"], 4),
+        "apgr_prompt_learned": round(results["prompt_learned"]["apgr"], 4),
         "apgr_random": 0.5, "apgr_oracle": round(oracle_apgr, 4),
         "large_fraction_at_95pct_quality": round(results[best]["large_fraction_at_95pct_quality"], 4),
         "large_fraction_at_95pct_quality_generate": round(results["generate"]["large_fraction_at_95pct_quality"], 4),
         "large_fraction_at_95pct_quality_prompt": round(results["prompt"]["large_fraction_at_95pct_quality"], 4),
+        **{f"large_fraction_at_95pct_quality_{key}": round(results[key]["large_fraction_at_95pct_quality"], 4)
+           for key in ("generate_learned", "prompt_learned")},
         "quality_ratio_at_95pct_target": round(results[best]["quality_ratio_at_95pct_target"], 4),
         "random_large_fraction_at_95pct_quality": None if random_fraction is None else round(random_fraction, 4),
         "cost_target_0.3_held_out_large_fraction": round(results[best]["large_fraction_at_cost_target_0.3"], 4),
@@ -439,19 +510,24 @@ def run(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> dict[s
         "mode_b_stream_ttft_ms": round(ttft["auto-prompt"], 1), "large_stream_ttft_ms": round(ttft["large"], 1),
         "apgr_generate_ci95": [round(v, 4) for v in results["generate"]["apgr_ci"][:2]],
         "apgr_prompt_ci95": [round(v, 4) for v in results["prompt"]["apgr_ci"][:2]],
+        "apgr_generate_learned_ci95": [round(v, 4) for v in results["generate_learned"]["apgr_ci"][:2]],
+        "apgr_prompt_learned_ci95": [round(v, 4) for v in results["prompt_learned"]["apgr_ci"][:2]],
+        "fit_apgr": {key: round(result["fit_apgr"], 4) for key, result in results.items()},
         "corr_score_gain_generate": round(results["generate"]["corr_score_gain"], 4),
         "corr_score_gain_prompt": round(results["prompt"]["corr_score_gain"], 4),
         "gateway_agreement_generate": through["agreement"]["generate"],
         "gateway_agreement_prompt": through["agreement"]["prompt"],
+        "gateway_agreement_generate_learned": through["agreement"]["generate_learned"],
+        "gateway_agreement_prompt_learned": through["agreement"]["prompt_learned"],
         "prompts_fit": len(parts.fit), "prompts_held_out": len(parts.held_out), "quality": args.quality,
         **analysis["other_apgr"],
     }
     verdict = {mode: "beats" if results[mode]["apgr_ci"][0] > 0.5 else "is worse than" if
                results[mode]["apgr_ci"][1] < 0.5 else "is not distinguishable from" for mode in results}
-    summary["cascade_beats_random"] = any(v == "beats" for v in verdict.values())
-    print("the cascade " + ("beats" if summary["cascade_beats_random"] else "does NOT beat") + " random routing "
-          "(judged by the 95% bootstrap interval of the held-out APGR): " +
-          ", ".join(f"{mode} mode {v} random" for mode, v in verdict.items()))
+    summary["cascade_beats_random"] = verdict[best] == "beats"
+    print(f"the cascade (router {best}, chosen by its fit APGR) " + ("beats" if summary["cascade_beats_random"] else
+          "does NOT beat") + " random routing (judged by the 95% bootstrap interval of the held-out APGR); each "
+          "router: " + ", ".join(f"{key} {v} random" for key, v in verdict.items()))
     return summary | (extra or {})
 
 

@@ -21,8 +21,16 @@ import aiohttp
 import orjson
 
 from aiinfra.config import ConfigError
-from aiinfra.route.cascade import answer_logprobs, confidence, prompt_logprobs
+from aiinfra.route.cascade import (
+    MODE_FEATURES,
+    LearnedRouter,
+    answer_logprobs,
+    confidence,
+    prompt_logprobs,
+    run_features,
+)
 from aiinfra.route.cascade_fit import (
+    fit_gain_router,
     large_fraction,
     routed_quality,
     split,
@@ -56,10 +64,21 @@ class Sample:
     small_answer: str | None = None
     large_answer: str | None = None
 
-    def score(self, cascade: CascadeConfig, mode: str | None = None) -> float:
-        """The score the gateway would give this prompt in `mode` (default: the cascade's)."""
-        logprobs = self.answer_logprobs if (mode or cascade.mode) == "generate" else self.prompt_logprobs
+    def score(self, cascade: CascadeConfig, mode: str | None = None, router: LearnedRouter | None = None) -> float:
+        """The score the gateway would give this prompt in `mode` (default: the cascade's), by `router` if given,
+        else by the cascade's own router."""
+        mode = mode or cascade.mode
+        logprobs = self.answer_logprobs if mode == "generate" else self.prompt_logprobs
+        router = router or (cascade.learned_router() if mode == cascade.mode else None)
+        if router is not None:
+            return router.score(logprobs, "answer" if mode == "generate" else "prompt")
         return confidence(logprobs, cascade.statistic, cascade.quantile)
+
+    def features(self, mode: str) -> dict[str, float] | None:
+        """The learned router's features of this prompt in `mode` (None: no tokens to describe)."""
+        if mode == "generate":
+            return run_features(self.answer_logprobs, "answer")
+        return run_features(self.prompt_logprobs, "prompt")
 
     def quality(self, pool: str) -> float:
         answer = self.small_answer if pool == "small" else self.large_answer
@@ -85,8 +104,8 @@ def read_prompts(path: Path, need_reference: bool) -> list[dict[str, str]]:
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"]:
             raise ConfigError(f'--prompts {path}:{number}: expected {{"prompt": "...", "reference": "..."}}')
         if need_reference and not isinstance(record.get("reference"), str):
-            raise ConfigError(f'--prompts {path}:{number}: a quality target needs a "reference" (the true '
-                              "continuation) on every line")
+            raise ConfigError(f'--prompts {path}:{number}: a quality target or a learned router needs a "reference" '
+                              "(the true continuation) on every line")
         records.append(record)
     if len(records) < 4:
         raise ConfigError(f"--prompts {path}: {len(records)} prompt(s); calibration needs at least 4")
@@ -162,6 +181,8 @@ class Calibration:
     held_out_quality_ratio: float | None
     fit_count: int
     held_out_count: int
+    router: LearnedRouter | None = None  # the learned router fitted on the fit prompts (with --router learned)
+    penalty: float | None = None  # its ridge penalty, chosen by cross-validation on the fit prompts
 
 
 def _ratio(samples: Sequence[Sample], scores: Sequence[float], threshold: float) -> float:
@@ -171,10 +192,24 @@ def _ratio(samples: Sequence[Sample], scores: Sequence[float], threshold: float)
     return routed_quality(scores, small, large, threshold) / mean_large if mean_large > 0 else 1.0
 
 
+def learn(samples: Sequence[Sample], mode: str, seed: int = 0) -> tuple[LearnedRouter, float]:
+    """A learned router (and its ridge penalty) fitted on labelled samples' features in `mode`."""
+    rows = [s.features(mode) for s in samples]
+    if any(row is None for row in rows):
+        raise ConfigError(f"--router learned: a prompt has no {mode} tokens to describe (empty answers or prompts)")
+    try:
+        return fit_gain_router(rows, [s.quality("small") for s in samples], [s.quality("large") for s in samples],
+                               MODE_FEATURES[mode], seed=seed)
+    except ValueError as error:
+        raise ConfigError(f"--router learned: {error}") from None
+
+
 def fit(samples: Sequence[Sample], cascade: CascadeConfig, target_large_fraction: float | None,
-        target_quality: float | None, held_out_fraction: float, seed: int = 0) -> Calibration:
-    """Pick the threshold on a part of the samples and report it on the rest (all of them when
-    `held_out_fraction` is 0)."""
+        target_quality: float | None, held_out_fraction: float, seed: int = 0,
+        router: str | None = None) -> Calibration:
+    """Pick the threshold on a part of the samples and report it on the rest (all of them when `held_out_fraction`
+    is 0): with `router` "learned", first fit a learned router there; "threshold", score by the statistic; None,
+    by the cascade's own router."""
     if (target_large_fraction is None) == (target_quality is None):
         raise ConfigError("give exactly one of --target-large-fraction and --target-quality")
     if held_out_fraction > 0:
@@ -182,22 +217,25 @@ def fit(samples: Sequence[Sample], cascade: CascadeConfig, target_large_fraction
         fit_part, held = [samples[i] for i in parts.fit], [samples[i] for i in parts.held_out]
     else:
         fit_part, held = list(samples), []
-    fit_scores = [s.score(cascade) for s in fit_part]
     labelled = all(s.reference is not None and s.large_answer is not None for s in samples)
+    learned, penalty = learn(fit_part, cascade.mode, seed) if router == "learned" else (None, None)
+    if router == "threshold" and cascade.router == "learned":
+        cascade = cascade.model_copy(update={"router": "threshold"})
+    fit_scores = [s.score(cascade, router=learned) for s in fit_part]
     if target_quality is not None:
         threshold = threshold_for_quality(fit_scores, [s.quality("small") for s in fit_part],
                                           [s.quality("large") for s in fit_part], target_quality)
     else:
         assert target_large_fraction is not None
         threshold = threshold_for_large_fraction(fit_scores, target_large_fraction)
-    held_scores = [s.score(cascade) for s in held]
+    held_scores = [s.score(cascade, router=learned) for s in held]
     return Calibration(
         threshold=threshold,
         fit_large_fraction=large_fraction(fit_scores, threshold),
         held_out_large_fraction=large_fraction(held_scores, threshold) if held else None,
         fit_quality_ratio=_ratio(fit_part, fit_scores, threshold) if labelled else None,
         held_out_quality_ratio=_ratio(held, held_scores, threshold) if labelled and held else None,
-        fit_count=len(fit_part), held_out_count=len(held))
+        fit_count=len(fit_part), held_out_count=len(held), router=learned, penalty=penalty)
 
 
 def find_cascade(fleet: FleetConfig, name: str | None) -> CascadeConfig:
@@ -215,13 +253,27 @@ def find_cascade(fleet: FleetConfig, name: str | None) -> CascadeConfig:
     raise ConfigError(f"--cascade {name}: no such cascade; expected one of {', '.join(names)}")
 
 
-def snippet(cascade: CascadeConfig, threshold: float) -> str:
-    """The cascade's FLEET.toml table with the calibrated threshold."""
+def snippet(cascade: CascadeConfig, threshold: float, router: LearnedRouter | None = None) -> str:
+    """The cascade's FLEET.toml table with the calibrated threshold (and the learned router's keys)."""
+    table = cascade.model_dump() | {"threshold": threshold}
+    if router is not None:
+        table |= {"router": "learned", "weights": router.weights, "bias": router.bias,
+                  "feature_means": router.means, "feature_scales": router.scales}
+    if table["router"] == "threshold":
+        table = {key: value for key, value in table.items()
+                 if key not in ("weights", "bias", "feature_means", "feature_scales")}
     lines = ["[[cascade]]"]
-    for key, value in cascade.model_dump().items():
-        value = threshold if key == "threshold" else value
-        lines.append(f"{key} = {json.dumps(round(value, 6) if isinstance(value, float) else value)}")
+    for key, value in table.items():
+        lines.append(f"{key} = {_toml(value)}")
     return "\n".join(lines) + "\n"
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{name} = {_toml(item)}" for name, item in value.items()) + "}"
+    if isinstance(value, float):
+        return repr(float(f"{value:.8g}"))
+    return json.dumps(value)
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -237,8 +289,11 @@ def report(calibration: Calibration, target: str) -> str:
         quality = f", quality {ratio:.3f} of the large model's" if ratio is not None else ""
         return f"{label} ({count} prompts): large fraction {fraction:.3f}{quality}"
 
-    lines = [f"threshold {calibration.threshold:.6f} for {target}",
-             part("fit", calibration.fit_count, calibration.fit_large_fraction, calibration.fit_quality_ratio)]
+    lines = [f"threshold {calibration.threshold:.6f} for {target}"]
+    if calibration.router is not None:
+        lines.append(f"learned router (ridge penalty {calibration.penalty:g}, by cross-validation on the fit prompts): "
+                     + ", ".join(f"{name} {weight:+.4f}" for name, weight in calibration.router.weights.items()))
+    lines.append(part("fit", calibration.fit_count, calibration.fit_large_fraction, calibration.fit_quality_ratio))
     if calibration.held_out_large_fraction is not None:
         lines.append(part("held out", calibration.held_out_count, calibration.held_out_large_fraction,
                           calibration.held_out_quality_ratio))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 Decision = Literal["small", "large"]
@@ -90,6 +91,60 @@ def prompt_logprobs(payload: dict[str, Any], generated_too: bool = False) -> lis
     return runs
 
 
-def score_runs(runs: list[list[float]], statistic: str, q: float) -> float:
-    """One score for a request of several choices or prompts: the least confident one's (one weak run escalates)."""
+def score_runs(runs: list[list[float]], statistic: str, q: float, router: LearnedRouter | None = None,
+               prefix: str = "answer") -> float:
+    """One score for a request of several choices or prompts: the least confident one's (one weak run escalates);
+    with a learned `router`, its score from the runs' features named `prefix`_..."""
+    if router is not None:
+        return min(router.score(run, prefix) for run in runs)
     return min(confidence(run, statistic, q) for run in runs)
+
+
+# The learned router (RouteLLM's learned routers, Hybrid LLM's query router): instead of assuming that low confidence
+# means the large model will gain, a linear model fitted on labelled prompts predicts the gain of escalating from
+# these features of the small model's token log-probabilities, and the prompts with the highest predicted gain go to
+# the large model. Generate mode sees its answer's tokens, prompt mode the prompt's (one prefill-only request).
+RUN_FEATURES = ("mean_logprob", "std_logprob", "min", "p10", "p50", "p90", "tokens")
+MODE_FEATURES = {"generate": tuple(f"answer_{name}" for name in RUN_FEATURES),
+                 "prompt": tuple(f"prompt_{name}" for name in RUN_FEATURES)}
+
+
+def run_features(logprobs: Sequence[float], prefix: str) -> dict[str, float] | None:
+    """The features of one run of tokens (`prefix` + a name of RUN_FEATURES): the mean and standard deviation of
+    the log-probabilities, the least and the 0.1/0.5/0.9 quantiles of the probabilities, the token count; None for
+    no tokens."""
+    finite = [lp for lp in logprobs if lp is not None and not math.isnan(lp)]
+    if not finite:
+        return None
+    mean = sum(finite) / len(finite)
+    probabilities = [math.exp(lp) for lp in finite]
+    values = {"mean_logprob": mean, "std_logprob": math.sqrt(sum((lp - mean) ** 2 for lp in finite) / len(finite)),
+              "min": min(probabilities), "p10": quantile(probabilities, 0.1), "p50": quantile(probabilities, 0.5),
+              "p90": quantile(probabilities, 0.9), "tokens": float(len(finite))}
+    return {f"{prefix}_{name}": value for name, value in values.items()}
+
+
+@dataclass(frozen=True)
+class LearnedRouter:
+    """A fitted linear model of the large model's gain over the small one, in standard deviations of the gains it
+    was fitted on: bias + sum of weight x (feature - mean) / scale."""
+
+    weights: dict[str, float]
+    bias: float
+    means: dict[str, float]
+    scales: dict[str, float]
+
+    def predicted_gain(self, features: dict[str, float]) -> float:
+        """The predicted gain of escalating (standardised); KeyError if a feature is missing."""
+        return self.bias + sum(weight * (features[name] - self.means[name]) / self.scales[name]
+                               for name, weight in self.weights.items())
+
+    def score(self, logprobs: Sequence[float], prefix: str) -> float:
+        """The router's confidence that the small model will do, in (0, 1): a logistic function of minus the
+        predicted gain, so the cascade's threshold and decision work as for a confidence score (no tokens: 0)."""
+        features = run_features(logprobs, prefix)
+        return 0.0 if features is None else self.score_features(features)
+
+    def score_features(self, features: dict[str, float]) -> float:
+        """The score of a run from its features (see `score`)."""
+        return 1.0 / (1.0 + math.exp(min(max(self.predicted_gain(features), -500.0), 500.0)))

@@ -16,6 +16,10 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
+from aiinfra.route.cascade import LearnedRouter
+
 Point = tuple[float, float]  # (fraction of requests sent to the large model, mean quality)
 
 
@@ -178,3 +182,75 @@ def split(count: int, held_out_fraction: float = 0.5, seed: int = 0) -> Split:
     random.Random(seed).shuffle(order)
     cut = min(count - 1, max(1, round(count * (1 - held_out_fraction))))
     return Split(sorted(order[:cut]), sorted(order[cut:]))
+
+
+PENALTIES = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
+
+
+def fit_ridge(features: np.ndarray, target: np.ndarray, penalty: float) -> tuple[np.ndarray, float]:
+    """Ridge regression of `target` on standardised `features` (rows = prompts) with an unpenalised intercept:
+    (weights, bias)."""
+    bias = float(target.mean())
+    gram = features.T @ features + penalty * np.eye(features.shape[1])
+    return np.linalg.solve(gram, features.T @ (target - bias)), bias
+
+
+def choose_penalty(features: np.ndarray, target: np.ndarray, penalties: Sequence[float] = PENALTIES, folds: int = 5,
+                   seed: int = 0) -> float:
+    """The ridge penalty of least mean squared error over `folds`-fold cross-validation (ties: the larger)."""
+    order = np.random.default_rng(seed).permutation(len(target))
+    parts = [part for part in np.array_split(order, min(folds, len(target))) if len(part)]
+    errors = {}
+    for penalty in penalties:
+        squared = 0.0
+        for part in parts:
+            train = np.setdiff1d(order, part)
+            weights, bias = fit_ridge(features[train], target[train], penalty)
+            squared += float(((features[part] @ weights + bias - target[part]) ** 2).sum())
+        errors[penalty] = squared / len(target)
+    return min(errors, key=lambda penalty: (errors[penalty], -penalty))
+
+
+def standardise(rows: Sequence[dict[str, float]], names: Sequence[str]) -> tuple[np.ndarray, dict, dict]:
+    """The rows' features as a matrix of z-scores, with each feature's mean and scale (a constant feature gets scale
+    1: it then adds nothing)."""
+    matrix = np.array([[row[name] for name in names] for row in rows], dtype=np.float64)
+    means, scales = matrix.mean(axis=0), matrix.std(axis=0)
+    scales = np.where(scales > 1e-12, scales, 1.0)
+    return ((matrix - means) / scales, {n: float(m) for n, m in zip(names, means)},
+            {n: float(s) for n, s in zip(names, scales)})
+
+
+def fit_gain_router(rows: Sequence[dict[str, float]], small: Sequence[float], large: Sequence[float],
+                    names: Sequence[str], penalty: float | None = None, seed: int = 0) -> tuple[LearnedRouter, float]:
+    """A learned router fitted on labelled prompts: ridge regression of the standardised gain (large - small
+    quality) on the standardised features `names` of each prompt's row; the penalty by cross-validation on these
+    rows unless given. Returns the router and its penalty."""
+    _check(rows, small, large)
+    if len(rows) < 4:
+        raise ValueError(f"{len(rows)} labelled prompts: a learned router needs at least 4")
+    gains = np.array(large, dtype=np.float64) - np.array(small, dtype=np.float64)
+    spread = float(gains.std())
+    if spread <= 1e-12:
+        raise ValueError("the large model's gain is the same on every prompt: there is nothing to learn")
+    target = (gains - gains.mean()) / spread
+    features, means, scales = standardise(rows, names)
+    chosen = choose_penalty(features, target, seed=seed) if penalty is None else penalty
+    weights, bias = fit_ridge(features, target, chosen)
+    return LearnedRouter({n: float(w) for n, w in zip(names, weights)}, bias, means, scales), chosen
+
+
+def out_of_fold_scores(rows: Sequence[dict[str, float]], small: Sequence[float], large: Sequence[float],
+                       names: Sequence[str], folds: int = 5, seed: int = 0) -> list[float]:
+    """Each row's learned score by a router fitted (its penalty chosen inside) on the other folds: an honest
+    estimate, from the fit prompts alone, of how the learned router does on prompts it has not seen."""
+    _check(rows, small, large)
+    order = np.random.default_rng(seed + 1).permutation(len(rows))
+    scores = [0.0] * len(rows)
+    for part in np.array_split(order, min(folds, len(rows))):
+        keep = [int(i) for i in np.setdiff1d(order, part)]
+        router, _ = fit_gain_router([rows[i] for i in keep], [small[i] for i in keep], [large[i] for i in keep],
+                                    names, seed=seed)
+        for i in part:
+            scores[int(i)] = router.score_features(rows[int(i)])
+    return scores

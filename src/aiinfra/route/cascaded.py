@@ -169,7 +169,8 @@ async def _prompt_mode(request: web.Request, gateway: Gateway, config: CascadeCo
         attempt.close(str(status))
         if status == 200:
             try:
-                score = score_runs(prompt_logprobs(orjson.loads(attempt.payload)), config.statistic, config.quantile)
+                score = score_runs(prompt_logprobs(orjson.loads(attempt.payload)), config.statistic, config.quantile,
+                                   config.learned_router(), config.feature_prefix)
             except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
                 reason = "no_logprobs"
     pool = decide(score, config.threshold)
@@ -196,7 +197,7 @@ async def _generate_mode(request: web.Request, gateway: Gateway, config: Cascade
     try:
         payload = orjson.loads(payload_bytes)
         score = score_runs(answer_logprobs(payload, chat, bool(body.get("echo"))), config.statistic,
-                           config.quantile)
+                           config.quantile, config.learned_router(), config.feature_prefix)
     except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
         _count(gateway, config, "large", "no_logprobs", None)
         return await forward(request, config.large, body, _headers(config, "large", None, "no_logprobs"))

@@ -141,6 +141,11 @@ def calibrate_command(
     ] = 0.3,
     concurrency: Annotated[int, typer.Option(min=1, help="requests in flight to each pool")] = 4,
     output: Annotated[Path | None, typer.Option(help="also write the cascade's table with the threshold here")] = None,
+    router: Annotated[
+        str | None, typer.Option(help="learned: fit a model of the large model's gain on the prompts (needs "
+                                 "references) and route by it; threshold: route by the statistic; default: the "
+                                 "cascade's router")
+    ] = None,
 ) -> None:
     """Pick a cascade's threshold for a cost or a quality target from prompts run through its pools."""
     import asyncio
@@ -151,18 +156,21 @@ def calibrate_command(
     try:
         if (target_large_fraction is None) == (target_quality is None):
             raise ConfigError("give exactly one of --target-large-fraction and --target-quality")
+        if router not in (None, "threshold", "learned"):
+            raise ConfigError(f"--router {router}: expected threshold or learned")
         fleet_config = load_fleet(fleet)
         chosen = find_cascade(fleet_config, cascade)
-        records = read_prompts(prompts, need_reference=target_quality is not None)
+        labels = target_quality is not None or router == "learned"
+        records = read_prompts(prompts, need_reference=labels)
         samples = asyncio.run(collect(fleet_config, chosen, records, max_tokens, [chosen.mode],
-                                      with_quality=target_quality is not None, concurrency=concurrency))
-        calibration = fit(samples, chosen, target_large_fraction, target_quality, held_out)
+                                      with_quality=labels, concurrency=concurrency))
+        calibration = fit(samples, chosen, target_large_fraction, target_quality, held_out, router=router)
     except ConfigError as error:
         raise _fail(str(error)) from None
     target = (f"a large fraction of {target_large_fraction}" if target_large_fraction is not None else
               f"{target_quality} of the large model's quality")
     typer.echo(report(calibration, target), err=True)
-    table = snippet(chosen, calibration.threshold)
+    table = snippet(chosen, calibration.threshold, calibration.router)
     typer.echo(table, nl=False)
     if output is not None:
         write_atomically(output, table)

@@ -28,6 +28,8 @@ large = "tiny-cloud"           # the model of the large pool's
 mode = "generate"              # or "prompt": decide from the small model's likelihood of the prompt alone
 threshold = 0.35               # a score at or above this keeps the small model (`aiinfra route calibrate` sets it)
 quantile = 0.1                 # the quantile of per-token probabilities that scores (0: the least likely token)
+router = "threshold"           # or "learned": weights, bias, feature_means, feature_scales from
+                               # `aiinfra route calibrate --router learned` (docs/cascade.md)
 ```
 """
 
@@ -40,6 +42,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from aiinfra.config import ConfigError, read_toml
+from aiinfra.route.cascade import MODE_FEATURES, LearnedRouter
 
 POLICIES = ("round_robin", "least_outstanding", "latency", "cost", "prefix", "session")
 SCORERS = ("prefix", "queue", "kv", "latency", "cost")
@@ -160,6 +163,56 @@ class CascadeConfig(Section):
         "length bias); mean: their geometric mean, exp(mean log-probability)")
     quantile: float = Field(0.1, ge=0, le=1, description="which quantile scores (0: the least likely token, 0.5: "
                             "the median)")
+    router: Literal["threshold", "learned"] = Field(
+        "threshold", description="threshold: the `statistic` is the score; learned: a linear model of the large "
+        "model's gain from the mode's features (`aiinfra route calibrate --router learned` writes the keys below)")
+    weights: dict[str, float] = Field(default_factory=dict, description="learned: each feature's weight (of its "
+                                      "standardised value) in the predicted gain")
+    bias: float = Field(0.0, description="learned: the predicted gain (standardised) at the features' means")
+    feature_means: dict[str, float] = Field(default_factory=dict, description="learned: each feature's mean on "
+                                            "the prompts it was fitted on")
+    feature_scales: dict[str, float] = Field(default_factory=dict, description="learned: each feature's standard "
+                                             "deviation there (> 0)")
+
+    @model_validator(mode="after")
+    def _learned_keys(self) -> CascadeConfig:
+        learned_keys = ("weights", "feature_means", "feature_scales")
+        if self.router == "threshold":
+            given = [key for key in (*learned_keys, "bias") if key in self.model_fields_set]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only for router = \"learned\" (this cascade's router is "
+                                 "threshold)")
+            return self
+        names = MODE_FEATURES[self.mode]
+        if not self.weights:
+            raise ValueError('router = "learned" needs weights = {feature = weight, ...} (from `aiinfra route '
+                             f"calibrate --router learned`); features of mode {self.mode}: {', '.join(names)}")
+        for key in learned_keys:
+            unknown = sorted(set(getattr(self, key)) - set(names))
+            if unknown:
+                raise ValueError(f"{key}: unknown feature {', '.join(unknown)} for mode {self.mode}; expected some "
+                                 f"of {', '.join(names)}")
+        for key in ("feature_means", "feature_scales"):
+            missing = sorted(set(self.weights) - set(getattr(self, key)))
+            if missing:
+                raise ValueError(f"{key}: missing {', '.join(missing)} (every weighted feature needs its mean and "
+                                 "scale)")
+        bad = sorted(name for name in self.weights if not self.feature_scales[name] > 0)
+        if bad:
+            raise ValueError(f"feature_scales: {', '.join(bad)} must be > 0")
+        return self
+
+    def learned_router(self) -> LearnedRouter | None:
+        """The learned router this table describes; None for the threshold router."""
+        if self.router != "learned":
+            return None
+        return LearnedRouter(dict(self.weights), self.bias, {name: self.feature_means[name] for name in self.weights},
+                             {name: self.feature_scales[name] for name in self.weights})
+
+    @property
+    def feature_prefix(self) -> str:
+        """Which run of tokens the mode's features describe: the answer's or the prompt's."""
+        return "answer" if self.mode == "generate" else "prompt"
 
 
 class BackendConfig(Section):
