@@ -32,8 +32,9 @@ def test_prometheus_catalogue_follows_the_naming_conventions() -> None:
             if suffix:
                 assert spec.name.endswith(suffix), f"{spec.name}: a metric in {spec.unit} ends {suffix}"
             assert spec.help and not spec.help.endswith("."), spec.name
-            if spec.kind == "histogram":
-                assert list(spec.buckets) == sorted(spec.buckets) and spec.unit == "seconds"
+            if spec.kind == "histogram":  # of durations, or of ratios (the cascade's confidence scores)
+                assert list(spec.buckets) == sorted(spec.buckets) and spec.unit in ("seconds", "ratio"), spec.name
+                assert spec.unit != "ratio" or 0 < spec.buckets[0] and spec.buckets[-1] <= 1, spec.name
 
 
 @pytest.mark.parametrize("metrics", [ServeMetrics, RouteMetrics, TrainMetrics])
