@@ -68,6 +68,7 @@ from aiinfra.route.cascade_fit import (
     threshold_for_quality,
 )
 from aiinfra.route.fleet import load_fleet
+from servers import free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,30 +141,6 @@ def start_server(run_dir: Path, name: str, port: int, log: Path) -> subprocess.P
     return subprocess.Popen([sys.executable, "-m", "aiinfra", "serve", str(run_dir), "--port", str(port),
                              "--served-model-name", name, "--threads", "1", "--kv-cache-memory-mb", "64"],
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_healthy(url: str, process: subprocess.Popen, path: str = "/health", timeout_s: float = 300) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"{url}: the server exited ({process.returncode})")
-        try:
-            if httpx.get(url + path, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"{url}: not healthy after {timeout_s:.0f} s")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 CASCADES = {"generate": "auto", "prompt": "auto-prompt", "generate_learned": "auto-learned",

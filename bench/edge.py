@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
+
+from servers import free_port
 
 MIB = 2**20
 
@@ -61,12 +62,6 @@ def make_default_run(folder: Path) -> Path:
     run_dir.mkdir(parents=True)
     save_run(run_dir, Transformer(config.model).eval(), config, dataset.tokenizer, {})
     return run_dir
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def process_tree(pid: int) -> list[int]:

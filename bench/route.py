@@ -31,6 +31,8 @@ from pathlib import Path
 import aiohttp
 import uvloop
 
+from servers import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 BODY = json.dumps({"model": "tiny", "prompt": "hello there", "max_tokens": 4, "stream": True}).encode()
 
@@ -78,12 +80,6 @@ PROXY_CPUS: set[int] = set()  # where nginx and the gateway run (the backend and
 def pin(cpus: set[int]):  # noqa: ANN201 - a preexec_fn
     """A preexec_fn that pins the child to `cpus` (no pinning when empty)."""
     return (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_listening(port: int, process: subprocess.Popen, timeout_s: float = 60) -> None:

@@ -26,7 +26,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,7 @@ from aiinfra.checkpoint.export import write_hf_folder
 from aiinfra.data.tokenizer import train_tokenizer
 from aiinfra.models.llama import Transformer
 from aiinfra.spec import ModelSpec
+from servers import free_port, wait_healthy
 
 MODEL = "bench"
 
@@ -59,26 +59,6 @@ def build_model(folder: Path, dim: int, layers: int, vocab: int) -> Path:
                      n_kv_heads=max(4, dim // 64), ffn_dim=dim * 3, max_seq_len=4096)
     write_hf_folder(Transformer(spec), tokenizer, folder)
     return folder
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_healthy(url: str, process: subprocess.Popen, path: str = "/health", timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited with {process.returncode}")
-        try:
-            if httpx.get(url + path, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not become healthy")
 
 
 class Fleet:

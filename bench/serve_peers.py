@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 import httpx
 
 from aiinfra.serve.loadgen import LoadSpec, run_load
+from servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,12 +68,6 @@ def build_model_dir(folder: Path, size: str) -> Path:
         "model_max_length": 2048,
     }))
     return folder
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start(command: list[str], port: int, env: dict[str, str], startup_s: float, log: Path) -> subprocess.Popen:

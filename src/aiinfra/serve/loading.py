@@ -21,7 +21,13 @@ from tokenizers import Tokenizer
 from aiinfra.checkpoint.run_dir import load_run
 from aiinfra.config import ConfigError
 from aiinfra.data.tokenizer import END_OF_TEXT
-from aiinfra.hf_format import hf_name_to_ours, hf_weight_files, rope_scaling_of, spec_from_hf_config
+from aiinfra.hf_format import (
+    hf_eos_token_ids,
+    hf_name_to_ours,
+    hf_weight_files,
+    rope_scaling_of,
+    spec_from_hf_config,
+)
 from aiinfra.models.llama import Transformer, rotary_inv_freq, rotary_tables
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -110,8 +116,7 @@ def load_hf_folder(folder: Path, device: str = "cpu", weights: bool = True, dtyp
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     tokenizer_config_path = folder / "tokenizer_config.json"
     tokenizer_config = json.loads(tokenizer_config_path.read_text()) if tokenizer_config_path.is_file() else {}
-    eos = config.get("eos_token_id")
-    eos_ids = [token for token in (eos if isinstance(eos, list) else [eos]) if isinstance(token, int)]
+    eos_ids = hf_eos_token_ids(config)
     bos = tokenizer_config.get("bos_token") or ""
     return ServedModel(
         name=folder.name,
