@@ -42,12 +42,13 @@ def oracle(model: Transformer, prompts: list[list[int]]) -> list[list[int]]:
     [
         EngineConfig(enable_prefix_caching=False),
         EngineConfig(pack_weights=False),  # the modules' own matmuls instead of the fused oneDNN-packed ones
+        EngineConfig(attention_backend="torch"),  # decode attention by gathering blocks and SDPA, not the kernel
         EngineConfig(block_size=4, max_num_batched_tokens=7),  # every prompt over 7 tokens is chunked
         EngineConfig(block_size=4),  # prefix caching of the shared prompt blocks
         EngineConfig(block_size=4, num_blocks=30, max_num_batched_tokens=16),  # too few blocks: preemption
         EngineConfig(block_size=8, num_blocks=13, max_num_seqs=3, max_num_batched_tokens=5),  # all of it at once
     ],
-    ids=["plain", "unpacked-weights", "chunked-prefill", "prefix-cache", "preemption", "everything"],
+    ids=["plain", "unpacked-weights", "torch-attention", "chunked-prefill", "prefix-cache", "preemption", "everything"],
 )
 def test_greedy_engine_equals_full_recompute(model, prompts, oracle, config: EngineConfig) -> None:
     engine = LLMEngine(model, config)

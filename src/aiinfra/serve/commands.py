@@ -77,6 +77,17 @@ def resolve_api_key(api_key: str | None, api_key_file: Path | None) -> str | Non
     return key
 
 
+def check_attention_backend(backend: str) -> None:
+    """--attention-backend is one of three; native must build here (checked before any process starts)."""
+    from aiinfra.serve.kernels import paged_decode_attention
+
+    if backend not in ("auto", "native", "torch"):
+        raise ValueError(f"--attention-backend {backend!r}: expected auto, native or torch")
+    if backend == "native" and paged_decode_attention() is None:
+        raise ValueError("--attention-backend native: the kernel could not be built here (no C++ compiler, or the "
+                         "build failed; see the warning above): use auto or torch")
+
+
 def check_profile(profile: str, memory_mb: float | None, tp: int) -> None:
     """--profile and --memory-mb checked together (a ValueError naming the option)."""
     if profile not in ("cloud", "edge"):
@@ -108,6 +119,9 @@ def serve_command(
     prefix_caching: Annotated[bool, typer.Option(help="share KV blocks of common prompt prefixes")] = True,
     pack_weights: Annotated[bool, typer.Option(
         help="CPU: oneDNN-packed copies of the weights (faster batched matmuls, twice the weight memory)")] = True,
+    attention_backend: Annotated[str, typer.Option(
+        help="CPU decode attention: native (our kernel over the paged cache, compiled with the system's C++ "
+        "compiler on first use), torch (gather the blocks, then SDPA), auto (native where it builds)")] = "auto",
     max_waiting_requests: Annotated[int, typer.Option(min=0, help="queued requests beyond the batch")] = 256,
     max_waiting_tokens: Annotated[int, typer.Option(min=1, help="queued prompt tokens at most")] = 1 << 18,
     max_body_bytes: Annotated[int, typer.Option(min=1, help="largest request body")] = 1 << 20,
@@ -143,10 +157,11 @@ def serve_command(
         torch.set_num_threads(threads)
     try:
         key = resolve_api_key(api_key, api_key_file)
+        check_attention_backend(attention_backend)
         engine_config = EngineConfig(
             block_size=block_size, kv_cache_memory_bytes=int(kv_cache_memory_mb * 2**20), max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=prefix_caching,
-            pack_weights=pack_weights,
+            pack_weights=pack_weights, attention_backend=attention_backend,
         )
         check_profile(profile, memory_mb, tp)
         cpus = parse_cpu_list(engine_cpus)

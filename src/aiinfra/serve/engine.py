@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,6 +27,9 @@ class EngineConfig(BaseModel):
     max_num_batched_tokens: int = Field(512, ge=1, description="tokens computed per step (prompts beyond are chunked)")
     enable_prefix_caching: bool = Field(True, description="share the KV blocks of common prompt prefixes")
     seed: int = Field(0, description="seed of sampling for requests that give none")
+    attention_backend: Literal["auto", "native", "torch"] = Field(
+        "auto", description="decode attention on CPU: native (aiinfra's kernel over the paged cache, compiled on first "
+        "use), torch (gather the blocks, then SDPA), or auto (native where it builds, else torch)")
     pack_weights: bool = Field(
         True, description="on CPU, a oneDNN-packed second copy of each Linear weight: faster batched matmuls for "
         "twice the weight memory")
@@ -90,7 +94,8 @@ class LLMEngine:
         )
         self.runner = PagedModelRunner(
             model, num_blocks, config.block_size, config.seed, pack_weights=config.pack_weights,
-            rows_hint=config.max_num_seqs, tensor_parallel=tensor_parallel)
+            rows_hint=config.max_num_seqs, tensor_parallel=tensor_parallel,
+            attention_backend=config.attention_backend)
 
     @property
     def max_seq_len(self) -> int:
