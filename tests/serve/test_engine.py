@@ -11,7 +11,7 @@ from aiinfra.models.sampling import sample
 from aiinfra.serve.block_manager import BlockManager
 from aiinfra.serve.engine import EngineConfig, LLMEngine
 from aiinfra.serve.request import SamplingParams
-from aiinfra.serve.runner import FusedLinear
+from aiinfra.serve.runner import FusedLinear, choose_small_batch_paths
 from aiinfra.spec import ModelSpec
 
 SMALL = dict(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=96)
@@ -73,6 +73,27 @@ def test_fused_linear_equals_the_modules(rows: int) -> None:
         torch.testing.assert_close(fused(x), want)
         # ... and the modules still compute what they did.
         torch.testing.assert_close(torch.cat([module(x) for module in modules], dim=-1), want)
+
+
+def test_small_batch_paths_are_measured_per_shape_and_both_compute_the_same(monkeypatch) -> None:
+    torch.manual_seed(0)
+    projections = [FusedLinear([torch.nn.Linear(64, 96, bias=False)], rows_hint=8, pack=True) for _ in range(3)]
+    projections.append(FusedLinear([torch.nn.Linear(96, 64, bias=False)], rows_hint=8, pack=True))
+    with torch.inference_mode():
+        chosen = choose_small_batch_paths(projections, sweeps=1)
+        assert set(chosen) == {(64, 96), (96, 64)} and set(chosen.values()) <= {1, 2, 3}
+        assert [p.min_rows for p in projections[:3]] == [chosen[(64, 96)]] * 3  # one decision per shape
+        # Whichever path a row count takes, the result is the same product.
+        for rows in (1, 2, 3):
+            x = torch.randn(rows, 64)
+            for min_rows in (1, 3):
+                projections[0].min_rows = min_rows
+                torch.testing.assert_close(projections[0](x), x @ projections[0].weight_t)
+    # A slower packed path is never chosen: with `mm` made free, every shape keeps mm below 3 rows.
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b: a[:, :1] if a.shape[0] < 3 else real_mm(a, b))
+    with torch.inference_mode():
+        assert set(choose_small_batch_paths(projections, sweeps=1).values()) == {3}
 
 
 def test_prefix_cache_hits_skip_prompt_tokens_and_keep_outputs(model, prompts, oracle) -> None:

@@ -2,19 +2,23 @@
 
 It reuses the modules and weights of `models.llama.Transformer` (norms, projections, MLPs, rotary tables) but
 runs the layers itself: the step's tokens of all requests are flattened into one (tokens, dim) batch for every
-matrix multiply, each token's K and V are written to its slot in the cache, and attention reads each request's
-keys back through its block table, gathering whole blocks. Requests with one new token (decodes) share padded
-attention calls in groups of 8; requests with several (prefill chunks) each get their own, causal from their first
-new position.
+matrix multiply, and each token's K and V are written to its slot in the cache. Decode attention (one new token)
+runs in the native kernel (`kernels/paged_attention.cpp`), which reads each request's keys and values in place
+through its block table, all decodes of a step in one call per layer; without it (`attention_backend="torch"`, or
+no compiler) decodes gather whole blocks and share padded SDPA calls in groups of 8. Requests with several new
+tokens (prefill chunks) each get their own SDPA call over their gathered blocks, causal from their first new
+position.
 
 On CPU (fp32 or bf16, as the model is), each fused projection's weights are one (in, out) matrix that the modules'
-own weights are views of, multiplied directly for 1- and 2-row inputs, with a oneDNN-packed copy for 3 rows or
-more: the two faster paths measured for this machine's GEMMs (see `FusedLinear`; `store_weights_transposed` gives
-the Linears outside a fused projection the same (in, out) layout).
+own weights are views of, plus a oneDNN-packed copy; which of the two serves 1- and 2-row inputs is measured at
+start-up on the machine itself (see `FusedLinear`; `store_weights_transposed` gives the Linears outside a fused
+projection the same (in, out) layout).
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +30,9 @@ from aiinfra.serve.kernels import paged_decode_attention
 from aiinfra.serve.sampler import SampleOutput, Sampler, token_logprobs
 from aiinfra.serve.scheduler import ScheduledRequest, SchedulerOutput
 from aiinfra.serve.tensor_parallel import TensorParallelGroup, embed
+
+
+log = logging.getLogger(__name__)
 
 
 def local_kv_heads(model: Transformer) -> int:
@@ -58,19 +65,18 @@ class FusedLinear:
     """Projections of one input computed as one matrix multiply, their outputs side by side.
 
     On CPU the weights are concatenated along the output into one (in, out) matrix, and the modules' own weights
-    become views of it (no second copy): 1- and 2-row inputs (decode at small batch, a memory-bound GEMV) run one
-    `mm` over it instead of one call per module, with a contiguous right-hand side, which measured 1.3x to 2.6x
-    faster than the usual (out, in) layout for wide outputs. For 3 rows or more a oneDNN-packed copy is used: fp32
-    on one thread, the packed matmul measured 1.3x to 2.2x faster than the plain weight's at 4 to 100 rows. In bf16
-    the packed copy is used from one row on: at 1 and 2 rows it measured 1.7x to 2.8x faster than `mm` over the
-    (in, out) matrix (one thread, 768-wide projections of 768 to 8192 outputs, on AVX-512 BF16 / AMX), where in fp32
-    `mm` stays 1.1x to 1.5x faster.
+    become views of it (no second copy), and a oneDNN-packed copy is made beside it. 3 rows or more always take the
+    packed copy (1.3x to 4x faster than `mm` at 4 to 100 rows on both CPUs measured). For 1 and 2 rows (decode at
+    small batch, memory-bound) which is faster depends on the CPU: on a Xeon with AMX `mm` over the (in, out)
+    matrix was 1.1x to 1.5x faster in fp32 and the packed copy 1.7x to 2.8x faster in bf16; on an EPYC (AVX-512, no
+    AMX) the packed copy won both (125m decode at batch 1: 30-35 against 25-26 ms in fp32). So the engine measures
+    it on the machine it runs on (`choose_small_batch_paths`) and sets `min_rows` per projection.
     Modules that cannot take part (Int8Linear, a weight tied to an embedding, other devices) run as they are. Both
     are built with the engine: weights replaced afterwards (load_state_dict, .to()) are not seen, and the packed copy
     does not follow in-place changes either; build a new engine after changing weights.
     """
 
-    min_packed_rows = 3  # fp32; bf16 uses the packed copy from one row on
+    min_packed_rows = 3  # until `choose_small_batch_paths` has measured 1 and 2 rows
 
     def __init__(self, modules: list[nn.Module], rows_hint: int, pack: bool, tied: set[int] = frozenset()):
         self.modules = modules
@@ -92,7 +98,6 @@ class FusedLinear:
             offset += module.out_features
         if pack and all(can_pack(module) for module in modules):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight_t.t().contiguous(), rows_hint)
-            self.min_rows = 1 if self.weight_t.dtype == torch.bfloat16 else self.min_packed_rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: (rows, in_features) -> (rows, sum of out_features)."""
@@ -102,6 +107,43 @@ class FusedLinear:
             return torch.mm(x, self.weight_t) if self.bias is None else torch.addmm(self.bias, x, self.weight_t)
         outs = [module(x) for module in self.modules]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+def choose_small_batch_paths(projections: list[FusedLinear], sweeps: int = 3, per_shape: int = 4) -> dict:
+    """Set each projection's `min_rows` from a measurement of `mm` against the packed copy at 1 and 2 rows.
+
+    Per weight shape, up to `per_shape` projections of that shape (different layers) are called in turn, so that
+    their weights come from memory as in a decode step rather than from a warm cache; the best of `sweeps` sweeps
+    counts. Every projection of a shape then takes the packed copy from the smallest row count where it was faster.
+    Returns {(in, out): min_rows} for the log. Costs a few hundred ms at start-up for a 100M-parameter model."""
+    by_shape: dict[tuple[int, int], list[FusedLinear]] = {}
+    for projection in projections:
+        if projection.packed is not None and projection.weight_t is not None:
+            by_shape.setdefault(tuple(projection.weight_t.shape), []).append(projection)
+    chosen: dict[tuple[int, int], int] = {}
+    for shape, members in by_shape.items():
+        sample = members[:per_shape]
+        chosen[shape] = FusedLinear.min_packed_rows
+        for rows in (2, 1):  # packed from 1 row only where it also won at 2
+            x = torch.randn(rows, shape[0], dtype=sample[0].weight_t.dtype)
+            times = {}
+            for path in ("mm", "packed"):
+                best = float("inf")
+                for _ in range(sweeps + 1):  # the first sweep warms up
+                    start = time.perf_counter()
+                    for projection in sample:
+                        if path == "mm":
+                            torch.mm(x, projection.weight_t)
+                        else:
+                            torch.ops.mkldnn._linear_pointwise(x, projection.packed, None, "none", [], "")
+                    best = min(best, time.perf_counter() - start)
+                times[path] = best
+            if times["packed"] >= times["mm"]:
+                break
+            chosen[shape] = rows
+        for projection in members:
+            projection.min_rows = chosen[shape]
+    return chosen
 
 
 def can_fuse(module: nn.Module) -> bool:
@@ -154,6 +196,13 @@ class PagedModelRunner:
                 down=fused([ffn.w2]) if dense else None,
             ))
         self.output = fused([model.output])
+        if pack_weights:
+            with torch.inference_mode():
+                chosen = choose_small_batch_paths(
+                    [p for layer in self.layers for p in (layer.qkv, layer.wo, layer.up, layer.down) if p is not None]
+                    + [self.output])
+            if chosen:
+                log.info("packed weights from rows %s", {f"{i}x{o}": rows for (i, o), rows in chosen.items()})
         if self.device.type == "cpu":
             # The Linears FusedLinear laid out are views of its (in, out) matrices already (not contiguous, so
             # skipped); this reaches the rest (MoE experts), instead of copying every weight once more.
