@@ -31,7 +31,6 @@ from aiinfra.serve.sampler import SampleOutput, Sampler, token_logprobs
 from aiinfra.serve.scheduler import ScheduledRequest, SchedulerOutput
 from aiinfra.serve.tensor_parallel import TensorParallelGroup, embed
 
-
 log = logging.getLogger(__name__)
 
 
