@@ -157,3 +157,19 @@ def test_mfu_is_model_flops_over_time_devices_and_peak() -> None:
     assert step.hfu(cluster, "bf16") > step.mfu(cluster, "bf16")
     slower = replace(cluster, n_devices=8)
     assert step_breakdown(GPT22B, GPT_SETTINGS, Layout(tp=8, micro_batch=4), slower).step_time_s > 0
+
+
+def test_mla_attention_products_use_the_192_and_128_wide_heads() -> None:
+    from aiinfra.plan.runs import setup_from_row
+    from aiinfra.plan.step import attention_product_flops
+    from aiinfra.plan.validation import load_training_runs
+
+    row = next(r for r in load_training_runs() if r["model"] == "deepseek-v3" and r["seq_len"])
+    setup = setup_from_row(row)
+    assert (setup.settings.qk_head_dim, setup.settings.v_head_dim) == (192, 128)
+    seq = setup.settings.seq_len
+    # 2 x m x seq x heads x (192 + 128) for m = 1 token and all 128 heads; MHA of width 7168 / 128 = 56 would be
+    # 2 x seq x 128 x (56 + 56).
+    assert attention_product_flops(setup.spec, setup.settings, 1, 128) == pytest.approx(2 * seq * 128 * 320)
+    plain = replace(setup.settings, qk_head_dim=0, v_head_dim=0)
+    assert attention_product_flops(setup.spec, plain, 1, 128) == pytest.approx(2 * seq * 128 * 112)

@@ -37,6 +37,11 @@ DEFAULT_VOCAB = {"gpt": 50257}
 # Node-limited routing in the model's own router: DeepSeek-V3 config.json n_group 8, topk_group 4 (each token's 8
 # experts come from at most 4 of 8 groups, one group per node in the authors' EP64 layout; arXiv 2412.19437, 3.2.2).
 NODE_LIMITED_ROUTING = {"deepseek-v3": 4}
+# Attention head widths that are not hidden / heads: multi-head latent attention scores with 128 + 64 (rotary)
+# wide query/key heads and mixes 128-wide value heads (DeepSeek-V3 config.json qk_nope_head_dim 128, qk_rope_head_dim
+# 64, v_head_dim 128; arXiv 2412.19437, 2.1.1), against hidden / heads = 56. The rows' own reported model TFLOP/s
+# (152.4 on v5p, 1292 on GB200) match these widths, not 56.
+ATTENTION_HEAD_DIMS = {"deepseek-v3": (192, 128)}
 
 
 class RowNotRepresentable(PlanError):
@@ -215,6 +220,8 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
         grad_reduce_every_micro_batch=facts.grad_reduce_every_micro_batch,
         moe_node_limit=NODE_LIMITED_ROUTING.get(row.get("model", "").strip(), 0), logit_bytes=facts.logit_bytes,
     )
+    qk_dim, v_dim = ATTENTION_HEAD_DIMS.get(row.get("model", "").strip(), (0, 0))
+    settings = replace(settings, qk_head_dim=qk_dim, v_head_dim=v_dim)
     settings = _with_weight_dtype(settings, row)
     try:
         cluster = make_cluster(row["hardware"].strip(), n_devices)

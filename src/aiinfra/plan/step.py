@@ -90,6 +90,15 @@ def moe_remote_share(experts_per_token: int, node_limit: int) -> float:
     return node_limit / experts_per_token
 
 
+def attention_product_flops(spec: ModelSpec, settings: TrainSettings, m: float, heads: float) -> float:
+    """Forward FLOPs of QK^T and PV for m query tokens over the full key range (spec convention): 2 x seq x heads x
+    (query/key width + value width) per token, the widths being hidden / heads unless the model's attention says
+    otherwise (MLA: 192 and 128, `runs.ATTENTION_HEAD_DIMS`)."""
+    qk = settings.qk_head_dim or spec.head_dim
+    v = settings.v_head_dim or spec.head_dim
+    return 2.0 * m * settings.seq_len * heads * (qk + v)
+
+
 def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster) -> PassTimes:
     """Forward-pass costs of one transformer layer for one micro-batch on one device."""
     eff = cluster.efficiency
@@ -109,7 +118,7 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
     gemm += mlp_gemm
 
     seq = settings.seq_len
-    attention_flops = 4.0 * m * seq * q_local  # QK^T and PV over the full key range (spec convention)
+    attention_flops = attention_product_flops(spec, settings, m, heads_local)
     scores_bytes = 0.0
     if settings.attention_kernel == "flash":
         # Tiles above the causal diagonal are skipped; the kernel runs at its own efficiency.
