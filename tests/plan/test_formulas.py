@@ -173,3 +173,15 @@ def test_mla_attention_products_use_the_192_and_128_wide_heads() -> None:
     assert attention_product_flops(setup.spec, setup.settings, 1, 128) == pytest.approx(2 * seq * 128 * 320)
     plain = replace(setup.settings, qk_head_dim=0, v_head_dim=0)
     assert attention_product_flops(setup.spec, plain, 1, 128) == pytest.approx(2 * seq * 128 * 112)
+
+
+def test_token_dropping_experts_compute_their_whole_capacity_buffer() -> None:
+    from aiinfra.plan.step import expert_tokens
+
+    mixtral = ModelSpec(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                        max_seq_len=4096, n_experts=8, experts_per_token=2)
+    layout = Layout(tp=1, pp=1, dp_replicate=1, dp_shard=8, ep=1, micro_batch=1)
+    # 4096 tokens x top-2 / 8 experts = 1024 rows each; capacity factor 1.25 pads every expert to 1280.
+    assert expert_tokens(mixtral, layout, 4096) == pytest.approx(1024)
+    assert expert_tokens(mixtral, layout, 4096, 1.25) == pytest.approx(1280)
+    assert expert_tokens(mixtral, replace(layout, ep=8), 4096) == pytest.approx(8192)

@@ -104,6 +104,7 @@ class TrainSettings:
     fp8_param_gather: bool = False  # FSDP all-gathers fp8 weights (torchao float8 all-gather)
     gather_param_bytes: int = 0  # bytes per weight a ZeRO-3 gather moves and holds (0: param_bytes)
     logit_bytes: int = 4  # bytes per stored logit (Megatron keeps fp32 logits for its fused cross-entropy)
+    moe_capacity_factor: float = 0.0  # token-dropping MoE: each expert computes a buffer of cf x its fair share
     qk_head_dim: int = 0  # width of a query/key head in the score product when not hidden / heads (MLA); 0: that
     v_head_dim: int = 0  # width of a value head in the mixing product when not hidden / heads (MLA); 0: that
 

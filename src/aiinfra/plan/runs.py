@@ -161,6 +161,17 @@ def _with_weight_dtype(settings: TrainSettings, row: dict[str, str]) -> TrainSet
                    optimizer_bytes_per_param=4)
 
 
+def _capacity_factor(row: dict[str, str]) -> float:
+    """The optional `capacity_factor` column: a token-dropping MoE's expert capacity factor where the source states
+    one (MaxText's capacity_factor); empty: dropless routing, each expert computing the tokens routed to it."""
+    value = _float(row, "capacity_factor")
+    if value is None:
+        return 0.0
+    if value < 1.0:
+        raise RowNotRepresentable(f"capacity_factor={value:g}: expected >= 1 (or empty for dropless)")
+    return value
+
+
 def within_domain(dp: int, ranks_per_domain: int) -> int:
     """The largest divisor of dp that fits in a scale-up domain (MaxText: FSDP over ICI, data parallel over DCN)."""
     return max((d for d in range(1, dp + 1) if dp % d == 0 and d <= max(1, ranks_per_domain)), default=1)
@@ -221,7 +232,7 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
         moe_node_limit=NODE_LIMITED_ROUTING.get(row.get("model", "").strip(), 0), logit_bytes=facts.logit_bytes,
     )
     qk_dim, v_dim = ATTENTION_HEAD_DIMS.get(row.get("model", "").strip(), (0, 0))
-    settings = replace(settings, qk_head_dim=qk_dim, v_head_dim=v_dim)
+    settings = replace(settings, qk_head_dim=qk_dim, v_head_dim=v_dim, moe_capacity_factor=_capacity_factor(row))
     settings = _with_weight_dtype(settings, row)
     try:
         cluster = make_cluster(row["hardware"].strip(), n_devices)

@@ -65,8 +65,17 @@ def _gemm_time_s(cluster: Cluster, precision: str, m: float, k: float, n: float,
     return max(compute, traffic / (cluster.memory_bw_bytes_per_s * cluster.efficiency.memory_bw_efficiency))
 
 
-def _mlp_gemm_s(spec: ModelSpec, layout: Layout, cluster: Cluster, precision: str, m: float) -> float:
-    """The MLP's GEMMs for m tokens: dense, or router plus local experts' grouped GEMMs at m k ep / E tokens each."""
+def expert_tokens(spec: ModelSpec, layout: Layout, m: float, capacity_factor: float = 0.0) -> float:
+    """Rows each local expert's GEMMs run on for m tokens per device: the balanced share m k ep / E, or, when
+    tokens are dropped at a capacity factor, the whole capacity buffer cf x m k ep / E, padding included (GShard,
+    Lepikhin et al. 2020, 2.2; Switch Transformer, Fedus et al. 2021, 2.2: expert capacity = cf x tokens x k / E)."""
+    share = m * spec.experts_per_token * layout.ep / spec.n_experts
+    return share * capacity_factor if capacity_factor > 0 else share
+
+
+def _mlp_gemm_s(spec: ModelSpec, layout: Layout, cluster: Cluster, precision: str, m: float,
+                capacity_factor: float = 0.0) -> float:
+    """The MLP's GEMMs for m tokens: dense, or router plus local experts' grouped GEMMs (`expert_tokens`)."""
     ffn_local = spec.ffn_dim / layout.tp
     mlp_in = (2 if spec.mlp == "swiglu" else 1) * ffn_local
     h = spec.dim
@@ -76,7 +85,7 @@ def _mlp_gemm_s(spec: ModelSpec, layout: Layout, cluster: Cluster, precision: st
     if spec.n_experts > 1:  # a single expert takes every token: nothing to route
         gemm += _gemm_time_s(cluster, precision, m, h, spec.n_experts)  # router
     local_experts = spec.n_experts / layout.ep
-    tokens_per_expert = m * spec.experts_per_token * layout.ep / spec.n_experts
+    tokens_per_expert = expert_tokens(spec, layout, m, capacity_factor)
     gemm += _gemm_time_s(cluster, precision, tokens_per_expert, h, mlp_in, local_experts)
     return gemm + _gemm_time_s(cluster, precision, tokens_per_expert, ffn_local, h, local_experts)
 
@@ -114,7 +123,7 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
 
     gemm = _gemm_time_s(cluster, precision, m, h, q_local + 2 * kv_local)  # fused QKV projection
     gemm += _gemm_time_s(cluster, precision, m, q_local, h)  # output projection
-    mlp_gemm = _mlp_gemm_s(spec, layout, cluster, precision, m)
+    mlp_gemm = _mlp_gemm_s(spec, layout, cluster, precision, m, settings.moe_capacity_factor)
     gemm += mlp_gemm
 
     seq = settings.seq_len
