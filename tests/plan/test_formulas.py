@@ -185,3 +185,21 @@ def test_token_dropping_experts_compute_their_whole_capacity_buffer() -> None:
     assert expert_tokens(mixtral, layout, 4096) == pytest.approx(1024)
     assert expert_tokens(mixtral, layout, 4096, 1.25) == pytest.approx(1280)
     assert expert_tokens(mixtral, replace(layout, ep=8), 4096) == pytest.approx(8192)
+
+
+def test_serving_expert_rows_and_permutation_traffic_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiinfra.plan import inference
+
+    moe = ModelSpec(vocab_size=151936, dim=2048, n_layers=48, n_heads=16, n_kv_heads=4, ffn_dim=768,
+                    max_seq_len=4096, n_experts=128, experts_per_token=8)
+    assert inference.expert_rows(moe, 1) == pytest.approx(1.0)  # one token: 8 experts, one row each
+    # 4096 tokens touch all 128 experts: 4096 x 8 / 128 = 256 rows each.
+    assert inference.expert_rows(moe, 4096) == pytest.approx(256, rel=1e-6)
+    cluster = make_cluster("b200", 1)
+    settings = ServeSettings(1000, 1000, weight_dtype="fp4", kv_dtype="fp8")
+    with_permute = decode_step_time_s(moe, cluster, settings, 64)
+    monkeypatch.setattr(inference, "MOE_SERVE_PERMUTE_PASSES", 0)
+    without = decode_step_time_s(moe, cluster, settings, 64)
+    # 64 decode + 64 prefill tokens x 48 layers x 8 copies x 2048 x 2 bytes x 2 passes over 80% of HBM bandwidth.
+    bandwidth = cluster.memory_bw_bytes_per_s * cluster.efficiency.memory_bw_efficiency
+    assert with_permute - without == pytest.approx(128 * 48 * 8 * 2048 * 2 * 2 / bandwidth)
