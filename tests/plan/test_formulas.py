@@ -203,3 +203,16 @@ def test_serving_expert_rows_and_permutation_traffic_by_hand(monkeypatch: pytest
     # 64 decode + 64 prefill tokens x 48 layers x 8 copies x 2048 x 2 bytes x 2 passes over 80% of HBM bandwidth.
     bandwidth = cluster.memory_bw_bytes_per_s * cluster.efficiency.memory_bw_efficiency
     assert with_permute - without == pytest.approx(128 * 48 * 8 * 2048 * 2 * 2 / bandwidth)
+
+
+def test_qwen3_moe_attention_heads_are_128_wide() -> None:
+    from aiinfra.plan.runs import setup_from_row
+    from aiinfra.plan.step import attention_product_flops
+    from aiinfra.plan.validation import load_training_runs
+
+    row = next(r for r in load_training_runs() if r["model"] == "qwen3-moe")
+    setup = setup_from_row(row)
+    assert setup.spec.head_dim == 64  # hidden / heads, while the model's heads are 128 wide
+    # 2 x seq x 64 heads x (128 + 128) per token.
+    assert attention_product_flops(setup.spec, setup.settings, 1, 64) == pytest.approx(
+        2 * setup.settings.seq_len * 64 * 256)

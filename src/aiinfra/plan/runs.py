@@ -40,8 +40,9 @@ NODE_LIMITED_ROUTING = {"deepseek-v3": 4}
 # Attention head widths that are not hidden / heads: multi-head latent attention scores with 128 + 64 (rotary)
 # wide query/key heads and mixes 128-wide value heads (DeepSeek-V3 config.json qk_nope_head_dim 128, qk_rope_head_dim
 # 64, v_head_dim 128; arXiv 2412.19437, 2.1.1), against hidden / heads = 56. The rows' own reported model TFLOP/s
-# (152.4 on v5p, 1292 on GB200) match these widths, not 56.
-ATTENTION_HEAD_DIMS = {"deepseek-v3": (192, 128)}
+# (152.4 on v5p, 1292 on GB200) match these widths, not 56. Qwen3's MoE models set head_dim 128 apart from hidden /
+# heads (Qwen3-235B-A22B: 4096 / 64 = 64; Qwen3-30B-A3B: 2048 / 32 = 64; config.json head_dim 128).
+ATTENTION_HEAD_DIMS = {"deepseek-v3": (192, 128), "qwen3-moe": (128, 128)}
 
 
 class RowNotRepresentable(PlanError):
