@@ -216,3 +216,20 @@ def test_qwen3_moe_attention_heads_are_128_wide() -> None:
     # 2 x seq x 64 heads x (128 + 128) per token.
     assert attention_product_flops(setup.spec, setup.settings, 1, 64) == pytest.approx(
         2 * setup.settings.seq_len * 64 * 256)
+
+
+def test_sequence_parallel_ranks_dispatch_only_their_own_tokens() -> None:
+    from aiinfra.plan.step import layer_forward_times
+
+    moe = ModelSpec(vocab_size=32000, dim=4096, n_layers=8, n_heads=32, n_kv_heads=8, ffn_dim=2048,
+                    max_seq_len=4096, n_experts=64, experts_per_token=4)
+    cluster = make_cluster("h100-sxm-80gb", 64)
+    settings = TrainSettings(seq_len=4096, global_batch_seqs=64)
+    layout = Layout(tp=2, pp=1, dp_replicate=1, dp_shard=32, ep=8, micro_batch=1, sequence_parallel=True)
+    # Each TP rank sends its 4096 / 2 tokens x 4 copies x 4096 x 2 bytes, dispatch and combine (Megatron-Core
+    # token_dispatcher.py: num_local_tokens = S/TP*B).
+    one_way = collective_time_s(cluster, "all_to_all", 2048 * 4 * 4096 * 2, 8, 2)
+    assert layer_forward_times(moe, settings, layout, cluster).ep_comm_s == pytest.approx(2 * one_way)
+    whole = collective_time_s(cluster, "all_to_all", 4096 * 4 * 4096 * 2, 8, 2)
+    no_sp = replace(layout, sequence_parallel=False)
+    assert layer_forward_times(moe, settings, no_sp, cluster).ep_comm_s == pytest.approx(2 * whole)

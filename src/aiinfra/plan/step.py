@@ -170,8 +170,12 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
     if spec.is_moe and layout.ep > 1:
         # Dispatch sends each token to its k experts, in fp8 when the expert GEMMs take fp8 inputs (DeepSeek-V3
         # 3.3.1; Megatron's fp8 dispatch); the combine returns bf16 outputs.
-        dispatch_bytes = m * spec.experts_per_token * h * (1 if precision in ("fp8", "fp4") else a)
-        combine_bytes = m * spec.experts_per_token * h * a
+        # Under sequence parallelism each tensor-parallel rank dispatches only its own S/TP x B tokens
+        # (Megatron-Core moe/token_dispatcher.py: num_local_tokens = S/TP*B, num_global_tokens =
+        # num_local_tokens*TP*EP); any expert-TP gather then runs inside the node.
+        sent = m / tp if layout.sequence_parallel else m
+        dispatch_bytes = sent * spec.experts_per_token * h * (1 if precision in ("fp8", "fp4") else a)
+        combine_bytes = sent * spec.experts_per_token * h * a
         share = moe_remote_share(spec.experts_per_token, settings.moe_node_limit)
         ep_comm = (collective_time_s(cluster, "all_to_all", dispatch_bytes, layout.ep, tp * layout.cp,
                                      remote_share=share)
