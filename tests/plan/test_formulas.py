@@ -233,3 +233,13 @@ def test_sequence_parallel_ranks_dispatch_only_their_own_tokens() -> None:
     whole = collective_time_s(cluster, "all_to_all", 4096 * 4 * 4096 * 2, 8, 2)
     no_sp = replace(layout, sequence_parallel=False)
     assert layer_forward_times(moe, settings, no_sp, cluster).ep_comm_s == pytest.approx(2 * whole)
+
+
+def test_sliding_window_layers_compute_only_the_tiles_their_window_reaches() -> None:
+    from aiinfra.plan.step import flash_tile_fraction
+
+    full = TrainSettings(seq_len=4096, global_batch_seqs=8)
+    assert flash_tile_fraction(full) == pytest.approx(0.5 * (1 + 128 / 4096))
+    # GPT-OSS: half the layers see a 128-token window, (128 + 128) / 4096 of the square; the other half are causal.
+    gpt_oss = replace(full, attention_window=128, window_layer_share=0.5)
+    assert flash_tile_fraction(gpt_oss) == pytest.approx(0.5 * 0.5 * (1 + 128 / 4096) + 0.5 * 256 / 4096)

@@ -42,7 +42,11 @@ NODE_LIMITED_ROUTING = {"deepseek-v3": 4}
 # 64, v_head_dim 128; arXiv 2412.19437, 2.1.1), against hidden / heads = 56. The rows' own reported model TFLOP/s
 # (152.4 on v5p, 1292 on GB200) match these widths, not 56. Qwen3's MoE models set head_dim 128 apart from hidden /
 # heads (Qwen3-235B-A22B: 4096 / 64 = 64; Qwen3-30B-A3B: 2048 / 32 = 64; config.json head_dim 128).
-ATTENTION_HEAD_DIMS = {"deepseek-v3": (192, 128), "qwen3-moe": (128, 128)}
+ATTENTION_HEAD_DIMS = {"deepseek-v3": (192, 128), "qwen3-moe": (128, 128), "gpt-oss": (64, 64)}
+# Sliding-window attention: GPT-OSS alternates 128-token local layers with full-attention layers (config.json
+# sliding_window 128, layer_types sliding/full; OpenAI gpt-oss model card, 2025) and uses 64-wide heads (head_dim 64
+# against hidden / heads = 2880 / 64 = 45). (window, share of the layers).
+SLIDING_WINDOWS = {"gpt-oss": (128, 0.5)}
 
 
 class RowNotRepresentable(PlanError):
@@ -233,7 +237,9 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
         moe_node_limit=NODE_LIMITED_ROUTING.get(row.get("model", "").strip(), 0), logit_bytes=facts.logit_bytes,
     )
     qk_dim, v_dim = ATTENTION_HEAD_DIMS.get(row.get("model", "").strip(), (0, 0))
-    settings = replace(settings, qk_head_dim=qk_dim, v_head_dim=v_dim, moe_capacity_factor=_capacity_factor(row))
+    window, window_share = SLIDING_WINDOWS.get(row.get("model", "").strip(), (0, 0.0))
+    settings = replace(settings, qk_head_dim=qk_dim, v_head_dim=v_dim, moe_capacity_factor=_capacity_factor(row),
+                       attention_window=window, window_layer_share=window_share)
     settings = _with_weight_dtype(settings, row)
     try:
         cluster = make_cluster(row["hardware"].strip(), n_devices)

@@ -108,6 +108,19 @@ def attention_product_flops(spec: ModelSpec, settings: TrainSettings, m: float, 
     return 2.0 * m * settings.seq_len * heads * (qk + v)
 
 
+def flash_tile_fraction(settings: TrainSettings) -> float:
+    """Share of the full score square a fused causal kernel computes, averaged over layers: tiles above the diagonal
+    are skipped, 0.5 (1 + B / s); a sliding-window layer of width w computes only the tiles its window reaches,
+    (w + B) / s (FlashAttention-2's window_size; the local layers of GPT-OSS, config.json sliding_window 128 on every
+    second layer, `runs.SLIDING_WINDOWS`)."""
+    seq = settings.seq_len
+    causal = 0.5 * (1 + FLASH_BLOCK / seq) if seq > FLASH_BLOCK else 1.0
+    if settings.window_layer_share <= 0 or settings.attention_window <= 0:
+        return causal
+    windowed = min(causal, (settings.attention_window + FLASH_BLOCK) / seq)
+    return (1 - settings.window_layer_share) * causal + settings.window_layer_share * windowed
+
+
 def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster) -> PassTimes:
     """Forward-pass costs of one transformer layer for one micro-batch on one device."""
     eff = cluster.efficiency
@@ -131,7 +144,7 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
     scores_bytes = 0.0
     if settings.attention_kernel == "flash":
         # Tiles above the causal diagonal are skipped; the kernel runs at its own efficiency.
-        causal_fraction = 0.5 * (1 + FLASH_BLOCK / seq) if seq > FLASH_BLOCK else 1.0
+        causal_fraction = flash_tile_fraction(settings)
         # fp8/fp4 recipes keep the attention products in bf16 (Transformer Engine's default DotProductAttention).
         attention = attention_flops * causal_fraction / (cluster.peak_flops("bf16") * eff.attention_efficiency)
     else:
