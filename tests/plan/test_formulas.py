@@ -243,3 +243,17 @@ def test_sliding_window_layers_compute_only_the_tiles_their_window_reaches() -> 
     # GPT-OSS: half the layers see a 128-token window, (128 + 128) / 4096 of the square; the other half are causal.
     gpt_oss = replace(full, attention_window=128, window_layer_share=0.5)
     assert flash_tile_fraction(gpt_oss) == pytest.approx(0.5 * 0.5 * (1 + 128 / 4096) + 0.5 * 256 / 4096)
+
+
+def test_tensorwise_fp8_reads_each_cast_input_once_more_for_its_amax() -> None:
+    from aiinfra.plan.step import layer_forward_times
+
+    spec = preset("llama3-8b")
+    cluster = make_cluster("h100-sxm-80gb", 8)
+    delayed = TrainSettings(seq_len=8192, global_batch_seqs=8, precision="fp8")
+    layout = Layout(tp=1, pp=1, dp_replicate=1, dp_shard=8, micro_batch=1)
+    base = layer_forward_times(spec, delayed, layout, cluster).elementwise_s
+    dynamic = layer_forward_times(spec, replace(delayed, fp8_amax_pass=True), layout, cluster).elementwise_s
+    # The four linear inputs of a layer (h, q width, h, ffn) of 8192 tokens, 2 more bytes each.
+    extra = 8192 * 2 * (2 * spec.dim + spec.n_heads * spec.head_dim + spec.ffn_dim)
+    assert dynamic - base == pytest.approx(extra / (cluster.memory_bw_bytes_per_s * 0.80))

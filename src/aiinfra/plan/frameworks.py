@@ -40,6 +40,7 @@ class FrameworkFacts:
     mfu_causal_attention: bool = False  # its MFU counts half the attention products (causal), not the full square
     activation_offload: bool = False  # a selective policy may keep its saved activations in host memory
     logit_bytes: int = 4  # bytes per stored logit
+    fp8_amax_pass: bool = False  # fp8 scales from each tensor's current amax, one extra read per cast (tensorwise)
 
 
 FRAMEWORKS: dict[str, FrameworkFacts] = {
@@ -83,8 +84,9 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         "torchtitan",
         "torchtitan parallelize_llama: FSDP2 fully_shard per transformer block (one all-gather and one "
         "reduce-scatter per block, prefetched), mixed_precision_reduce float32, SDPA flash attention, no dropout, "
-        "sequence parallel with TP",
-        sequence_parallel=True,
+        "sequence parallel with TP; Float8 training through torchao's default tensorwise dynamic scaling (each "
+        "input's amax computed before its cast)",
+        sequence_parallel=True, fp8_amax_pass=True,
     ),
     "pytorch-fsdp": FrameworkFacts(
         "pytorch-fsdp",

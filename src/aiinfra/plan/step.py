@@ -27,6 +27,10 @@ FLASH_BLOCK = 128  # query/key tile: a causal mask skips every tile above the di
 SELECTIVE_ELEMENTWISE_SHARE = 0.5  # of a layer's elementwise traffic that selective recompute repeats (flash)
 GEMM_INPUT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "fp4": 0.5625}  # NVFP4: 16 values + a scale
 FP8_CAST_BYTES = 3  # a bf16 -> fp8 cast reads 2 bytes and writes 1 per element
+# Dynamic tensorwise scaling reads each bf16 input once more to find its absolute maximum before the cast can scale
+# it (torchao float8 "tensorwise" recipe: the scale is computed from the current tensor's amax); delayed or block
+# scaling (Transformer Engine's amax history, MXFP8) folds the scale into the cast's own pass.
+AMAX_PASS_BYTES = 2
 MOE_PERMUTE_PASSES = 4  # permute (read + write) and unpermute (read + write) of every routed token copy
 # A collective that overlaps computation still runs kernels on the same chip: NCCL gives each channel one thread
 # block, and its default of up to 32 channels over NVLink occupies about a quarter of an A100's 108 or an H100's
@@ -170,7 +174,8 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
         # Each low-precision GEMM casts its input (read 2 bytes, write 1) before it runs (Transformer Engine's
         # per-tensor or block scaling); the four linear inputs of a layer are h, q_local, h and ffn_local wide.
         experts = spec.experts_per_token if spec.is_moe else 1
-        activation_bytes += m * FP8_CAST_BYTES * (2 * h * experts + q_local + ffn_local * experts)
+        cast = FP8_CAST_BYTES + (AMAX_PASS_BYTES if settings.fp8_amax_pass else 0)
+        activation_bytes += m * cast * (2 * h * experts + q_local + ffn_local * experts)
     bandwidth = cluster.memory_bw_bytes_per_s * eff.memory_bw_efficiency
     elementwise = (replicated_bytes + activation_bytes + rotary_bytes) / bandwidth
 
