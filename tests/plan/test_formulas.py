@@ -257,3 +257,17 @@ def test_tensorwise_fp8_reads_each_cast_input_once_more_for_its_amax() -> None:
     # The four linear inputs of a layer (h, q width, h, ffn) of 8192 tokens, 2 more bytes each.
     extra = 8192 * 2 * (2 * spec.dim + spec.n_heads * spec.head_dim + spec.ffn_dim)
     assert dynamic - base == pytest.approx(extra / (cluster.memory_bw_bytes_per_s * 0.80))
+
+
+def test_transformer_engine_keeps_fp8_linear_inputs_in_one_byte() -> None:
+    from aiinfra.plan.memory import activation_terms
+
+    spec = preset("llama3-8b")
+    bf16_inputs = TrainSettings(seq_len=8192, global_batch_seqs=8, precision="fp8")
+    te = replace(bf16_inputs, fp8_saved_inputs=True)
+    plain, quantized = activation_terms(spec, bf16_inputs, 1), activation_terms(spec, te, 1)
+    # The two norm outputs (h each), the attention output (q width) and the down-projection input (ffn) keep
+    # 1 byte instead of 2.
+    assert plain.replicated_bytes - quantized.replicated_bytes == pytest.approx(2 * spec.dim)
+    saved = plain.split_bytes - quantized.split_bytes
+    assert saved == pytest.approx(spec.n_heads * spec.head_dim + spec.ffn_dim)

@@ -101,6 +101,7 @@ class TrainSettings:
     moe_node_limit: int = 0  # a token's experts lie in at most this many scale-up domains (0: no limit)
     reshard_after_forward: bool = True  # ZeRO-3 drops gathered weights after the forward, gathers again for backward
     grad_reduce_every_micro_batch: bool = False  # ZeRO-1/2 reduce-scatter after every micro-batch (DeepSpeed)
+    fp8_saved_inputs: bool = False  # linear inputs kept for the backward in their 1-byte quantized form (TE)
     fp8_amax_pass: bool = False  # dynamic tensorwise fp8 scaling: an amax pass over each input before its cast
     fp8_param_gather: bool = False  # FSDP all-gathers fp8 weights (torchao float8 all-gather)
     gather_param_bytes: int = 0  # bytes per weight a ZeRO-3 gather moves and holds (0: param_bytes)
