@@ -271,3 +271,17 @@ def test_transformer_engine_keeps_fp8_linear_inputs_in_one_byte() -> None:
     assert plain.replicated_bytes - quantized.replicated_bytes == pytest.approx(2 * spec.dim)
     saved = plain.split_bytes - quantized.split_bytes
     assert saved == pytest.approx(spec.n_heads * spec.head_dim + spec.ffn_dim)
+
+
+def test_gemma3_rows_carry_its_local_global_pattern_and_256_wide_heads() -> None:
+    from aiinfra.plan.runs import setup_from_row
+    from aiinfra.plan.step import flash_tile_fraction
+    from aiinfra.plan.validation import load_training_runs
+
+    setup = setup_from_row(next(r for r in load_training_runs() if r["model"] == "gemma3"))
+    settings = setup.settings
+    assert (settings.qk_head_dim, settings.v_head_dim) == (256, 256)  # config.json head_dim 256, hidden / heads 240
+    # Five 1024-token local layers for each global one (Gemma 3 report): at 32768 tokens the local layers compute
+    # (1024 + 128) / 32768 of the square, the global ones the causal half.
+    causal = 0.5 * (1 + 128 / 32768)
+    assert flash_tile_fraction(settings) == pytest.approx(causal / 6 + 5 / 6 * 1152 / 32768)

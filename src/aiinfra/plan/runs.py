@@ -32,7 +32,7 @@ SHARDING_STAGES = {"none": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3, "fs
 # rotary positions). GPT's vocabulary is GPT-2's BPE when a row does not give one (Brown et al. 2020).
 GPT_FAMILIES = ("gpt",)
 TWO_MATRIX_FAMILIES = ("gpt", "nemotron")
-TIED_FAMILIES = ("gpt", "palm", "gemma")
+TIED_FAMILIES = ("gpt", "palm", "gemma", "gemma3")
 DEFAULT_VOCAB = {"gpt": 50257}
 # Node-limited routing in the model's own router: DeepSeek-V3 config.json n_group 8, topk_group 4 (each token's 8
 # experts come from at most 4 of 8 groups, one group per node in the authors' EP64 layout; arXiv 2412.19437, 3.2.2).
@@ -42,11 +42,14 @@ NODE_LIMITED_ROUTING = {"deepseek-v3": 4}
 # 64, v_head_dim 128; arXiv 2412.19437, 2.1.1), against hidden / heads = 56. The rows' own reported model TFLOP/s
 # (152.4 on v5p, 1292 on GB200) match these widths, not 56. Qwen3's MoE models set head_dim 128 apart from hidden /
 # heads (Qwen3-235B-A22B: 4096 / 64 = 64; Qwen3-30B-A3B: 2048 / 32 = 64; config.json head_dim 128).
-ATTENTION_HEAD_DIMS = {"deepseek-v3": (192, 128), "qwen3-moe": (128, 128), "gpt-oss": (64, 64)}
+ATTENTION_HEAD_DIMS = {"deepseek-v3": (192, 128), "qwen3-moe": (128, 128), "gpt-oss": (64, 64),
+                       "gemma3": (256, 256)}
 # Sliding-window attention: GPT-OSS alternates 128-token local layers with full-attention layers (config.json
 # sliding_window 128, layer_types sliding/full; OpenAI gpt-oss model card, 2025) and uses 64-wide heads (head_dim 64
-# against hidden / heads = 2880 / 64 = 45). (window, share of the layers).
-SLIDING_WINDOWS = {"gpt-oss": (128, 0.5)}
+# against hidden / heads = 2880 / 64 = 45). Gemma 3 runs five 1024-token local layers for each global one and
+# 256-wide heads (Gemma 3 technical report, 2025, 2.1; config.json sliding_window 1024, sliding_window_pattern 6,
+# head_dim 256 against 3840 / 16 = 240 for 12B). (window, share of the layers).
+SLIDING_WINDOWS = {"gpt-oss": (128, 0.5), "gemma3": (1024, 5 / 6)}
 
 
 class RowNotRepresentable(PlanError):
