@@ -157,3 +157,131 @@ def test_mfu_is_model_flops_over_time_devices_and_peak() -> None:
     assert step.hfu(cluster, "bf16") > step.mfu(cluster, "bf16")
     slower = replace(cluster, n_devices=8)
     assert step_breakdown(GPT22B, GPT_SETTINGS, Layout(tp=8, micro_batch=4), slower).step_time_s > 0
+
+
+def test_mla_attention_products_use_the_192_and_128_wide_heads() -> None:
+    from aiinfra.plan.runs import setup_from_row
+    from aiinfra.plan.step import attention_product_flops
+    from aiinfra.plan.validation import load_training_runs
+
+    row = next(r for r in load_training_runs() if r["model"] == "deepseek-v3" and r["seq_len"])
+    setup = setup_from_row(row)
+    assert (setup.settings.qk_head_dim, setup.settings.v_head_dim) == (192, 128)
+    seq = setup.settings.seq_len
+    # 2 x m x seq x heads x (192 + 128) for m = 1 token and all 128 heads; MHA of width 7168 / 128 = 56 would be
+    # 2 x seq x 128 x (56 + 56).
+    assert attention_product_flops(setup.spec, setup.settings, 1, 128) == pytest.approx(2 * seq * 128 * 320)
+    plain = replace(setup.settings, qk_head_dim=0, v_head_dim=0)
+    assert attention_product_flops(setup.spec, plain, 1, 128) == pytest.approx(2 * seq * 128 * 112)
+
+
+def test_token_dropping_experts_compute_their_whole_capacity_buffer() -> None:
+    from aiinfra.plan.step import expert_tokens
+
+    mixtral = ModelSpec(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                        max_seq_len=4096, n_experts=8, experts_per_token=2)
+    layout = Layout(tp=1, pp=1, dp_replicate=1, dp_shard=8, ep=1, micro_batch=1)
+    # 4096 tokens x top-2 / 8 experts = 1024 rows each; capacity factor 1.25 pads every expert to 1280.
+    assert expert_tokens(mixtral, layout, 4096) == pytest.approx(1024)
+    assert expert_tokens(mixtral, layout, 4096, 1.25) == pytest.approx(1280)
+    assert expert_tokens(mixtral, replace(layout, ep=8), 4096) == pytest.approx(8192)
+
+
+def test_serving_expert_rows_and_permutation_traffic_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiinfra.plan import inference
+
+    moe = ModelSpec(vocab_size=151936, dim=2048, n_layers=48, n_heads=16, n_kv_heads=4, ffn_dim=768,
+                    max_seq_len=4096, n_experts=128, experts_per_token=8)
+    assert inference.expert_rows(moe, 1) == pytest.approx(1.0)  # one token: 8 experts, one row each
+    # 4096 tokens touch all 128 experts: 4096 x 8 / 128 = 256 rows each.
+    assert inference.expert_rows(moe, 4096) == pytest.approx(256, rel=1e-6)
+    cluster = make_cluster("b200", 1)
+    settings = ServeSettings(1000, 1000, weight_dtype="fp4", kv_dtype="fp8")
+    with_permute = decode_step_time_s(moe, cluster, settings, 64)
+    monkeypatch.setattr(inference, "MOE_SERVE_PERMUTE_PASSES", 0)
+    without = decode_step_time_s(moe, cluster, settings, 64)
+    # 64 decode + 64 prefill tokens x 48 layers x 8 copies x 2048 x 2 bytes x 2 passes over 80% of HBM bandwidth.
+    bandwidth = cluster.memory_bw_bytes_per_s * cluster.efficiency.memory_bw_efficiency
+    assert with_permute - without == pytest.approx(128 * 48 * 8 * 2048 * 2 * 2 / bandwidth)
+
+
+def test_qwen3_moe_attention_heads_are_128_wide() -> None:
+    from aiinfra.plan.runs import setup_from_row
+    from aiinfra.plan.step import attention_product_flops
+    from aiinfra.plan.validation import load_training_runs
+
+    row = next(r for r in load_training_runs() if r["model"] == "qwen3-moe")
+    setup = setup_from_row(row)
+    assert setup.spec.head_dim == 64  # hidden / heads, while the model's heads are 128 wide
+    # 2 x seq x 64 heads x (128 + 128) per token.
+    assert attention_product_flops(setup.spec, setup.settings, 1, 64) == pytest.approx(
+        2 * setup.settings.seq_len * 64 * 256)
+
+
+def test_sequence_parallel_ranks_dispatch_only_their_own_tokens() -> None:
+    from aiinfra.plan.step import layer_forward_times
+
+    moe = ModelSpec(vocab_size=32000, dim=4096, n_layers=8, n_heads=32, n_kv_heads=8, ffn_dim=2048,
+                    max_seq_len=4096, n_experts=64, experts_per_token=4)
+    cluster = make_cluster("h100-sxm-80gb", 64)
+    settings = TrainSettings(seq_len=4096, global_batch_seqs=64)
+    layout = Layout(tp=2, pp=1, dp_replicate=1, dp_shard=32, ep=8, micro_batch=1, sequence_parallel=True)
+    # Each TP rank sends its 4096 / 2 tokens x 4 copies x 4096 x 2 bytes, dispatch and combine (Megatron-Core
+    # token_dispatcher.py: num_local_tokens = S/TP*B).
+    one_way = collective_time_s(cluster, "all_to_all", 2048 * 4 * 4096 * 2, 8, 2)
+    assert layer_forward_times(moe, settings, layout, cluster).ep_comm_s == pytest.approx(2 * one_way)
+    whole = collective_time_s(cluster, "all_to_all", 4096 * 4 * 4096 * 2, 8, 2)
+    no_sp = replace(layout, sequence_parallel=False)
+    assert layer_forward_times(moe, settings, no_sp, cluster).ep_comm_s == pytest.approx(2 * whole)
+
+
+def test_sliding_window_layers_compute_only_the_tiles_their_window_reaches() -> None:
+    from aiinfra.plan.step import flash_tile_fraction
+
+    full = TrainSettings(seq_len=4096, global_batch_seqs=8)
+    assert flash_tile_fraction(full) == pytest.approx(0.5 * (1 + 128 / 4096))
+    # GPT-OSS: half the layers see a 128-token window, (128 + 128) / 4096 of the square; the other half are causal.
+    gpt_oss = replace(full, attention_window=128, window_layer_share=0.5)
+    assert flash_tile_fraction(gpt_oss) == pytest.approx(0.5 * 0.5 * (1 + 128 / 4096) + 0.5 * 256 / 4096)
+
+
+def test_tensorwise_fp8_reads_each_cast_input_once_more_for_its_amax() -> None:
+    from aiinfra.plan.step import layer_forward_times
+
+    spec = preset("llama3-8b")
+    cluster = make_cluster("h100-sxm-80gb", 8)
+    delayed = TrainSettings(seq_len=8192, global_batch_seqs=8, precision="fp8")
+    layout = Layout(tp=1, pp=1, dp_replicate=1, dp_shard=8, micro_batch=1)
+    base = layer_forward_times(spec, delayed, layout, cluster).elementwise_s
+    dynamic = layer_forward_times(spec, replace(delayed, fp8_amax_pass=True), layout, cluster).elementwise_s
+    # The four linear inputs of a layer (h, q width, h, ffn) of 8192 tokens, 2 more bytes each.
+    extra = 8192 * 2 * (2 * spec.dim + spec.n_heads * spec.head_dim + spec.ffn_dim)
+    assert dynamic - base == pytest.approx(extra / (cluster.memory_bw_bytes_per_s * 0.80))
+
+
+def test_transformer_engine_keeps_fp8_linear_inputs_in_one_byte() -> None:
+    from aiinfra.plan.memory import activation_terms
+
+    spec = preset("llama3-8b")
+    bf16_inputs = TrainSettings(seq_len=8192, global_batch_seqs=8, precision="fp8")
+    te = replace(bf16_inputs, fp8_saved_inputs=True)
+    plain, quantized = activation_terms(spec, bf16_inputs, 1), activation_terms(spec, te, 1)
+    # The two norm outputs (h each), the attention output (q width) and the down-projection input (ffn) keep
+    # 1 byte instead of 2.
+    assert plain.replicated_bytes - quantized.replicated_bytes == pytest.approx(2 * spec.dim)
+    saved = plain.split_bytes - quantized.split_bytes
+    assert saved == pytest.approx(spec.n_heads * spec.head_dim + spec.ffn_dim)
+
+
+def test_gemma3_rows_carry_its_local_global_pattern_and_256_wide_heads() -> None:
+    from aiinfra.plan.runs import setup_from_row
+    from aiinfra.plan.step import flash_tile_fraction
+    from aiinfra.plan.validation import load_training_runs
+
+    setup = setup_from_row(next(r for r in load_training_runs() if r["model"] == "gemma3"))
+    settings = setup.settings
+    assert (settings.qk_head_dim, settings.v_head_dim) == (256, 256)  # config.json head_dim 256, hidden / heads 240
+    # Five 1024-token local layers for each global one (Gemma 3 report): at 32768 tokens the local layers compute
+    # (1024 + 128) / 32768 of the square, the global ones the causal half.
+    causal = 0.5 * (1 + 128 / 32768)
+    assert flash_tile_fraction(settings) == pytest.approx(causal / 6 + 5 / 6 * 1152 / 32768)

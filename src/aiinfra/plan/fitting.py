@@ -4,8 +4,11 @@ Free values: the share of the dense peak that large GEMMs reach, one for 16-bit 
 fp4) GEMMs, per hardware generation. Everything else is set a priori (`efficiency.csv`). A generation's ceiling is
 fitted (least mean absolute percentage error on a grid) on its own rows when they number at least
 `MIN_ROWS_PER_GENERATION`; otherwise it takes the value pooled over every generation's rows, so a generation with few
-rows borrows from the others instead of from nothing. Leave-one-source-out: for each source, fit on all other
-sources' rows and predict that source's rows; the headline is the error of those predictions.
+rows borrows from the others instead of from nothing. A generation with no rows at all in a fit keeps its a-priori
+catalog value, which is what the planner predicts unseen hardware with (`calibrated`), so a source held out alone
+with its generation is scored the way a new user's run on that hardware would be. Leave-one-source-out: for each
+source, fit on all other sources' rows and predict that source's rows; the headline is the error of those
+predictions.
 """
 
 from __future__ import annotations
@@ -101,19 +104,6 @@ def fit_ceilings(table: ErrorTable, indices: Iterable[int]) -> Ceilings:
     return Ceilings(bf16, low)
 
 
-def with_pooled_fallback(ceilings: Ceilings, generations: Iterable[str]) -> Ceilings:
-    """Give generations absent from a fit the mean of the fitted ones (the pooled estimate)."""
-    bf16, low = dict(ceilings.bf16), dict(ceilings.low)
-    mean_bf16 = statistics.mean(bf16.values()) if bf16 else None
-    mean_low = statistics.mean(low.values()) if low else None
-    for gen in generations:
-        if gen not in bf16 and mean_bf16 is not None:
-            bf16[gen] = mean_bf16
-        if gen not in low and mean_low is not None:
-            low[gen] = mean_low
-    return Ceilings(bf16, low)
-
-
 @dataclass(frozen=True)
 class FitReport:
     """In-sample predictions (fit on all rows), leave-one-source-out predictions, and the all-row fit."""
@@ -127,8 +117,8 @@ def fit_and_hold_out(prepared: list[PreparedRow]) -> FitReport:
     """Fit on all rows (in-sample), and for every source fit on the others and predict it (out of sample)."""
     table = ErrorTable(prepared)
     everything = range(len(prepared))
-    generations = {item.setup.cluster.efficiency.generation for item in prepared}
-    full = with_pooled_fallback(fit_ceilings(table, everything), generations)
+    # A generation no row of a fold shows keeps its catalog prior, as `calibrated` predicts unseen hardware.
+    full = fit_ceilings(table, everything)
     in_sample = [predict_prepared(item, full.profile(item.setup.cluster.efficiency)) for item in prepared]
     groups: dict[str, list[int]] = {}
     for i, item in enumerate(prepared):
@@ -136,7 +126,7 @@ def fit_and_hold_out(prepared: list[PreparedRow]) -> FitReport:
     held_out: dict[int, ValidationRow] = {}
     for members in groups.values():
         others = [i for i in everything if i not in set(members)]
-        fit = with_pooled_fallback(fit_ceilings(table, others), generations)
+        fit = fit_ceilings(table, others)
         for i in members:
             item = prepared[i]
             held_out[i] = predict_prepared(item, fit.profile(item.setup.cluster.efficiency))

@@ -40,6 +40,8 @@ class FrameworkFacts:
     mfu_causal_attention: bool = False  # its MFU counts half the attention products (causal), not the full square
     activation_offload: bool = False  # a selective policy may keep its saved activations in host memory
     logit_bytes: int = 4  # bytes per stored logit
+    fp8_saved_inputs: bool = False  # fp8/fp4 linear inputs saved for the backward quantized (Transformer Engine)
+    fp8_amax_pass: bool = False  # fp8 scales from each tensor's current amax, one extra read per cast (tensorwise)
 
 
 FRAMEWORKS: dict[str, FrameworkFacts] = {
@@ -51,9 +53,9 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         "overlap; --recompute-num-layers for recomputing part of a stage; Megatron-FSDP gathers per module; the MoE "
         "all-to-all blocks the expert GEMMs (TransformerConfig.overlap_moe_expert_parallel_comm defaults to False: "
         "overlapping it with another micro-batch is opt-in, and the published tables do not say it was on); TE "
-        "fused attention",
-        dropout_families=("gpt",), tp_overlap=True, interleaved_by_default=True, dp_bucket_params=40e6,
-        dp_bucket_params_per_rank=1e6, sequence_parallel=True, partial_recompute=True,
+        "fused attention; TE's fp8/fp4 linear layers save their quantized input for the weight gradient",
+        dropout_families=("gpt",), tp_overlap=True, fp8_saved_inputs=True, interleaved_by_default=True,
+        dp_bucket_params=40e6, dp_bucket_params_per_rank=1e6, sequence_parallel=True, partial_recompute=True,
     ),
     "megatron-2021": FrameworkFacts(
         "megatron-2021",
@@ -83,8 +85,9 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         "torchtitan",
         "torchtitan parallelize_llama: FSDP2 fully_shard per transformer block (one all-gather and one "
         "reduce-scatter per block, prefetched), mixed_precision_reduce float32, SDPA flash attention, no dropout, "
-        "sequence parallel with TP",
-        sequence_parallel=True,
+        "sequence parallel with TP; Float8 training through torchao's default tensorwise dynamic scaling (each "
+        "input's amax computed before its cast)",
+        sequence_parallel=True, fp8_amax_pass=True,
     ),
     "pytorch-fsdp": FrameworkFacts(
         "pytorch-fsdp",

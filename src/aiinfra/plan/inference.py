@@ -33,6 +33,7 @@ RUNTIME_OVERHEAD_BYTES = 1.0e9
 # Most sequences an engine schedules at once when a row does not say, by the first word of its `system` column:
 # TensorRT-LLM's max_batch_size default (2048) and vLLM's SchedulerConfig.max_num_seqs default (256). Other engines
 # get TensorRT-LLM's figure.
+MOE_SERVE_PERMUTE_PASSES = 2  # routed copies written by the expand kernel, read by the finalize kernel
 ENGINE_MAX_BATCH = {"TensorRT-LLM": 2048, "vLLM": 256}
 
 
@@ -100,6 +101,12 @@ def touched_experts(spec: ModelSpec, tokens: float) -> float:
     return experts * (1 - (1 - top_k / experts) ** max(tokens, 1.0))
 
 
+def expert_rows(spec: ModelSpec, tokens: float) -> float:
+    """Rows of each touched expert's GEMM in a step of `tokens`: the tokens' k routed copies over the experts they
+    touch (k / k = 1 for a single token, tokens x k / E once every expert is touched)."""
+    return tokens * spec.experts_per_token / touched_experts(spec, tokens)
+
+
 def decode_step_time_s(
     spec: ModelSpec, cluster: Cluster, settings: ServeSettings, batch: int, prefill: bool = True
 ) -> float:
@@ -123,8 +130,12 @@ def decode_step_time_s(
     gemm = 0.0
     for index, (k, n, count) in enumerate(linears):
         flops = 2 * tokens * k * n * count / tp
-        compute = flops / (peak * eff.gemm_efficiency(tokens, k, n / tp, dtype))
         routed = spec.is_moe and index in expert_linears
+        # Routed experts run as a grouped GEMM, each touched expert over its own rows: tokens x k spread over the
+        # experts the step touches (tokens x k / E at serving batch sizes, as the training model's
+        # `step.expert_tokens`; one row each for a single token), so a small share per expert leaves tiles empty.
+        rows = expert_rows(spec, tokens) if routed else tokens
+        compute = flops / (peak * eff.gemm_efficiency(rows, k, n / tp, dtype))
         stored = k * n * (touched_experts(spec, tokens) if routed else 1) * w_bytes / tp
         gemm += max(compute, stored / bandwidth)
     gemm *= spec.n_layers
@@ -149,6 +160,11 @@ def decode_step_time_s(
     attention = decode + prefill_attention_flops / (attention_peak * eff.attention_efficiency)
     # Norms, residuals, activation function, rotary: read and write per token (2 bytes per element).
     elementwise = tokens * spec.n_layers * 2 * (10 * h + 3 * spec.ffn_dim * experts / tp) / bandwidth
+    if spec.is_moe and spec.n_experts > 1:
+        # Token permutation to the experts and back in 16 bits: the expand kernel writes every routed copy once and
+        # the finalize kernel reads every expert output once to sum them (TensorRT-LLM's expandInputRows and
+        # finalizeMoeRouting), per token and layer k x h elements each way.
+        elementwise += tokens * spec.n_layers * spec.experts_per_token * h * 2 * MOE_SERVE_PERMUTE_PASSES / bandwidth
     tp_comm = spec.n_layers * 2 * collective_time_s(cluster, "all_reduce", tokens * h * 2, tp, 1)
     return gemm + head + attention + elementwise + tp_comm
 

@@ -101,9 +101,16 @@ class TrainSettings:
     moe_node_limit: int = 0  # a token's experts lie in at most this many scale-up domains (0: no limit)
     reshard_after_forward: bool = True  # ZeRO-3 drops gathered weights after the forward, gathers again for backward
     grad_reduce_every_micro_batch: bool = False  # ZeRO-1/2 reduce-scatter after every micro-batch (DeepSpeed)
+    fp8_saved_inputs: bool = False  # linear inputs kept for the backward in their 1-byte quantized form (TE)
+    fp8_amax_pass: bool = False  # dynamic tensorwise fp8 scaling: an amax pass over each input before its cast
     fp8_param_gather: bool = False  # FSDP all-gathers fp8 weights (torchao float8 all-gather)
     gather_param_bytes: int = 0  # bytes per weight a ZeRO-3 gather moves and holds (0: param_bytes)
     logit_bytes: int = 4  # bytes per stored logit (Megatron keeps fp32 logits for its fused cross-entropy)
+    moe_capacity_factor: float = 0.0  # token-dropping MoE: each expert computes a buffer of cf x its fair share
+    attention_window: int = 0  # sliding-window width of the local attention layers (0: none)
+    window_layer_share: float = 0.0  # share of the layers that attend within the window only
+    qk_head_dim: int = 0  # width of a query/key head in the score product when not hidden / heads (MLA); 0: that
+    v_head_dim: int = 0  # width of a value head in the mixing product when not hidden / heads (MLA); 0: that
 
     @property
     def activation_bytes(self) -> int:

@@ -45,6 +45,12 @@ def activation_terms(spec: ModelSpec, settings: TrainSettings, tp: int) -> Activ
     else:
         mlp = 3 * a * ffn_local  # gate output, up output, their product (down-projection input)
     mlp *= experts
+    if settings.fp8_saved_inputs and settings.precision in ("fp8", "fp4"):
+        # Transformer Engine keeps the quantized (1-byte) copy of each linear layer's input for the weight-gradient
+        # GEMM, not the 16-bit one: the two norm outputs (h each), the attention output and the down-projection input.
+        replicated -= (a - 1) * 2 * h
+        attention -= (a - 1) * q_local
+        mlp -= (a - 1) * ffn_local * experts
     if settings.attention_kernel == "flash":
         scores = 0.0
         attention += 4 * heads_local  # fp32 log-sum-exp per head, kept for the backward pass

@@ -32,11 +32,24 @@ SHARDING_STAGES = {"none": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3, "fs
 # rotary positions). GPT's vocabulary is GPT-2's BPE when a row does not give one (Brown et al. 2020).
 GPT_FAMILIES = ("gpt",)
 TWO_MATRIX_FAMILIES = ("gpt", "nemotron")
-TIED_FAMILIES = ("gpt", "palm", "gemma")
+TIED_FAMILIES = ("gpt", "palm", "gemma", "gemma3")
 DEFAULT_VOCAB = {"gpt": 50257}
 # Node-limited routing in the model's own router: DeepSeek-V3 config.json n_group 8, topk_group 4 (each token's 8
 # experts come from at most 4 of 8 groups, one group per node in the authors' EP64 layout; arXiv 2412.19437, 3.2.2).
 NODE_LIMITED_ROUTING = {"deepseek-v3": 4}
+# Attention head widths that are not hidden / heads: multi-head latent attention scores with 128 + 64 (rotary)
+# wide query/key heads and mixes 128-wide value heads (DeepSeek-V3 config.json qk_nope_head_dim 128, qk_rope_head_dim
+# 64, v_head_dim 128; arXiv 2412.19437, 2.1.1), against hidden / heads = 56. The rows' own reported model TFLOP/s
+# (152.4 on v5p, 1292 on GB200) match these widths, not 56. Qwen3's MoE models set head_dim 128 apart from hidden /
+# heads (Qwen3-235B-A22B: 4096 / 64 = 64; Qwen3-30B-A3B: 2048 / 32 = 64; config.json head_dim 128).
+ATTENTION_HEAD_DIMS = {"deepseek-v3": (192, 128), "qwen3-moe": (128, 128), "gpt-oss": (64, 64),
+                       "gemma3": (256, 256)}
+# Sliding-window attention: GPT-OSS alternates 128-token local layers with full-attention layers (config.json
+# sliding_window 128, layer_types sliding/full; OpenAI gpt-oss model card, 2025) and uses 64-wide heads (head_dim 64
+# against hidden / heads = 2880 / 64 = 45). Gemma 3 runs five 1024-token local layers for each global one and
+# 256-wide heads (Gemma 3 technical report, 2025, 2.1; config.json sliding_window 1024, sliding_window_pattern 6,
+# head_dim 256 against 3840 / 16 = 240 for 12B). (window, share of the layers).
+SLIDING_WINDOWS = {"gpt-oss": (128, 0.5), "gemma3": (1024, 5 / 6)}
 
 
 class RowNotRepresentable(PlanError):
@@ -156,6 +169,17 @@ def _with_weight_dtype(settings: TrainSettings, row: dict[str, str]) -> TrainSet
                    optimizer_bytes_per_param=4)
 
 
+def _capacity_factor(row: dict[str, str]) -> float:
+    """The optional `capacity_factor` column: a token-dropping MoE's expert capacity factor where the source states
+    one (MaxText's capacity_factor); empty: dropless routing, each expert computing the tokens routed to it."""
+    value = _float(row, "capacity_factor")
+    if value is None:
+        return 0.0
+    if value < 1.0:
+        raise RowNotRepresentable(f"capacity_factor={value:g}: expected >= 1 (or empty for dropless)")
+    return value
+
+
 def within_domain(dp: int, ranks_per_domain: int) -> int:
     """The largest divisor of dp that fits in a scale-up domain (MaxText: FSDP over ICI, data parallel over DCN)."""
     return max((d for d in range(1, dp + 1) if dp % d == 0 and d <= max(1, ranks_per_domain)), default=1)
@@ -214,7 +238,12 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
         zero3_bucket_params=facts.zero3_bucket_params, ep_overlap=facts.ep_overlap,
         grad_reduce_every_micro_batch=facts.grad_reduce_every_micro_batch,
         moe_node_limit=NODE_LIMITED_ROUTING.get(row.get("model", "").strip(), 0), logit_bytes=facts.logit_bytes,
+        fp8_amax_pass=facts.fp8_amax_pass, fp8_saved_inputs=facts.fp8_saved_inputs,
     )
+    qk_dim, v_dim = ATTENTION_HEAD_DIMS.get(row.get("model", "").strip(), (0, 0))
+    window, window_share = SLIDING_WINDOWS.get(row.get("model", "").strip(), (0, 0.0))
+    settings = replace(settings, qk_head_dim=qk_dim, v_head_dim=v_dim, moe_capacity_factor=_capacity_factor(row),
+                       attention_window=window, window_layer_share=window_share)
     settings = _with_weight_dtype(settings, row)
     try:
         cluster = make_cluster(row["hardware"].strip(), n_devices)

@@ -27,6 +27,10 @@ FLASH_BLOCK = 128  # query/key tile: a causal mask skips every tile above the di
 SELECTIVE_ELEMENTWISE_SHARE = 0.5  # of a layer's elementwise traffic that selective recompute repeats (flash)
 GEMM_INPUT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "fp4": 0.5625}  # NVFP4: 16 values + a scale
 FP8_CAST_BYTES = 3  # a bf16 -> fp8 cast reads 2 bytes and writes 1 per element
+# Dynamic tensorwise scaling reads each bf16 input once more to find its absolute maximum before the cast can scale
+# it (torchao float8 "tensorwise" recipe: the scale is computed from the current tensor's amax); delayed or block
+# scaling (Transformer Engine's amax history, MXFP8) folds the scale into the cast's own pass.
+AMAX_PASS_BYTES = 2
 MOE_PERMUTE_PASSES = 4  # permute (read + write) and unpermute (read + write) of every routed token copy
 # A collective that overlaps computation still runs kernels on the same chip: NCCL gives each channel one thread
 # block, and its default of up to 32 channels over NVLink occupies about a quarter of an A100's 108 or an H100's
@@ -65,8 +69,17 @@ def _gemm_time_s(cluster: Cluster, precision: str, m: float, k: float, n: float,
     return max(compute, traffic / (cluster.memory_bw_bytes_per_s * cluster.efficiency.memory_bw_efficiency))
 
 
-def _mlp_gemm_s(spec: ModelSpec, layout: Layout, cluster: Cluster, precision: str, m: float) -> float:
-    """The MLP's GEMMs for m tokens: dense, or router plus local experts' grouped GEMMs at m k ep / E tokens each."""
+def expert_tokens(spec: ModelSpec, layout: Layout, m: float, capacity_factor: float = 0.0) -> float:
+    """Rows each local expert's GEMMs run on for m tokens per device: the balanced share m k ep / E, or, when
+    tokens are dropped at a capacity factor, the whole capacity buffer cf x m k ep / E, padding included (GShard,
+    Lepikhin et al. 2020, 2.2; Switch Transformer, Fedus et al. 2021, 2.2: expert capacity = cf x tokens x k / E)."""
+    share = m * spec.experts_per_token * layout.ep / spec.n_experts
+    return share * capacity_factor if capacity_factor > 0 else share
+
+
+def _mlp_gemm_s(spec: ModelSpec, layout: Layout, cluster: Cluster, precision: str, m: float,
+                capacity_factor: float = 0.0) -> float:
+    """The MLP's GEMMs for m tokens: dense, or router plus local experts' grouped GEMMs (`expert_tokens`)."""
     ffn_local = spec.ffn_dim / layout.tp
     mlp_in = (2 if spec.mlp == "swiglu" else 1) * ffn_local
     h = spec.dim
@@ -76,7 +89,7 @@ def _mlp_gemm_s(spec: ModelSpec, layout: Layout, cluster: Cluster, precision: st
     if spec.n_experts > 1:  # a single expert takes every token: nothing to route
         gemm += _gemm_time_s(cluster, precision, m, h, spec.n_experts)  # router
     local_experts = spec.n_experts / layout.ep
-    tokens_per_expert = m * spec.experts_per_token * layout.ep / spec.n_experts
+    tokens_per_expert = expert_tokens(spec, layout, m, capacity_factor)
     gemm += _gemm_time_s(cluster, precision, tokens_per_expert, h, mlp_in, local_experts)
     return gemm + _gemm_time_s(cluster, precision, tokens_per_expert, ffn_local, h, local_experts)
 
@@ -88,6 +101,28 @@ def moe_remote_share(experts_per_token: int, node_limit: int) -> float:
     if node_limit <= 0 or experts_per_token <= node_limit:
         return 1.0
     return node_limit / experts_per_token
+
+
+def attention_product_flops(spec: ModelSpec, settings: TrainSettings, m: float, heads: float) -> float:
+    """Forward FLOPs of QK^T and PV for m query tokens over the full key range (spec convention): 2 x seq x heads x
+    (query/key width + value width) per token, the widths being hidden / heads unless the model's attention says
+    otherwise (MLA: 192 and 128, `runs.ATTENTION_HEAD_DIMS`)."""
+    qk = settings.qk_head_dim or spec.head_dim
+    v = settings.v_head_dim or spec.head_dim
+    return 2.0 * m * settings.seq_len * heads * (qk + v)
+
+
+def flash_tile_fraction(settings: TrainSettings) -> float:
+    """Share of the full score square a fused causal kernel computes, averaged over layers: tiles above the diagonal
+    are skipped, 0.5 (1 + B / s); a sliding-window layer of width w computes only the tiles its window reaches,
+    (w + B) / s (FlashAttention-2's window_size; the local layers of GPT-OSS, config.json sliding_window 128 on every
+    second layer, `runs.SLIDING_WINDOWS`)."""
+    seq = settings.seq_len
+    causal = 0.5 * (1 + FLASH_BLOCK / seq) if seq > FLASH_BLOCK else 1.0
+    if settings.window_layer_share <= 0 or settings.attention_window <= 0:
+        return causal
+    windowed = min(causal, (settings.attention_window + FLASH_BLOCK) / seq)
+    return (1 - settings.window_layer_share) * causal + settings.window_layer_share * windowed
 
 
 def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster) -> PassTimes:
@@ -105,15 +140,15 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
 
     gemm = _gemm_time_s(cluster, precision, m, h, q_local + 2 * kv_local)  # fused QKV projection
     gemm += _gemm_time_s(cluster, precision, m, q_local, h)  # output projection
-    mlp_gemm = _mlp_gemm_s(spec, layout, cluster, precision, m)
+    mlp_gemm = _mlp_gemm_s(spec, layout, cluster, precision, m, settings.moe_capacity_factor)
     gemm += mlp_gemm
 
     seq = settings.seq_len
-    attention_flops = 4.0 * m * seq * q_local  # QK^T and PV over the full key range (spec convention)
+    attention_flops = attention_product_flops(spec, settings, m, heads_local)
     scores_bytes = 0.0
     if settings.attention_kernel == "flash":
         # Tiles above the causal diagonal are skipped; the kernel runs at its own efficiency.
-        causal_fraction = 0.5 * (1 + FLASH_BLOCK / seq) if seq > FLASH_BLOCK else 1.0
+        causal_fraction = flash_tile_fraction(settings)
         # fp8/fp4 recipes keep the attention products in bf16 (Transformer Engine's default DotProductAttention).
         attention = attention_flops * causal_fraction / (cluster.peak_flops("bf16") * eff.attention_efficiency)
     else:
@@ -139,7 +174,8 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
         # Each low-precision GEMM casts its input (read 2 bytes, write 1) before it runs (Transformer Engine's
         # per-tensor or block scaling); the four linear inputs of a layer are h, q_local, h and ffn_local wide.
         experts = spec.experts_per_token if spec.is_moe else 1
-        activation_bytes += m * FP8_CAST_BYTES * (2 * h * experts + q_local + ffn_local * experts)
+        cast = FP8_CAST_BYTES + (AMAX_PASS_BYTES if settings.fp8_amax_pass else 0)
+        activation_bytes += m * cast * (2 * h * experts + q_local + ffn_local * experts)
     bandwidth = cluster.memory_bw_bytes_per_s * eff.memory_bw_efficiency
     elementwise = (replicated_bytes + activation_bytes + rotary_bytes) / bandwidth
 
@@ -152,8 +188,12 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
     if spec.is_moe and layout.ep > 1:
         # Dispatch sends each token to its k experts, in fp8 when the expert GEMMs take fp8 inputs (DeepSeek-V3
         # 3.3.1; Megatron's fp8 dispatch); the combine returns bf16 outputs.
-        dispatch_bytes = m * spec.experts_per_token * h * (1 if precision in ("fp8", "fp4") else a)
-        combine_bytes = m * spec.experts_per_token * h * a
+        # Under sequence parallelism each tensor-parallel rank dispatches only its own S/TP x B tokens
+        # (Megatron-Core moe/token_dispatcher.py: num_local_tokens = S/TP*B, num_global_tokens =
+        # num_local_tokens*TP*EP); any expert-TP gather then runs inside the node.
+        sent = m / tp if layout.sequence_parallel else m
+        dispatch_bytes = sent * spec.experts_per_token * h * (1 if precision in ("fp8", "fp4") else a)
+        combine_bytes = sent * spec.experts_per_token * h * a
         share = moe_remote_share(spec.experts_per_token, settings.moe_node_limit)
         ep_comm = (collective_time_s(cluster, "all_to_all", dispatch_bytes, layout.ep, tp * layout.cp,
                                      remote_share=share)
