@@ -212,7 +212,7 @@ def test_qwen3_moe_attention_heads_are_128_wide() -> None:
 
     row = next(r for r in load_training_runs() if r["model"] == "qwen3-moe")
     setup = setup_from_row(row)
-    assert setup.spec.head_dim == 64  # hidden / heads, while the model's heads are 128 wide
+    assert setup.spec.head_dim == 128  # config.json head_dim, while hidden / heads is 64
     # 2 x seq x 64 heads x (128 + 128) per token.
     assert attention_product_flops(setup.spec, setup.settings, 1, 64) == pytest.approx(
         2 * setup.settings.seq_len * 64 * 256)
@@ -285,3 +285,27 @@ def test_gemma3_rows_carry_its_local_global_pattern_and_256_wide_heads() -> None
     # (1024 + 128) / 32768 of the square, the global ones the causal half.
     causal = 0.5 * (1 + 128 / 32768)
     assert flash_tile_fraction(settings) == pytest.approx(causal / 6 + 5 / 6 * 1152 / 32768)
+
+
+def test_head_width_column_and_published_head_widths_size_the_projections() -> None:
+    from aiinfra.plan.runs import RowNotRepresentable, spec_from_row
+    from aiinfra.plan.validation import load_training_runs
+
+    rows = {r["id"]: r for r in load_training_runs()}
+    # MaxText 52B test model (base.yml head_dim 256): L 32, h 12288, 32 heads x 256 = 8192-wide q/k/v/o, 2-matrix
+    # MLP 49152, tied vocab 32768: 32 x (4 x 12288 x 8192 + 2 x 12288 x 49152) + 32768 x 12288 = 51.9B (the row's
+    # params_b), against 58.3B with hidden x hidden projections. Biases and norms add 32 x (3 x 8192 + 2 x 12288 +
+    # 49152 + 4 x 12288) + 2 x 12288 + 2048 x 12288 (learned positions).
+    spec = spec_from_row(rows["maxtext-v4-52b-x1"])
+    assert spec.head_dim == 256
+    weights = 32 * (4 * 12288 * 8192 + 2 * 12288 * 49152) + 32768 * 12288
+    extras = 32 * (3 * 8192 + 12288 + 49152 + 12288 + 4 * 12288) + 2 * 12288 + 2048 * 12288
+    assert spec.num_params() == weights + extras
+    assert spec.num_params() / 1e9 == pytest.approx(51.9, abs=0.1)
+    # Qwen3-235B-A22B (config.json head_dim 128, 64 query and 4 KV heads, hidden 4096): with 8192-wide query
+    # projections the parameter totals give the published 128 experts, top-8, width 1536 (no spurious shared experts).
+    qwen = spec_from_row(rows["bridge2606-qwen3-235b-gb200x256-mxfp8"])
+    assert (qwen.head_dim, qwen.n_experts, qwen.experts_per_token) == (128, 128, 8)
+    assert qwen.ffn_dim == pytest.approx(1536, abs=1)
+    with pytest.raises(RowNotRepresentable):
+        spec_from_row({**rows["maxtext-v4-52b-x1"], "head_dim": "0"})

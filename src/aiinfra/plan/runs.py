@@ -50,6 +50,9 @@ ATTENTION_HEAD_DIMS = {"deepseek-v3": (192, 128), "qwen3-moe": (128, 128), "gpt-
 # 256-wide heads (Gemma 3 technical report, 2025, 2.1; config.json sliding_window 1024, sliding_window_pattern 6,
 # head_dim 256 against 3840 / 16 = 240 for 12B). (window, share of the layers).
 SLIDING_WINDOWS = {"gpt-oss": (128, 0.5), "gemma3": (1024, 5 / 6)}
+# The same published head widths size the query, key, value and output projections (config.json head_dim: the
+# q projection is heads x head_dim wide, not hidden): Qwen3-235B-A22B 64 x 128 = 8192 against hidden 4096.
+PUBLISHED_HEAD_WIDTHS = {"qwen3-moe": 128, "gpt-oss": 64, "gemma3": 256}
 
 
 class RowNotRepresentable(PlanError):
@@ -92,6 +95,18 @@ def moe_shape(row: dict[str, str], dense_params: float, layers: int, hidden: int
     return width, experts + shared, used
 
 
+def _head_width(row: dict[str, str]) -> int:
+    """The optional `head_dim` column: each attention head's width where the source states one that is not
+    hidden / heads (the 2023 MaxText test models: base.yml head_dim 256); empty = hidden / heads."""
+    text = (row.get("head_dim") or "").strip()
+    if not text:
+        return PUBLISHED_HEAD_WIDTHS.get(row.get("model", "").strip(), 0)
+    width = _int(row, "head_dim")
+    if width < 1:
+        raise RowNotRepresentable(f"head_dim={text!r}: expected a positive width")
+    return width
+
+
 def spec_from_row(row: dict[str, str]) -> ModelSpec:
     """A ModelSpec from the run table's shape columns; mixture-of-experts from `experts` and the parameter counts."""
     family = row.get("model", "").strip()
@@ -106,7 +121,7 @@ def spec_from_row(row: dict[str, str]) -> ModelSpec:
     arch = dict(mlp="gelu" if matrices == 2 else "swiglu", norm="layernorm" if gpt else "rmsnorm",
                 position="rope" if rope else "learned", bias=gpt, tie_embeddings=family in TIED_FAMILIES)
     common = dict(vocab_size=vocab, dim=hidden, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads,
-                  max_seq_len=seq, **arch)
+                  max_seq_len=seq, head_width=_head_width(row), **arch)
     try:
         if (row.get("experts") or "").strip() and int(row["experts"]) > 1:
             dense = ModelSpec(**common, ffn_dim=1).num_params()
