@@ -309,3 +309,24 @@ def test_head_width_column_and_published_head_widths_size_the_projections() -> N
     assert qwen.ffn_dim == pytest.approx(1536, abs=1)
     with pytest.raises(RowNotRepresentable):
         spec_from_row({**rows["maxtext-v4-52b-x1"], "head_dim": "0"})
+
+
+def test_megablox_grouped_gemm_visits_a_straddling_row_tile_once_per_expert() -> None:
+    from aiinfra.plan.step import grouped_gemm_rows, layer_forward_times
+
+    # 256 experts of 768 rows in 512-row tiles: 256 x 768 / 512 = 384 tiles plus 255 straddling visits, i.e.
+    # 768 + 512 x 255 / 256 = 1278 rows an expert.
+    assert grouped_gemm_rows(768, 256, 512) == pytest.approx((384 + 255) * 512 / 256)
+    assert grouped_gemm_rows(768, 1, 512) == 768 and grouped_gemm_rows(768, 256, 0) == 768
+    moe = ModelSpec(vocab_size=32000, dim=4096, n_layers=8, n_heads=32, n_kv_heads=8, ffn_dim=2048,
+                    max_seq_len=4096, n_experts=64, experts_per_token=4)
+    cluster = make_cluster("tpu-v5p", 64)
+    plain = TrainSettings(seq_len=4096, global_batch_seqs=64)
+    layout = Layout(dp_shard=64, micro_batch=1)
+    tiled = replace(plain, grouped_gemm_row_tile=512)
+    # Dropless: the tiled kernel is never faster; a capacity buffer (token dropping) is not ragged.
+    assert layer_forward_times(moe, tiled, layout, cluster).mlp_gemm_s > \
+        layer_forward_times(moe, plain, layout, cluster).mlp_gemm_s
+    dropped = replace(plain, moe_capacity_factor=1.25)
+    assert layer_forward_times(moe, replace(dropped, grouped_gemm_row_tile=512), layout, cluster).mlp_gemm_s == \
+        pytest.approx(layer_forward_times(moe, dropped, layout, cluster).mlp_gemm_s)

@@ -42,6 +42,7 @@ class FrameworkFacts:
     logit_bytes: int = 4  # bytes per stored logit
     fp8_saved_inputs: bool = False  # fp8/fp4 linear inputs saved for the backward quantized (Transformer Engine)
     fp8_amax_pass: bool = False  # fp8 scales from each tensor's current amax, one extra read per cast (tensorwise)
+    grouped_gemm_row_tile: int = 0  # dropless experts' grouped GEMM walks row tiles of this size (0: untiled)
 
 
 FRAMEWORKS: dict[str, FrameworkFacts] = {
@@ -108,10 +109,11 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         "dcn_data_parallelism -1 (shard inside a slice, replicate across slices), latency-hiding scheduler, fused "
         "(splash) attention; its MFU counts causal attention (calculate_tflops_training_per_device); remat_policy "
         "custom and the *_offloaded policies move saved activations to host memory (jax.checkpoint offload policies); "
-        "logits_dot_in_fp32 False (bf16 logits)",
+        "logits_dot_in_fp32 False (bf16 logits); dropless MoE through megablox grouped matmuls with row tiles of "
+        "tile_batch_seq 512 (MoE tiling defaults; a tile that straddles two experts is visited once per expert)",
         tp_overlap=True, grad_reduce_fp32=False, param_bytes=4, gather_param_bytes=2, optimizer_bytes_per_param=8,
         sequence_parallel=True, shard_within_domain=True, mfu_causal_attention=True, activation_offload=True,
-        logit_bytes=2,
+        logit_bytes=2, grouped_gemm_row_tile=512,
     ),
     "in-house": FrameworkFacts(
         "in-house",

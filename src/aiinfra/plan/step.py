@@ -77,8 +77,18 @@ def expert_tokens(spec: ModelSpec, layout: Layout, m: float, capacity_factor: fl
     return share * capacity_factor if capacity_factor > 0 else share
 
 
+def grouped_gemm_rows(rows_per_expert: float, local_experts: float, row_tile: int) -> float:
+    """Rows each expert's share of a tiled grouped GEMM computes. A kernel that walks row tiles of `row_tile` rows
+    over the experts' concatenated groups visits a tile that straddles two groups once for each (JAX Pallas megablox
+    gmm/tgmm, make_group_metadata: at most tiles_m + num_groups - 1 tile visits, each a whole masked tile), so
+    G groups cost about G - 1 tiles more than their rows: row_tile x (G - 1) / G more rows per expert."""
+    if row_tile <= 0 or local_experts <= 1:
+        return rows_per_expert
+    return rows_per_expert + row_tile * (local_experts - 1) / local_experts
+
+
 def _mlp_gemm_s(spec: ModelSpec, layout: Layout, cluster: Cluster, precision: str, m: float,
-                capacity_factor: float = 0.0) -> float:
+                capacity_factor: float = 0.0, row_tile: int = 0) -> float:
     """The MLP's GEMMs for m tokens: dense, or router plus local experts' grouped GEMMs (`expert_tokens`)."""
     ffn_local = spec.ffn_dim / layout.tp
     mlp_in = (2 if spec.mlp == "swiglu" else 1) * ffn_local
@@ -90,6 +100,8 @@ def _mlp_gemm_s(spec: ModelSpec, layout: Layout, cluster: Cluster, precision: st
         gemm += _gemm_time_s(cluster, precision, m, h, spec.n_experts)  # router
     local_experts = spec.n_experts / layout.ep
     tokens_per_expert = expert_tokens(spec, layout, m, capacity_factor)
+    if capacity_factor <= 0:  # dropless: ragged groups (a capacity buffer is a dense batched GEMM)
+        tokens_per_expert = grouped_gemm_rows(tokens_per_expert, local_experts, row_tile)
     gemm += _gemm_time_s(cluster, precision, tokens_per_expert, h, mlp_in, local_experts)
     return gemm + _gemm_time_s(cluster, precision, tokens_per_expert, ffn_local, h, local_experts)
 
@@ -140,7 +152,8 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
 
     gemm = _gemm_time_s(cluster, precision, m, h, q_local + 2 * kv_local)  # fused QKV projection
     gemm += _gemm_time_s(cluster, precision, m, q_local, h)  # output projection
-    mlp_gemm = _mlp_gemm_s(spec, layout, cluster, precision, m, settings.moe_capacity_factor)
+    mlp_gemm = _mlp_gemm_s(spec, layout, cluster, precision, m, settings.moe_capacity_factor,
+                           settings.grouped_gemm_row_tile)
     gemm += mlp_gemm
 
     seq = settings.seq_len
