@@ -330,3 +330,12 @@ def test_megablox_grouped_gemm_visits_a_straddling_row_tile_once_per_expert() ->
     dropped = replace(plain, moe_capacity_factor=1.25)
     assert layer_forward_times(moe, replace(dropped, grouped_gemm_row_tile=512), layout, cluster).mlp_gemm_s == \
         pytest.approx(layer_forward_times(moe, dropped, layout, cluster).mlp_gemm_s)
+
+
+def test_a_tpu_collective_never_sends_more_than_its_links_carry() -> None:
+    # Cloud TPU docs: v5p 1200 GB/s bidirectional ICI per chip (6 links x 100 GB/s each way), so at most 600 GB/s
+    # leave a chip; v4 45 GB/s x 6 links = 270 GB/s one way. At 80% collective efficiency, inside a slice:
+    for name, one_way in (("tpu-v5p", 600e9), ("tpu-v4", 270e9), ("tpu-v5e", 200e9), ("tpu-v6e", 400e9)):
+        cluster = make_cluster(name, 64)
+        bandwidth, _ = group_bandwidth_bytes_per_s(cluster, 16, 1)
+        assert bandwidth == pytest.approx(one_way * cluster.efficiency.collective_bw_efficiency)
