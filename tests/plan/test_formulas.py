@@ -339,3 +339,23 @@ def test_a_tpu_collective_never_sends_more_than_its_links_carry() -> None:
         cluster = make_cluster(name, 64)
         bandwidth, _ = group_bandwidth_bytes_per_s(cluster, 16, 1)
         assert bandwidth == pytest.approx(one_way * cluster.efficiency.collective_bw_efficiency)
+
+
+def test_torchtitan_selective_checkpointing_reruns_every_second_matmul() -> None:
+    from aiinfra.plan.step import _gemm_time_s, alternate_mm_shapes, hardware_flops_per_token, layer_micro_batch_times
+
+    spec = preset("llama3-8b")
+    layout = Layout(dp_shard=8, micro_batch=1, recompute="selective")
+    # Execution order q, k, v, o, w1, w3, w2: the 2nd, 4th and 6th are k (4096 x 1024), o (4096 x 4096), w3
+    # (4096 x 14336).
+    assert alternate_mm_shapes(spec, layout) == [(4096, 1024), (4096, 4096), (4096, 14336)]
+    cluster = make_cluster("a100-sxm-80gb", 8)
+    plain = TrainSettings(seq_len=8192, global_batch_seqs=8)
+    titan = replace(plain, selective_recomputes_alternate_mms=True)
+    extra = sum(_gemm_time_s(cluster, "bf16", 8192, k, n) for k, n in [(4096, 1024), (4096, 4096), (4096, 14336)])
+    assert layer_micro_batch_times(spec, titan, layout, cluster).compute_s == pytest.approx(
+        layer_micro_batch_times(spec, plain, layout, cluster).compute_s + extra)
+    # HFU counts them: 2 x (4096 x 1024 + 4096 x 4096 + 4096 x 14336) FLOPs a token per layer, 32 layers.
+    assert hardware_flops_per_token(spec, 8192, "selective", "flash", alternate_mms=True) - \
+        hardware_flops_per_token(spec, 8192, "selective", "flash") == pytest.approx(
+            32 * 2 * 4096 * (1024 + 4096 + 14336))

@@ -43,6 +43,7 @@ class FrameworkFacts:
     fp8_saved_inputs: bool = False  # fp8/fp4 linear inputs saved for the backward quantized (Transformer Engine)
     fp8_amax_pass: bool = False  # fp8 scales from each tensor's current amax, one extra read per cast (tensorwise)
     grouped_gemm_row_tile: int = 0  # dropless experts' grouped GEMM walks row tiles of this size (0: untiled)
+    selective_recomputes_alternate_mms: bool = False  # per-op selective checkpointing reruns every second matmul
 
 
 FRAMEWORKS: dict[str, FrameworkFacts] = {
@@ -87,8 +88,9 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         "torchtitan parallelize_llama: FSDP2 fully_shard per transformer block (one all-gather and one "
         "reduce-scatter per block, prefetched), mixed_precision_reduce float32, SDPA flash attention, no dropout, "
         "sequence parallel with TP; Float8 training through torchao's default tensorwise dynamic scaling (each "
-        "input's amax computed before its cast)",
-        sequence_parallel=True, fp8_amax_pass=True,
+        "input's amax computed before its cast); selective per-op activation checkpointing saves every compute op's "
+        "output except every second matmul of a block, which runs again in the backward (_custom_policy)",
+        sequence_parallel=True, fp8_amax_pass=True, selective_recomputes_alternate_mms=True,
     ),
     "pytorch-fsdp": FrameworkFacts(
         "pytorch-fsdp",

@@ -108,6 +108,7 @@ class TrainSettings:
     logit_bytes: int = 4  # bytes per stored logit (Megatron keeps fp32 logits for its fused cross-entropy)
     moe_capacity_factor: float = 0.0  # token-dropping MoE: each expert computes a buffer of cf x its fair share
     grouped_gemm_row_tile: int = 0  # row tile of a tiled grouped expert GEMM (megablox); 0: no per-group waste
+    selective_recomputes_alternate_mms: bool = False  # selective recompute reruns every second matmul (torchtitan)
     attention_window: int = 0  # sliding-window width of the local attention layers (0: none)
     window_layer_share: float = 0.0  # share of the layers that attend within the window only
     qk_head_dim: int = 0  # width of a query/key head in the score product when not hidden / heads (MLA); 0: that

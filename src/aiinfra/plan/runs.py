@@ -255,6 +255,7 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
         moe_node_limit=NODE_LIMITED_ROUTING.get(row.get("model", "").strip(), 0), logit_bytes=facts.logit_bytes,
         fp8_amax_pass=facts.fp8_amax_pass, fp8_saved_inputs=facts.fp8_saved_inputs,
         grouped_gemm_row_tile=facts.grouped_gemm_row_tile,
+        selective_recomputes_alternate_mms=facts.selective_recomputes_alternate_mms,
     )
     qk_dim, v_dim = ATTENTION_HEAD_DIMS.get(row.get("model", "").strip(), (0, 0))
     window, window_share = SLIDING_WINDOWS.get(row.get("model", "").strip(), (0, 0.0))

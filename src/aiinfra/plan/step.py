@@ -137,6 +137,28 @@ def flash_tile_fraction(settings: TrainSettings) -> float:
     return (1 - settings.window_layer_share) * causal + settings.window_layer_share * windowed
 
 
+def alternate_mm_shapes(spec: ModelSpec, layout: Layout) -> list[tuple[float, float]]:
+    """(k, n) of every second matmul of a transformer block in execution order, per micro-batch token row: q, k,
+    v, o, then the MLP's w1, w3 (gate) and w2 (torchtitan's Attention and FeedForward), i.e. k, o and w3 (fc2 for
+    a 2-matrix MLP). An MoE block's experts run as grouped GEMMs, outside the count: only k and o."""
+    h = spec.dim
+    q_local = spec.n_heads * spec.head_dim / layout.tp
+    kv_local = spec.head_dim * -(-spec.n_kv_heads // layout.tp)
+    ffn_local = spec.ffn_dim / layout.tp
+    shapes = [(h, kv_local), (q_local, h)]
+    if not spec.is_moe:
+        shapes.append((h, ffn_local) if spec.mlp == "swiglu" else (ffn_local, h))
+    return shapes
+
+
+def alternate_mm_recompute_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster) -> float:
+    """Forward time of the matmuls torchtitan's per-op selective checkpointing recomputes: it saves the output of
+    every compute op except every second aten.mm of a block (torchtitan activation checkpointing, _custom_policy:
+    "Saves output of all compute ops, except every second mm"), so those GEMMs run again in the backward."""
+    m = layout.micro_batch * settings.seq_len / layout.cp
+    return sum(_gemm_time_s(cluster, settings.gemm_precision, m, k, n) for k, n in alternate_mm_shapes(spec, layout))
+
+
 def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster) -> PassTimes:
     """Forward-pass costs of one transformer layer for one micro-batch on one device."""
     eff = cluster.efficiency
@@ -263,6 +285,8 @@ def layer_micro_batch_times(
     elif layout.recompute == "selective":
         # Keeping matmul outputs only, the norms and the gated product run again: about half the elementwise work.
         recompute = SELECTIVE_ELEMENTWISE_SHARE * fwd.elementwise_s
+        if settings.selective_recomputes_alternate_mms:
+            recompute += alternate_mm_recompute_s(spec, settings, layout, cluster)
     recompute *= layout.recompute_fraction
     recomputed_tp_passes *= layout.recompute_fraction
 
@@ -315,7 +339,8 @@ def head_micro_batch_s(spec: ModelSpec, settings: TrainSettings, layout: Layout,
 
 
 def hardware_flops_per_token(spec: ModelSpec, seq_len: int, recompute: str, attention_kernel: str,
-                             recompute_fraction: float = 1.0, offload: bool = False) -> float:
+                             recompute_fraction: float = 1.0, offload: bool = False,
+                             alternate_mms: bool = False) -> float:
     """Training FLOPs per token including recomputation (the HFU numerator; Megatron's eq. 3 for full); the offload
     policy recomputes the MLP's forward."""
     flops = float(spec.train_flops_per_token(seq_len))
@@ -328,6 +353,8 @@ def hardware_flops_per_token(spec: ModelSpec, seq_len: int, recompute: str, atte
         flops += recompute_fraction * (spec.forward_flops_per_token(seq_len) - head)  # the head is not recomputed
     elif recompute == "selective" and attention_kernel == "materialized":
         flops += recompute_fraction * spec.attention_flops_per_token(seq_len)
+    elif recompute == "selective" and alternate_mms:
+        flops += recompute_fraction * spec.n_layers * sum(2.0 * k * n for k, n in alternate_mm_shapes(spec, Layout()))
     return flops
 
 
@@ -467,5 +494,6 @@ def step_breakdown(spec: ModelSpec, settings: TrainSettings, layout: Layout, clu
         model_flops=tokens * float(spec.train_flops_per_token(settings.seq_len)),
         hardware_flops=tokens
         * hardware_flops_per_token(spec, settings.seq_len, layout.recompute, settings.attention_kernel,
-                                   layout.recompute_fraction, layout.offload_activations),
+                                   layout.recompute_fraction, layout.offload_activations,
+                                   settings.selective_recomputes_alternate_mms),
     )
