@@ -359,3 +359,26 @@ def test_torchtitan_selective_checkpointing_reruns_every_second_matmul() -> None
     assert hardware_flops_per_token(spec, 8192, "selective", "flash", alternate_mms=True) - \
         hardware_flops_per_token(spec, 8192, "selective", "flash") == pytest.approx(
             32 * 2 * 4096 * (1024 + 4096 + 14336))
+
+
+def test_post_norms_and_qk_norm_read_and_write_their_tensors_once_more() -> None:
+    from aiinfra.plan.runs import setup_from_row
+    from aiinfra.plan.step import layer_forward_times
+    from aiinfra.plan.validation import load_training_runs
+
+    rows = load_training_runs()
+    gemma = setup_from_row(next(r for r in rows if r["model"] == "gemma3"))
+    qwen = setup_from_row(next(r for r in rows if r["model"] == "qwen3-moe"))
+    assert (gemma.settings.post_norms, gemma.settings.qk_norm) == (2, True)
+    assert (qwen.settings.post_norms, qwen.settings.qk_norm) == (0, True)
+    spec = ModelSpec(vocab_size=32000, dim=4096, n_layers=4, n_heads=32, n_kv_heads=8, ffn_dim=11008,
+                     max_seq_len=4096)
+    cluster = make_cluster("h100-sxm-80gb", 8)
+    layout = Layout(dp_shard=8, micro_batch=1)
+    plain = TrainSettings(seq_len=4096, global_batch_seqs=8)
+    normed = replace(plain, post_norms=2, qk_norm=True)
+    # Two post-norms: 4096 tokens x 4096 x 2 bytes read + written each; QK-norm: q (4096) and k (8 x 128) read and
+    # written: 4096 x (4096 + 1024) x 2 x 2 bytes; all at 80% of 3.35 TB/s.
+    extra = (2 * 4096 * 4096 * 2 * 2 + 4096 * (4096 + 1024) * 2 * 2) / (3350e9 * 0.80)
+    assert layer_forward_times(spec, normed, layout, cluster).elementwise_s == pytest.approx(
+        layer_forward_times(spec, plain, layout, cluster).elementwise_s + extra)

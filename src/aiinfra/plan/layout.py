@@ -111,6 +111,8 @@ class TrainSettings:
     selective_recomputes_alternate_mms: bool = False  # selective recompute reruns every second matmul (torchtitan)
     attention_window: int = 0  # sliding-window width of the local attention layers (0: none)
     window_layer_share: float = 0.0  # share of the layers that attend within the window only
+    post_norms: int = 0  # extra RMSNorms per layer on the attention and MLP outputs (Gemma 3's post-norms)
+    qk_norm: bool = False  # RMSNorm over each query and key head before the scores (Gemma 3, Qwen3)
     qk_head_dim: int = 0  # width of a query/key head in the score product when not hidden / heads (MLA); 0: that
     v_head_dim: int = 0  # width of a value head in the mixing product when not hidden / heads (MLA); 0: that
 

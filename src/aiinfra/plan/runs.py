@@ -53,6 +53,11 @@ SLIDING_WINDOWS = {"gpt-oss": (128, 0.5), "gemma3": (1024, 5 / 6)}
 # The same published head widths size the query, key, value and output projections (config.json head_dim: the
 # q projection is heads x head_dim wide, not hidden): Qwen3-235B-A22B 64 x 128 = 8192 against hidden 4096.
 PUBLISHED_HEAD_WIDTHS = {"qwen3-moe": 128, "gpt-oss": 64, "gemma3": 256}
+# Norms beyond the pre-norms: Gemma 3 adds a post-norm after attention and after the MLP and replaces Gemma 2's
+# soft-capping by QK-norm (Gemma 3 technical report, 2025, 2.1; config.json / modeling: post_attention_layernorm,
+# post_feedforward_layernorm, q_norm, k_norm); Qwen3 adds QK-norm (Qwen3 technical report, 2025, 2.1: QK-Norm in
+# place of QKV bias). (post-norms per layer, QK-norm).
+EXTRA_NORMS = {"gemma3": (2, True), "qwen3-moe": (0, True)}
 
 
 class RowNotRepresentable(PlanError):
@@ -259,8 +264,10 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
     )
     qk_dim, v_dim = ATTENTION_HEAD_DIMS.get(row.get("model", "").strip(), (0, 0))
     window, window_share = SLIDING_WINDOWS.get(row.get("model", "").strip(), (0, 0.0))
+    post_norms, qk_norm = EXTRA_NORMS.get(row.get("model", "").strip(), (0, False))
     settings = replace(settings, qk_head_dim=qk_dim, v_head_dim=v_dim, moe_capacity_factor=_capacity_factor(row),
-                       attention_window=window, window_layer_share=window_share)
+                       attention_window=window, window_layer_share=window_share, post_norms=post_norms,
+                       qk_norm=qk_norm)
     settings = _with_weight_dtype(settings, row)
     try:
         cluster = make_cluster(row["hardware"].strip(), n_devices)

@@ -198,10 +198,14 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
     mask = 1 if settings.dropout else 0
     # Two norms (read + write) and two residual adds (read two, write one, plus dropout mask).
     replicated_bytes = m * h * (10 * a + 2 * mask) / sp_divisor
+    # Post-norms after attention and MLP (Gemma 3) read and write the residual-width output once more each.
+    replicated_bytes += m * h * 2 * a * settings.post_norms / sp_divisor
     activation_bytes = m * (2 if spec.mlp == "gelu" else 3) * a * ffn_local
     if spec.is_moe:
         activation_bytes *= spec.experts_per_token
     rotary_bytes = m * 2 * a * (q_local + kv_local) if spec.position == "rope" else 0.0
+    # QK-norm (Gemma 3, Qwen3): an RMSNorm over every query and key head reads and writes q and k once more.
+    qk_norm_bytes = m * 2 * a * (q_local + kv_local) if settings.qk_norm else 0.0
     if spec.is_moe and spec.n_experts > 1:
         # Token permutation before the experts and unpermutation after: each routed copy is read and written twice.
         activation_bytes += m * spec.experts_per_token * h * a * MOE_PERMUTE_PASSES
@@ -212,7 +216,7 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
         cast = FP8_CAST_BYTES + (AMAX_PASS_BYTES if settings.fp8_amax_pass else 0)
         activation_bytes += m * cast * (2 * h * experts + q_local + ffn_local * experts)
     bandwidth = cluster.memory_bw_bytes_per_s * eff.memory_bw_efficiency
-    elementwise = (replicated_bytes + activation_bytes + rotary_bytes) / bandwidth
+    elementwise = (replicated_bytes + activation_bytes + rotary_bytes + qk_norm_bytes) / bandwidth
 
     # Two all-reduces per layer (Shoeybi et al. 2019), or the same bytes as all-gather + reduce-scatter pairs
     # under sequence parallelism (Korthikanti et al. 2022, 4.2.2).
