@@ -382,3 +382,19 @@ def test_post_norms_and_qk_norm_read_and_write_their_tensors_once_more() -> None
     extra = (2 * 4096 * 4096 * 2 * 2 + 4096 * (4096 + 1024) * 2 * 2) / (3350e9 * 0.80)
     assert layer_forward_times(spec, normed, layout, cluster).elementwise_s == pytest.approx(
         layer_forward_times(spec, plain, layout, cluster).elementwise_s + extra)
+
+
+def test_an_fp8_cast_writes_the_quantized_input_and_its_transpose() -> None:
+    from aiinfra.plan.step import layer_forward_times
+
+    spec = ModelSpec(vocab_size=32000, dim=4096, n_layers=4, n_heads=32, n_kv_heads=8, ffn_dim=11008,
+                     max_seq_len=4096)
+    cluster = make_cluster("h100-sxm-80gb", 8)
+    layout = Layout(dp_shard=8, micro_batch=1)
+    bf16 = TrainSettings(seq_len=4096, global_batch_seqs=8)
+    fp8 = replace(bf16, precision="fp8")
+    # Four linear inputs a layer (h, q, h, ffn wide), each read in bf16 (2 bytes) and written as fp8 and its fp8
+    # transpose (1 + 1), at 80% of 3.35 TB/s.
+    casts = 4096 * 4 * (2 * 4096 + 4096 + 11008) / (3350e9 * 0.80)
+    assert layer_forward_times(spec, fp8, layout, cluster).elementwise_s == pytest.approx(
+        layer_forward_times(spec, bf16, layout, cluster).elementwise_s + casts)

@@ -26,7 +26,10 @@ FLASH_BACKWARD_FACTOR = 2.5
 FLASH_BLOCK = 128  # query/key tile: a causal mask skips every tile above the diagonal
 SELECTIVE_ELEMENTWISE_SHARE = 0.5  # of a layer's elementwise traffic that selective recompute repeats (flash)
 GEMM_INPUT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "fp4": 0.5625}  # NVFP4: 16 values + a scale
-FP8_CAST_BYTES = 3  # a bf16 -> fp8 cast reads 2 bytes and writes 1 per element
+# A bf16 -> fp8 cast reads 2 bytes and writes the fp8 copy and its transpose, 1 + 1 per element: the weight-gradient
+# GEMM needs the input quantized along the other axis (Transformer Engine's fused cast_transpose on Hopper; MXFP8 and
+# NVFP4 keep rowwise and columnwise copies, each with its own block scales).
+FP8_CAST_BYTES = 4
 # Dynamic tensorwise scaling reads each bf16 input once more to find its absolute maximum before the cast can scale
 # it (torchao float8 "tensorwise" recipe: the scale is computed from the current tensor's amax); delayed or block
 # scaling (Transformer Engine's amax history, MXFP8) folds the scale into the cast's own pass.
