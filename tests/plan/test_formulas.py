@@ -398,3 +398,27 @@ def test_an_fp8_cast_writes_the_quantized_input_and_its_transpose() -> None:
     casts = 4096 * 4 * (2 * 4096 + 4096 + 11008) / (3350e9 * 0.80)
     assert layer_forward_times(spec, fp8, layout, cluster).elementwise_s == pytest.approx(
         layer_forward_times(spec, bf16, layout, cluster).elementwise_s + casts)
+
+
+def test_sequence_parallel_fp8_inputs_are_quantized_before_the_gather_and_moe_casts_each_routed_copy() -> None:
+    from aiinfra.plan.step import layer_forward_times
+
+    cluster = make_cluster("h100-sxm-80gb", 8)
+    bw = 3350e9 * 0.80
+    bf16 = TrainSettings(seq_len=4096, global_batch_seqs=8)
+    fp8 = replace(bf16, precision="fp8")
+    dense = ModelSpec(vocab_size=32000, dim=4096, n_layers=4, n_heads=32, n_kv_heads=8, ffn_dim=11008,
+                      max_seq_len=4096)
+    sp = Layout(tp=2, dp_shard=4, micro_batch=1, sequence_parallel=True)
+    # The two norm outputs: read 2 and write 1 on the rank's 4096 / 2 rows, then the fp8 transpose of the gathered
+    # 4096 rows (read 1, write 1): 4096 x 4096 x (3 / 2 + 2) each; q (2048 wide here) and ffn (5504) cast whole.
+    casts = (2 * 4096 * 4096 * (3 / 2 + 2) + 4096 * 4 * (2048 + 5504)) / bw
+    assert layer_forward_times(dense, fp8, sp, cluster).elementwise_s == pytest.approx(
+        layer_forward_times(dense, bf16, sp, cluster).elementwise_s + casts)
+    # Under MoE the attention input is cast once and the MLP input once per routed copy (k = 4).
+    moe = ModelSpec(vocab_size=32000, dim=4096, n_layers=4, n_heads=32, n_kv_heads=8, ffn_dim=2048,
+                    max_seq_len=4096, n_experts=64, experts_per_token=4)
+    flat = Layout(dp_shard=8, micro_batch=1)
+    casts = 4096 * 4 * (4096 + 4 * 4096 + 4096 + 4 * 2048) / bw
+    assert layer_forward_times(moe, fp8, flat, cluster).elementwise_s == pytest.approx(
+        layer_forward_times(moe, bf16, flat, cluster).elementwise_s + casts)

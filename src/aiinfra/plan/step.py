@@ -30,6 +30,7 @@ GEMM_INPUT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "fp4": 0.
 # GEMM needs the input quantized along the other axis (Transformer Engine's fused cast_transpose on Hopper; MXFP8 and
 # NVFP4 keep rowwise and columnwise copies, each with its own block scales).
 FP8_CAST_BYTES = 4
+FP8_TRANSPOSE_BYTES = 2  # the transposed copy made from an fp8 tensor: read 1 byte, write 1
 # Dynamic tensorwise scaling reads each bf16 input once more to find its absolute maximum before the cast can scale
 # it (torchao float8 "tensorwise" recipe: the scale is computed from the current tensor's amax); delayed or block
 # scaling (Transformer Engine's amax history, MXFP8) folds the scale into the cast's own pass.
@@ -213,11 +214,19 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
         # Token permutation before the experts and unpermutation after: each routed copy is read and written twice.
         activation_bytes += m * spec.experts_per_token * h * a * MOE_PERMUTE_PASSES
     if precision in ("fp8", "fp4"):
-        # Each low-precision GEMM casts its input (read 2 bytes, write 1) before it runs (Transformer Engine's
-        # per-tensor or block scaling); the four linear inputs of a layer are h, q_local, h and ffn_local wide.
+        # Each low-precision GEMM casts its input before it runs (Transformer Engine's per-tensor or block
+        # scaling): the attention input (h), the attention output (q_local), the MLP input (h, each routed copy
+        # under MoE) and the MLP's inner activation (ffn_local). Under sequence parallelism the two norm outputs are
+        # quantized on the rank's own S/TP rows and all-gathered in fp8 (Transformer Engine's Linear/LayerNormLinear:
+        # the input quantizer runs before gather_along_first_dim), and the transposed copy is made from the gathered
+        # fp8 tensor (read 1, write 1).
         experts = spec.experts_per_token if spec.is_moe else 1
         cast = FP8_CAST_BYTES + (AMAX_PASS_BYTES if settings.fp8_amax_pass else 0)
-        activation_bytes += m * cast * (2 * h * experts + q_local + ffn_local * experts)
+        gathered = sp_divisor > 1
+        norm_cast = (cast - 1) / sp_divisor + FP8_TRANSPOSE_BYTES if gathered else cast  # local cast, then transpose
+        attention_in = h * norm_cast
+        mlp_in = h * experts * cast if spec.is_moe else h * norm_cast
+        activation_bytes += m * (attention_in + mlp_in + cast * (q_local + ffn_local * experts))
     bandwidth = cluster.memory_bw_bytes_per_s * eff.memory_bw_efficiency
     elementwise = (replicated_bytes + activation_bytes + rotary_bytes + qk_norm_bytes) / bandwidth
 
