@@ -422,3 +422,28 @@ def test_sequence_parallel_fp8_inputs_are_quantized_before_the_gather_and_moe_ca
     casts = 4096 * 4 * (4096 + 4 * 4096 + 4096 + 4 * 2048) / bw
     assert layer_forward_times(moe, fp8, flat, cluster).elementwise_s == pytest.approx(
         layer_forward_times(moe, bf16, flat, cluster).elementwise_s + casts)
+
+
+def test_whole_layer_cpu_offload_moves_every_saved_tensor_under_the_passes() -> None:
+    from aiinfra.plan.memory import layer_activation_bytes, stored_layer_bytes
+    from aiinfra.plan.step import layer_micro_batch_times, layer_offload_exposed_s
+
+    spec = preset("llama3-70b")
+    cluster = make_cluster("gb200", 64)
+    settings = TrainSettings(seq_len=8192, global_batch_seqs=128, precision="fp8")
+    kept = Layout(dp_shard=64, zero_stage=3, micro_batch=2)
+    half = replace(kept, offload_layer_fraction=0.5)
+    full_bytes = stored_layer_bytes(spec, settings, kept)
+    # Half the layers keep nothing on the device: the average layer holds half its activations.
+    assert layer_activation_bytes(spec, settings, half) == pytest.approx(0.5 * full_bytes)
+    # Transfers at 225 GB/s per direction (GB200's NVLink-C2C share), exposed beyond the pass they run under.
+    fwd, bwd = 0.01, 0.02
+    transfer = full_bytes / 225e9
+    assert layer_offload_exposed_s(spec, settings, half, cluster, fwd, bwd) == pytest.approx(
+        0.5 * (max(0.0, transfer - fwd) + max(0.0, transfer - bwd)))
+    # A faster host link never slows the step; with no recomputation the compute is the kept layout's.
+    fast = replace(cluster, accelerator=replace(cluster.accelerator, host_bw_gbs=900))
+    slow_t = layer_micro_batch_times(spec, settings, half, cluster)
+    fast_t = layer_micro_batch_times(spec, settings, half, fast)
+    assert fast_t.other_comm_exposed_s <= slow_t.other_comm_exposed_s
+    assert slow_t.compute_s == pytest.approx(layer_micro_batch_times(spec, settings, kept, cluster).compute_s)

@@ -44,6 +44,7 @@ class FrameworkFacts:
     fp8_amax_pass: bool = False  # fp8 scales from each tensor's current amax, one extra read per cast (tensorwise)
     grouped_gemm_row_tile: int = 0  # dropless experts' grouped GEMM walks row tiles of this size (0: untiled)
     selective_recomputes_alternate_mms: bool = False  # per-op selective checkpointing reruns every second matmul
+    layer_offload: bool = False  # can keep whole layers' activations in host memory (a searched knob when unstated)
 
 
 FRAMEWORKS: dict[str, FrameworkFacts] = {
@@ -52,12 +53,15 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         "Megatron-LM/Megatron-Core arguments.py and DDP config: GPT hidden/attention dropout 0.1; --overlap-grad-"
         "reduce and --overlap-param-gather; buckets of max(40M, 1M x dp) parameters; fp32 main gradients reduced in "
         "fp32; interleaved 1F1B (--num-layers-per-virtual-pipeline-stage); sequence parallel with TP; TP comm "
-        "overlap; --recompute-num-layers for recomputing part of a stage; Megatron-FSDP gathers per module; the MoE "
+        "overlap; --recompute-num-layers for recomputing part of a stage; --cpu-offloading with "
+        "--cpu-offloading-num-layers keeps whole layers' activations in host memory; Megatron-FSDP gathers per "
+        "module; the MoE "
         "all-to-all blocks the expert GEMMs (TransformerConfig.overlap_moe_expert_parallel_comm defaults to False: "
         "overlapping it with another micro-batch is opt-in, and the published tables do not say it was on); TE "
         "fused attention; TE's fp8/fp4 linear layers save their quantized input for the weight gradient",
         dropout_families=("gpt",), tp_overlap=True, fp8_saved_inputs=True, interleaved_by_default=True,
         dp_bucket_params=40e6, dp_bucket_params_per_rank=1e6, sequence_parallel=True, partial_recompute=True,
+        layer_offload=True,
     ),
     "megatron-2021": FrameworkFacts(
         "megatron-2021",

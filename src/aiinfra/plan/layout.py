@@ -41,6 +41,7 @@ class Layout:
     recompute_fraction: float = 1.0  # share of a stage's layers recomputed (Megatron --recompute-num-layers)
     sequence_parallel: bool = False  # shard norms/dropout along the sequence inside the TP group
     offload_activations: bool = False  # what the recompute policy saves, beyond layer inputs, waits in host memory
+    offload_layer_fraction: float = 0.0  # share of a stage's layers kept whole in host memory (Megatron CPU offload)
 
     @property
     def dp(self) -> int:
@@ -73,6 +74,8 @@ class Layout:
         parts += [f"ZeRO-{self.zero_stage}", f"mb{self.micro_batch}", f"recompute={recompute}"]
         if self.offload_activations:
             parts[-1] += "+offload"
+        if self.offload_layer_fraction > 0:
+            parts[-1] += f"+offload({100 * self.offload_layer_fraction:.0f}% of layers)"
         if self.sequence_parallel:
             parts.append("SP")
         return " ".join(parts)
@@ -194,5 +197,7 @@ def check_layout(spec: ModelSpec, settings: TrainSettings, layout: Layout, n_dev
                             f"{spec.n_experts} experts")
     if layout.offload_activations and layout.recompute == "full":
         raise PlanError("offload_activations needs recompute none or selective (full keeps only layer inputs)")
+    if not 0 <= layout.offload_layer_fraction <= 1 or (layout.offload_layer_fraction and layout.recompute != "none"):
+        raise PlanError("offload_layer_fraction must be in [0, 1] and needs recompute none")
     if layout.sequence_parallel and layout.tp == 1:
         raise PlanError("sequence parallelism needs tp >= 2")

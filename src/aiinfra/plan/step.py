@@ -14,6 +14,7 @@ from aiinfra.plan.cluster import Cluster, collective_time_s
 from aiinfra.plan.errors import PlanError
 from aiinfra.plan.layout import Layout, TrainSettings, check_layout, layers_per_stage, micro_batches
 from aiinfra.plan.memory import device_param_counts, memory_breakdown, offloaded_layer_bytes
+from aiinfra.plan.memory import stored_layer_bytes as _stored_layer_bytes
 from aiinfra.spec import ModelSpec
 
 # Bytes moved per logit by a fused vocab-parallel cross-entropy (write bf16 logits, read them, write fp32
@@ -315,6 +316,7 @@ def layer_micro_batch_times(
     cp_exposed = overlapped_s(fwd.cp_comm_s, fwd.attention_s)
     cp_exposed += overlapped_s(2 * fwd.cp_comm_s, attention_bwd * fwd.attention_s)
     offload = host_transfer_exposed_s(spec, settings, layout, cluster, fwd_compute, bwd_compute + recompute)
+    offload += layer_offload_exposed_s(spec, settings, layout, cluster, fwd_compute, bwd_compute)
     if settings.ep_overlap:
         # Dispatch and combine of one micro-batch run under another's compute (Megatron-Core's EP all-to-all
         # overlap in 1F1B; DeepSeek-V3's DualPipe), paying the SM tax.
@@ -327,6 +329,22 @@ def layer_micro_batch_times(
         other_comm_exposed_s=cp_exposed + ep_exposed + offload,
         backward_s=bwd_compute + recompute,
     )
+
+
+def layer_offload_exposed_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster,
+                            forward_s: float, backward_s: float) -> float:
+    """Whole-layer CPU offload (Megatron-Core --cpu-offloading with --cpu-offloading-num-layers, activations): every
+    saved tensor of an offloaded layer goes to host memory during its forward and comes back before its backward, by
+    copy engines on their own stream, so only the excess over the pass it runs under is exposed; averaged over the
+    stage's layers (the share `offload_layer_fraction`)."""
+    if layout.offload_layer_fraction <= 0:
+        return 0.0
+    host_gbs = cluster.accelerator.host_bw_gbs
+    if not host_gbs:
+        raise PlanError(f"layer offload: hardware {cluster.accelerator.id!r} has no host_bw_gbs in the catalog")
+    size = _stored_layer_bytes(spec, settings, layout)
+    transfer = size / (host_gbs * 1e9)
+    return layout.offload_layer_fraction * (max(0.0, transfer - forward_s) + max(0.0, transfer - backward_s))
 
 
 def host_transfer_exposed_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster,
