@@ -29,6 +29,8 @@ class ModelSpec(BaseModel):
     n_layers: int = Field(4, ge=1, description="number of transformer blocks")
     n_heads: int = Field(8, ge=1, description="query heads")
     n_kv_heads: int = Field(8, ge=1, description="key/value heads (grouped-query attention when < n_heads)")
+    head_width: int = Field(0, ge=0, description="width of each attention head when it is not dim / n_heads "
+                                                 "(Qwen3's 128, Gemma 3's 256); 0: dim // n_heads")
     ffn_dim: int = Field(1024, ge=1, description="hidden width of the MLP (of each expert under MoE)")
     max_seq_len: int = Field(256, ge=1, description="longest sequence the model is built for")
     rope_theta: float = Field(10000.0, gt=0, description="rotary embedding base")
@@ -53,7 +55,7 @@ class ModelSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check_shapes(self) -> ModelSpec:
-        if self.dim % self.n_heads:
+        if not self.head_width and self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
@@ -65,7 +67,7 @@ class ModelSpec(BaseModel):
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.head_width or self.dim // self.n_heads
 
     @property
     def is_moe(self) -> bool:

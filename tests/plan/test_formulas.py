@@ -212,7 +212,7 @@ def test_qwen3_moe_attention_heads_are_128_wide() -> None:
 
     row = next(r for r in load_training_runs() if r["model"] == "qwen3-moe")
     setup = setup_from_row(row)
-    assert setup.spec.head_dim == 64  # hidden / heads, while the model's heads are 128 wide
+    assert setup.spec.head_dim == 128  # config.json head_dim, while hidden / heads is 64
     # 2 x seq x 64 heads x (128 + 128) per token.
     assert attention_product_flops(setup.spec, setup.settings, 1, 64) == pytest.approx(
         2 * setup.settings.seq_len * 64 * 256)
@@ -285,3 +285,165 @@ def test_gemma3_rows_carry_its_local_global_pattern_and_256_wide_heads() -> None
     # (1024 + 128) / 32768 of the square, the global ones the causal half.
     causal = 0.5 * (1 + 128 / 32768)
     assert flash_tile_fraction(settings) == pytest.approx(causal / 6 + 5 / 6 * 1152 / 32768)
+
+
+def test_head_width_column_and_published_head_widths_size_the_projections() -> None:
+    from aiinfra.plan.runs import RowNotRepresentable, spec_from_row
+    from aiinfra.plan.validation import load_training_runs
+
+    rows = {r["id"]: r for r in load_training_runs()}
+    # MaxText 52B test model (base.yml head_dim 256): L 32, h 12288, 32 heads x 256 = 8192-wide q/k/v/o, 2-matrix
+    # MLP 49152, tied vocab 32768: 32 x (4 x 12288 x 8192 + 2 x 12288 x 49152) + 32768 x 12288 = 51.9B (the row's
+    # params_b), against 58.3B with hidden x hidden projections. Biases and norms add 32 x (3 x 8192 + 2 x 12288 +
+    # 49152 + 4 x 12288) + 2 x 12288 + 2048 x 12288 (learned positions).
+    spec = spec_from_row(rows["maxtext-v4-52b-x1"])
+    assert spec.head_dim == 256
+    weights = 32 * (4 * 12288 * 8192 + 2 * 12288 * 49152) + 32768 * 12288
+    extras = 32 * (3 * 8192 + 12288 + 49152 + 12288 + 4 * 12288) + 2 * 12288 + 2048 * 12288
+    assert spec.num_params() == weights + extras
+    assert spec.num_params() / 1e9 == pytest.approx(51.9, abs=0.1)
+    # Qwen3-235B-A22B (config.json head_dim 128, 64 query and 4 KV heads, hidden 4096): with 8192-wide query
+    # projections the parameter totals give the published 128 experts, top-8, width 1536 (no spurious shared experts).
+    qwen = spec_from_row(rows["bridge2606-qwen3-235b-gb200x256-mxfp8"])
+    assert (qwen.head_dim, qwen.n_experts, qwen.experts_per_token) == (128, 128, 8)
+    assert qwen.ffn_dim == pytest.approx(1536, abs=1)
+    with pytest.raises(RowNotRepresentable):
+        spec_from_row({**rows["maxtext-v4-52b-x1"], "head_dim": "0"})
+
+
+def test_megablox_grouped_gemm_visits_a_straddling_row_tile_once_per_expert() -> None:
+    from aiinfra.plan.step import grouped_gemm_rows, layer_forward_times
+
+    # 256 experts of 768 rows in 512-row tiles: 256 x 768 / 512 = 384 tiles plus 255 straddling visits, i.e.
+    # 768 + 512 x 255 / 256 = 1278 rows an expert.
+    assert grouped_gemm_rows(768, 256, 512) == pytest.approx((384 + 255) * 512 / 256)
+    assert grouped_gemm_rows(768, 1, 512) == 768 and grouped_gemm_rows(768, 256, 0) == 768
+    moe = ModelSpec(vocab_size=32000, dim=4096, n_layers=8, n_heads=32, n_kv_heads=8, ffn_dim=2048,
+                    max_seq_len=4096, n_experts=64, experts_per_token=4)
+    cluster = make_cluster("tpu-v5p", 64)
+    plain = TrainSettings(seq_len=4096, global_batch_seqs=64)
+    layout = Layout(dp_shard=64, micro_batch=1)
+    tiled = replace(plain, grouped_gemm_row_tile=512)
+    # Dropless: the tiled kernel is never faster; a capacity buffer (token dropping) is not ragged.
+    assert layer_forward_times(moe, tiled, layout, cluster).mlp_gemm_s > \
+        layer_forward_times(moe, plain, layout, cluster).mlp_gemm_s
+    dropped = replace(plain, moe_capacity_factor=1.25)
+    assert layer_forward_times(moe, replace(dropped, grouped_gemm_row_tile=512), layout, cluster).mlp_gemm_s == \
+        pytest.approx(layer_forward_times(moe, dropped, layout, cluster).mlp_gemm_s)
+
+
+def test_a_tpu_collective_never_sends_more_than_its_links_carry() -> None:
+    # Cloud TPU docs: v5p 1200 GB/s bidirectional ICI per chip (6 links x 100 GB/s each way), so at most 600 GB/s
+    # leave a chip; v4 45 GB/s x 6 links = 270 GB/s one way. At 80% collective efficiency, inside a slice:
+    for name, one_way in (("tpu-v5p", 600e9), ("tpu-v4", 270e9), ("tpu-v5e", 200e9), ("tpu-v6e", 400e9)):
+        cluster = make_cluster(name, 64)
+        bandwidth, _ = group_bandwidth_bytes_per_s(cluster, 16, 1)
+        assert bandwidth == pytest.approx(one_way * cluster.efficiency.collective_bw_efficiency)
+
+
+def test_torchtitan_selective_checkpointing_reruns_every_second_matmul() -> None:
+    from aiinfra.plan.step import _gemm_time_s, alternate_mm_shapes, hardware_flops_per_token, layer_micro_batch_times
+
+    spec = preset("llama3-8b")
+    layout = Layout(dp_shard=8, micro_batch=1, recompute="selective")
+    # Execution order q, k, v, o, w1, w3, w2: the 2nd, 4th and 6th are k (4096 x 1024), o (4096 x 4096), w3
+    # (4096 x 14336).
+    assert alternate_mm_shapes(spec, layout) == [(4096, 1024), (4096, 4096), (4096, 14336)]
+    cluster = make_cluster("a100-sxm-80gb", 8)
+    plain = TrainSettings(seq_len=8192, global_batch_seqs=8)
+    titan = replace(plain, selective_recomputes_alternate_mms=True)
+    extra = sum(_gemm_time_s(cluster, "bf16", 8192, k, n) for k, n in [(4096, 1024), (4096, 4096), (4096, 14336)])
+    assert layer_micro_batch_times(spec, titan, layout, cluster).compute_s == pytest.approx(
+        layer_micro_batch_times(spec, plain, layout, cluster).compute_s + extra)
+    # HFU counts them: 2 x (4096 x 1024 + 4096 x 4096 + 4096 x 14336) FLOPs a token per layer, 32 layers.
+    assert hardware_flops_per_token(spec, 8192, "selective", "flash", alternate_mms=True) - \
+        hardware_flops_per_token(spec, 8192, "selective", "flash") == pytest.approx(
+            32 * 2 * 4096 * (1024 + 4096 + 14336))
+
+
+def test_post_norms_and_qk_norm_read_and_write_their_tensors_once_more() -> None:
+    from aiinfra.plan.runs import setup_from_row
+    from aiinfra.plan.step import layer_forward_times
+    from aiinfra.plan.validation import load_training_runs
+
+    rows = load_training_runs()
+    gemma = setup_from_row(next(r for r in rows if r["model"] == "gemma3"))
+    qwen = setup_from_row(next(r for r in rows if r["model"] == "qwen3-moe"))
+    assert (gemma.settings.post_norms, gemma.settings.qk_norm) == (2, True)
+    assert (qwen.settings.post_norms, qwen.settings.qk_norm) == (0, True)
+    spec = ModelSpec(vocab_size=32000, dim=4096, n_layers=4, n_heads=32, n_kv_heads=8, ffn_dim=11008,
+                     max_seq_len=4096)
+    cluster = make_cluster("h100-sxm-80gb", 8)
+    layout = Layout(dp_shard=8, micro_batch=1)
+    plain = TrainSettings(seq_len=4096, global_batch_seqs=8)
+    normed = replace(plain, post_norms=2, qk_norm=True)
+    # Two post-norms: 4096 tokens x 4096 x 2 bytes read + written each; QK-norm: q (4096) and k (8 x 128) read and
+    # written: 4096 x (4096 + 1024) x 2 x 2 bytes; all at 80% of 3.35 TB/s.
+    extra = (2 * 4096 * 4096 * 2 * 2 + 4096 * (4096 + 1024) * 2 * 2) / (3350e9 * 0.80)
+    assert layer_forward_times(spec, normed, layout, cluster).elementwise_s == pytest.approx(
+        layer_forward_times(spec, plain, layout, cluster).elementwise_s + extra)
+
+
+def test_an_fp8_cast_writes_the_quantized_input_and_its_transpose() -> None:
+    from aiinfra.plan.step import layer_forward_times
+
+    spec = ModelSpec(vocab_size=32000, dim=4096, n_layers=4, n_heads=32, n_kv_heads=8, ffn_dim=11008,
+                     max_seq_len=4096)
+    cluster = make_cluster("h100-sxm-80gb", 8)
+    layout = Layout(dp_shard=8, micro_batch=1)
+    bf16 = TrainSettings(seq_len=4096, global_batch_seqs=8)
+    fp8 = replace(bf16, precision="fp8")
+    # Four linear inputs a layer (h, q, h, ffn wide), each read in bf16 (2 bytes) and written as fp8 and its fp8
+    # transpose (1 + 1), at 80% of 3.35 TB/s.
+    casts = 4096 * 4 * (2 * 4096 + 4096 + 11008) / (3350e9 * 0.80)
+    assert layer_forward_times(spec, fp8, layout, cluster).elementwise_s == pytest.approx(
+        layer_forward_times(spec, bf16, layout, cluster).elementwise_s + casts)
+
+
+def test_sequence_parallel_fp8_inputs_are_quantized_before_the_gather_and_moe_casts_each_routed_copy() -> None:
+    from aiinfra.plan.step import layer_forward_times
+
+    cluster = make_cluster("h100-sxm-80gb", 8)
+    bw = 3350e9 * 0.80
+    bf16 = TrainSettings(seq_len=4096, global_batch_seqs=8)
+    fp8 = replace(bf16, precision="fp8")
+    dense = ModelSpec(vocab_size=32000, dim=4096, n_layers=4, n_heads=32, n_kv_heads=8, ffn_dim=11008,
+                      max_seq_len=4096)
+    sp = Layout(tp=2, dp_shard=4, micro_batch=1, sequence_parallel=True)
+    # The two norm outputs: read 2 and write 1 on the rank's 4096 / 2 rows, then the fp8 transpose of the gathered
+    # 4096 rows (read 1, write 1): 4096 x 4096 x (3 / 2 + 2) each; q (2048 wide here) and ffn (5504) cast whole.
+    casts = (2 * 4096 * 4096 * (3 / 2 + 2) + 4096 * 4 * (2048 + 5504)) / bw
+    assert layer_forward_times(dense, fp8, sp, cluster).elementwise_s == pytest.approx(
+        layer_forward_times(dense, bf16, sp, cluster).elementwise_s + casts)
+    # Under MoE the attention input is cast once and the MLP input once per routed copy (k = 4).
+    moe = ModelSpec(vocab_size=32000, dim=4096, n_layers=4, n_heads=32, n_kv_heads=8, ffn_dim=2048,
+                    max_seq_len=4096, n_experts=64, experts_per_token=4)
+    flat = Layout(dp_shard=8, micro_batch=1)
+    casts = 4096 * 4 * (4096 + 4 * 4096 + 4096 + 4 * 2048) / bw
+    assert layer_forward_times(moe, fp8, flat, cluster).elementwise_s == pytest.approx(
+        layer_forward_times(moe, bf16, flat, cluster).elementwise_s + casts)
+
+
+def test_whole_layer_cpu_offload_moves_every_saved_tensor_under_the_passes() -> None:
+    from aiinfra.plan.memory import layer_activation_bytes, stored_layer_bytes
+    from aiinfra.plan.step import layer_micro_batch_times, layer_offload_exposed_s
+
+    spec = preset("llama3-70b")
+    cluster = make_cluster("gb200", 64)
+    settings = TrainSettings(seq_len=8192, global_batch_seqs=128, precision="fp8")
+    kept = Layout(dp_shard=64, zero_stage=3, micro_batch=2)
+    half = replace(kept, offload_layer_fraction=0.5)
+    full_bytes = stored_layer_bytes(spec, settings, kept)
+    # Half the layers keep nothing on the device: the average layer holds half its activations.
+    assert layer_activation_bytes(spec, settings, half) == pytest.approx(0.5 * full_bytes)
+    # Transfers at 225 GB/s per direction (GB200's NVLink-C2C share), exposed beyond the pass they run under.
+    fwd, bwd = 0.01, 0.02
+    transfer = full_bytes / 225e9
+    assert layer_offload_exposed_s(spec, settings, half, cluster, fwd, bwd) == pytest.approx(
+        0.5 * (max(0.0, transfer - fwd) + max(0.0, transfer - bwd)))
+    # A faster host link never slows the step; with no recomputation the compute is the kept layout's.
+    fast = replace(cluster, accelerator=replace(cluster.accelerator, host_bw_gbs=900))
+    slow_t = layer_micro_batch_times(spec, settings, half, cluster)
+    fast_t = layer_micro_batch_times(spec, settings, half, fast)
+    assert fast_t.other_comm_exposed_s <= slow_t.other_comm_exposed_s
+    assert slow_t.compute_s == pytest.approx(layer_micro_batch_times(spec, settings, kept, cluster).compute_s)

@@ -112,11 +112,11 @@ def group_bandwidth_bytes_per_s(cluster: Cluster, group_size: int, stride: int) 
     if group_size <= 1:
         return float("inf"), 0.0
     if stride * group_size <= cluster.scaleup_domain:
+        # A TPU's figure is already the sum over all its ICI links, one way (Cloud TPU docs: v5p 1200 GB/s
+        # bidirectional per chip = 6 links x 100 GB/s each way): a bidirectional ring on each torus axis, V / (2 W)
+        # per axis (jax-ml scaling book, "How to think about TPUs"), can at most fill every link, so nothing is
+        # doubled (doubling made v5p send 1200 GB/s one way).
         bandwidth = cluster.scaleup_bw_bytes_per_s
-        if cluster.topology == "torus":
-            # A bidirectional ring on a torus axis with wrap-around uses both directions of its links
-            # (jax-ml scaling book, "How to think about TPUs": all-gather cost V / (2 W_ici) per axis).
-            bandwidth *= 2
         return bandwidth * eff.collective_bw_efficiency, eff.scaleup_latency_s
     members_per_domain = max(1, cluster.scaleup_domain // stride) if stride < cluster.scaleup_domain else 1
     bandwidth = min(cluster.scaleup_bw_bytes_per_s, members_per_domain * cluster.scaleout_bw_bytes_per_s)

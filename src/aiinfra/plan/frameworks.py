@@ -42,6 +42,9 @@ class FrameworkFacts:
     logit_bytes: int = 4  # bytes per stored logit
     fp8_saved_inputs: bool = False  # fp8/fp4 linear inputs saved for the backward quantized (Transformer Engine)
     fp8_amax_pass: bool = False  # fp8 scales from each tensor's current amax, one extra read per cast (tensorwise)
+    grouped_gemm_row_tile: int = 0  # dropless experts' grouped GEMM walks row tiles of this size (0: untiled)
+    selective_recomputes_alternate_mms: bool = False  # per-op selective checkpointing reruns every second matmul
+    layer_offload: bool = False  # can keep whole layers' activations in host memory (a searched knob when unstated)
 
 
 FRAMEWORKS: dict[str, FrameworkFacts] = {
@@ -50,12 +53,15 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         "Megatron-LM/Megatron-Core arguments.py and DDP config: GPT hidden/attention dropout 0.1; --overlap-grad-"
         "reduce and --overlap-param-gather; buckets of max(40M, 1M x dp) parameters; fp32 main gradients reduced in "
         "fp32; interleaved 1F1B (--num-layers-per-virtual-pipeline-stage); sequence parallel with TP; TP comm "
-        "overlap; --recompute-num-layers for recomputing part of a stage; Megatron-FSDP gathers per module; the MoE "
+        "overlap; --recompute-num-layers for recomputing part of a stage; --cpu-offloading with "
+        "--cpu-offloading-num-layers keeps whole layers' activations in host memory; Megatron-FSDP gathers per "
+        "module; the MoE "
         "all-to-all blocks the expert GEMMs (TransformerConfig.overlap_moe_expert_parallel_comm defaults to False: "
         "overlapping it with another micro-batch is opt-in, and the published tables do not say it was on); TE "
         "fused attention; TE's fp8/fp4 linear layers save their quantized input for the weight gradient",
         dropout_families=("gpt",), tp_overlap=True, fp8_saved_inputs=True, interleaved_by_default=True,
         dp_bucket_params=40e6, dp_bucket_params_per_rank=1e6, sequence_parallel=True, partial_recompute=True,
+        layer_offload=True,
     ),
     "megatron-2021": FrameworkFacts(
         "megatron-2021",
@@ -86,8 +92,9 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         "torchtitan parallelize_llama: FSDP2 fully_shard per transformer block (one all-gather and one "
         "reduce-scatter per block, prefetched), mixed_precision_reduce float32, SDPA flash attention, no dropout, "
         "sequence parallel with TP; Float8 training through torchao's default tensorwise dynamic scaling (each "
-        "input's amax computed before its cast)",
-        sequence_parallel=True, fp8_amax_pass=True,
+        "input's amax computed before its cast); selective per-op activation checkpointing saves every compute op's "
+        "output except every second matmul of a block, which runs again in the backward (_custom_policy)",
+        sequence_parallel=True, fp8_amax_pass=True, selective_recomputes_alternate_mms=True,
     ),
     "pytorch-fsdp": FrameworkFacts(
         "pytorch-fsdp",
@@ -108,10 +115,11 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         "dcn_data_parallelism -1 (shard inside a slice, replicate across slices), latency-hiding scheduler, fused "
         "(splash) attention; its MFU counts causal attention (calculate_tflops_training_per_device); remat_policy "
         "custom and the *_offloaded policies move saved activations to host memory (jax.checkpoint offload policies); "
-        "logits_dot_in_fp32 False (bf16 logits)",
+        "logits_dot_in_fp32 False (bf16 logits); dropless MoE through megablox grouped matmuls with row tiles of "
+        "tile_batch_seq 512 (MoE tiling defaults; a tile that straddles two experts is visited once per expert)",
         tp_overlap=True, grad_reduce_fp32=False, param_bytes=4, gather_param_bytes=2, optimizer_bytes_per_param=8,
         sequence_parallel=True, shard_within_domain=True, mfu_causal_attention=True, activation_offload=True,
-        logit_bytes=2,
+        logit_bytes=2, grouped_gemm_row_tile=512,
     ),
     "in-house": FrameworkFacts(
         "in-house",

@@ -41,6 +41,7 @@ class Layout:
     recompute_fraction: float = 1.0  # share of a stage's layers recomputed (Megatron --recompute-num-layers)
     sequence_parallel: bool = False  # shard norms/dropout along the sequence inside the TP group
     offload_activations: bool = False  # what the recompute policy saves, beyond layer inputs, waits in host memory
+    offload_layer_fraction: float = 0.0  # share of a stage's layers kept whole in host memory (Megatron CPU offload)
 
     @property
     def dp(self) -> int:
@@ -73,6 +74,8 @@ class Layout:
         parts += [f"ZeRO-{self.zero_stage}", f"mb{self.micro_batch}", f"recompute={recompute}"]
         if self.offload_activations:
             parts[-1] += "+offload"
+        if self.offload_layer_fraction > 0:
+            parts[-1] += f"+offload({100 * self.offload_layer_fraction:.0f}% of layers)"
         if self.sequence_parallel:
             parts.append("SP")
         return " ".join(parts)
@@ -107,8 +110,12 @@ class TrainSettings:
     gather_param_bytes: int = 0  # bytes per weight a ZeRO-3 gather moves and holds (0: param_bytes)
     logit_bytes: int = 4  # bytes per stored logit (Megatron keeps fp32 logits for its fused cross-entropy)
     moe_capacity_factor: float = 0.0  # token-dropping MoE: each expert computes a buffer of cf x its fair share
+    grouped_gemm_row_tile: int = 0  # row tile of a tiled grouped expert GEMM (megablox); 0: no per-group waste
+    selective_recomputes_alternate_mms: bool = False  # selective recompute reruns every second matmul (torchtitan)
     attention_window: int = 0  # sliding-window width of the local attention layers (0: none)
     window_layer_share: float = 0.0  # share of the layers that attend within the window only
+    post_norms: int = 0  # extra RMSNorms per layer on the attention and MLP outputs (Gemma 3's post-norms)
+    qk_norm: bool = False  # RMSNorm over each query and key head before the scores (Gemma 3, Qwen3)
     qk_head_dim: int = 0  # width of a query/key head in the score product when not hidden / heads (MLA); 0: that
     v_head_dim: int = 0  # width of a value head in the mixing product when not hidden / heads (MLA); 0: that
 
@@ -190,5 +197,7 @@ def check_layout(spec: ModelSpec, settings: TrainSettings, layout: Layout, n_dev
                             f"{spec.n_experts} experts")
     if layout.offload_activations and layout.recompute == "full":
         raise PlanError("offload_activations needs recompute none or selective (full keeps only layer inputs)")
+    if not 0 <= layout.offload_layer_fraction <= 1 or (layout.offload_layer_fraction and layout.recompute != "none"):
+        raise PlanError("offload_layer_fraction must be in [0, 1] and needs recompute none")
     if layout.sequence_parallel and layout.tp == 1:
         raise PlanError("sequence parallelism needs tp >= 2")

@@ -84,12 +84,19 @@ def offloaded_layer_bytes(spec: ModelSpec, settings: TrainSettings, layout: Layo
     return tokens * (a * (2 * q_local + 2 * kv_local) + lse) + layer_input_bytes(spec, settings, layout)
 
 
+def stored_layer_bytes(spec: ModelSpec, settings: TrainSettings, layout: Layout) -> float:
+    """Everything one layer saves for its backward for one micro-batch (what whole-layer offload moves)."""
+    return _layer_activation_bytes(spec, settings, layout)
+
+
 def layer_activation_bytes(spec: ModelSpec, settings: TrainSettings, layout: Layout) -> float:
     """Activations one layer stores for one micro-batch on one device, averaged over the stage's layers when only
     a share of them is recomputed (the others keep everything)."""
     if layout.offload_activations:
         return 0.0
     stored = _layer_activation_bytes(spec, settings, layout)
+    if layout.offload_layer_fraction > 0:  # those layers' activations wait in host memory
+        return (1 - layout.offload_layer_fraction) * stored
     if layout.recompute == "none" or layout.recompute_fraction >= 1:
         return stored
     kept = _layer_activation_bytes(spec, settings, replace(layout, recompute="none"))
@@ -197,6 +204,9 @@ def activation_memory_bytes(spec: ModelSpec, settings: TrainSettings, layout: La
         stored += _layer_activation_bytes(spec, settings, replace(layout, recompute="none",
                                                                   offload_activations=False))
         stored += offloaded_layer_bytes(spec, settings, layout)
+    if layout.offload_layer_fraction > 0:
+        # The layer being written out and the one being brought back for its backward are on the device.
+        stored += 2 * _layer_activation_bytes(spec, settings, layout)
     if settings.dropout:
         stored += tokens * spec.dim / sp_divisor * in_flight  # embedding dropout mask (Korthikanti 4.3)
     if layout.pp == 1:

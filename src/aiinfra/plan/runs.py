@@ -50,6 +50,14 @@ ATTENTION_HEAD_DIMS = {"deepseek-v3": (192, 128), "qwen3-moe": (128, 128), "gpt-
 # 256-wide heads (Gemma 3 technical report, 2025, 2.1; config.json sliding_window 1024, sliding_window_pattern 6,
 # head_dim 256 against 3840 / 16 = 240 for 12B). (window, share of the layers).
 SLIDING_WINDOWS = {"gpt-oss": (128, 0.5), "gemma3": (1024, 5 / 6)}
+# The same published head widths size the query, key, value and output projections (config.json head_dim: the
+# q projection is heads x head_dim wide, not hidden): Qwen3-235B-A22B 64 x 128 = 8192 against hidden 4096.
+PUBLISHED_HEAD_WIDTHS = {"qwen3-moe": 128, "gpt-oss": 64, "gemma3": 256}
+# Norms beyond the pre-norms: Gemma 3 adds a post-norm after attention and after the MLP and replaces Gemma 2's
+# soft-capping by QK-norm (Gemma 3 technical report, 2025, 2.1; config.json / modeling: post_attention_layernorm,
+# post_feedforward_layernorm, q_norm, k_norm); Qwen3 adds QK-norm (Qwen3 technical report, 2025, 2.1: QK-Norm in
+# place of QKV bias). (post-norms per layer, QK-norm).
+EXTRA_NORMS = {"gemma3": (2, True), "qwen3-moe": (0, True)}
 
 
 class RowNotRepresentable(PlanError):
@@ -92,6 +100,18 @@ def moe_shape(row: dict[str, str], dense_params: float, layers: int, hidden: int
     return width, experts + shared, used
 
 
+def _head_width(row: dict[str, str]) -> int:
+    """The optional `head_dim` column: each attention head's width where the source states one that is not
+    hidden / heads (the 2023 MaxText test models: base.yml head_dim 256); empty = hidden / heads."""
+    text = (row.get("head_dim") or "").strip()
+    if not text:
+        return PUBLISHED_HEAD_WIDTHS.get(row.get("model", "").strip(), 0)
+    width = _int(row, "head_dim")
+    if width < 1:
+        raise RowNotRepresentable(f"head_dim={text!r}: expected a positive width")
+    return width
+
+
 def spec_from_row(row: dict[str, str]) -> ModelSpec:
     """A ModelSpec from the run table's shape columns; mixture-of-experts from `experts` and the parameter counts."""
     family = row.get("model", "").strip()
@@ -106,7 +126,7 @@ def spec_from_row(row: dict[str, str]) -> ModelSpec:
     arch = dict(mlp="gelu" if matrices == 2 else "swiglu", norm="layernorm" if gpt else "rmsnorm",
                 position="rope" if rope else "learned", bias=gpt, tie_embeddings=family in TIED_FAMILIES)
     common = dict(vocab_size=vocab, dim=hidden, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads,
-                  max_seq_len=seq, **arch)
+                  max_seq_len=seq, head_width=_head_width(row), **arch)
     try:
         if (row.get("experts") or "").strip() and int(row["experts"]) > 1:
             dense = ModelSpec(**common, ffn_dim=1).num_params()
@@ -239,11 +259,15 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
         grad_reduce_every_micro_batch=facts.grad_reduce_every_micro_batch,
         moe_node_limit=NODE_LIMITED_ROUTING.get(row.get("model", "").strip(), 0), logit_bytes=facts.logit_bytes,
         fp8_amax_pass=facts.fp8_amax_pass, fp8_saved_inputs=facts.fp8_saved_inputs,
+        grouped_gemm_row_tile=facts.grouped_gemm_row_tile,
+        selective_recomputes_alternate_mms=facts.selective_recomputes_alternate_mms,
     )
     qk_dim, v_dim = ATTENTION_HEAD_DIMS.get(row.get("model", "").strip(), (0, 0))
     window, window_share = SLIDING_WINDOWS.get(row.get("model", "").strip(), (0, 0.0))
+    post_norms, qk_norm = EXTRA_NORMS.get(row.get("model", "").strip(), (0, False))
     settings = replace(settings, qk_head_dim=qk_dim, v_head_dim=v_dim, moe_capacity_factor=_capacity_factor(row),
-                       attention_window=window, window_layer_share=window_share)
+                       attention_window=window, window_layer_share=window_share, post_norms=post_norms,
+                       qk_norm=qk_norm)
     settings = _with_weight_dtype(settings, row)
     try:
         cluster = make_cluster(row["hardware"].strip(), n_devices)

@@ -14,6 +14,7 @@ from aiinfra.plan.cluster import Cluster, collective_time_s
 from aiinfra.plan.errors import PlanError
 from aiinfra.plan.layout import Layout, TrainSettings, check_layout, layers_per_stage, micro_batches
 from aiinfra.plan.memory import device_param_counts, memory_breakdown, offloaded_layer_bytes
+from aiinfra.plan.memory import stored_layer_bytes as _stored_layer_bytes
 from aiinfra.spec import ModelSpec
 
 # Bytes moved per logit by a fused vocab-parallel cross-entropy (write bf16 logits, read them, write fp32
@@ -26,7 +27,11 @@ FLASH_BACKWARD_FACTOR = 2.5
 FLASH_BLOCK = 128  # query/key tile: a causal mask skips every tile above the diagonal
 SELECTIVE_ELEMENTWISE_SHARE = 0.5  # of a layer's elementwise traffic that selective recompute repeats (flash)
 GEMM_INPUT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "fp4": 0.5625}  # NVFP4: 16 values + a scale
-FP8_CAST_BYTES = 3  # a bf16 -> fp8 cast reads 2 bytes and writes 1 per element
+# A bf16 -> fp8 cast reads 2 bytes and writes the fp8 copy and its transpose, 1 + 1 per element: the weight-gradient
+# GEMM needs the input quantized along the other axis (Transformer Engine's fused cast_transpose on Hopper; MXFP8 and
+# NVFP4 keep rowwise and columnwise copies, each with its own block scales).
+FP8_CAST_BYTES = 4
+FP8_TRANSPOSE_BYTES = 2  # the transposed copy made from an fp8 tensor: read 1 byte, write 1
 # Dynamic tensorwise scaling reads each bf16 input once more to find its absolute maximum before the cast can scale
 # it (torchao float8 "tensorwise" recipe: the scale is computed from the current tensor's amax); delayed or block
 # scaling (Transformer Engine's amax history, MXFP8) folds the scale into the cast's own pass.
@@ -77,8 +82,18 @@ def expert_tokens(spec: ModelSpec, layout: Layout, m: float, capacity_factor: fl
     return share * capacity_factor if capacity_factor > 0 else share
 
 
+def grouped_gemm_rows(rows_per_expert: float, local_experts: float, row_tile: int) -> float:
+    """Rows each expert's share of a tiled grouped GEMM computes. A kernel that walks row tiles of `row_tile` rows
+    over the experts' concatenated groups visits a tile that straddles two groups once for each (JAX Pallas megablox
+    gmm/tgmm, make_group_metadata: at most tiles_m + num_groups - 1 tile visits, each a whole masked tile), so
+    G groups cost about G - 1 tiles more than their rows: row_tile x (G - 1) / G more rows per expert."""
+    if row_tile <= 0 or local_experts <= 1:
+        return rows_per_expert
+    return rows_per_expert + row_tile * (local_experts - 1) / local_experts
+
+
 def _mlp_gemm_s(spec: ModelSpec, layout: Layout, cluster: Cluster, precision: str, m: float,
-                capacity_factor: float = 0.0) -> float:
+                capacity_factor: float = 0.0, row_tile: int = 0) -> float:
     """The MLP's GEMMs for m tokens: dense, or router plus local experts' grouped GEMMs (`expert_tokens`)."""
     ffn_local = spec.ffn_dim / layout.tp
     mlp_in = (2 if spec.mlp == "swiglu" else 1) * ffn_local
@@ -90,6 +105,8 @@ def _mlp_gemm_s(spec: ModelSpec, layout: Layout, cluster: Cluster, precision: st
         gemm += _gemm_time_s(cluster, precision, m, h, spec.n_experts)  # router
     local_experts = spec.n_experts / layout.ep
     tokens_per_expert = expert_tokens(spec, layout, m, capacity_factor)
+    if capacity_factor <= 0:  # dropless: ragged groups (a capacity buffer is a dense batched GEMM)
+        tokens_per_expert = grouped_gemm_rows(tokens_per_expert, local_experts, row_tile)
     gemm += _gemm_time_s(cluster, precision, tokens_per_expert, h, mlp_in, local_experts)
     return gemm + _gemm_time_s(cluster, precision, tokens_per_expert, ffn_local, h, local_experts)
 
@@ -125,6 +142,28 @@ def flash_tile_fraction(settings: TrainSettings) -> float:
     return (1 - settings.window_layer_share) * causal + settings.window_layer_share * windowed
 
 
+def alternate_mm_shapes(spec: ModelSpec, layout: Layout) -> list[tuple[float, float]]:
+    """(k, n) of every second matmul of a transformer block in execution order, per micro-batch token row: q, k,
+    v, o, then the MLP's w1, w3 (gate) and w2 (torchtitan's Attention and FeedForward), i.e. k, o and w3 (fc2 for
+    a 2-matrix MLP). An MoE block's experts run as grouped GEMMs, outside the count: only k and o."""
+    h = spec.dim
+    q_local = spec.n_heads * spec.head_dim / layout.tp
+    kv_local = spec.head_dim * -(-spec.n_kv_heads // layout.tp)
+    ffn_local = spec.ffn_dim / layout.tp
+    shapes = [(h, kv_local), (q_local, h)]
+    if not spec.is_moe:
+        shapes.append((h, ffn_local) if spec.mlp == "swiglu" else (ffn_local, h))
+    return shapes
+
+
+def alternate_mm_recompute_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster) -> float:
+    """Forward time of the matmuls torchtitan's per-op selective checkpointing recomputes: it saves the output of
+    every compute op except every second aten.mm of a block (torchtitan activation checkpointing, _custom_policy:
+    "Saves output of all compute ops, except every second mm"), so those GEMMs run again in the backward."""
+    m = layout.micro_batch * settings.seq_len / layout.cp
+    return sum(_gemm_time_s(cluster, settings.gemm_precision, m, k, n) for k, n in alternate_mm_shapes(spec, layout))
+
+
 def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster) -> PassTimes:
     """Forward-pass costs of one transformer layer for one micro-batch on one device."""
     eff = cluster.efficiency
@@ -140,7 +179,8 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
 
     gemm = _gemm_time_s(cluster, precision, m, h, q_local + 2 * kv_local)  # fused QKV projection
     gemm += _gemm_time_s(cluster, precision, m, q_local, h)  # output projection
-    mlp_gemm = _mlp_gemm_s(spec, layout, cluster, precision, m, settings.moe_capacity_factor)
+    mlp_gemm = _mlp_gemm_s(spec, layout, cluster, precision, m, settings.moe_capacity_factor,
+                           settings.grouped_gemm_row_tile)
     gemm += mlp_gemm
 
     seq = settings.seq_len
@@ -163,21 +203,33 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
     mask = 1 if settings.dropout else 0
     # Two norms (read + write) and two residual adds (read two, write one, plus dropout mask).
     replicated_bytes = m * h * (10 * a + 2 * mask) / sp_divisor
+    # Post-norms after attention and MLP (Gemma 3) read and write the residual-width output once more each.
+    replicated_bytes += m * h * 2 * a * settings.post_norms / sp_divisor
     activation_bytes = m * (2 if spec.mlp == "gelu" else 3) * a * ffn_local
     if spec.is_moe:
         activation_bytes *= spec.experts_per_token
     rotary_bytes = m * 2 * a * (q_local + kv_local) if spec.position == "rope" else 0.0
+    # QK-norm (Gemma 3, Qwen3): an RMSNorm over every query and key head reads and writes q and k once more.
+    qk_norm_bytes = m * 2 * a * (q_local + kv_local) if settings.qk_norm else 0.0
     if spec.is_moe and spec.n_experts > 1:
         # Token permutation before the experts and unpermutation after: each routed copy is read and written twice.
         activation_bytes += m * spec.experts_per_token * h * a * MOE_PERMUTE_PASSES
     if precision in ("fp8", "fp4"):
-        # Each low-precision GEMM casts its input (read 2 bytes, write 1) before it runs (Transformer Engine's
-        # per-tensor or block scaling); the four linear inputs of a layer are h, q_local, h and ffn_local wide.
+        # Each low-precision GEMM casts its input before it runs (Transformer Engine's per-tensor or block
+        # scaling): the attention input (h), the attention output (q_local), the MLP input (h, each routed copy
+        # under MoE) and the MLP's inner activation (ffn_local). Under sequence parallelism the two norm outputs are
+        # quantized on the rank's own S/TP rows and all-gathered in fp8 (Transformer Engine's Linear/LayerNormLinear:
+        # the input quantizer runs before gather_along_first_dim), and the transposed copy is made from the gathered
+        # fp8 tensor (read 1, write 1).
         experts = spec.experts_per_token if spec.is_moe else 1
         cast = FP8_CAST_BYTES + (AMAX_PASS_BYTES if settings.fp8_amax_pass else 0)
-        activation_bytes += m * cast * (2 * h * experts + q_local + ffn_local * experts)
+        gathered = sp_divisor > 1
+        norm_cast = (cast - 1) / sp_divisor + FP8_TRANSPOSE_BYTES if gathered else cast  # local cast, then transpose
+        attention_in = h * norm_cast
+        mlp_in = h * experts * cast if spec.is_moe else h * norm_cast
+        activation_bytes += m * (attention_in + mlp_in + cast * (q_local + ffn_local * experts))
     bandwidth = cluster.memory_bw_bytes_per_s * eff.memory_bw_efficiency
-    elementwise = (replicated_bytes + activation_bytes + rotary_bytes) / bandwidth
+    elementwise = (replicated_bytes + activation_bytes + rotary_bytes + qk_norm_bytes) / bandwidth
 
     # Two all-reduces per layer (Shoeybi et al. 2019), or the same bytes as all-gather + reduce-scatter pairs
     # under sequence parallelism (Korthikanti et al. 2022, 4.2.2).
@@ -250,6 +302,8 @@ def layer_micro_batch_times(
     elif layout.recompute == "selective":
         # Keeping matmul outputs only, the norms and the gated product run again: about half the elementwise work.
         recompute = SELECTIVE_ELEMENTWISE_SHARE * fwd.elementwise_s
+        if settings.selective_recomputes_alternate_mms:
+            recompute += alternate_mm_recompute_s(spec, settings, layout, cluster)
     recompute *= layout.recompute_fraction
     recomputed_tp_passes *= layout.recompute_fraction
 
@@ -262,6 +316,7 @@ def layer_micro_batch_times(
     cp_exposed = overlapped_s(fwd.cp_comm_s, fwd.attention_s)
     cp_exposed += overlapped_s(2 * fwd.cp_comm_s, attention_bwd * fwd.attention_s)
     offload = host_transfer_exposed_s(spec, settings, layout, cluster, fwd_compute, bwd_compute + recompute)
+    offload += layer_offload_exposed_s(spec, settings, layout, cluster, fwd_compute, bwd_compute)
     if settings.ep_overlap:
         # Dispatch and combine of one micro-batch run under another's compute (Megatron-Core's EP all-to-all
         # overlap in 1F1B; DeepSeek-V3's DualPipe), paying the SM tax.
@@ -274,6 +329,22 @@ def layer_micro_batch_times(
         other_comm_exposed_s=cp_exposed + ep_exposed + offload,
         backward_s=bwd_compute + recompute,
     )
+
+
+def layer_offload_exposed_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster,
+                            forward_s: float, backward_s: float) -> float:
+    """Whole-layer CPU offload (Megatron-Core --cpu-offloading with --cpu-offloading-num-layers, activations): every
+    saved tensor of an offloaded layer goes to host memory during its forward and comes back before its backward, by
+    copy engines on their own stream, so only the excess over the pass it runs under is exposed; averaged over the
+    stage's layers (the share `offload_layer_fraction`)."""
+    if layout.offload_layer_fraction <= 0:
+        return 0.0
+    host_gbs = cluster.accelerator.host_bw_gbs
+    if not host_gbs:
+        raise PlanError(f"layer offload: hardware {cluster.accelerator.id!r} has no host_bw_gbs in the catalog")
+    size = _stored_layer_bytes(spec, settings, layout)
+    transfer = size / (host_gbs * 1e9)
+    return layout.offload_layer_fraction * (max(0.0, transfer - forward_s) + max(0.0, transfer - backward_s))
 
 
 def host_transfer_exposed_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster,
@@ -302,7 +373,8 @@ def head_micro_batch_s(spec: ModelSpec, settings: TrainSettings, layout: Layout,
 
 
 def hardware_flops_per_token(spec: ModelSpec, seq_len: int, recompute: str, attention_kernel: str,
-                             recompute_fraction: float = 1.0, offload: bool = False) -> float:
+                             recompute_fraction: float = 1.0, offload: bool = False,
+                             alternate_mms: bool = False) -> float:
     """Training FLOPs per token including recomputation (the HFU numerator; Megatron's eq. 3 for full); the offload
     policy recomputes the MLP's forward."""
     flops = float(spec.train_flops_per_token(seq_len))
@@ -315,6 +387,8 @@ def hardware_flops_per_token(spec: ModelSpec, seq_len: int, recompute: str, atte
         flops += recompute_fraction * (spec.forward_flops_per_token(seq_len) - head)  # the head is not recomputed
     elif recompute == "selective" and attention_kernel == "materialized":
         flops += recompute_fraction * spec.attention_flops_per_token(seq_len)
+    elif recompute == "selective" and alternate_mms:
+        flops += recompute_fraction * spec.n_layers * sum(2.0 * k * n for k, n in alternate_mm_shapes(spec, Layout()))
     return flops
 
 
@@ -454,5 +528,6 @@ def step_breakdown(spec: ModelSpec, settings: TrainSettings, layout: Layout, clu
         model_flops=tokens * float(spec.train_flops_per_token(settings.seq_len)),
         hardware_flops=tokens
         * hardware_flops_per_token(spec, settings.seq_len, layout.recompute, settings.attention_kernel,
-                                   layout.recompute_fraction, layout.offload_activations),
+                                   layout.recompute_fraction, layout.offload_activations,
+                                   settings.selective_recomputes_alternate_mms),
     )

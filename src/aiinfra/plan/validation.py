@@ -57,10 +57,17 @@ def _candidates(setup: RunSetup) -> list[Layout]:
     # A framework whose selective policies can keep the saved activations in host memory (MaxText) may have run
     # them so: the searched variant pays the host transfers and keeps only layer inputs on the device.
     offloads = (False, True) if setup.facts.activation_offload else (False,)
-    return [replace(layout, micro_batch=b, virtual_stages=v, recompute=r, recompute_fraction=f,  # type: ignore[arg-type]
-                    offload_activations=o)
-            for b, v, (r, f), o in itertools.product(micro, chunks, recomputes, offloads)
-            if not (o and r != "selective")]
+    candidates = [replace(layout, micro_batch=b, virtual_stages=v, recompute=r, recompute_fraction=f,  # type: ignore[arg-type]
+                          offload_activations=o)
+                  for b, v, (r, f), o in itertools.product(micro, chunks, recomputes, offloads)
+                  if not (o and r != "selective")]
+    # A framework that can keep whole layers in host memory (Megatron's CPU offloading) may have run some instead of
+    # recomputing them, where the catalog knows the device's host link.
+    if setup.search_recompute and setup.facts.layer_offload and setup.cluster.accelerator.host_bw_gbs:
+        candidates += [replace(layout, micro_batch=b, virtual_stages=v, recompute="none", recompute_fraction=1.0,
+                               offload_layer_fraction=share)
+                       for b, v, share in itertools.product(micro, chunks, (0.25, 0.5, 0.75, 1.0))]
+    return candidates
 
 
 def best_layout(setup: RunSetup) -> tuple[Layout, StepBreakdown]:
