@@ -112,6 +112,13 @@ def decode_step_time_s(
 ) -> float:
     """One engine step at `batch` running sequences: decode one token each plus (if `prefill`) the steady
     prefill share; without it, a pure decode step over contexts of `input_tokens`."""
+    return sum(decode_step_parts(spec, cluster, settings, batch, prefill).values())
+
+
+def decode_step_parts(
+    spec: ModelSpec, cluster: Cluster, settings: ServeSettings, batch: int, prefill: bool = True
+) -> dict[str, float]:
+    """The seconds of one engine step by kernel group (`decode_step_time_s` is their sum)."""
     eff = cluster.efficiency
     tp = settings.tp
     dtype = _compute_dtype(settings.weight_dtype)
@@ -166,7 +173,7 @@ def decode_step_time_s(
         # finalizeMoeRouting), per token and layer k x h elements each way.
         elementwise += tokens * spec.n_layers * spec.experts_per_token * h * 2 * MOE_SERVE_PERMUTE_PASSES / bandwidth
     tp_comm = spec.n_layers * 2 * collective_time_s(cluster, "all_reduce", tokens * h * 2, tp, 1)
-    return gemm + head + attention + elementwise + tp_comm
+    return {"gemm": gemm, "head": head, "attention": attention, "elementwise": elementwise, "tp_comm": tp_comm}
 
 
 def plan_serving(spec: ModelSpec, cluster: Cluster, settings: ServeSettings) -> ServePlan:
