@@ -242,7 +242,7 @@ def test_megatron_buckets_grow_with_the_data_parallel_size() -> None:
 
 def test_engine_batch_limit_from_the_row_or_its_engines_default() -> None:
     assert engine_max_batch({"system": "vLLM benchmark_throughput.py"}) == 256  # SchedulerConfig.max_num_seqs
-    assert engine_max_batch({"system": "TensorRT-LLM max-throughput"}) == 2048
+    assert engine_max_batch({"system": "TensorRT-LLM max-throughput"}) == 2048  # trtllm-bench may set its own
     assert engine_max_batch({"system": "vLLM (ROCm)", "max_batch": "3200"}) == 3200
     assert engine_max_batch({"system": ""}) == 2048
     with pytest.raises(RowNotRepresentable, match="max_batch='0'"):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from aiinfra.plan.cluster import Cluster, collective_time_s
@@ -53,6 +53,9 @@ class ServeSettings:
     ttft_slo_s: float | None = None
     tpot_slo_s: float | None = None
     kv_dim_per_layer: int | None = None  # K+V elements per token per layer when not 2 x kv_heads x head_dim (MLA)
+    # The scheduler admits a request only when the KV cache holds its whole prompt and output (TensorRT-LLM's
+    # default CapacitySchedulerPolicy.GUARANTEED_NO_EVICT), not the average of what the running sequences hold.
+    reserve_whole_sequence: bool = False
 
 
 @dataclass(frozen=True)
@@ -202,9 +205,9 @@ def plan_serving(spec: ModelSpec, cluster: Cluster, settings: ServeSettings) -> 
             f"{cluster.memory_bytes / 1e9:.0f} GB; raise --tp or quantize"
         )
     kv_cache = settings.kv_memory_fraction * free
-    context = settings.input_tokens + settings.output_tokens / 2
+    held = settings.input_tokens + settings.output_tokens * (1.0 if settings.reserve_whole_sequence else 0.5)
     limits = {
-        "kv-cache": math.floor(kv_cache * tp / (context * per_token_kv)),
+        "kv-cache": math.floor(kv_cache * tp / (held * per_token_kv)),
         "max-batch": settings.max_batch,
         "token-budget": math.floor(settings.max_tokens_per_step / (1 + settings.input_tokens / settings.output_tokens)),
     }
@@ -302,6 +305,39 @@ def engine_max_batch(row: dict[str, str]) -> int:
     return ENGINE_MAX_BATCH.get(words[0] if words else "", ENGINE_MAX_BATCH["TensorRT-LLM"])
 
 
+def trtllm_bench_limits(spec: ModelSpec, memory_bytes: float, devices: int, weight_dtype: str, kv_dtype: str,
+                        input_tokens: int, output_tokens: int, kv_dim_per_layer: int | None = None) -> tuple[int, int]:
+    """(max batch, max tokens per step) that trtllm-bench sets when a run does not give them.
+
+    TensorRT-LLM's tensorrt_llm/bench/build/tuning.py (calc_engine_setting, finetune_setting): the requests whose
+    whole prompt and output fit 95% of the memory the weights leave (weights at 1 byte for fp8, 0.5 for NVFP4, 2
+    otherwise; the KV cache at 1 byte under fp8, else 2), capped at 4096 and rounded up (to 32 below 256, 128 below
+    1024, else 256; at least 64); the token budget that batch times (1 + input / output), capped at 32768, rounded
+    up (256 below 4096, 512 below 8192, else 1024; at least 2048).
+    """
+    bytes_per_elem = {"fp8": 1.0, "fp4": 0.5}.get(weight_dtype, 2.0)
+    kv_elem = 1.0 if kv_dtype == "fp8" else 2.0
+    per_layer = kv_dim_per_layer or 2 * max(devices, spec.n_kv_heads) * spec.head_dim
+    per_token = spec.n_layers * per_layer * kv_elem
+    cache = (memory_bytes * devices - spec.num_params() * bytes_per_elem) * 0.95
+    requests = max(cache, 0.0) / (per_token * (input_tokens + output_tokens))
+    raw_bs = min(requests, 4096)
+    raw_tokens = min(raw_bs * (1 + input_tokens / output_tokens), 32768)
+    if raw_bs < 256:
+        max_bs = max(64, 32 * math.ceil(raw_bs / 32))
+    elif raw_bs < 1024:
+        max_bs = 128 * math.ceil(raw_bs / 128)
+    else:
+        max_bs = 256 * math.ceil(raw_bs / 256)
+    if raw_tokens < 4096:
+        max_tokens = max(2048, 256 * math.ceil(raw_tokens / 256))
+    elif raw_tokens < 8192:
+        max_tokens = 512 * math.ceil(raw_tokens / 512)
+    else:
+        max_tokens = 1024 * math.ceil(raw_tokens / 1024)
+    return max_bs, max_tokens
+
+
 def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -> InferenceValidationRow:
     from aiinfra.plan.calibrated import calibrated
     from aiinfra.plan.cluster import make_cluster
@@ -325,9 +361,17 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
     kv_dtype = "fp8" if weight_dtype in ("fp8", "fp4") else "bf16"
     # GEMM ceilings fitted on the training runs only: no value is fitted to an inference row.
     cluster = calibrated(make_cluster(row["hardware"].strip(), tp))
+    # TensorRT-LLM's published figures come from trtllm-bench: its scheduler reserves each request's whole
+    # sequence, and where a run does not state its limits the tool sets them from the memory (trtllm_bench_limits).
+    tensorrt_llm = ((row.get("system") or "").split() or [""])[0] == "TensorRT-LLM"
     settings = ServeSettings(int(row["input_tokens"]), int(row["output_tokens"] or 1), weight_dtype=weight_dtype,
                              kv_dtype=kv_dtype, tp=tp, kv_dim_per_layer=model.kv_dim_per_layer,
-                             max_batch=engine_max_batch(row))
+                             max_batch=engine_max_batch(row), reserve_whole_sequence=tensorrt_llm)
+    if tensorrt_llm and not (row.get("max_batch") or "").strip():
+        max_batch, max_tokens = trtllm_bench_limits(model.spec, cluster.memory_bytes, tp, weight_dtype, kv_dtype,
+                                                    settings.input_tokens, settings.output_tokens,
+                                                    model.kv_dim_per_layer)
+        settings = replace(settings, max_batch=max_batch, max_tokens_per_step=max_tokens)
     value = float(row["value"])
     if row["metric"] == "ms_per_token_low_batch":
         predicted = 1e3 * decode_step_time_s(model.spec, cluster, settings, 1, prefill=False)

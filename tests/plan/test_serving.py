@@ -1,0 +1,38 @@
+"""The serving engines' documented limits, against hand computations."""
+
+import math
+from dataclasses import replace
+
+from aiinfra.plan.cluster import make_cluster
+from aiinfra.plan.inference import ServeSettings, plan_serving, serve_models, trtllm_bench_limits
+
+
+def test_trtllm_bench_sets_batch_and_token_limits_from_the_memory() -> None:
+    spec = serve_models()["llama-3.1-8b"].spec  # 32 layers, 8 KV heads of 128
+    memory = 80 * 2**30  # an 80 GB H100 holds 80 GiB
+    per_token = 32 * 2 * 8 * 128 * 1  # fp8 KV cache: 65,536 bytes
+    cache = (memory - spec.num_params() * 1.0) * 0.95  # fp8 weights, 1 byte each
+    # 128 in / 128 out: 4,409 requests fit, capped at 4096; tokens 4096 x 2 = 8192 (a multiple of 1024).
+    assert cache / (per_token * 256) > 4096
+    assert trtllm_bench_limits(spec, memory, 1, "fp8", "fp8", 128, 128) == (4096, 8192)
+    # 1000 / 1000: 564 requests -> 128 x ceil(564 / 128) = 640; tokens 1129 -> at least 2048.
+    requests = cache / (per_token * 2000)
+    assert 512 < requests < 640
+    assert trtllm_bench_limits(spec, memory, 1, "fp8", "fp8", 1000, 1000) == (640, 2048)
+    # NVFP4 weights take half a byte, a 16-bit KV cache two: 20000 / 2000 on one 180 GiB B200 -> at least 64.
+    big = serve_models()["llama-3.3-70b"].spec
+    raw = (180 * 2**30 - big.num_params() * 0.5) * 0.95 / (80 * 2 * 8 * 128 * 2 * 22000)
+    assert trtllm_bench_limits(big, 180 * 2**30, 1, "fp4", "bf16", 20000, 2000) == (
+        max(64, 32 * math.ceil(raw / 32)), 2048)
+
+
+def test_reserving_whole_sequences_admits_fewer_of_them() -> None:
+    spec = serve_models()["llama-3.1-8b"].spec
+    cluster = make_cluster("h100-sxm-80gb", 1)
+    average = ServeSettings(1000, 1000, weight_dtype="fp8", kv_dtype="fp8", max_batch=4096, max_tokens_per_step=32768)
+    reserved = replace(average, reserve_whole_sequence=True)
+    held, whole = plan_serving(spec, cluster, average), plan_serving(spec, cluster, reserved)
+    assert held.limited_by == whole.limited_by == "kv-cache"
+    # The same KV cache over 1000 + 500 held tokens a sequence, or over the whole 2000 reserved.
+    assert whole.batch == math.floor(held.kv_cache_bytes_per_device / (2000 * held.kv_bytes_per_token))
+    assert held.batch == math.floor(held.kv_cache_bytes_per_device / (1500 * held.kv_bytes_per_token))
