@@ -36,3 +36,17 @@ def test_reserving_whole_sequences_admits_fewer_of_them() -> None:
     # The same KV cache over 1000 + 500 held tokens a sequence, or over the whole 2000 reserved.
     assert whole.batch == math.floor(held.kv_cache_bytes_per_device / (2000 * held.kv_bytes_per_token))
     assert held.batch == math.floor(held.kv_cache_bytes_per_device / (1500 * held.kv_bytes_per_token))
+
+
+def test_a_speculative_decoding_row_is_not_run_with_its_reason() -> None:
+    import pytest
+
+    from aiinfra.plan.inference import _predict_inference_row
+    from aiinfra.plan.runs import RowNotRepresentable
+
+    row = {"id": "x", "system": "TensorRT-LLM trtllm-bench", "model": "llama-3.1-8b", "hardware": "b200",
+           "n_devices": "1", "tp": "1", "precision": "fp8", "input_tokens": "1024", "output_tokens": "2048",
+           "metric": "ms_per_token_low_batch", "value": "3", "speculative": "mtp-3"}
+    with pytest.raises(RowNotRepresentable, match=r"speculative decoding \(mtp-3\)"):
+        _predict_inference_row(row, serve_models())
+    assert _predict_inference_row({**row, "speculative": ""}, serve_models()).predicted > 0

@@ -349,6 +349,10 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
     model = models[name]
     if row.get("metric") == "output_tokens_per_s" and not (row.get("output_tokens") or "").strip():
         raise RowNotRepresentable("output_tokens not stated (a decode-only share of a disaggregated deployment)")
+    speculative = (row.get("speculative") or "").strip()
+    if speculative:
+        # A draft-and-verify step emits a varying number of tokens: a token's time needs the drafts accepted per step.
+        raise RowNotRepresentable(f"speculative decoding ({speculative}): the drafts accepted per step are not stated")
     n_devices = int(row["n_devices"])
     tp = int(row["tp"]) if (row.get("tp") or "").strip() else n_devices
     if tp != n_devices:
