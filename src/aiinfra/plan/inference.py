@@ -317,6 +317,9 @@ def trtllm_bench_limits(spec: ModelSpec, memory_bytes: float, devices: int, weig
     """
     bytes_per_elem = {"fp8": 1.0, "fp4": 0.5}.get(weight_dtype, 2.0)
     kv_elem = 1.0 if kv_dtype == "fp8" else 2.0
+    # Each rank holds at least one KV head; an MLA model counts its latent here (the tool's own estimate counts
+    # per-head K and V from the config, which over-counts MLA's cache; only the unmodified shared copy of the
+    # DeepSeek-R1 max-throughput row, which states no max_batch, reaches this with a latent).
     per_layer = kv_dim_per_layer or 2 * max(devices, spec.n_kv_heads) * spec.head_dim
     per_token = spec.n_layers * per_layer * kv_elem
     cache = (memory_bytes * devices - spec.num_params() * bytes_per_elem) * 0.95
