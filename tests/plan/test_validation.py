@@ -1,8 +1,10 @@
 """The validation report: every row run or reported, out of sample first, and the memory check."""
 
+import math
+
 import pytest
 
-from aiinfra.plan.fitting import fit_and_hold_out
+from aiinfra.plan.fitting import CEILING_GRID, _argmin_mean, fit_and_hold_out, fit_loss
 from aiinfra.plan.inference import validate_inference
 from aiinfra.plan.validate_report import errors_by_source
 from aiinfra.plan.validation import ValidationRow, memory_check, prepare_training, validate_training
@@ -18,6 +20,27 @@ def test_every_inference_row_is_run_or_says_why() -> None:
     rows, not_run = validate_inference()
     assert len(rows) + len(not_run) == 28
     assert all(reason for _, reason in not_run)
+
+
+def test_fit_loss_weighs_a_factor_too_fast_and_too_slow_alike() -> None:
+    # Predicting 2x the published value (error +100%) and half of it (error -50%) both cost log 2 = 0.6931.
+    assert fit_loss(1.0) == pytest.approx(math.log(2))
+    assert fit_loss(-0.5) == pytest.approx(math.log(2))
+    assert fit_loss(0.0) == 0.0
+    # By hand: three rows whose prediction is proportional to the ceiling c, published at what c = 0.30, 0.70 and
+    # 0.72 predict. Mean log ratio at 0.70: (log(0.70/0.30) + 0 + log(0.72/0.70)) / 3 = 0.2918, at 0.30:
+    # (0 + log(0.70/0.30) + log(0.72/0.30)) / 3 = 0.5743: the fit takes the middle row's 0.70. The mean percentage
+    # error instead prefers 0.30, predicting two rows 57-58% slow: (0 + 0.5714 + 0.5833) / 3 = 0.3849 against
+    # (1.3333 + 0 + 0.0278) / 3 = 0.4537 at 0.70 (over-prediction costs more than under-prediction).
+    published = (0.30, 0.70, 0.72)
+    columns = [[fit_loss(c / p - 1) for c in CEILING_GRID] for p in published]
+    assert _argmin_mean(columns) == 0.70
+    at = CEILING_GRID.index(0.7)
+    assert sum(col[at] for col in columns) / 3 == pytest.approx(0.2918, abs=1e-4)
+    ape = [[abs(c / p - 1) for c in CEILING_GRID] for p in published]
+    assert _argmin_mean(ape) == 0.30
+    assert sum(col[0] for col in ape) / 3 == pytest.approx(0.3849, abs=1e-4)
+    assert sum(col[at] for col in ape) / 3 == pytest.approx(0.4537, abs=1e-4)
 
 
 def test_out_of_sample_is_no_better_than_in_sample_on_average() -> None:
