@@ -361,6 +361,40 @@ def test_torchtitan_selective_checkpointing_reruns_every_second_matmul() -> None
             32 * 2 * 4096 * (1024 + 4096 + 14336))
 
 
+def test_xla_full_recompute_leaves_out_the_mlp_down_projection() -> None:
+    from aiinfra.plan.runs import setup_from_row
+    from aiinfra.plan.step import _gemm_time_s, hardware_flops_per_token, layer_forward_times, layer_micro_batch_times
+    from aiinfra.plan.validation import load_training_runs
+
+    rows = load_training_runs()
+    assert setup_from_row(next(r for r in rows if r["framework"] == "jax")).settings.recompute_drops_output_gemm
+    assert not setup_from_row(next(r for r in rows if r["framework"] == "megatron")).settings \
+        .recompute_drops_output_gemm
+    spec = preset("llama3-8b")  # swiglu: w2 is 14336 -> 4096
+    cluster = make_cluster("tpu-v5p", 8)
+    layout = Layout(dp_shard=8, micro_batch=1, recompute="full")
+    plain = TrainSettings(seq_len=8192, global_batch_seqs=8)
+    xla = replace(plain, recompute_drops_output_gemm=True)
+    # One micro-batch of 8192 tokens: the recomputed forward is shorter by the w2 GEMM, 8192 x 14336 -> 4096.
+    w2 = _gemm_time_s(cluster, "bf16", 8192, 14336, 4096)
+    assert layer_micro_batch_times(spec, xla, layout, cluster).compute_s == pytest.approx(
+        layer_micro_batch_times(spec, plain, layout, cluster).compute_s - w2)
+    # HFU: 2 x 4096 x 14336 FLOPs a token per layer fewer, 32 layers; none without full recompute.
+    assert hardware_flops_per_token(spec, 8192, "full", "flash") - \
+        hardware_flops_per_token(spec, 8192, "full", "flash", drops_output_gemm=True) == pytest.approx(
+            32 * 2 * 4096 * 14336)
+    assert hardware_flops_per_token(spec, 8192, "selective", "flash", drops_output_gemm=True) == \
+        hardware_flops_per_token(spec, 8192, "selective", "flash")
+    # Tensor parallel with sequence parallelism: of the recomputed all-gather/reduce-scatter pairs (2 all-reduces'
+    # worth), the reduce-scatter after w2 is not rerun: 0.75 of a forward's TP traffic instead of 1.
+    tp = Layout(tp=4, dp_shard=2, micro_batch=1, recompute="full", sequence_parallel=True)
+    full = layer_micro_batch_times(spec, plain, tp, cluster)
+    dropped = layer_micro_batch_times(spec, xla, tp, cluster)
+    forward_tp = layer_forward_times(spec, plain, tp, cluster).tp_comm_s  # not overlapped (tp_overlap off)
+    assert forward_tp > 0
+    assert full.tp_comm_exposed_s - dropped.tp_comm_exposed_s == pytest.approx(0.25 * forward_tp)
+
+
 def test_post_norms_and_qk_norm_read_and_write_their_tensors_once_more() -> None:
     from aiinfra.plan.runs import setup_from_row
     from aiinfra.plan.step import layer_forward_times

@@ -45,6 +45,7 @@ class FrameworkFacts:
     grouped_gemm_row_tile: int = 0  # dropless experts' grouped GEMM walks row tiles of this size (0: untiled)
     selective_recomputes_alternate_mms: bool = False  # per-op selective checkpointing reruns every second matmul
     layer_offload: bool = False  # can keep whole layers' activations in host memory (a searched knob when unstated)
+    recompute_drops_output_gemm: bool = False  # full recompute leaves out the layer's last GEMM (dead code under XLA)
 
 
 FRAMEWORKS: dict[str, FrameworkFacts] = {
@@ -116,10 +117,14 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         "(splash) attention; its MFU counts causal attention (calculate_tflops_training_per_device); remat_policy "
         "custom and the *_offloaded policies move saved activations to host memory (jax.checkpoint offload policies); "
         "logits_dot_in_fp32 False (bf16 logits); dropless MoE through megablox grouped matmuls with row tiles of "
-        "tile_batch_seq 512 (MoE tiling defaults; a tile that straddles two experts is visited once per expert)",
+        "tile_batch_seq 512 (MoE tiling defaults; a tile that straddles two experts is visited once per expert); "
+        "remat_policy full (jax.checkpoint saving nothing) recomputes in the backward only what the backward reads: "
+        "the MLP's down projection, whose output only feeds the residual sum, is dead code there (JAX's remat "
+        "partial evaluation runs dead-code elimination on the recomputed jaxpr, and XLA's HLO DCE removes an "
+        "unread op), and so is its tensor-parallel reduction",
         tp_overlap=True, grad_reduce_fp32=False, param_bytes=4, gather_param_bytes=2, optimizer_bytes_per_param=8,
         sequence_parallel=True, shard_within_domain=True, mfu_causal_attention=True, activation_offload=True,
-        logit_bytes=2, grouped_gemm_row_tile=512,
+        logit_bytes=2, grouped_gemm_row_tile=512, recompute_drops_output_gemm=True,
     ),
     "in-house": FrameworkFacts(
         "in-house",

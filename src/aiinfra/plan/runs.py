@@ -261,6 +261,7 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
         fp8_amax_pass=facts.fp8_amax_pass, fp8_saved_inputs=facts.fp8_saved_inputs,
         grouped_gemm_row_tile=facts.grouped_gemm_row_tile,
         selective_recomputes_alternate_mms=facts.selective_recomputes_alternate_mms,
+        recompute_drops_output_gemm=facts.recompute_drops_output_gemm,
     )
     qk_dim, v_dim = ATTENTION_HEAD_DIMS.get(row.get("model", "").strip(), (0, 0))
     window, window_share = SLIDING_WINDOWS.get(row.get("model", "").strip(), (0, 0.0))

@@ -111,6 +111,20 @@ def _mlp_gemm_s(spec: ModelSpec, layout: Layout, cluster: Cluster, precision: st
     return gemm + _gemm_time_s(cluster, precision, tokens_per_expert, ffn_local, h, local_experts)
 
 
+def mlp_down_projection_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster) -> float:
+    """Forward time of a layer's last GEMM, the MLP's down projection (the local experts' under MoE), whose output
+    only feeds the residual sum: under XLA a full recompute leaves it out (`recompute_drops_output_gemm`)."""
+    m = layout.micro_batch * settings.seq_len / layout.cp
+    ffn_local = spec.ffn_dim / layout.tp
+    if not spec.is_moe:
+        return _gemm_time_s(cluster, settings.gemm_precision, m, ffn_local, spec.dim)
+    local_experts = spec.n_experts / layout.ep
+    rows = expert_tokens(spec, layout, m, settings.moe_capacity_factor)
+    if settings.moe_capacity_factor <= 0:
+        rows = grouped_gemm_rows(rows, local_experts, settings.grouped_gemm_row_tile)
+    return _gemm_time_s(cluster, settings.gemm_precision, rows, ffn_local, spec.dim, local_experts)
+
+
 def moe_remote_share(experts_per_token: int, node_limit: int) -> float:
     """Share of a token's k routed copies that cross the network when its experts lie in at most `node_limit`
     domains: one copy per target domain goes over the network and is forwarded to its experts inside the domain
@@ -294,6 +308,11 @@ def layer_micro_batch_times(
     if layout.recompute == "full":
         recompute = fwd_compute
         recomputed_tp_passes = 1.0
+        if settings.recompute_drops_output_gemm:
+            # The down projection and the reduction after it (a reduce-scatter of the two all-gather/reduce-scatter
+            # pairs under sequence parallelism, else one of the two all-reduces) are not rerun.
+            recompute -= mlp_down_projection_s(spec, settings, layout, cluster)
+            recomputed_tp_passes = 0.75 if layout.sequence_parallel else 0.5
     elif layout.offload_activations:
         # Offloaded policy: the attention side comes back from the host, the MLP and the norms run again.
         recompute = fwd.mlp_gemm_s + fwd.elementwise_s
@@ -374,9 +393,9 @@ def head_micro_batch_s(spec: ModelSpec, settings: TrainSettings, layout: Layout,
 
 def hardware_flops_per_token(spec: ModelSpec, seq_len: int, recompute: str, attention_kernel: str,
                              recompute_fraction: float = 1.0, offload: bool = False,
-                             alternate_mms: bool = False) -> float:
+                             alternate_mms: bool = False, drops_output_gemm: bool = False) -> float:
     """Training FLOPs per token including recomputation (the HFU numerator; Megatron's eq. 3 for full); the offload
-    policy recomputes the MLP's forward."""
+    policy recomputes the MLP's forward; under XLA a full recompute leaves out the MLP's down projection."""
     flops = float(spec.train_flops_per_token(seq_len))
     head = 2.0 * spec.vocab_size * spec.dim
     if offload:
@@ -385,6 +404,9 @@ def hardware_flops_per_token(spec: ModelSpec, seq_len: int, recompute: str, atte
             * spec.n_layers
     elif recompute == "full":
         flops += recompute_fraction * (spec.forward_flops_per_token(seq_len) - head)  # the head is not recomputed
+        if drops_output_gemm:
+            flops -= recompute_fraction * spec.n_layers * 2.0 * spec.dim * spec.ffn_dim \
+                * (spec.experts_per_token if spec.is_moe else 1)
     elif recompute == "selective" and attention_kernel == "materialized":
         flops += recompute_fraction * spec.attention_flops_per_token(seq_len)
     elif recompute == "selective" and alternate_mms:
@@ -529,5 +551,5 @@ def step_breakdown(spec: ModelSpec, settings: TrainSettings, layout: Layout, clu
         hardware_flops=tokens
         * hardware_flops_per_token(spec, settings.seq_len, layout.recompute, settings.attention_kernel,
                                    layout.recompute_fraction, layout.offload_activations,
-                                   settings.selective_recomputes_alternate_mms),
+                                   settings.selective_recomputes_alternate_mms, settings.recompute_drops_output_gemm),
     )
