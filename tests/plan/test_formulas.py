@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 
 from aiinfra.plan.cluster import collective_time_s, group_bandwidth_bytes_per_s, make_cluster
+from aiinfra.plan.dp_comm import OVERLAP_SM_TAX, overlapped_s
 from aiinfra.plan.efficiency import efficiency_table
 from aiinfra.plan.inference import ServeSettings, decode_step_time_s, kv_bytes_per_token, weights_bytes
 from aiinfra.plan.layout import Layout, TrainSettings
@@ -16,7 +17,7 @@ from aiinfra.plan.reliability import (
     plan_reliability,
     young_daly_interval_s,
 )
-from aiinfra.plan.step import OVERLAP_SM_TAX, hardware_flops_per_token, overlapped_s, step_breakdown
+from aiinfra.plan.step import hardware_flops_per_token, step_breakdown
 from aiinfra.spec import ModelSpec, preset
 
 # Korthikanti et al. 2022's 22B model: h 6144, a 64, L 48, s 2048, t 8, GPT-style.

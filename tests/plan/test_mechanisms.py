@@ -7,6 +7,7 @@ import pytest
 
 from aiinfra.hardware import get_accelerator
 from aiinfra.plan.cluster import collective_time_s, make_cluster
+from aiinfra.plan.dp_comm import dp_bucket_params, dp_collective_calls
 from aiinfra.plan.errors import PlanError
 from aiinfra.plan.frameworks import framework_facts
 from aiinfra.plan.from_config import configured_run, load_run_config
@@ -21,8 +22,6 @@ from aiinfra.plan.memory import (
 )
 from aiinfra.plan.runs import RowNotRepresentable, mfu_flops_per_token, setup_from_row, spec_from_row
 from aiinfra.plan.step import (
-    dp_bucket_params,
-    dp_collective_calls,
     hardware_flops_per_token,
     moe_remote_share,
     step_breakdown,
