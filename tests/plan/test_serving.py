@@ -50,3 +50,23 @@ def test_a_speculative_decoding_row_is_not_run_with_its_reason() -> None:
     with pytest.raises(RowNotRepresentable, match=r"speculative decoding \(mtp-3\)"):
         _predict_inference_row(row, serve_models())
     assert _predict_inference_row({**row, "speculative": ""}, serve_models()).predicted > 0
+
+
+def test_a_step_takes_the_longer_of_the_kernels_and_the_host_work() -> None:
+    from aiinfra.plan.inference import ENGINE_HOST_S_PER_REQUEST, decode_step_parts, decode_step_time_s, host_step_s
+
+    # PR #10273's host-bound iteration: 45.11 ms for 1536 requests on one rank, 29.37 us a request.
+    assert math.isclose(ENGINE_HOST_S_PER_REQUEST["TensorRT-LLM"], 29.368e-6, rel_tol=1e-4)
+    spec = serve_models()["llama-3.1-8b"].spec
+    cluster = make_cluster("h100-sxm-80gb", 8)
+    base = ServeSettings(1000, 1000, tp=8, host_s_per_request=30e-6)
+    # Every rank schedules the whole batch: 1000 x 30 us = 30 ms; under attention DP its own 1000 / 8 -> 125: 3.75 ms.
+    assert math.isclose(host_step_s(base, 1000), 30e-3)
+    assert math.isclose(host_step_s(replace(base, attention_dp=True), 1000), 3.75e-3)
+    assert math.isclose(host_step_s(replace(base, attention_dp=True), 1001), 126 * 30e-6)  # ceil(1001 / 8)
+    kernels = sum(decode_step_parts(spec, cluster, base, 1000).values())
+    assert kernels < 30e-3  # the 8B's kernels over 8 H100s are shorter than the host's 30 ms
+    assert math.isclose(decode_step_time_s(spec, cluster, base, 1000), 30e-3)
+    # With no host cost, or host work shorter than the kernels, the step is the kernels' sum.
+    assert decode_step_time_s(spec, cluster, replace(base, host_s_per_request=0.0), 1000) == kernels
+    assert decode_step_time_s(spec, cluster, replace(base, attention_dp=True), 1000) == kernels

@@ -35,6 +35,13 @@ RUNTIME_OVERHEAD_BYTES = 1.0e9
 # get TensorRT-LLM's figure.
 MOE_SERVE_PERMUTE_PASSES = 2  # routed copies written by the expand kernel, read by the finalize kernel
 ENGINE_MAX_BATCH = {"TensorRT-LLM": 2048, "vLLM": 256}
+# Host time per engine step for each request a rank's executor schedules, by the first word of `system`.
+# TensorRT-LLM's PyTorch backend (trtllm-bench's backend since v0.19, per its perf-overview) runs the scheduler, input
+# preparation and sampling on the host while the GPU runs the previous step (the overlap scheduler), so a step takes
+# the longer of the two. TensorRT-LLM PR #10273 measured a host-bound case: 45.11 ms of host_step_time an iteration
+# with 1536 requests per attention-DP rank (GPT-OSS-120B on GB200), 29.4 us a request. Engines without a published
+# figure get none.
+ENGINE_HOST_S_PER_REQUEST = {"TensorRT-LLM": 45.11e-3 / 1536}
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,10 @@ class ServeSettings:
     # The scheduler admits a request only when the KV cache holds its whole prompt and output (TensorRT-LLM's
     # default CapacitySchedulerPolicy.GUARANTEED_NO_EVICT), not the average of what the running sequences hold.
     reserve_whole_sequence: bool = False
+    host_s_per_request: float = 0.0  # host time a step takes per request its rank schedules (overlapped with the GPU)
+    # Attention data parallelism (TensorRT-LLM enable_attention_dp): each of the tp ranks schedules its own share of
+    # the requests, so a rank's host work covers batch / tp of them.
+    attention_dp: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,8 +125,16 @@ def decode_step_time_s(
     spec: ModelSpec, cluster: Cluster, settings: ServeSettings, batch: int, prefill: bool = True
 ) -> float:
     """One engine step at `batch` running sequences: decode one token each plus (if `prefill`) the steady
-    prefill share; without it, a pure decode step over contexts of `input_tokens`."""
-    return sum(decode_step_parts(spec, cluster, settings, batch, prefill).values())
+    prefill share; without it, a pure decode step over contexts of `input_tokens`. The host's work for the step runs
+    under the GPU's (an overlap scheduler), so the step is the longer of the kernels' sum and `host_step_s`."""
+    return max(sum(decode_step_parts(spec, cluster, settings, batch, prefill).values()), host_step_s(settings, batch))
+
+
+def host_step_s(settings: ServeSettings, batch: int) -> float:
+    """Host time of one engine step: its cost per request times the requests one rank's executor schedules (all of
+    them, or batch / tp under attention data parallelism)."""
+    per_rank = math.ceil(batch / settings.tp) if settings.attention_dp else batch
+    return settings.host_s_per_request * per_rank
 
 
 def decode_step_parts(
@@ -370,10 +389,16 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
     cluster = calibrated(make_cluster(row["hardware"].strip(), tp))
     # TensorRT-LLM's published figures come from trtllm-bench: its scheduler reserves each request's whole
     # sequence, and where a run does not state its limits the tool sets them from the memory (trtllm_bench_limits).
-    tensorrt_llm = ((row.get("system") or "").split() or [""])[0] == "TensorRT-LLM"
+    engine = ((row.get("system") or "").split() or [""])[0]
+    tensorrt_llm = engine == "TensorRT-LLM"
+    attention_dp = (row.get("attention_dp") or "").strip().lower()
+    if attention_dp not in ("", "yes", "no"):
+        raise RowNotRepresentable(f"attention_dp={attention_dp!r}: expected yes, no or empty")
     settings = ServeSettings(int(row["input_tokens"]), int(row["output_tokens"] or 1), weight_dtype=weight_dtype,
                              kv_dtype=kv_dtype, tp=tp, kv_dim_per_layer=model.kv_dim_per_layer,
-                             max_batch=engine_max_batch(row), reserve_whole_sequence=tensorrt_llm)
+                             max_batch=engine_max_batch(row), reserve_whole_sequence=tensorrt_llm,
+                             host_s_per_request=ENGINE_HOST_S_PER_REQUEST.get(engine, 0.0),
+                             attention_dp=attention_dp == "yes")
     if tensorrt_llm and not (row.get("max_batch") or "").strip():
         max_batch, max_tokens = trtllm_bench_limits(model.spec, cluster.memory_bytes, tp, weight_dtype, kv_dtype,
                                                     settings.input_tokens, settings.output_tokens,
