@@ -20,7 +20,7 @@ from .conftest import MODEL, Process, backend_process, free_ports, gateway_proce
 
 HEALTH_INTERVAL_S = 0.5
 MID_STREAM = 'aiinfra_route_failovers_total{phase="mid_stream"}'
-MAX_TOKENS = 160
+MAX_TOKENS = 400  # long enough that the victim is still generating when it is killed (a fast engine finishes 160 first)
 PROMPTS = [f"def function_{i}(value):\n    return value * {i}" for i in range(8)]
 # Polling, scheduling and a loaded 2-core CI machine add to the health interval; this bounds how much.
 SLACK_S = 1.5
