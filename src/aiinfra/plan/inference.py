@@ -345,19 +345,15 @@ def trtllm_bench_limits(spec: ModelSpec, memory_bytes: float, devices: int, weig
     requests = max(cache, 0.0) / (per_token * (input_tokens + output_tokens))
     raw_bs = min(requests, 4096)
     raw_tokens = min(raw_bs * (1 + input_tokens / output_tokens), 32768)
-    if raw_bs < 256:
-        max_bs = max(64, 32 * math.ceil(raw_bs / 32))
-    elif raw_bs < 1024:
-        max_bs = 128 * math.ceil(raw_bs / 128)
-    else:
-        max_bs = 256 * math.ceil(raw_bs / 256)
-    if raw_tokens < 4096:
-        max_tokens = max(2048, 256 * math.ceil(raw_tokens / 256))
-    elif raw_tokens < 8192:
-        max_tokens = 512 * math.ceil(raw_tokens / 512)
-    else:
-        max_tokens = 1024 * math.ceil(raw_tokens / 1024)
+    max_bs = max(64, _round_up_by_tier(raw_bs, ((256, 32), (1024, 128)), 256))
+    max_tokens = max(2048, _round_up_by_tier(raw_tokens, ((4096, 256), (8192, 512)), 1024))
     return max_bs, max_tokens
+
+
+def _round_up_by_tier(value: float, tiers: tuple[tuple[int, int], ...], last_step: int) -> int:
+    """`value` rounded up to a multiple of the step of the first tier (below, step) it is below, else `last_step`."""
+    step = next((tier_step for below, tier_step in tiers if value < below), last_step)
+    return step * math.ceil(value / step)
 
 
 def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -> InferenceValidationRow:

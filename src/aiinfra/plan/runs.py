@@ -241,6 +241,7 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
     if row["metric"] == "gpu_hours_total":
         raise RowNotRepresentable("gpu_hours_total needs the run's token count, which the columns do not hold")
     facts = framework_facts(row.get("framework") or "")
+    family = row.get("model", "").strip()
     spec = spec_from_row(row)
     n_devices = _int(row, "n_devices")
     precision = (row.get("precision") or "").strip() or "bf16"
@@ -249,7 +250,7 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
     settings = TrainSettings(
         seq_len=spec.max_seq_len, global_batch_seqs=_int(row, "global_batch_seqs"),
         precision=precision,  # type: ignore[arg-type]
-        attention_kernel=_attention(row), dropout=row.get("model", "").strip() in facts.dropout_families,
+        attention_kernel=_attention(row), dropout=family in facts.dropout_families,
         param_bytes=facts.param_bytes, gather_param_bytes=facts.gather_param_bytes, grad_bytes=facts.grad_bytes,
         grad_reduce_bytes=4 if facts.grad_reduce_fp32 else 2,
         optimizer_bytes_per_param=facts.optimizer_bytes_per_param,
@@ -257,15 +258,15 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
         dp_bucket_params_per_rank=facts.dp_bucket_params_per_rank,
         zero3_bucket_params=facts.zero3_bucket_params, ep_overlap=facts.ep_overlap,
         grad_reduce_every_micro_batch=facts.grad_reduce_every_micro_batch,
-        moe_node_limit=NODE_LIMITED_ROUTING.get(row.get("model", "").strip(), 0), logit_bytes=facts.logit_bytes,
+        moe_node_limit=NODE_LIMITED_ROUTING.get(family, 0), logit_bytes=facts.logit_bytes,
         fp8_amax_pass=facts.fp8_amax_pass, fp8_saved_inputs=facts.fp8_saved_inputs,
         grouped_gemm_row_tile=facts.grouped_gemm_row_tile,
         selective_recomputes_alternate_mms=facts.selective_recomputes_alternate_mms,
         recompute_drops_output_gemm=facts.recompute_drops_output_gemm,
     )
-    qk_dim, v_dim = ATTENTION_HEAD_DIMS.get(row.get("model", "").strip(), (0, 0))
-    window, window_share = SLIDING_WINDOWS.get(row.get("model", "").strip(), (0, 0.0))
-    post_norms, qk_norm = EXTRA_NORMS.get(row.get("model", "").strip(), (0, False))
+    qk_dim, v_dim = ATTENTION_HEAD_DIMS.get(family, (0, 0))
+    window, window_share = SLIDING_WINDOWS.get(family, (0, 0.0))
+    post_norms, qk_norm = EXTRA_NORMS.get(family, (0, False))
     settings = replace(settings, qk_head_dim=qk_dim, v_head_dim=v_dim, moe_capacity_factor=_capacity_factor(row),
                        attention_window=window, window_layer_share=window_share, post_norms=post_norms,
                        qk_norm=qk_norm)

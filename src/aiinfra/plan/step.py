@@ -83,6 +83,15 @@ def grouped_gemm_rows(rows_per_expert: float, local_experts: float, row_tile: in
     return rows_per_expert + row_tile * (local_experts - 1) / local_experts
 
 
+def expert_gemm_rows(spec: ModelSpec, layout: Layout, m: float, capacity_factor: float, row_tile: int) -> float:
+    """Rows each local expert's GEMMs compute for m tokens: its capacity buffer when tokens are dropped (a dense
+    batched GEMM), else its routed share plus what a tiled grouped GEMM wastes on ragged groups."""
+    rows = expert_tokens(spec, layout, m, capacity_factor)
+    if capacity_factor > 0:
+        return rows
+    return grouped_gemm_rows(rows, spec.n_experts / layout.ep, row_tile)
+
+
 def _mlp_gemm_s(spec: ModelSpec, layout: Layout, cluster: Cluster, precision: str, m: float,
                 capacity_factor: float = 0.0, row_tile: int = 0) -> float:
     """The MLP's GEMMs for m tokens: dense, or router plus local experts' grouped GEMMs (`expert_tokens`)."""
@@ -95,9 +104,7 @@ def _mlp_gemm_s(spec: ModelSpec, layout: Layout, cluster: Cluster, precision: st
     if spec.n_experts > 1:  # a single expert takes every token: nothing to route
         gemm += _gemm_time_s(cluster, precision, m, h, spec.n_experts)  # router
     local_experts = spec.n_experts / layout.ep
-    tokens_per_expert = expert_tokens(spec, layout, m, capacity_factor)
-    if capacity_factor <= 0:  # dropless: ragged groups (a capacity buffer is a dense batched GEMM)
-        tokens_per_expert = grouped_gemm_rows(tokens_per_expert, local_experts, row_tile)
+    tokens_per_expert = expert_gemm_rows(spec, layout, m, capacity_factor, row_tile)
     gemm += _gemm_time_s(cluster, precision, tokens_per_expert, h, mlp_in, local_experts)
     return gemm + _gemm_time_s(cluster, precision, tokens_per_expert, ffn_local, h, local_experts)
 
@@ -109,11 +116,8 @@ def mlp_down_projection_s(spec: ModelSpec, settings: TrainSettings, layout: Layo
     ffn_local = spec.ffn_dim / layout.tp
     if not spec.is_moe:
         return _gemm_time_s(cluster, settings.gemm_precision, m, ffn_local, spec.dim)
-    local_experts = spec.n_experts / layout.ep
-    rows = expert_tokens(spec, layout, m, settings.moe_capacity_factor)
-    if settings.moe_capacity_factor <= 0:
-        rows = grouped_gemm_rows(rows, local_experts, settings.grouped_gemm_row_tile)
-    return _gemm_time_s(cluster, settings.gemm_precision, rows, ffn_local, spec.dim, local_experts)
+    rows = expert_gemm_rows(spec, layout, m, settings.moe_capacity_factor, settings.grouped_gemm_row_tile)
+    return _gemm_time_s(cluster, settings.gemm_precision, rows, ffn_local, spec.dim, spec.n_experts / layout.ep)
 
 
 def moe_remote_share(experts_per_token: int, node_limit: int) -> float:

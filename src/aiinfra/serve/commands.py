@@ -79,10 +79,11 @@ def resolve_api_key(api_key: str | None, api_key_file: Path | None) -> str | Non
 
 def check_attention_backend(backend: str) -> None:
     """--attention-backend is one of three; native must build here (checked before any process starts)."""
-    from aiinfra.serve.kernels import paged_decode_attention
+    from aiinfra.serve.kernels import ATTENTION_BACKENDS, paged_decode_attention
 
-    if backend not in ("auto", "native", "torch"):
-        raise ValueError(f"--attention-backend {backend!r}: expected auto, native or torch")
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"--attention-backend {backend!r}: expected {', '.join(ATTENTION_BACKENDS[:-1])} or "
+                         f"{ATTENTION_BACKENDS[-1]}")
     if backend == "native" and paged_decode_attention() is None:
         raise ValueError("--attention-backend native: the kernel could not be built here (no C++ compiler, or the "
                          "build failed; see the warning above): use auto or torch")

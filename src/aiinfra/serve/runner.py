@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aiinfra.models.llama import FeedForward, Transformer, apply_rotary
-from aiinfra.serve.kernels import paged_decode_attention
+from aiinfra.serve.kernels import ATTENTION_BACKENDS, paged_decode_attention
 from aiinfra.serve.sampler import SampleOutput, Sampler, token_logprobs
 from aiinfra.serve.scheduler import ScheduledRequest, SchedulerOutput
 from aiinfra.serve.tensor_parallel import TensorParallelGroup, embed
@@ -305,8 +305,9 @@ def native_decode_attention(backend: str, device: torch.device, dtype: torch.dty
 
     `auto` takes the kernel where it applies (a CPU cache in fp32 or bf16) and builds; `native` insists, with a clear
     error where it cannot be had; `torch` never uses it."""
-    if backend not in ("auto", "native", "torch"):
-        raise ValueError(f"attention_backend {backend!r}: expected auto, native or torch")
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend {backend!r}: expected {', '.join(ATTENTION_BACKENDS[:-1])} or "
+                         f"{ATTENTION_BACKENDS[-1]}")
     if backend == "torch":
         return None
     if device.type != "cpu" or dtype not in NativeDecodeAttention.dtypes:

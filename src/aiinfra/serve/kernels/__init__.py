@@ -24,6 +24,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("paged_attention.cpp")
+# Where decode attention runs on CPU: the kernel, the torch path, or the kernel where it builds.
+ATTENTION_BACKENDS = ("auto", "native", "torch")
 # -O3 and the host's vector units; reassociation lets the compiler vectorize the dot products (no -ffast-math: NaN
 # and infinity keep their meaning).
 FLAGS = ["-O3", "-march=native", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-fopenmp",

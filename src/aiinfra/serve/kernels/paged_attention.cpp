@@ -1,13 +1,13 @@
 // Decode attention straight over the paged KV cache, one query token per sequence (aiinfra serve, CPU).
 //
 // The torch path gathers each sequence's blocks into a contiguous copy and runs SDPA on it: every key and value is
-// read, written and read again. This reads each of them once, from its block, in place: for each (sequence, KV
-// head) it scores the query heads that share that KV head against every key of the context, takes the softmax in
+// read, written and read again. This reads each of them once, from its block, in place: for each sequence it scores
+// every query head against every key of the context (query head h reads KV head h / group), takes the softmax in
 // fp32, and accumulates the values in fp32. Same layout as serve/runner.py's cache:
 //   q, out       (seqs, q_heads, head_dim)                contiguous
 //   k/v cache    (blocks, block_size, kv_heads, head_dim)  contiguous
 //   block_tables (seqs, table_width) int32; lengths (seqs) int32: the context of each sequence, this token included
-// Element type: fp32 (dtype 0) or bf16 (dtype 1, stored as its upper 16 bits of an fp32). Built by kernels/build.py
+// Element type: fp32 (dtype 0) or bf16 (dtype 1, stored as its upper 16 bits of an fp32). Built by kernels/__init__.py
 // with -O3 -march=native; no torch headers, so it compiles in about a second and is called through ctypes.
 
 #include <algorithm>
@@ -44,9 +44,9 @@ inline void store(uint16_t* p, int64_t i, float value) {
 // token by token reads the cache sequentially, block after block, once.
 template <typename T>
 void attend(const T* q, const T* k_cache, const T* v_cache, const int32_t* block_tables, const int32_t* lengths,
-            T* out, int64_t seq, int64_t q_row_index, int64_t q_stride, int64_t out_stride, int64_t q_heads, int64_t kv_heads, int64_t head_dim, int64_t block_size,
-            int64_t table_width, float scale, std::vector<float>& scores, std::vector<float>& query,
-            std::vector<float>& acc) {
+            T* out, int64_t seq, int64_t q_row_index, int64_t q_stride, int64_t out_stride, int64_t q_heads,
+            int64_t kv_heads, int64_t head_dim, int64_t block_size, int64_t table_width, float scale,
+            std::vector<float>& scores, std::vector<float>& query, std::vector<float>& acc) {
     const int64_t group = q_heads / kv_heads;
     const int64_t length = lengths[seq];
     const int32_t* table = block_tables + seq * table_width;
@@ -97,16 +97,17 @@ void attend(const T* q, const T* k_cache, const T* v_cache, const int32_t* block
 
 template <typename T>
 void run(const void* q, const void* k_cache, const void* v_cache, const int32_t* block_tables,
-         const int32_t* lengths, const int32_t* rows, int64_t q_stride, int64_t out_stride, void* out, int64_t seqs, int64_t q_heads, int64_t kv_heads, int64_t head_dim,
-         int64_t block_size, int64_t table_width, float scale, int threads) {
+         const int32_t* lengths, const int32_t* rows, int64_t q_stride, int64_t out_stride, void* out,
+         int64_t seqs, int64_t q_heads, int64_t kv_heads, int64_t head_dim, int64_t block_size,
+         int64_t table_width, float scale, int threads) {
 #pragma omp parallel num_threads(threads) if (threads > 1 && seqs > 1)
     {
         std::vector<float> scores, query, acc;  // per thread, reused across its sequences
 #pragma omp for schedule(dynamic, 1)
         for (int64_t seq = 0; seq < seqs; ++seq) {
             attend(static_cast<const T*>(q), static_cast<const T*>(k_cache), static_cast<const T*>(v_cache),
-                   block_tables, lengths, static_cast<T*>(out), seq, rows ? rows[seq] : seq, q_stride, out_stride, q_heads, kv_heads, head_dim, block_size,
-                   table_width, scale, scores, query, acc);
+                   block_tables, lengths, static_cast<T*>(out), seq, rows ? rows[seq] : seq, q_stride, out_stride,
+                   q_heads, kv_heads, head_dim, block_size, table_width, scale, scores, query, acc);
         }
     }
 }
