@@ -19,6 +19,7 @@ from aiinfra.plan.memory import (
     layer_activation_bytes,
     memory_breakdown,
     offloaded_layer_bytes,
+    recomputed_layer_bytes,
 )
 from aiinfra.plan.runs import RowNotRepresentable, mfu_flops_per_token, setup_from_row, spec_from_row
 from aiinfra.plan.step import (
@@ -155,6 +156,40 @@ def test_published_layouts_that_ran_fit() -> None:
         need = memory_breakdown(setup.spec, setup.settings, layout).total_bytes
         assert need <= setup.cluster.usable_memory_bytes
     assert setup_from_row(rows["mcore-70b"]).layout.zero_stage == 1
+
+
+def test_no_published_layout_is_refused_for_memory() -> None:
+    # The MaxText v4 runs (FSDP 64-384, full remat, 16 and 10 sequences a chip) ran in a 32 GiB TPU v4.
+    for row in load_training_runs():
+        try:
+            setup = setup_from_row(row)
+        except RowNotRepresentable:
+            continue
+        best_layout(setup)  # raises RowNotRepresentable("does not fit ...") when nothing fits
+
+
+def _full_remat_row(framework: str) -> dict[str, str]:
+    return {"model": "gpt", "layers": "4", "hidden": "1024", "heads": "8", "ffn": "4096", "vocab": "32768",
+            "seq_len": "2048", "global_batch_seqs": "64", "micro_batch": "2", "hardware": "tpu-v4", "n_devices": "8",
+            "tp": "1", "pp": "1", "dp": "8", "sharding": "fsdp", "recompute": "full", "precision": "bf16",
+            "framework": framework, "metric": "mfu", "value": "0.5"}
+
+
+def test_logits_and_a_recomputed_layer_never_coexist() -> None:
+    setup = setup_from_row(_full_remat_row("llm-foundry"))
+    spec, settings, layout = setup.spec, setup.settings, setup.layout
+    tokens = 2 * 2048
+    inputs = 4 * tokens * 2 * 1024  # full remat keeps each layer's bf16 input
+    # One recomputed layer, all it stores without recompute (no dropout, flash): norm and matmul inputs 4 x 2h, Q, K,
+    # V and the projection input 4 x 2h, the GELU input and output 2 x 2 x 4h, the log-sum-exp 4 per head.
+    layer = tokens * (8 * 1024 + 8 * 1024 + 4 * 4096 + 4 * 8)
+    head = tokens * (2 * 2 * 1024 + 4 * 32768)  # norm and head inputs, fp32 logits
+    assert head > layer
+    assert activation_memory_bytes(spec, settings, layout) == pytest.approx(inputs + max(layer, head))
+    # Under XLA the norm outputs and GELU's output exist only inside the fusions: 2 x 2h and 2 x 4h fewer bytes.
+    jax = setup_from_row(_full_remat_row("jax"))
+    assert recomputed_layer_bytes(jax.spec, jax.settings, jax.layout) == pytest.approx(
+        layer - tokens * (4 * 1024 + 2 * 4096))
 
 
 def test_the_attention_column_selects_the_kernel() -> None:

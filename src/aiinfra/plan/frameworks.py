@@ -46,6 +46,7 @@ class FrameworkFacts:
     selective_recomputes_alternate_mms: bool = False  # per-op selective checkpointing reruns every second matmul
     layer_offload: bool = False  # can keep whole layers' activations in host memory (a searched knob when unstated)
     recompute_drops_output_gemm: bool = False  # full recompute leaves out the layer's last GEMM (dead code under XLA)
+    recompute_fuses_elementwise: bool = False  # a recomputed layer keeps no norm or MLP-activation outputs (XLA)
 
 
 FRAMEWORKS: dict[str, FrameworkFacts] = {
@@ -121,10 +122,12 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         "remat_policy full (jax.checkpoint saving nothing) recomputes in the backward only what the backward reads: "
         "the MLP's down projection, whose output only feeds the residual sum, is dead code there (JAX's remat "
         "partial evaluation runs dead-code elimination on the recomputed jaxpr, and XLA's HLO DCE removes an "
-        "unread op), and so is its tensor-parallel reduction",
+        "unread op), and so is its tensor-parallel reduction; XLA fuses elementwise producers (the norms, the MLP "
+        "activation) into the matmuls that read them, so a recomputed layer materializes only matmul outputs (XLA "
+        "operation fusion: producer-consumer fusion into dot/convolution operands)",
         tp_overlap=True, grad_reduce_fp32=False, param_bytes=4, gather_param_bytes=2, optimizer_bytes_per_param=8,
         sequence_parallel=True, shard_within_domain=True, mfu_causal_attention=True, activation_offload=True,
-        logit_bytes=2, grouped_gemm_row_tile=512, recompute_drops_output_gemm=True,
+        logit_bytes=2, grouped_gemm_row_tile=512, recompute_drops_output_gemm=True, recompute_fuses_elementwise=True,
     ),
     "in-house": FrameworkFacts(
         "in-house",

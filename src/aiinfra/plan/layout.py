@@ -113,6 +113,7 @@ class TrainSettings:
     grouped_gemm_row_tile: int = 0  # row tile of a tiled grouped expert GEMM (megablox); 0: no per-group waste
     selective_recomputes_alternate_mms: bool = False  # selective recompute reruns every second matmul (torchtitan)
     recompute_drops_output_gemm: bool = False  # full recompute skips the MLP down projection (XLA dead code)
+    recompute_fuses_elementwise: bool = False  # a recomputed layer's norms and MLP activation live inside fusions
     attention_window: int = 0  # sliding-window width of the local attention layers (0: none)
     window_layer_share: float = 0.0  # share of the layers that attend within the window only
     post_norms: int = 0  # extra RMSNorms per layer on the attention and MLP outputs (Gemma 3's post-norms)

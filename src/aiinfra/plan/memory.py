@@ -190,6 +190,21 @@ class MemoryBreakdown:
         return self.states_bytes + self.activations_bytes
 
 
+def recomputed_layer_bytes(spec: ModelSpec, settings: TrainSettings, layout: Layout) -> float:
+    """What one layer holds for one micro-batch while it is recomputed for its backward: everything it would have
+    stored, less, where the compiler fuses elementwise producers into the matmuls that read them
+    (`recompute_fuses_elementwise`, XLA), the two norm outputs and the MLP activation's output (GELU(x), or SwiGLU's
+    gate x up), which exist only inside those fusions."""
+    held = _layer_activation_bytes(spec, settings, replace(layout, recompute="none", offload_activations=False))
+    if not settings.recompute_fuses_elementwise:
+        return held
+    a = settings.activation_bytes
+    experts = spec.experts_per_token if spec.is_moe else 1
+    sp_divisor = layout.tp if layout.sequence_parallel else 1
+    fused = 2 * a * spec.dim / sp_divisor + a * spec.ffn_dim / layout.tp * experts
+    return held - layout.micro_batch * settings.seq_len / layout.cp * fused
+
+
 def activation_memory_bytes(spec: ModelSpec, settings: TrainSettings, layout: Layout) -> float:
     """Activations held by the first pipeline stage's device at its peak."""
     per_layer = layer_activation_bytes(spec, settings, layout)
@@ -198,22 +213,25 @@ def activation_memory_bytes(spec: ModelSpec, settings: TrainSettings, layout: La
     stored = per_layer * stage_layers * in_flight
     tokens = layout.micro_batch * settings.seq_len / layout.cp
     sp_divisor = layout.tp if layout.sequence_parallel else 1
+    # Transients that live only in the backward pass: the layer being recomputed (or brought back from the host)
+    # holds its full activations for one micro-batch; under offload the next layer's saved tensors are prefetched.
+    backward_transient = 0.0
     if layout.recompute == "full" or layout.offload_activations:
-        # The layer being recomputed (or brought back from the host) holds its full activations for one micro-batch
-        # during its backward; under offload the next layer's saved tensors are prefetched meanwhile.
-        stored += _layer_activation_bytes(spec, settings, replace(layout, recompute="none",
-                                                                  offload_activations=False))
-        stored += offloaded_layer_bytes(spec, settings, layout)
+        backward_transient = recomputed_layer_bytes(spec, settings, layout)
+        backward_transient += offloaded_layer_bytes(spec, settings, layout)
     if layout.offload_layer_fraction > 0:
         # The layer being written out and the one being brought back for its backward are on the device.
         stored += 2 * _layer_activation_bytes(spec, settings, layout)
     if settings.dropout:
         stored += tokens * spec.dim / sp_divisor * in_flight  # embedding dropout mask (Korthikanti 4.3)
+    head_transient = 0.0
     if layout.pp == 1:
         # Final norm and head inputs plus the logits: 4 s b h / t (1 + v / h) in Korthikanti 4.3 with fp32 logits.
         a = settings.activation_bytes
-        stored += tokens * (2 * a * spec.dim / sp_divisor + settings.logit_bytes * spec.vocab_size / layout.tp)
-    return stored
+        head_transient = tokens * (2 * a * spec.dim / sp_divisor + settings.logit_bytes * spec.vocab_size / layout.tp)
+    # The logits peak at the loss, before any layer's backward; they are freed once the output head's backward has
+    # consumed their gradient, so they never coexist with a recomputed layer: the peak is the larger transient.
+    return stored + max(backward_transient, head_transient)
 
 
 def memory_breakdown(spec: ModelSpec, settings: TrainSettings, layout: Layout) -> MemoryBreakdown:

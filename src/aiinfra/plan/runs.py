@@ -263,6 +263,7 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
         grouped_gemm_row_tile=facts.grouped_gemm_row_tile,
         selective_recomputes_alternate_mms=facts.selective_recomputes_alternate_mms,
         recompute_drops_output_gemm=facts.recompute_drops_output_gemm,
+        recompute_fuses_elementwise=facts.recompute_fuses_elementwise,
     )
     qk_dim, v_dim = ATTENTION_HEAD_DIMS.get(family, (0, 0))
     window, window_share = SLIDING_WINDOWS.get(family, (0, 0.0))
