@@ -279,9 +279,10 @@ def test_gemma3_rows_carry_its_local_global_pattern_and_256_wide_heads() -> None
     from aiinfra.plan.step import flash_tile_fraction
     from aiinfra.plan.validation import load_training_runs
 
-    setup = setup_from_row(next(r for r in load_training_runs() if r["model"] == "gemma3"))
+    setup = setup_from_row(next(r for r in load_training_runs() if r["model"] == "gemma"))
     settings = setup.settings
-    assert (settings.qk_head_dim, settings.v_head_dim) == (256, 256)  # config.json head_dim 256, hidden / heads 240
+    # Gemma 3 12B by its published shape (hidden 3840, 48 layers): config.json head_dim 256, hidden / heads 240.
+    assert setup.spec.head_dim == 256 and settings.post_norms == 2 and settings.qk_norm
     # Five 1024-token local layers for each global one (Gemma 3 report): at 32768 tokens the local layers compute
     # (1024 + 128) / 32768 of the square, the global ones the causal half.
     causal = 0.5 * (1 + 128 / 32768)
@@ -402,7 +403,7 @@ def test_post_norms_and_qk_norm_read_and_write_their_tensors_once_more() -> None
     from aiinfra.plan.validation import load_training_runs
 
     rows = load_training_runs()
-    gemma = setup_from_row(next(r for r in rows if r["model"] == "gemma3"))
+    gemma = setup_from_row(next(r for r in rows if r["model"] == "gemma"))
     qwen = setup_from_row(next(r for r in rows if r["model"] == "qwen3-moe"))
     assert (gemma.settings.post_norms, gemma.settings.qk_norm) == (2, True)
     assert (qwen.settings.post_norms, qwen.settings.qk_norm) == (0, True)

@@ -187,7 +187,7 @@ def test_logits_and_a_recomputed_layer_never_coexist() -> None:
     assert head > layer
     assert activation_memory_bytes(spec, settings, layout) == pytest.approx(inputs + max(layer, head))
     # Under XLA the norm outputs and GELU's output exist only inside the fusions: 2 x 2h and 2 x 4h fewer bytes.
-    jax = setup_from_row(_full_remat_row("jax"))
+    jax = setup_from_row({**_full_remat_row("jax"), "head_dim": "128"})  # not MaxText's test-model width 256
     assert recomputed_layer_bytes(jax.spec, jax.settings, jax.layout) == pytest.approx(
         layer - tokens * (4 * 1024 + 2 * 4096))
 
@@ -297,3 +297,35 @@ def test_bf16_weights_keep_two_plus_two_plus_four_bytes_a_parameter() -> None:
     assert states.gradients_bytes + states.optimizer_bytes == pytest.approx(sharded * (2 + 4))
     with pytest.raises(RowNotRepresentable, match="weight_dtype='fp8'"):
         setup_from_row({**row, "weight_dtype": "fp8"})
+
+
+def test_a_family_word_and_a_shape_name_the_release() -> None:
+    from aiinfra.plan.known_models import model_version, published_shape
+
+    assert model_version("gemma", 3840, 48, moe=False).version == "gemma3"  # Gemma 3 12B
+    assert model_version("gemma", 4608, 46, moe=False) == model_version("gemma", 4608, 46, moe=False)
+    assert model_version("gemma", 4608, 46, moe=False).head_width == 128  # Gemma 2 27B: head_dim 128
+    assert model_version("deepseek", 7168, 61, moe=True).version == "deepseek-v3"
+    assert model_version("deepseek", 5120, 60, moe=True).version == "deepseek-v2"
+    assert model_version("deepseek", 8192, 95, moe=False).version == "deepseek"  # the dense 67B
+    # A blank shape comes from the one published configuration of that family and size (Code Llama 34B's for
+    # Llama 2 34B); 70B matches Llama 2 70B and Llama 3.x 70B, which differ: no guess.
+    assert published_shape("llama", 34.0, moe=False) == {"layers": "48", "hidden": "8192", "heads": "64",
+                                                          "kv_heads": "8", "ffn": "22016", "vocab": "32000"}
+    assert published_shape("llama", 70.0, moe=False) is None
+
+
+def test_unstated_global_batch_is_one_micro_batch_per_replica_and_bf16_weights_only_when_needed() -> None:
+    from aiinfra.plan.validation import fitted_setup
+
+    row = {**_full_remat_row("jax"), "global_batch_seqs": ""}
+    assert setup_from_row(row).settings.global_batch_seqs == 2 * 8  # micro-batch 2 x dp 8
+    small, _ = fitted_setup(setup_from_row(row))
+    assert small.settings.param_bytes == 4  # MaxText's fp32 default fits
+    # 32 layers of h 8192 and a 2-matrix MLP of 4h: 25.8B parameters on 8 chips, 48 GiB of states in fp32
+    # (4 + 4 + 8 bytes), 24 GiB in bf16 (2 + 2 + 4): a 32 GiB v4 fits only the latter.
+    big = {**row, "layers": "32", "hidden": "8192", "heads": "64", "ffn": "32768", "head_dim": "128"}
+    fitted, _ = fitted_setup(setup_from_row(big))
+    assert fitted.settings.param_bytes == 2 and fitted.settings.optimizer_bytes_per_param == 4
+    with pytest.raises(RowNotRepresentable, match="does not fit"):
+        fitted_setup(setup_from_row({**big, "weight_dtype": "fp32"}))

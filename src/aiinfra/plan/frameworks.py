@@ -47,6 +47,8 @@ class FrameworkFacts:
     layer_offload: bool = False  # can keep whole layers' activations in host memory (a searched knob when unstated)
     recompute_drops_output_gemm: bool = False  # full recompute leaves out the layer's last GEMM (dead code under XLA)
     recompute_fuses_elementwise: bool = False  # a recomputed layer keeps no norm or MLP-activation outputs (XLA)
+    test_model_head_width: int = 0  # head width of the framework's own synthetic test models (0: hidden / heads)
+    bf16_weights_when_needed: bool = False  # a run whose fp32 weights would not fit kept them in bf16 (searched)
 
 
 FRAMEWORKS: dict[str, FrameworkFacts] = {
@@ -122,12 +124,18 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         "remat_policy full (jax.checkpoint saving nothing) recomputes in the backward only what the backward reads: "
         "the MLP's down projection, whose output only feeds the residual sum, is dead code there (JAX's remat "
         "partial evaluation runs dead-code elimination on the recomputed jaxpr, and XLA's HLO DCE removes an "
-        "unread op), and so is its tensor-parallel reduction; XLA fuses elementwise producers (the norms, the MLP "
-        "activation) into the matmuls that read them, so a recomputed layer materializes only matmul outputs (XLA "
-        "operation fusion: producer-consumer fusion into dot/convolution operands)",
+        "unread op), and so is its tensor-parallel reduction; its synthetic test models (global_parameter_scale, "
+        "family gpt) set embedding, heads, MLP and layers and inherit base.yml's head_dim 256 (base.yml at 76bd53b0f, "
+        "2023-12, the commit of the published v4/v5e/v5p tables); weight_dtype bfloat16 is the documented switch "
+        "for a model whose fp32 weights do not fit (tpu-recipes' Llama 3.1 70B on v6e-32 sets it), so a row that "
+        "states no weight dtype and does not fit in fp32 is taken to have used it; XLA fuses elementwise "
+        "producers (the norms, the MLP activation) into the matmuls that read them, so a recomputed layer "
+        "materializes only matmul outputs (XLA operation fusion: producer-consumer fusion into dot/convolution "
+        "operands)",
         tp_overlap=True, grad_reduce_fp32=False, param_bytes=4, gather_param_bytes=2, optimizer_bytes_per_param=8,
         sequence_parallel=True, shard_within_domain=True, mfu_causal_attention=True, activation_offload=True,
         logit_bytes=2, grouped_gemm_row_tile=512, recompute_drops_output_gemm=True, recompute_fuses_elementwise=True,
+        test_model_head_width=256, bf16_weights_when_needed=True,
     ),
     "in-house": FrameworkFacts(
         "in-house",

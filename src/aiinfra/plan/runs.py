@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from aiinfra.plan.cluster import Cluster, make_cluster
 from aiinfra.plan.errors import PlanError
 from aiinfra.plan.frameworks import FrameworkFacts, framework_facts
+from aiinfra.plan.known_models import Version, model_version, published_shape
 from aiinfra.plan.layout import Layout, TrainSettings
 from aiinfra.plan.step import StepBreakdown
 from aiinfra.spec import ModelSpec
@@ -32,7 +33,7 @@ SHARDING_STAGES = {"none": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3, "fs
 # rotary positions). GPT's vocabulary is GPT-2's BPE when a row does not give one (Brown et al. 2020).
 GPT_FAMILIES = ("gpt",)
 TWO_MATRIX_FAMILIES = ("gpt", "nemotron")
-TIED_FAMILIES = ("gpt", "palm", "gemma", "gemma3")
+TIED_FAMILIES = ("gpt", "palm", "gemma", "gemma2", "gemma3")
 DEFAULT_VOCAB = {"gpt": 50257}
 # Node-limited routing in the model's own router: DeepSeek-V3 config.json n_group 8, topk_group 4 (each token's 8
 # experts come from at most 4 of 8 groups, one group per node in the authors' EP64 layout; arXiv 2412.19437, 3.2.2).
@@ -42,22 +43,26 @@ NODE_LIMITED_ROUTING = {"deepseek-v3": 4}
 # 64, v_head_dim 128; arXiv 2412.19437, 2.1.1), against hidden / heads = 56. The rows' own reported model TFLOP/s
 # (152.4 on v5p, 1292 on GB200) match these widths, not 56. Qwen3's MoE models set head_dim 128 apart from hidden /
 # heads (Qwen3-235B-A22B: 4096 / 64 = 64; Qwen3-30B-A3B: 2048 / 32 = 64; config.json head_dim 128).
-ATTENTION_HEAD_DIMS = {"deepseek-v3": (192, 128), "qwen3-moe": (128, 128), "gpt-oss": (64, 64),
-                       "gemma3": (256, 256)}
+# DeepSeek-V2 uses the same MLA widths (arXiv 2405.04434, 2.1.2: d_h^R 64 beside 128-wide heads).
+ATTENTION_HEAD_DIMS = {"deepseek-v3": (192, 128), "deepseek-v2": (192, 128), "qwen3-moe": (128, 128),
+                       "gpt-oss": (64, 64)}
 # Sliding-window attention: GPT-OSS alternates 128-token local layers with full-attention layers (config.json
 # sliding_window 128, layer_types sliding/full; OpenAI gpt-oss model card, 2025) and uses 64-wide heads (head_dim 64
 # against hidden / heads = 2880 / 64 = 45). Gemma 3 runs five 1024-token local layers for each global one and
 # 256-wide heads (Gemma 3 technical report, 2025, 2.1; config.json sliding_window 1024, sliding_window_pattern 6,
-# head_dim 256 against 3840 / 16 = 240 for 12B). (window, share of the layers).
-SLIDING_WINDOWS = {"gpt-oss": (128, 0.5), "gemma3": (1024, 5 / 6)}
+# head_dim 256 against 3840 / 16 = 240 for 12B). Gemma 2 alternates 4096-token local and global layers one to one
+# (Gemma 2 technical report, 2024, 2: "sliding window size of 4096 tokens" on every other layer). Gemma head widths
+# per release are in known_models.GEMMA_VERSIONS. (window, share of the layers).
+SLIDING_WINDOWS = {"gpt-oss": (128, 0.5), "gemma2": (4096, 0.5), "gemma3": (1024, 5 / 6)}
 # The same published head widths size the query, key, value and output projections (config.json head_dim: the
 # q projection is heads x head_dim wide, not hidden): Qwen3-235B-A22B 64 x 128 = 8192 against hidden 4096.
-PUBLISHED_HEAD_WIDTHS = {"qwen3-moe": 128, "gpt-oss": 64, "gemma3": 256}
+PUBLISHED_HEAD_WIDTHS = {"qwen3-moe": 128, "gpt-oss": 64}
 # Norms beyond the pre-norms: Gemma 3 adds a post-norm after attention and after the MLP and replaces Gemma 2's
 # soft-capping by QK-norm (Gemma 3 technical report, 2025, 2.1; config.json / modeling: post_attention_layernorm,
 # post_feedforward_layernorm, q_norm, k_norm); Qwen3 adds QK-norm (Qwen3 technical report, 2025, 2.1: QK-Norm in
-# place of QKV bias). (post-norms per layer, QK-norm).
-EXTRA_NORMS = {"gemma3": (2, True), "qwen3-moe": (0, True)}
+# place of QKV bias); Gemma 2 already normalizes each sub-layer's output (Gemma 2 technical report, 2: "post-norm and
+# pre-norm with RMSNorm"). (post-norms per layer, QK-norm).
+EXTRA_NORMS = {"gemma2": (2, False), "gemma3": (2, True), "qwen3-moe": (0, True)}
 
 
 class RowNotRepresentable(PlanError):
@@ -100,12 +105,38 @@ def moe_shape(row: dict[str, str], dense_params: float, layers: int, hidden: int
     return width, experts + shared, used
 
 
+def row_version(row: dict[str, str]) -> Version:
+    """The released configuration a row's family word and shape identify (known_models.model_version)."""
+    hidden = (row.get("hidden") or "").strip()
+    layers = (row.get("layers") or "").strip()
+    moe = bool((row.get("experts") or "").strip()) and int(float(row["experts"])) > 1
+    return model_version(row.get("model", "").strip(), int(float(hidden)) if hidden else None,
+                         int(float(layers)) if layers else None, moe)
+
+
+def with_published_shape(row: dict[str, str]) -> dict[str, str]:
+    """The row with its blank shape cells taken from the published configuration of its family and parameter count
+    (known_models.published_shape), where the row states no shape and exactly one configuration matches."""
+    if any((row.get(column) or "").strip() for column in ("layers", "hidden")):
+        return row
+    moe = bool((row.get("experts") or "").strip())
+    shape = published_shape(row.get("model", "").strip(), _float(row, "params_b"), moe)
+    if shape is None:
+        return row
+    return {**row, **{k: v for k, v in shape.items() if not (row.get(k) or "").strip()}}
+
+
 def _head_width(row: dict[str, str]) -> int:
     """The optional `head_dim` column: each attention head's width where the source states one that is not
-    hidden / heads (the 2023 MaxText test models: base.yml head_dim 256); empty = hidden / heads."""
+    hidden / heads; empty: the release's published width (known_models), the family's, or the framework's default
+    for its own test models (`FrameworkFacts.test_model_head_width`: MaxText's base.yml), else hidden / heads."""
     text = (row.get("head_dim") or "").strip()
     if not text:
-        return PUBLISHED_HEAD_WIDTHS.get(row.get("model", "").strip(), 0)
+        family = row.get("model", "").strip()
+        width = row_version(row).head_width or PUBLISHED_HEAD_WIDTHS.get(family, 0)
+        if not width and family in GPT_FAMILIES:
+            width = framework_facts(row.get("framework") or "").test_model_head_width
+        return width
     width = _int(row, "head_dim")
     if width < 1:
         raise RowNotRepresentable(f"head_dim={text!r}: expected a positive width")
@@ -114,6 +145,7 @@ def _head_width(row: dict[str, str]) -> int:
 
 def spec_from_row(row: dict[str, str]) -> ModelSpec:
     """A ModelSpec from the run table's shape columns; mixture-of-experts from `experts` and the parameter counts."""
+    row = with_published_shape(row)
     family = row.get("model", "").strip()
     hidden, layers, heads = _int(row, "hidden"), _int(row, "layers"), _int(row, "heads")
     kv_heads = _int(row, "kv_heads", heads)
@@ -123,8 +155,9 @@ def spec_from_row(row: dict[str, str]) -> ModelSpec:
     gpt = family in GPT_FAMILIES
     # A head width the rotary embedding cannot split (odd) keeps its cost but not its rotation: learned positions.
     rope = not gpt and (hidden // heads) % 2 == 0
+    tied = row_version(row).version in TIED_FAMILIES
     arch = dict(mlp="gelu" if matrices == 2 else "swiglu", norm="layernorm" if gpt else "rmsnorm",
-                position="rope" if rope else "learned", bias=gpt, tie_embeddings=family in TIED_FAMILIES)
+                position="rope" if rope else "learned", bias=gpt, tie_embeddings=tied)
     common = dict(vocab_size=vocab, dim=hidden, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads,
                   max_seq_len=seq, head_width=_head_width(row), **arch)
     try:
@@ -185,6 +218,11 @@ def _with_weight_dtype(settings: TrainSettings, row: dict[str, str]) -> TrainSet
         return settings
     if text != "bf16":
         raise RowNotRepresentable(f"weight_dtype={text!r}: expected fp32 or bf16")
+    return bf16_weights(settings)
+
+
+def bf16_weights(settings: TrainSettings) -> TrainSettings:
+    """Weights, gradients and Adam moments in bf16 with no fp32 master copy: 2 + 2 + 4 bytes a parameter."""
     return replace(settings, param_bytes=2, gather_param_bytes=2, grad_bytes=2, grad_reduce_bytes=2,
                    optimizer_bytes_per_param=4)
 
@@ -234,6 +272,14 @@ def _layout(row: dict[str, str], facts: FrameworkFacts) -> tuple[Layout, bool, b
     return layout, search_vp, not (row.get("recompute") or "").strip()
 
 
+def _global_batch(row: dict[str, str]) -> int:
+    """Sequences per optimizer step; where a row states only the per-device micro-batch, one micro-batch per data-
+    parallel replica (no gradient accumulation stated, none assumed)."""
+    if (row.get("global_batch_seqs") or "").strip() or not (row.get("micro_batch") or "").strip():
+        return _int(row, "global_batch_seqs")
+    return _int(row, "micro_batch") * _int(row, "dp")
+
+
 def setup_from_row(row: dict[str, str]) -> RunSetup:
     """Translate one run-table row into a spec, settings, layout and cluster (RowNotRepresentable if it cannot)."""
     if row.get("metric") not in METRICS:
@@ -241,14 +287,16 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
     if row["metric"] == "gpu_hours_total":
         raise RowNotRepresentable("gpu_hours_total needs the run's token count, which the columns do not hold")
     facts = framework_facts(row.get("framework") or "")
+    row = with_published_shape(row)
     family = row.get("model", "").strip()
+    version = row_version(row).version
     spec = spec_from_row(row)
     n_devices = _int(row, "n_devices")
     precision = (row.get("precision") or "").strip() or "bf16"
     if precision not in ("bf16", "fp16", "fp8", "fp4"):
         raise RowNotRepresentable(f"precision={precision!r}: expected bf16, fp16, fp8 or fp4")
     settings = TrainSettings(
-        seq_len=spec.max_seq_len, global_batch_seqs=_int(row, "global_batch_seqs"),
+        seq_len=spec.max_seq_len, global_batch_seqs=_global_batch(row),
         precision=precision,  # type: ignore[arg-type]
         attention_kernel=_attention(row), dropout=family in facts.dropout_families,
         param_bytes=facts.param_bytes, gather_param_bytes=facts.gather_param_bytes, grad_bytes=facts.grad_bytes,
@@ -258,16 +306,16 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
         dp_bucket_params_per_rank=facts.dp_bucket_params_per_rank,
         zero3_bucket_params=facts.zero3_bucket_params, ep_overlap=facts.ep_overlap,
         grad_reduce_every_micro_batch=facts.grad_reduce_every_micro_batch,
-        moe_node_limit=NODE_LIMITED_ROUTING.get(family, 0), logit_bytes=facts.logit_bytes,
+        moe_node_limit=NODE_LIMITED_ROUTING.get(version, 0), logit_bytes=facts.logit_bytes,
         fp8_amax_pass=facts.fp8_amax_pass, fp8_saved_inputs=facts.fp8_saved_inputs,
         grouped_gemm_row_tile=facts.grouped_gemm_row_tile,
         selective_recomputes_alternate_mms=facts.selective_recomputes_alternate_mms,
         recompute_drops_output_gemm=facts.recompute_drops_output_gemm,
         recompute_fuses_elementwise=facts.recompute_fuses_elementwise,
     )
-    qk_dim, v_dim = ATTENTION_HEAD_DIMS.get(family, (0, 0))
-    window, window_share = SLIDING_WINDOWS.get(family, (0, 0.0))
-    post_norms, qk_norm = EXTRA_NORMS.get(family, (0, False))
+    qk_dim, v_dim = ATTENTION_HEAD_DIMS.get(version, (0, 0))
+    window, window_share = SLIDING_WINDOWS.get(version, (0, 0.0))
+    post_norms, qk_norm = EXTRA_NORMS.get(version, (0, False))
     settings = replace(settings, qk_head_dim=qk_dim, v_head_dim=v_dim, moe_capacity_factor=_capacity_factor(row),
                        attention_window=window, window_layer_share=window_share, post_norms=post_norms,
                        qk_norm=qk_norm)

@@ -21,6 +21,7 @@ from aiinfra.plan.memory import memory_breakdown
 from aiinfra.plan.runs import (
     RowNotRepresentable,
     RunSetup,
+    bf16_weights,
     chunk_choices,
     micro_batch_choices,
     predicted_metric,
@@ -68,6 +69,21 @@ def _candidates(setup: RunSetup) -> list[Layout]:
                                offload_layer_fraction=share)
                        for b, v, share in itertools.product(micro, chunks, (0.25, 0.5, 0.75, 1.0))]
     return candidates
+
+
+def fitted_setup(setup: RunSetup) -> tuple[RunSetup, Layout]:
+    """The setup and the fastest layout that fits; where nothing fits with the framework's default fp32 weights and
+    the row states no weight dtype, the framework's bf16-weights switch if it has one
+    (`FrameworkFacts.bf16_weights_when_needed`); RowNotRepresentable when nothing fits."""
+    try:
+        return setup, best_layout(setup)[0]
+    except RowNotRepresentable as error:
+        stated = (setup.row.get("weight_dtype") or "").strip()
+        if not setup.facts.bf16_weights_when_needed or stated or setup.settings.param_bytes == 2 \
+                or not str(error).startswith("does not fit"):
+            raise
+    bf16 = replace(setup, settings=bf16_weights(setup.settings))
+    return bf16, best_layout(bf16)[0]
 
 
 def best_layout(setup: RunSetup) -> tuple[Layout, StepBreakdown]:
@@ -141,8 +157,7 @@ def prepare_training(path: Path = TRAINING_RUNS_CSV) -> tuple[list[PreparedRow],
     for row in load_training_runs(path):
         run_id, source = row.get("id", "?"), row.get("source", "")
         try:
-            setup = setup_from_row(row)
-            layout, _ = best_layout(setup)
+            setup, layout = fitted_setup(setup_from_row(row))
         except PlanError as error:
             not_run.append(NotRun(run_id, source, str(error.args[0] if error.args else error)))
             continue

@@ -1,0 +1,72 @@
+"""Published model configurations behind a run-table row: which version of a family a shape is, and the shape a
+row leaves blank.
+
+A row names only a family word (`gemma`, `deepseek`, `llama`) and, usually, its shape. Architecture facts that differ
+between versions of one family (Gemma 2's 1:1 sliding windows against Gemma 3's 5:1, DeepSeek-V2's routing limit of
+3 devices against V3's 4 nodes) follow from the version, and the version from the family and the published
+(hidden, layers) of each released configuration. Where a row gives the family and the parameter count but no shape,
+the shape comes from the published configuration with that count (`inference_models.csv`, each row naming its
+config.json). Nothing here reads a row's `source` or `id`.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+MODELS_CSV = Path(__file__).with_name("inference_models.csv")
+SHAPE_COLUMNS = ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab")
+
+
+@dataclass(frozen=True)
+class Version:
+    """One released configuration of a family: the version key the architecture tables use, and its head width."""
+
+    version: str
+    head_width: int = 0  # config.json head_dim where it is not hidden / heads (0: hidden / heads)
+
+
+# (family word, hidden, layers) -> version, from each release's config.json (google/gemma-2b, gemma-7b, gemma-2-2b,
+# gemma-2-9b, gemma-2-27b, gemma-3-1b-pt, gemma-3-4b-pt, gemma-3-12b-pt, gemma-3-27b-pt: hidden_size,
+# num_hidden_layers, head_dim).
+GEMMA_VERSIONS = {
+    (2048, 18): Version("gemma", 256), (3072, 28): Version("gemma", 256),
+    (2304, 26): Version("gemma2", 256), (3584, 42): Version("gemma2", 256), (4608, 46): Version("gemma2", 128),
+    (1152, 26): Version("gemma3", 256), (2560, 34): Version("gemma3", 256), (3840, 48): Version("gemma3", 256),
+    (5376, 62): Version("gemma3", 128),
+}
+# Every DeepSeek mixture-of-experts model (V2, V2-Lite, V3, R1) uses multi-head latent attention; V3's shape (hidden
+# 7168, 256 routed experts) carries its node-limited router, V2's (hidden 5120 or 2048, 160 or 64 experts) its
+# device-limited one (arXiv 2405.04434 2.2.2; arXiv 2412.19437 2.1.2). The dense DeepSeek LLM 7B/67B are Llama-style.
+DEEPSEEK_V3_HIDDEN = 7168
+
+
+def model_version(family: str, hidden: int | None, layers: int | None, moe: bool) -> Version:
+    """The version key of a family and shape; the family itself where the family has one architecture."""
+    if family == "gemma" and hidden and layers:
+        return GEMMA_VERSIONS.get((hidden, layers), Version("gemma", 256))
+    if family == "deepseek" and moe:
+        return Version("deepseek-v3" if hidden == DEEPSEEK_V3_HIDDEN else "deepseek-v2")
+    return Version(family)
+
+
+@lru_cache(maxsize=1)
+def _published_shapes() -> tuple[dict[str, str], ...]:
+    with MODELS_CSV.open(newline="") as handle:
+        return tuple(csv.DictReader(handle))
+
+
+def published_shape(family: str, params_b: float | None, moe: bool) -> dict[str, str] | None:
+    """The shape columns of the published configuration of this family with this parameter count (within 3%), or
+    None when there is none, or several that differ."""
+    if params_b is None:
+        return None
+    matches = [m for m in _published_shapes()
+               if m["family"] == family and bool((m.get("experts") or "").strip()) == moe
+               and abs(float(m["params_b"]) - params_b) <= 0.03 * params_b]
+    shapes = {tuple(m[column] for column in SHAPE_COLUMNS) for m in matches}
+    if len(shapes) != 1:
+        return None
+    return dict(zip(SHAPE_COLUMNS, shapes.pop(), strict=True))
