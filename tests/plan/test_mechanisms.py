@@ -27,7 +27,7 @@ from aiinfra.plan.step import (
     moe_remote_share,
     step_breakdown,
 )
-from aiinfra.plan.validation import best_layout, load_training_runs
+from aiinfra.plan.validation import best_layout, fitted_setup, load_training_runs
 from aiinfra.spec import preset
 
 
@@ -165,7 +165,7 @@ def test_no_published_layout_is_refused_for_memory() -> None:
             setup = setup_from_row(row)
         except RowNotRepresentable:
             continue
-        best_layout(setup)  # raises RowNotRepresentable("does not fit ...") when nothing fits
+        fitted_setup(setup)  # raises RowNotRepresentable("does not fit ...") when nothing fits
 
 
 def _full_remat_row(framework: str) -> dict[str, str]:
@@ -316,8 +316,6 @@ def test_a_family_word_and_a_shape_name_the_release() -> None:
 
 
 def test_unstated_global_batch_is_one_micro_batch_per_replica_and_bf16_weights_only_when_needed() -> None:
-    from aiinfra.plan.validation import fitted_setup
-
     row = {**_full_remat_row("jax"), "global_batch_seqs": ""}
     assert setup_from_row(row).settings.global_batch_seqs == 2 * 8  # micro-batch 2 x dp 8
     small, _ = fitted_setup(setup_from_row(row))
