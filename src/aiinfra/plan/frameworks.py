@@ -48,7 +48,7 @@ class FrameworkFacts:
     recompute_drops_output_gemm: bool = False  # full recompute leaves out the layer's last GEMM (dead code under XLA)
     recompute_fuses_elementwise: bool = False  # a recomputed layer keeps no norm or MLP-activation outputs (XLA)
     test_model_head_width: int = 0  # head width of the framework's own synthetic test models (0: hidden / heads)
-    bf16_weights_when_needed: bool = False  # a run whose fp32 weights would not fit kept them in bf16 (searched)
+    bf16_weights_when_needed: bool = False  # a run whose fp32 weights would not fit kept them in bf16 (a fallback)
 
 
 FRAMEWORKS: dict[str, FrameworkFacts] = {

@@ -2,8 +2,8 @@
 row leaves blank.
 
 A row names only a family word (`gemma`, `deepseek`, `llama`) and, usually, its shape. Architecture facts that differ
-between versions of one family (Gemma 2's 1:1 sliding windows against Gemma 3's 5:1, DeepSeek-V2's routing limit of
-3 devices against V3's 4 nodes) follow from the version, and the version from the family and the published
+between versions of one family (Gemma 2's 1:1 sliding windows against Gemma 3's 5:1; DeepSeek-V3's node-limited
+router) follow from the version, and the version from the family and the published
 (hidden, layers) of each released configuration. Where a row gives the family and the parameter count but no shape,
 the shape comes from the published configuration with that count (`inference_models.csv`, each row naming its
 config.json). Nothing here reads a row's `source` or `id`.
@@ -37,9 +37,10 @@ GEMMA_VERSIONS = {
     (1152, 26): Version("gemma3", 256), (2560, 34): Version("gemma3", 256), (3840, 48): Version("gemma3", 256),
     (5376, 62): Version("gemma3", 128),
 }
-# Every DeepSeek mixture-of-experts model (V2, V2-Lite, V3, R1) uses multi-head latent attention; V3's shape (hidden
-# 7168, 256 routed experts) carries its node-limited router, V2's (hidden 5120 or 2048, 160 or 64 experts) its
-# device-limited one (arXiv 2405.04434 2.2.2; arXiv 2412.19437 2.1.2). The dense DeepSeek LLM 7B/67B are Llama-style.
+# Every DeepSeek mixture-of-experts model (V2, V2-Lite, V3, R1) uses multi-head latent attention (arXiv 2405.04434
+# 2.1; arXiv 2412.19437 2.1.1); V3's shape (hidden 7168) also carries its node-limited router. V2's device-limited
+# routing (at most 3 devices a token, 2405.04434 2.2.2) is not modelled. The dense DeepSeek LLM 7B/67B are
+# Llama-style.
 DEEPSEEK_V3_HIDDEN = 7168
 
 

@@ -117,11 +117,19 @@ def _layer_activation_bytes(spec: ModelSpec, settings: TrainSettings, layout: La
         # With fused attention there are no scores to drop; selective policies (torchtitan's per-op AC, MaxText's
         # "minimal") keep the matmul outputs and recompute the elementwise ops between them: the norm outputs
         # and, in a gated MLP, the product of gate and up.
-        a = settings.activation_bytes
-        experts = spec.experts_per_token if spec.is_moe else 1
-        gated = a * spec.ffn_dim / layout.tp * experts if spec.mlp == "swiglu" else 0.0
-        stored -= 2 * a * spec.dim / sp_divisor + gated
+        stored -= _elementwise_output_bytes(spec, settings, layout, gelu_output=False)
     return tokens * stored
+
+
+def _elementwise_output_bytes(spec: ModelSpec, settings: TrainSettings, layout: Layout, gelu_output: bool) -> float:
+    """Per-token bytes of a layer's elementwise outputs that feed a matmul: the two norm outputs and the MLP
+    activation's output (SwiGLU's gate x up; GELU's output only where `gelu_output`, since a selective policy keeps
+    it as the down projection's saved input)."""
+    a = settings.activation_bytes
+    experts = spec.experts_per_token if spec.is_moe else 1
+    sp_divisor = layout.tp if layout.sequence_parallel else 1
+    activation = a * spec.ffn_dim / layout.tp * experts if spec.mlp == "swiglu" or gelu_output else 0.0
+    return 2 * a * spec.dim / sp_divisor + activation
 
 
 def in_flight_micro_batches(settings: TrainSettings, layout: Layout) -> float:
@@ -198,11 +206,8 @@ def recomputed_layer_bytes(spec: ModelSpec, settings: TrainSettings, layout: Lay
     held = _layer_activation_bytes(spec, settings, replace(layout, recompute="none", offload_activations=False))
     if not settings.recompute_fuses_elementwise:
         return held
-    a = settings.activation_bytes
-    experts = spec.experts_per_token if spec.is_moe else 1
-    sp_divisor = layout.tp if layout.sequence_parallel else 1
-    fused = 2 * a * spec.dim / sp_divisor + a * spec.ffn_dim / layout.tp * experts
-    return held - layout.micro_batch * settings.seq_len / layout.cp * fused
+    tokens = layout.micro_batch * settings.seq_len / layout.cp
+    return held - tokens * _elementwise_output_bytes(spec, settings, layout, gelu_output=True)
 
 
 def activation_memory_bytes(spec: ModelSpec, settings: TrainSettings, layout: Layout) -> float:

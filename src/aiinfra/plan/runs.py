@@ -69,6 +69,16 @@ class RowNotRepresentable(PlanError):
     """A run the planner cannot express; the message says why in one line."""
 
 
+class DoesNotFit(RowNotRepresentable):
+    """No layout of the row's searched knobs fits in device memory."""
+
+
+def is_moe_row(row: dict[str, str]) -> bool:
+    """A mixture-of-experts row: more than one routed expert."""
+    text = (row.get("experts") or "").strip()
+    return bool(text) and int(float(text)) > 1
+
+
 def _int(row: dict[str, str], key: str, default: int | None = None) -> int:
     text = (row.get(key) or "").strip()
     if not text:
@@ -109,9 +119,8 @@ def row_version(row: dict[str, str]) -> Version:
     """The released configuration a row's family word and shape identify (known_models.model_version)."""
     hidden = (row.get("hidden") or "").strip()
     layers = (row.get("layers") or "").strip()
-    moe = bool((row.get("experts") or "").strip()) and int(float(row["experts"])) > 1
     return model_version(row.get("model", "").strip(), int(float(hidden)) if hidden else None,
-                         int(float(layers)) if layers else None, moe)
+                         int(float(layers)) if layers else None, is_moe_row(row))
 
 
 def with_published_shape(row: dict[str, str]) -> dict[str, str]:
@@ -119,8 +128,7 @@ def with_published_shape(row: dict[str, str]) -> dict[str, str]:
     (known_models.published_shape), where the row states no shape and exactly one configuration matches."""
     if any((row.get(column) or "").strip() for column in ("layers", "hidden")):
         return row
-    moe = bool((row.get("experts") or "").strip())
-    shape = published_shape(row.get("model", "").strip(), _float(row, "params_b"), moe)
+    shape = published_shape(row.get("model", "").strip(), _float(row, "params_b"), is_moe_row(row))
     if shape is None:
         return row
     return {**row, **{k: v for k, v in shape.items() if not (row.get(k) or "").strip()}}
@@ -161,7 +169,7 @@ def spec_from_row(row: dict[str, str]) -> ModelSpec:
     common = dict(vocab_size=vocab, dim=hidden, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads,
                   max_seq_len=seq, head_width=_head_width(row), **arch)
     try:
-        if (row.get("experts") or "").strip() and int(row["experts"]) > 1:
+        if is_moe_row(row):
             dense = ModelSpec(**common, ffn_dim=1).num_params()
             width, experts, top_k = moe_shape(row, dense, layers, hidden, matrices)
             return ModelSpec(**common, ffn_dim=width, n_experts=experts, experts_per_token=top_k)

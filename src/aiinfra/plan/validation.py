@@ -19,6 +19,7 @@ from aiinfra.plan.errors import PlanError
 from aiinfra.plan.layout import Layout, TrainSettings
 from aiinfra.plan.memory import memory_breakdown
 from aiinfra.plan.runs import (
+    DoesNotFit,
     RowNotRepresentable,
     RunSetup,
     bf16_weights,
@@ -77,10 +78,9 @@ def fitted_setup(setup: RunSetup) -> tuple[RunSetup, Layout]:
     (`FrameworkFacts.bf16_weights_when_needed`); RowNotRepresentable when nothing fits."""
     try:
         return setup, best_layout(setup)[0]
-    except RowNotRepresentable as error:
+    except DoesNotFit:
         stated = (setup.row.get("weight_dtype") or "").strip()
-        if not setup.facts.bf16_weights_when_needed or stated or setup.settings.param_bytes == 2 \
-                or not str(error).startswith("does not fit"):
+        if not setup.facts.bf16_weights_when_needed or stated or setup.settings.param_bytes == 2:
             raise
     bf16 = replace(setup, settings=bf16_weights(setup.settings))
     return bf16, best_layout(bf16)[0]
@@ -103,7 +103,7 @@ def best_layout(setup: RunSetup) -> tuple[Layout, StepBreakdown]:
             best = (layout, step)
     if best is None:
         usable_gib = setup.cluster.usable_memory_bytes / 2**30
-        raise RowNotRepresentable(f"does not fit: {smallest / 2**30:.1f} GiB per device needed, {usable_gib:.1f} GiB "
+        raise DoesNotFit(f"does not fit: {smallest / 2**30:.1f} GiB per device needed, {usable_gib:.1f} GiB "
                                   f"usable of {setup.cluster.memory_bytes / 2**30:.0f} GiB")
     return best
 
