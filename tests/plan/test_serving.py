@@ -69,4 +69,83 @@ def test_a_step_takes_the_longer_of_the_kernels_and_the_host_work() -> None:
     assert math.isclose(decode_step_time_s(spec, cluster, base, 1000), 30e-3)
     # With no host cost, or host work shorter than the kernels, the step is the kernels' sum.
     assert decode_step_time_s(spec, cluster, replace(base, host_s_per_request=0.0), 1000) == kernels
-    assert decode_step_time_s(spec, cluster, replace(base, attention_dp=True), 1000) == kernels
+    dp = replace(base, attention_dp=True)
+    assert decode_step_time_s(spec, cluster, dp, 1000) == sum(decode_step_parts(spec, cluster, dp, 1000).values())
+
+
+def test_tensor_parallel_ranks_keep_copies_of_shared_kv_heads() -> None:
+    from aiinfra.plan.inference import kv_replication
+
+    models = serve_models()
+    qwen, llama, r1 = models["qwen3-235b-a22b"].spec, models["llama-3.1-8b"].spec, models["deepseek-r1"]
+    # 4 KV heads over 8 ranks: each kept on 2; 8 over 8: once; MLA's one latent: on all 8; attention DP: once.
+    assert kv_replication(qwen, ServeSettings(1000, 1000, tp=8)) == 2
+    assert kv_replication(llama, ServeSettings(1000, 1000, tp=8)) == 1
+    mla = ServeSettings(1000, 1000, tp=8, kv_dim_per_layer=r1.kv_dim_per_layer)
+    assert kv_replication(r1.spec, mla) == 8
+    assert kv_replication(r1.spec, replace(mla, attention_dp=True)) == 1
+    # The KV-cache bound on the batch falls by the copies: 8x fewer DeepSeek-R1 sequences under TP8 than the same
+    # cache would hold once (the duplication TensorRT-LLM's DeepSeek-R1 throughput blog gives as the reason for ADP).
+    cluster = make_cluster("h200", 8)
+    tp_plan = plan_serving(r1.spec, cluster, replace(mla, max_batch=20000, max_tokens_per_step=10**5))
+    per_seq = 1500 * tp_plan.kv_bytes_per_token
+    assert tp_plan.limited_by == "kv-cache"
+    assert tp_plan.batch == math.floor(tp_plan.kv_cache_bytes_per_device * 8 / (per_seq * 8))
+
+
+def test_attention_dp_keeps_whole_attention_weights_and_halves_the_reductions() -> None:
+    from aiinfra.plan.inference import WEIGHT_BYTES, decode_step_parts, weights_bytes
+
+    spec = serve_models()["qwen3-235b-a22b"].spec
+    cluster = make_cluster("h200", 8)
+    tp = ServeSettings(1000, 1000, tp=8, max_batch=256)
+    dp = replace(tp, attention_dp=True)
+    # One all-gather + reduce-scatter pair per layer instead of two all-reduces: the same bytes, half as often.
+    assert math.isclose(decode_step_parts(spec, cluster, dp, 256)["tp_comm"],
+                        decode_step_parts(spec, cluster, tp, 256)["tp_comm"] / 2)
+    attention = spec.n_layers * spec.attention_params() * WEIGHT_BYTES["fp8"]
+    expected = weights_bytes(spec, "fp8") / 8 + attention * 7 / 8
+    assert math.isclose(plan_serving(spec, cluster, dp).weights_bytes_per_device, expected)
+
+
+def test_the_busiest_attention_dp_rank_prefills_whole_prompts() -> None:
+    from aiinfra.plan.inference import busiest_rank_tokens, expected_ceil_share
+
+    # N ~ Poisson(0.5) dealt over 8 ranks: the busiest gets 1 whenever 1 <= N <= 8, so E = P(N >= 1) (+ 2 P(N > 8)).
+    assert math.isclose(expected_ceil_share(0.5, 8), 1 - math.exp(-0.5), rel_tol=1e-6)
+    assert math.isclose(expected_ceil_share(3.0, 1), 3.0, rel_tol=1e-9)  # one rank takes them all: E[N]
+    assert expected_ceil_share(0.0, 8) == 0.0
+    settings = ServeSettings(1024, 2048, tp=8, attention_dp=True)
+    # 1024 sequences finish at 0.5 a step; each rank decodes 128 and the busiest adds one whole 1024-token prompt
+    # with probability 1 - e^-0.5, against 64 prompt tokens a rank when every rank shares every token.
+    tokens, prompts = busiest_rank_tokens(settings, 1024)
+    assert math.isclose(tokens, 128 + 1024 * (1 - math.exp(-0.5)), rel_tol=1e-6)
+    shared = busiest_rank_tokens(replace(settings, attention_dp=False), 1024)
+    assert shared == ((1024 + 512) / 8, 0.5 / 8)
+    assert busiest_rank_tokens(settings, 1024, prefill=False) == (128, 0.0)
+
+
+def test_an_unstated_attention_dp_takes_the_faster_configuration_for_moe() -> None:
+    from aiinfra.plan.inference import _predict_inference_row
+    from aiinfra.plan.runs import RowNotRepresentable
+
+    models = serve_models()
+    row = {"id": "x", "system": "TensorRT-LLM trtllm-bench", "model": "llama-4-maverick-17b-128e",
+           "hardware": "b200", "n_devices": "8", "tp": "8", "precision": "fp4", "input_tokens": "1000",
+           "output_tokens": "1000", "metric": "output_tokens_per_s", "value": "1"}
+    both = [_predict_inference_row({**row, "attention_dp": flag}, models).predicted for flag in ("yes", "no")]
+    assert _predict_inference_row(row, models).predicted == max(both)
+    # A dense model keeps tensor parallelism; an engine without attention DP too.
+    dense = {**row, "model": "llama-3.1-70b"}
+    assert _predict_inference_row(dense, models).predicted == _predict_inference_row(
+        {**dense, "attention_dp": "no"}, models).predicted
+    vllm = {**row, "system": "vLLM"}
+    assert _predict_inference_row(vllm, models).predicted == _predict_inference_row(
+        {**vllm, "attention_dp": "no"}, models).predicted
+    # A row's kv_dtype overrides the precision's default cache; anything else is named.
+    kv16 = _predict_inference_row({**dense, "kv_dtype": "bf16"}, models)
+    assert kv16.batch < _predict_inference_row(dense, models).batch
+    import pytest
+
+    with pytest.raises(RowNotRepresentable, match="kv_dtype='int3'"):
+        _predict_inference_row({**dense, "kv_dtype": "int3"}, models)

@@ -35,6 +35,9 @@ RUNTIME_OVERHEAD_BYTES = 1.0e9
 # get TensorRT-LLM's figure.
 MOE_SERVE_PERMUTE_PASSES = 2  # routed copies written by the expand kernel, read by the finalize kernel
 ENGINE_MAX_BATCH = {"TensorRT-LLM": 2048, "vLLM": 256}
+# Engines that run a mixture-of-experts model's attention data-parallel across the replica's ranks on request:
+# TensorRT-LLM (LlmArgs enable_attention_dp) and SGLang (--enable-dp-attention), by the first word of `system`.
+ATTENTION_DP_ENGINES = ("TensorRT-LLM", "SGLang")
 # Host time per engine step for each request a rank's executor schedules, by the first word of `system`.
 # TensorRT-LLM's PyTorch backend (trtllm-bench's backend since v0.19, per its perf-overview) runs the scheduler, input
 # preparation and sampling on the host while the GPU runs the previous step (the overlap scheduler), so a step takes
@@ -121,6 +124,53 @@ def expert_rows(spec: ModelSpec, tokens: float) -> float:
     return tokens * spec.experts_per_token / touched_experts(spec, tokens)
 
 
+def kv_replication(spec: ModelSpec, settings: ServeSettings) -> float:
+    """How many ranks of a tensor-parallel replica hold a copy of each token's K and V.
+
+    Tensor parallelism splits attention by heads, so a rank keeps the KV heads its query heads read. With fewer KV
+    heads than ranks each KV head is kept on tp / kv_heads ranks (vLLM's QKVParallelLinear: num_kv_head_replicas =
+    tp_size // total_num_kv_heads; TensorRT-LLM likewise), and MLA's latent is one KV "head" every query head reads,
+    so every rank keeps all of it (the duplication SGLang's DP attention removes, lmsys.org 2024-12-04 "SGLang v0.4",
+    and TensorRT-LLM's enable_attention_dp). Under attention data parallelism each rank keeps only its own
+    sequences, all heads, once.
+    """
+    if settings.attention_dp or settings.tp <= 1:
+        return 1.0
+    if settings.kv_dim_per_layer:
+        return float(settings.tp)
+    return max(1.0, settings.tp / spec.n_kv_heads)
+
+
+def busiest_rank_tokens(settings: ServeSettings, batch: int, prefill: bool = True) -> tuple[float, float]:
+    """(tokens, prompts) the busiest rank runs through attention in one engine step.
+
+    Under tensor parallelism every rank shares every token: the step's tokens and new prompts over tp. Under
+    attention data parallelism each rank decodes its batch / tp sequences, but a new prompt is prefilled whole on
+    the one rank it is given, and every rank waits for the slowest at the next expert layer. Prompts arrive at
+    batch / output_tokens a step (the rate sequences finish) as a Poisson count N; spread evenly, the busiest rank
+    gets ceil(N / tp) of them. This is the imbalance TensorRT-LLM's attention_dp_config.enable_balance and SGLang's
+    DP-attention load balancing exist to reduce.
+    """
+    new_requests = batch / settings.output_tokens if prefill else 0.0
+    tp = settings.tp
+    if not settings.attention_dp or tp <= 1:
+        return (batch + new_requests * settings.input_tokens) / tp, new_requests / tp
+    prompts = expected_ceil_share(new_requests, tp)
+    return batch / tp + prompts * settings.input_tokens, prompts
+
+
+def expected_ceil_share(rate: float, ranks: int) -> float:
+    """E[ceil(N / ranks)] for N ~ Poisson(rate): the most items any rank gets when N are dealt out evenly."""
+    if rate <= 0:
+        return 0.0
+    top = int(rate + 12 * math.sqrt(rate) + 20)
+    term, total = math.exp(-rate), 0.0
+    for count in range(top + 1):
+        total += term * math.ceil(count / ranks)
+        term *= rate / (count + 1)
+    return total
+
+
 def decode_step_time_s(
     spec: ModelSpec, cluster: Cluster, settings: ServeSettings, batch: int, prefill: bool = True
 ) -> float:
@@ -156,6 +206,7 @@ def decode_step_parts(
     mlp_in = (2 if spec.mlp == "swiglu" else 1) * spec.ffn_dim
     linears = [(h, q + 2 * kv, 1), (q, h, 1), (h, mlp_in, experts), (spec.ffn_dim, h, experts)]
     expert_linears = {2, 3}
+    rank_tokens, rank_prompts = busiest_rank_tokens(settings, batch, prefill)
     gemm = 0.0
     for index, (k, n, count) in enumerate(linears):
         flops = 2 * tokens * k * n * count / tp
@@ -163,9 +214,14 @@ def decode_step_parts(
         # Routed experts run as a grouped GEMM, each touched expert over its own rows: tokens x k spread over the
         # experts the step touches (tokens x k / E at serving batch sizes, as the training model's
         # `step.expert_tokens`; one row each for a single token), so a small share per expert leaves tiles empty.
-        rows = expert_rows(spec, tokens) if routed else tokens
-        compute = flops / (peak * eff.gemm_efficiency(rows, k, n / tp, dtype))
-        stored = k * n * (touched_experts(spec, tokens) if routed else 1) * w_bytes / tp
+        rows, width, shards = (expert_rows(spec, tokens) if routed else tokens), n / tp, tp
+        if settings.attention_dp and index not in expert_linears:
+            # Attention data parallelism: every rank holds the whole attention projections and runs them over its
+            # own tokens; the step waits for the rank with the most (`busiest_rank_tokens`).
+            rows, width, shards = rank_tokens, n, 1
+            flops = 2 * rank_tokens * k * n * count
+        compute = flops / (peak * eff.gemm_efficiency(rows, k, width, dtype))
+        stored = k * n * (touched_experts(spec, tokens) if routed else 1) * w_bytes / shards
         gemm += max(compute, stored / bandwidth)
     gemm *= spec.n_layers
     # The head stays in 16 bits and runs only for the last position of each sequence.
@@ -174,9 +230,9 @@ def decode_step_parts(
                h * spec.vocab_size * 2 / tp / bandwidth)
     # Decode attention streams each sequence's whole KV cache; prefill attention is compute-bound (causal half).
     context = settings.input_tokens + (settings.output_tokens / 2 if prefill else 0.0)
-    kv_read = batch * context * kv_bytes_per_token(spec, settings.kv_dtype, settings.kv_dim_per_layer) / tp / bandwidth
-    new_requests = batch / settings.output_tokens if prefill else 0.0
-    prefill_attention_flops = new_requests * 4 * spec.n_layers * q / tp * settings.input_tokens ** 2 / 2
+    kv_read = (batch * context * kv_bytes_per_token(spec, settings.kv_dtype, settings.kv_dim_per_layer)
+               * kv_replication(spec, settings) / tp / bandwidth)
+    prefill_attention_flops = rank_prompts * 4 * spec.n_layers * q * settings.input_tokens ** 2 / 2
     # With fp8 weights and KV cache, TensorRT-LLM runs the context (prefill) attention in fp8 too
     # (use_fp8_context_fmha); otherwise it runs at the 16-bit peak.
     attention_peak = cluster.peak_flops("fp8" if settings.kv_dtype == "fp8" else "bf16")
@@ -194,7 +250,11 @@ def decode_step_parts(
         # the finalize kernel reads every expert output once to sum them (TensorRT-LLM's expandInputRows and
         # finalizeMoeRouting), per token and layer k x h elements each way.
         elementwise += tokens * spec.n_layers * spec.experts_per_token * h * 2 * MOE_SERVE_PERMUTE_PASSES / bandwidth
-    tp_comm = spec.n_layers * 2 * collective_time_s(cluster, "all_reduce", tokens * h * 2, tp, 1)
+    # Tensor parallelism all-reduces after attention and after the MLP; attention data parallelism needs only the
+    # all-gather before the MLP or experts and the reduce-scatter after them, one all-reduce's worth per layer
+    # (TensorRT-LLM tech blog "Optimizing DeepSeek R1 throughput on NVIDIA Blackwell GPUs", attention DP).
+    reductions = 1 if settings.attention_dp else 2
+    tp_comm = spec.n_layers * reductions * collective_time_s(cluster, "all_reduce", tokens * h * 2, tp, 1)
     return {"gemm": gemm, "head": head, "attention": attention, "elementwise": elementwise, "tp_comm": tp_comm}
 
 
@@ -214,6 +274,9 @@ def plan_serving(spec: ModelSpec, cluster: Cluster, settings: ServeSettings) -> 
     if not settings.requests_per_s > 0:
         raise PlanError(f"--rps={settings.requests_per_s:g}: must be > 0")
     weights = weights_bytes(spec, settings.weight_dtype) / tp
+    if settings.attention_dp:
+        # Every rank keeps the whole attention projections, not a 1/tp slice of them.
+        weights += spec.n_layers * spec.attention_params() * WEIGHT_BYTES[settings.weight_dtype] * (1 - 1 / tp)
     per_token_kv = kv_bytes_per_token(spec, settings.kv_dtype, settings.kv_dim_per_layer)
     workspace = settings.max_tokens_per_step * (3 * spec.ffn_dim / tp + 4 * spec.dim) * 2
     workspace += settings.max_batch * spec.vocab_size / tp * 4  # fp32 logits of the decoding positions
@@ -226,7 +289,7 @@ def plan_serving(spec: ModelSpec, cluster: Cluster, settings: ServeSettings) -> 
     kv_cache = settings.kv_memory_fraction * free
     held = settings.input_tokens + settings.output_tokens * (1.0 if settings.reserve_whole_sequence else 0.5)
     limits = {
-        "kv-cache": math.floor(kv_cache * tp / (held * per_token_kv)),
+        "kv-cache": math.floor(kv_cache * tp / (held * per_token_kv * kv_replication(spec, settings))),
         "max-batch": settings.max_batch,
         "token-budget": math.floor(settings.max_tokens_per_step / (1 + settings.input_tokens / settings.output_tokens)),
     }
@@ -379,8 +442,12 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
     weight_dtype = {"int8-weights": "int8"}.get(precision, precision)
     if weight_dtype not in WEIGHT_BYTES:
         raise RowNotRepresentable(f"precision={precision!r}")
-    # fp8 and fp4 checkpoints serve with an fp8 KV cache (TensorRT-LLM, vLLM); int8 weight-only keeps bf16 KV.
-    kv_dtype = "fp8" if weight_dtype in ("fp8", "fp4") else "bf16"
+    # fp8 and fp4 checkpoints serve with an fp8 KV cache (TensorRT-LLM, vLLM); int8 weight-only keeps bf16 KV. A row
+    # may say otherwise in its optional `kv_dtype` column (a checkpoint whose quantization config leaves the KV cache
+    # in 16 bits, such as DeepSeek's own FP8 release, serves with a bf16 cache unless the engine is told).
+    kv_dtype = (row.get("kv_dtype") or "").strip() or ("fp8" if weight_dtype in ("fp8", "fp4") else "bf16")
+    if kv_dtype not in ("fp8", "bf16"):
+        raise RowNotRepresentable(f"kv_dtype={kv_dtype!r}: expected fp8, bf16 or empty")
     # GEMM ceilings fitted on the training runs only: no value is fitted to an inference row.
     cluster = calibrated(make_cluster(row["hardware"].strip(), tp))
     # TensorRT-LLM's published figures come from trtllm-bench: its scheduler reserves each request's whole
@@ -400,16 +467,26 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
                                                     settings.input_tokens, settings.output_tokens,
                                                     model.kv_dim_per_layer)
         settings = replace(settings, max_batch=max_batch, max_tokens_per_step=max_tokens)
-    value = float(row["value"])
-    if row["metric"] == "ms_per_token_low_batch":
-        predicted = 1e3 * decode_step_time_s(model.spec, cluster, settings, 1, prefill=False)
-        return InferenceValidationRow(row["id"], row.get("source", ""), cluster.efficiency.generation, row["metric"],
-                                      value, predicted, 1, "latency")
-    if row["metric"] != "output_tokens_per_s":
+    if row["metric"] not in ("output_tokens_per_s", "ms_per_token_low_batch"):
         raise RowNotRepresentable(f"metric={row['metric']!r}: expected output_tokens_per_s or ms_per_token_low_batch")
-    plan = plan_serving(model.spec, cluster, settings)
+    options = [settings]
+    if not attention_dp and model.spec.is_moe and engine in ATTENTION_DP_ENGINES:
+        # The row does not say: the published figure is the engine at its best, so try both (as a training row
+        # without a layout gets the best layout that fits).
+        options.append(replace(settings, attention_dp=True))
+    figures = [_serve_figure(row["metric"], model.spec, cluster, option) for option in options]
+    pick = min if row["metric"] == "ms_per_token_low_batch" else max
+    predicted, batch, limited_by = pick(figures, key=lambda figure: figure[0])
     return InferenceValidationRow(row["id"], row.get("source", ""), cluster.efficiency.generation, row["metric"],
-                                  value, plan.output_tokens_per_s, plan.batch, plan.limited_by)
+                                  float(row["value"]), predicted, batch, limited_by)
+
+
+def _serve_figure(metric: str, spec: ModelSpec, cluster: Cluster, settings: ServeSettings) -> tuple[float, int, str]:
+    """(figure, batch, what bounds the batch) for a row's metric under one engine configuration."""
+    if metric == "ms_per_token_low_batch":
+        return 1e3 * decode_step_time_s(spec, cluster, settings, 1, prefill=False), 1, "latency"
+    plan = plan_serving(spec, cluster, settings)
+    return plan.output_tokens_per_s, plan.batch, plan.limited_by
 
 
 def validate_inference(path: Path = INFERENCE_RUNS_CSV) -> tuple[list[InferenceValidationRow], list[tuple[str, str]]]:
