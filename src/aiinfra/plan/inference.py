@@ -288,10 +288,14 @@ def plan_serving(spec: ModelSpec, cluster: Cluster, settings: ServeSettings) -> 
         )
     kv_cache = settings.kv_memory_fraction * free
     held = settings.input_tokens + settings.output_tokens * (1.0 if settings.reserve_whole_sequence else 0.5)
+    # Under attention data parallelism every rank runs its own scheduler, each with the engine's limits
+    # (trtllm-bench --max_batch_size is "max batch size in each rank", TensorRT-LLM's DeepSeek-R1 perf blog).
+    schedulers = tp if settings.attention_dp else 1
     limits = {
         "kv-cache": math.floor(kv_cache * tp / (held * per_token_kv * kv_replication(spec, settings))),
-        "max-batch": settings.max_batch,
-        "token-budget": math.floor(settings.max_tokens_per_step / (1 + settings.input_tokens / settings.output_tokens)),
+        "max-batch": settings.max_batch * schedulers,
+        "token-budget": math.floor(settings.max_tokens_per_step * schedulers
+                                   / (1 + settings.input_tokens / settings.output_tokens)),
     }
     limited_by = min(limits, key=lambda k: limits[k])
     batch = limits[limited_by]
@@ -388,7 +392,7 @@ def engine_max_batch(row: dict[str, str]) -> int:
 
 
 def trtllm_bench_limits(spec: ModelSpec, memory_bytes: float, devices: int, weight_dtype: str, kv_dtype: str,
-                        input_tokens: int, output_tokens: int, kv_dim_per_layer: int | None = None) -> tuple[int, int]:
+                        input_tokens: int, output_tokens: int) -> tuple[int, int]:
     """(max batch, max tokens per step) that trtllm-bench sets when a run does not give them.
 
     TensorRT-LLM's tensorrt_llm/bench/build/tuning.py (calc_engine_setting, finetune_setting): the requests whose
@@ -399,10 +403,9 @@ def trtllm_bench_limits(spec: ModelSpec, memory_bytes: float, devices: int, weig
     """
     bytes_per_elem = {"fp8": 1.0, "fp4": 0.5}.get(weight_dtype, 2.0)
     kv_elem = 1.0 if kv_dtype == "fp8" else 2.0
-    # Each rank holds at least one KV head; an MLA model counts its latent here (the tool's own estimate counts
-    # per-head K and V from the config, which over-counts MLA's cache; only the unmodified shared copy of the
-    # DeepSeek-R1 max-throughput row, which states no max_batch, reaches this with a latent).
-    per_layer = kv_dim_per_layer or 2 * max(devices, spec.n_kv_heads) * spec.head_dim
+    # Each rank holds at least one KV head. The tool counts K and V per head from the config (num_key_value_heads x
+    # head_size) whatever the attention, so it sizes an MLA model's batch for a cache far larger than its latent.
+    per_layer = 2 * max(devices, spec.n_kv_heads) * spec.head_dim
     per_token = spec.n_layers * per_layer * kv_elem
     cache = (memory_bytes * devices - spec.num_params() * bytes_per_elem) * 0.95
     requests = max(cache, 0.0) / (per_token * (input_tokens + output_tokens))
@@ -464,8 +467,7 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
                              attention_dp=attention_dp == "yes")
     if tensorrt_llm and not (row.get("max_batch") or "").strip():
         max_batch, max_tokens = trtllm_bench_limits(model.spec, cluster.memory_bytes, tp, weight_dtype, kv_dtype,
-                                                    settings.input_tokens, settings.output_tokens,
-                                                    model.kv_dim_per_layer)
+                                                    settings.input_tokens, settings.output_tokens)
         settings = replace(settings, max_batch=max_batch, max_tokens_per_step=max_tokens)
     if row["metric"] not in ("output_tokens_per_s", "ms_per_token_low_batch"):
         raise RowNotRepresentable(f"metric={row['metric']!r}: expected output_tokens_per_s or ms_per_token_low_batch")
