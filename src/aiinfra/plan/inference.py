@@ -42,6 +42,13 @@ ENGINE_MAX_BATCH = {"TensorRT-LLM": 2048, "vLLM": 256}
 # with 1536 requests per attention-DP rank (GPT-OSS-120B on GB200), 29.4 us a request. Engines without a published
 # figure get none.
 ENGINE_HOST_S_PER_REQUEST = {"TensorRT-LLM": 45.11e-3 / 1536}
+# Host time per engine step whatever its batch, for engines whose scheduler runs between GPU steps rather than under
+# them. vLLM's engine loop schedules, prepares the inputs, waits for the sampled tokens and processes them while the
+# GPU is idle: vLLM RFC #6854 (multi-step scheduling, July 2024) profiles "about 4ms of GPU bubble" on every decode
+# step (it cites 5-13 ms in general); the V1 engine overlaps scheduling with execution only with the experimental
+# --async-scheduling flag (vLLM PR #19970, June 2025), off by default. We take the profiled 4 ms.
+ENGINE_HOST_S_PER_STEP = {"vLLM": 4e-3}
+ENGINES_WITH_SERIAL_HOST = frozenset({"vLLM"})
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,11 @@ class ServeSettings:
     # The scheduler admits a request only when the KV cache holds its whole prompt and output (TensorRT-LLM's
     # default CapacitySchedulerPolicy.GUARANTEED_NO_EVICT), not the average of what the running sequences hold.
     reserve_whole_sequence: bool = False
-    host_s_per_request: float = 0.0  # host time a step takes per request its rank schedules (overlapped with the GPU)
+    host_s_per_request: float = 0.0  # host time a step takes per request its rank schedules
+    host_s_per_step: float = 0.0  # host time a step takes whatever its batch
+    # Whether the host's work for a step runs while the GPU runs the previous one (TensorRT-LLM's overlap scheduler)
+    # or between GPU steps (vLLM's default engine loop), adding to the kernels' time.
+    host_overlapped: bool = True
     # Attention data parallelism (TensorRT-LLM enable_attention_dp): each of the tp ranks schedules its own share of
     # the requests, so a rank's host work covers batch / tp of them.
     attention_dp: bool = False
@@ -125,16 +136,19 @@ def decode_step_time_s(
     spec: ModelSpec, cluster: Cluster, settings: ServeSettings, batch: int, prefill: bool = True
 ) -> float:
     """One engine step at `batch` running sequences: decode one token each plus (if `prefill`) the steady
-    prefill share; without it, a pure decode step over contexts of `input_tokens`. The host's work for the step runs
-    under the GPU's (an overlap scheduler), so the step is the longer of the kernels' sum and `host_step_s`."""
-    return max(sum(decode_step_parts(spec, cluster, settings, batch, prefill).values()), host_step_s(settings, batch))
+    prefill share; without it, a pure decode step over contexts of `input_tokens`. Where the host's work for the step
+    runs under the GPU's (an overlap scheduler) the step is the longer of the kernels' sum and `host_step_s`;
+    where it runs between GPU steps, their sum."""
+    kernels = sum(decode_step_parts(spec, cluster, settings, batch, prefill).values())
+    host = host_step_s(settings, batch)
+    return max(kernels, host) if settings.host_overlapped else kernels + host
 
 
 def host_step_s(settings: ServeSettings, batch: int) -> float:
-    """Host time of one engine step: its cost per request times the requests one rank's executor schedules (all of
-    them, or batch / tp under attention data parallelism)."""
+    """Host time of one engine step: a fixed cost plus its cost per request times the requests one rank's executor
+    schedules (all of them, or batch / tp under attention data parallelism)."""
     per_rank = math.ceil(batch / settings.tp) if settings.attention_dp else batch
-    return settings.host_s_per_request * per_rank
+    return settings.host_s_per_step + settings.host_s_per_request * per_rank
 
 
 def decode_step_parts(
@@ -394,6 +408,8 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
                              kv_dtype=kv_dtype, tp=tp, kv_dim_per_layer=model.kv_dim_per_layer,
                              max_batch=engine_max_batch(row), reserve_whole_sequence=tensorrt_llm,
                              host_s_per_request=ENGINE_HOST_S_PER_REQUEST.get(engine, 0.0),
+                             host_s_per_step=ENGINE_HOST_S_PER_STEP.get(engine, 0.0),
+                             host_overlapped=engine not in ENGINES_WITH_SERIAL_HOST,
                              attention_dp=attention_dp == "yes")
     if tensorrt_llm and not (row.get("max_batch") or "").strip():
         max_batch, max_tokens = trtllm_bench_limits(model.spec, cluster.memory_bytes, tp, weight_dtype, kv_dtype,
