@@ -1,5 +1,6 @@
 """The mechanisms added for runs the planner had never seen, each against a hand computation."""
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -327,3 +328,25 @@ def test_unstated_global_batch_is_one_micro_batch_per_replica_and_bf16_weights_o
     assert fitted.settings.param_bytes == 2 and fitted.settings.optimizer_bytes_per_param == 4
     with pytest.raises(RowNotRepresentable, match="does not fit"):
         fitted_setup(setup_from_row({**big, "weight_dtype": "fp32"}))
+
+
+def test_an_all_reduce_over_the_mi300x_mesh_is_the_lower_of_a_one_shot_and_a_ring() -> None:
+    cluster = make_cluster("mi300x", 8)
+    assert cluster.topology == "mesh" and make_cluster("h100-sxm-80gb", 8).topology == "switch"
+    eff = cluster.efficiency
+    assert eff.scaleup_latency_s == 4.2e-6 and eff.collective_bw_efficiency == 0.70
+    bus = 448e9 * 0.70  # 313.6 GB/s over all seven xGMI links
+    link = 448e9 / 7 * 0.70  # 44.8 GB/s over one of them
+
+    def ring(size: float) -> float:  # 2 x 7 steps of 4.2 us: 58.8 us, rccl-tests' large-message intercept
+        return 2 * (7 / 8 * size / bus + 7 * 4.2e-6)
+
+    def one_shot(size: float) -> float:  # every peer's whole buffer over its own link, two latency steps
+        return size / link + 2 * 4.2e-6
+
+    small, large = 32768.0, 64 * 2**20
+    assert one_shot(small) < ring(small) and ring(large) < one_shot(large)
+    assert math.isclose(collective_time_s(cluster, "all_reduce", small, 8), one_shot(small))  # 9.1 us
+    assert math.isclose(collective_time_s(cluster, "all_reduce", large, 8), ring(large))  # 420 us; measured 432.5
+    # An all-gather stays a ring of n - 1 steps, as on a switch.
+    assert math.isclose(collective_time_s(cluster, "all_gather", large, 8), ring(large) / 2)
