@@ -350,3 +350,25 @@ def test_an_all_reduce_over_the_mi300x_mesh_is_the_lower_of_a_one_shot_and_a_rin
     assert math.isclose(collective_time_s(cluster, "all_reduce", large, 8), ring(large))  # 420 us; measured 432.5
     # An all-gather stays a ring of n - 1 steps, as on a switch.
     assert math.isclose(collective_time_s(cluster, "all_gather", large, 8), ring(large) / 2)
+
+
+def test_vllm_all_reduces_below_8_mib_take_its_two_stage_kernel_over_the_mesh() -> None:
+    from aiinfra.plan.cluster import mesh_peer_all_reduce_s
+    from aiinfra.plan.inference import ENGINE_CUSTOM_ALL_REDUCE_MAX_BYTES, ServeSettings, tp_all_reduce_s
+
+    assert ENGINE_CUSTOM_ALL_REDUCE_MAX_BYTES == {"vLLM": 8 * 2**20}
+    mesh = make_cluster("mi300x", 8)
+    vllm = ServeSettings(128, 128, tp=8, custom_all_reduce_max_bytes=8 * 2**20)
+    size = 4 * 2**20  # 4 MiB: two stages of 7/8 of it at 313.6 GB/s, one 4.2 us step each
+    two_stage = 2 * (7 / 8 * size / (448e9 * 0.70) + 4.2e-6)  # 31.8 us; RCCL's ring would take 82.2 us
+    assert math.isclose(mesh_peer_all_reduce_s(mesh, size, 8), two_stage)
+    assert math.isclose(tp_all_reduce_s(mesh, vllm, size), two_stage)
+    assert tp_all_reduce_s(mesh, vllm, size) < collective_time_s(mesh, "all_reduce", size, 8)
+    # Above the limit, or for an engine without such kernels, the collective library's time.
+    big = 16 * 2**20
+    assert tp_all_reduce_s(mesh, vllm, big) == collective_time_s(mesh, "all_reduce", big, 8)
+    no_kernel = replace(vllm, custom_all_reduce_max_bytes=0.0)
+    assert tp_all_reduce_s(mesh, no_kernel, size) == collective_time_s(mesh, "all_reduce", size, 8)
+    # Over an NVSwitch nothing changes: its collective model already takes the one-/two-shot latency.
+    switch = make_cluster("h100-sxm-80gb", 8)
+    assert tp_all_reduce_s(switch, vllm, size) == collective_time_s(switch, "all_reduce", size, 8)

@@ -181,3 +181,17 @@ def mesh_one_shot_all_reduce_s(cluster: Cluster, size_bytes: float, group_size: 
     eff = cluster.efficiency
     per_link = cluster.scaleup_bw_bytes_per_s / max(1, cluster.scaleup_domain - 1) * eff.collective_bw_efficiency
     return size_bytes / per_link + max(1.0, n_calls) * 2 * eff.scaleup_latency_s
+
+
+def mesh_peer_all_reduce_s(cluster: Cluster, size_bytes: float, group_size: int) -> float:
+    """An all-reduce by an engine's own peer-to-peer kernels over a full mesh (vLLM's custom all-reduce): one stage
+    (`mesh_one_shot_all_reduce_s`) or two (reduce-scatter, then all-gather, each rank reading its 1/n slices from
+    every peer at once over all links: a ring's bytes in one latency step per stage), whichever is shorter
+    (csrc/custom_all_reduce.cuh picks one stage below 256 KB on 8 GPUs, two above)."""
+    if group_size <= 1 or size_bytes <= 0:
+        return 0.0
+    eff = cluster.efficiency
+    bus = cluster.scaleup_bw_bytes_per_s * eff.collective_bw_efficiency
+    n = group_size
+    two_stage = 2 * ((n - 1) / n * size_bytes / bus + eff.scaleup_latency_s)
+    return min(two_stage, mesh_one_shot_all_reduce_s(cluster, size_bytes, n))

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from aiinfra.plan.cluster import Cluster, collective_time_s
+from aiinfra.plan.cluster import Cluster, collective_time_s, mesh_peer_all_reduce_s
 from aiinfra.plan.errors import PlanError
 from aiinfra.spec import ModelSpec
 
@@ -49,6 +49,11 @@ ENGINE_HOST_S_PER_REQUEST = {"TensorRT-LLM": 45.11e-3 / 1536}
 # --async-scheduling flag (vLLM PR #19970, June 2025), off by default. We take the profiled 4 ms.
 ENGINE_HOST_S_PER_STEP = {"vLLM": 4e-3}
 ENGINES_WITH_SERIAL_HOST = frozenset({"vLLM"})
+# All-reduces smaller than this run on the engine's own peer-to-peer kernels, larger ones on NCCL/RCCL: vLLM's
+# CustomAllreduce(max_size=8192 * 1024) in vllm/distributed/device_communicators/custom_all_reduce.py, on MI300X in
+# the ROCm fork since ROCm/vllm PR #27 (May 2024) and upstream since vLLM PR #14125 (March 2025). It matters only
+# where the fabric is a mesh: over a switch the collective model already takes the one-/two-shot latency.
+ENGINE_CUSTOM_ALL_REDUCE_MAX_BYTES = {"vLLM": 8192 * 1024}
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,7 @@ class ServeSettings:
     # Whether the host's work for a step runs while the GPU runs the previous one (TensorRT-LLM's overlap scheduler)
     # or between GPU steps (vLLM's default engine loop), adding to the kernels' time.
     host_overlapped: bool = True
+    custom_all_reduce_max_bytes: float = 0.0  # all-reduces below this run on the engine's peer-to-peer kernels
     # Attention data parallelism (TensorRT-LLM enable_attention_dp): each of the tp ranks schedules its own share of
     # the requests, so a rank's host work covers batch / tp of them.
     attention_dp: bool = False
@@ -208,8 +214,17 @@ def decode_step_parts(
         # the finalize kernel reads every expert output once to sum them (TensorRT-LLM's expandInputRows and
         # finalizeMoeRouting), per token and layer k x h elements each way.
         elementwise += tokens * spec.n_layers * spec.experts_per_token * h * 2 * MOE_SERVE_PERMUTE_PASSES / bandwidth
-    tp_comm = spec.n_layers * 2 * collective_time_s(cluster, "all_reduce", tokens * h * 2, tp, 1)
+    tp_comm = spec.n_layers * 2 * tp_all_reduce_s(cluster, settings, tokens * h * 2)
     return {"gemm": gemm, "head": head, "attention": attention, "elementwise": elementwise, "tp_comm": tp_comm}
+
+
+def tp_all_reduce_s(cluster: Cluster, settings: ServeSettings, size_bytes: float) -> float:
+    """One tensor-parallel all-reduce: the engine's peer-to-peer kernels over a mesh below its size limit, else the
+    collective library's (`collective_time_s`)."""
+    if cluster.topology == "mesh" and size_bytes < settings.custom_all_reduce_max_bytes and settings.tp <= \
+            cluster.scaleup_domain:
+        return mesh_peer_all_reduce_s(cluster, size_bytes, settings.tp)
+    return collective_time_s(cluster, "all_reduce", size_bytes, settings.tp, 1)
 
 
 def plan_serving(spec: ModelSpec, cluster: Cluster, settings: ServeSettings) -> ServePlan:
@@ -410,6 +425,7 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
                              host_s_per_request=ENGINE_HOST_S_PER_REQUEST.get(engine, 0.0),
                              host_s_per_step=ENGINE_HOST_S_PER_STEP.get(engine, 0.0),
                              host_overlapped=engine not in ENGINES_WITH_SERIAL_HOST,
+                             custom_all_reduce_max_bytes=ENGINE_CUSTOM_ALL_REDUCE_MAX_BYTES.get(engine, 0.0),
                              attention_dp=attention_dp == "yes")
     if tensorrt_llm and not (row.get("max_batch") or "").strip():
         max_batch, max_tokens = trtllm_bench_limits(model.spec, cluster.memory_bytes, tp, weight_dtype, kv_dtype,
