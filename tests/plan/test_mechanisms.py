@@ -1,5 +1,6 @@
 """The mechanisms added for runs the planner had never seen, each against a hand computation."""
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -327,3 +328,47 @@ def test_unstated_global_batch_is_one_micro_batch_per_replica_and_bf16_weights_o
     assert fitted.settings.param_bytes == 2 and fitted.settings.optimizer_bytes_per_param == 4
     with pytest.raises(RowNotRepresentable, match="does not fit"):
         fitted_setup(setup_from_row({**big, "weight_dtype": "fp32"}))
+
+
+def test_an_all_reduce_over_the_mi300x_mesh_is_the_lower_of_a_one_shot_and_a_ring() -> None:
+    cluster = make_cluster("mi300x", 8)
+    assert cluster.topology == "mesh" and make_cluster("h100-sxm-80gb", 8).topology == "switch"
+    eff = cluster.efficiency
+    assert eff.scaleup_latency_s == 4.2e-6 and eff.collective_bw_efficiency == 0.70
+    bus = 448e9 * 0.70  # 313.6 GB/s over all seven xGMI links
+    link = 448e9 / 7 * 0.70  # 44.8 GB/s over one of them
+
+    def ring(size: float) -> float:  # 2 x 7 steps of 4.2 us: 58.8 us, rccl-tests' large-message intercept
+        return 2 * (7 / 8 * size / bus + 7 * 4.2e-6)
+
+    def one_shot(size: float) -> float:  # every peer's whole buffer over its own link, two latency steps
+        return size / link + 2 * 4.2e-6
+
+    small, large = 32768.0, 64 * 2**20
+    assert one_shot(small) < ring(small) and ring(large) < one_shot(large)
+    assert math.isclose(collective_time_s(cluster, "all_reduce", small, 8), one_shot(small))  # 9.1 us
+    assert math.isclose(collective_time_s(cluster, "all_reduce", large, 8), ring(large))  # 420 us; measured 432.5
+    # An all-gather stays a ring of n - 1 steps, as on a switch.
+    assert math.isclose(collective_time_s(cluster, "all_gather", large, 8), ring(large) / 2)
+
+
+def test_vllm_all_reduces_below_8_mib_take_its_two_stage_kernel_over_the_mesh() -> None:
+    from aiinfra.plan.cluster import mesh_peer_all_reduce_s
+    from aiinfra.plan.inference import ENGINE_CUSTOM_ALL_REDUCE_MAX_BYTES, ServeSettings, tp_all_reduce_s
+
+    assert ENGINE_CUSTOM_ALL_REDUCE_MAX_BYTES == {"vLLM": 8 * 2**20}
+    mesh = make_cluster("mi300x", 8)
+    vllm = ServeSettings(128, 128, tp=8, custom_all_reduce_max_bytes=8 * 2**20)
+    size = 4 * 2**20  # 4 MiB: two stages of 7/8 of it at 313.6 GB/s, one 4.2 us step each
+    two_stage = 2 * (7 / 8 * size / (448e9 * 0.70) + 4.2e-6)  # 31.8 us; RCCL's ring would take 82.2 us
+    assert math.isclose(mesh_peer_all_reduce_s(mesh, size, 8), two_stage)
+    assert math.isclose(tp_all_reduce_s(mesh, vllm, size), two_stage)
+    assert tp_all_reduce_s(mesh, vllm, size) < collective_time_s(mesh, "all_reduce", size, 8)
+    # Above the limit, or for an engine without such kernels, the collective library's time.
+    big = 16 * 2**20
+    assert tp_all_reduce_s(mesh, vllm, big) == collective_time_s(mesh, "all_reduce", big, 8)
+    no_kernel = replace(vllm, custom_all_reduce_max_bytes=0.0)
+    assert tp_all_reduce_s(mesh, no_kernel, size) == collective_time_s(mesh, "all_reduce", size, 8)
+    # Over an NVSwitch nothing changes: its collective model already takes the one-/two-shot latency.
+    switch = make_cluster("h100-sxm-80gb", 8)
+    assert tp_all_reduce_s(switch, vllm, size) == collective_time_s(switch, "all_reduce", size, 8)

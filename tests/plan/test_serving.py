@@ -149,3 +149,33 @@ def test_an_unstated_attention_dp_takes_the_faster_configuration_for_moe() -> No
 
     with pytest.raises(RowNotRepresentable, match="kv_dtype='int3'"):
         _predict_inference_row({**dense, "kv_dtype": "int3"}, models)
+
+
+def test_a_serial_host_adds_its_fixed_step_time_to_the_kernels() -> None:
+    from aiinfra.plan.inference import (
+        ENGINE_HOST_S_PER_STEP,
+        ENGINES_WITH_SERIAL_HOST,
+        _predict_inference_row,
+        decode_step_parts,
+        decode_step_time_s,
+        host_step_s,
+    )
+
+    # vLLM RFC #6854's profiled GPU bubble: about 4 ms every decode step, between the GPU's steps.
+    assert ENGINE_HOST_S_PER_STEP["vLLM"] == 4e-3 and "vLLM" in ENGINES_WITH_SERIAL_HOST
+    assert "TensorRT-LLM" not in ENGINES_WITH_SERIAL_HOST
+    spec = serve_models()["llama-3.1-8b"].spec
+    cluster = make_cluster("h100-sxm-80gb", 1)
+    serial = ServeSettings(128, 128, host_s_per_step=4e-3, host_s_per_request=10e-6, host_overlapped=False)
+    # Host: 4 ms + 64 x 10 us = 4.64 ms, added to the kernels' sum rather than hidden under it.
+    assert math.isclose(host_step_s(serial, 64), 4.64e-3)
+    kernels = sum(decode_step_parts(spec, cluster, serial, 64).values())
+    assert math.isclose(decode_step_time_s(spec, cluster, serial, 64), kernels + 4.64e-3)
+    assert decode_step_time_s(spec, cluster, replace(serial, host_overlapped=True), 64) == max(kernels, 4.64e-3)
+    # A vLLM row's batch-1 latency is its decode kernels plus the 4 ms; the same row under TensorRT-LLM has none.
+    row = {"id": "x", "system": "vLLM benchmark_latency.py", "model": "llama-3.1-8b", "hardware": "h100-sxm-80gb",
+           "n_devices": "1", "tp": "1", "precision": "fp8", "input_tokens": "128", "output_tokens": "128",
+           "metric": "ms_per_token_low_batch", "value": "5"}
+    vllm = _predict_inference_row(row, serve_models()).predicted
+    trtllm = _predict_inference_row({**row, "system": "TensorRT-LLM trtllm-bench"}, serve_models()).predicted
+    assert math.isclose(vllm - trtllm, 4.0, rel_tol=1e-9)  # ms: a batch-1 step's host work is under its kernels

@@ -24,6 +24,10 @@ Collective = Literal["all_reduce", "all_gather", "reduce_scatter", "all_to_all",
 # XLA on TPUs assigns buffers statically before the run, so only its own small reserve is lost.
 USABLE_MEMORY_FRACTION = 0.96
 USABLE_MEMORY_FRACTION_TPU = 0.97
+# Accelerators whose scale-up domain is a full mesh of point-to-point links, with no switch between them: "each AMD
+# Instinct MI300X system GPU is connected to its seven peer GPUs via xGMI links, forming a fully connected mesh"
+# (AMD ROCm blog, "Understanding RCCL Bandwidth and xGMI Performance on AMD Instinct MI300X", March 2025).
+MESH_ACCELERATORS = frozenset({"mi300x"})
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,7 @@ class Cluster:
     scaleup_domain: int  # devices joined by the fast fabric (NVLink node, NVL72 rack, TPU slice)
     scaleup_bw_bytes_per_s: float  # per device, per direction
     scaleout_bw_bytes_per_s: float  # per device, per direction (NIC or data-centre network)
-    topology: Literal["switch", "torus"] = "switch"
+    topology: Literal["switch", "torus", "mesh"] = "switch"
 
     @property
     def memory_bytes(self) -> float:
@@ -91,7 +95,7 @@ def make_cluster(
         scaleup_domain=max(1, domain),
         scaleup_bw_bytes_per_s=(scaleup_gbs or 0.0) * 1e9 or scaleout_bytes,
         scaleout_bw_bytes_per_s=scaleout_bytes or (scaleup_gbs or 0.0) * 1e9,
-        topology="torus" if accelerator.kind == "tpu" else "switch",
+        topology="torus" if accelerator.kind == "tpu" else "mesh" if accelerator.id in MESH_ACCELERATORS else "switch",
     )
 
 
@@ -160,4 +164,34 @@ def collective_time_s(cluster: Cluster, kind: Collective, size_bytes: float, gro
         # Over a 3D torus the collective runs one ring per axis in turn: about 3 (n^(1/3) - 1) latency steps.
         steps = 3 * (round(n ** (1 / 3)) - 1)
     one_pass = (n - 1) / n * size_bytes / bandwidth + calls * steps * latency
+    if cluster.topology == "mesh" and stride * n <= cluster.scaleup_domain and kind == "all_reduce":
+        return min(2 * one_pass, mesh_one_shot_all_reduce_s(cluster, size_bytes, n, calls))
     return 2 * one_pass if kind == "all_reduce" else one_pass
+
+
+def mesh_one_shot_all_reduce_s(cluster: Cluster, size_bytes: float, group_size: int, n_calls: float = 1.0) -> float:
+    """A one-shot all-reduce over a full mesh: every rank reads each peer's whole buffer over the one link to it
+    and sums them, in two latency steps (post, then wait on the flags), but the whole buffer crosses every link.
+
+    Over a mesh a ring moves 2 (n-1)/n of the buffer over all n-1 links at once in 2 (n-1) steps, so the one-shot
+    wins for small buffers only; RCCL's measured curve on 8 MI300X (rccl-tests all_reduce_perf in
+    hisohara/ai-scripts training/01_rccl-smoketest/README.md: 13.9 us at 32 KB, 28.4 us at 1 MB, then the ring's
+    ~59 us intercept plus 317 GB/s of bus bandwidth from 16 MB on) follows the lower of the two.
+    """
+    eff = cluster.efficiency
+    per_link = cluster.scaleup_bw_bytes_per_s / max(1, cluster.scaleup_domain - 1) * eff.collective_bw_efficiency
+    return size_bytes / per_link + max(1.0, n_calls) * 2 * eff.scaleup_latency_s
+
+
+def mesh_peer_all_reduce_s(cluster: Cluster, size_bytes: float, group_size: int) -> float:
+    """An all-reduce by an engine's own peer-to-peer kernels over a full mesh (vLLM's custom all-reduce): one stage
+    (`mesh_one_shot_all_reduce_s`) or two (reduce-scatter, then all-gather, each rank reading its 1/n slices from
+    every peer at once over all links: a ring's bytes in one latency step per stage), whichever is shorter
+    (csrc/custom_all_reduce.cuh picks one stage below 256 KB on 8 GPUs, two above)."""
+    if group_size <= 1 or size_bytes <= 0:
+        return 0.0
+    eff = cluster.efficiency
+    bus = cluster.scaleup_bw_bytes_per_s * eff.collective_bw_efficiency
+    n = group_size
+    two_stage = 2 * ((n - 1) / n * size_bytes / bus + eff.scaleup_latency_s)
+    return min(two_stage, mesh_one_shot_all_reduce_s(cluster, size_bytes, n))

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from aiinfra.plan.cluster import Cluster, collective_time_s
+from aiinfra.plan.cluster import Cluster, collective_time_s, mesh_peer_all_reduce_s
 from aiinfra.plan.errors import PlanError
 from aiinfra.spec import ModelSpec
 
@@ -45,6 +45,18 @@ ATTENTION_DP_ENGINES = ("TensorRT-LLM", "SGLang")
 # with 1536 requests per attention-DP rank (GPT-OSS-120B on GB200), 29.4 us a request. Engines without a published
 # figure get none.
 ENGINE_HOST_S_PER_REQUEST = {"TensorRT-LLM": 45.11e-3 / 1536}
+# Host time per engine step whatever its batch, for engines whose scheduler runs between GPU steps rather than under
+# them. vLLM's engine loop schedules, prepares the inputs, waits for the sampled tokens and processes them while the
+# GPU is idle: vLLM RFC #6854 (multi-step scheduling, July 2024) profiles "about 4ms of GPU bubble" on every decode
+# step (it cites 5-13 ms in general); the V1 engine overlaps scheduling with execution only with the experimental
+# --async-scheduling flag (vLLM PR #19970, June 2025), off by default. We take the profiled 4 ms.
+ENGINE_HOST_S_PER_STEP = {"vLLM": 4e-3}
+ENGINES_WITH_SERIAL_HOST = frozenset({"vLLM"})
+# All-reduces smaller than this run on the engine's own peer-to-peer kernels, larger ones on NCCL/RCCL: vLLM's
+# CustomAllreduce(max_size=8192 * 1024) in vllm/distributed/device_communicators/custom_all_reduce.py, on MI300X in
+# the ROCm fork since ROCm/vllm PR #27 (May 2024) and upstream since vLLM PR #14125 (March 2025). It matters only
+# where the fabric is a mesh: over a switch the collective model already takes the one-/two-shot latency.
+ENGINE_CUSTOM_ALL_REDUCE_MAX_BYTES = {"vLLM": 8192 * 1024}
 
 
 @dataclass(frozen=True)
@@ -66,7 +78,12 @@ class ServeSettings:
     # The scheduler admits a request only when the KV cache holds its whole prompt and output (TensorRT-LLM's
     # default CapacitySchedulerPolicy.GUARANTEED_NO_EVICT), not the average of what the running sequences hold.
     reserve_whole_sequence: bool = False
-    host_s_per_request: float = 0.0  # host time a step takes per request its rank schedules (overlapped with the GPU)
+    host_s_per_request: float = 0.0  # host time a step takes per request its rank schedules
+    host_s_per_step: float = 0.0  # host time a step takes whatever its batch
+    # Whether the host's work for a step runs while the GPU runs the previous one (TensorRT-LLM's overlap scheduler)
+    # or between GPU steps (vLLM's default engine loop), adding to the kernels' time.
+    host_overlapped: bool = True
+    custom_all_reduce_max_bytes: float = 0.0  # all-reduces below this run on the engine's peer-to-peer kernels
     # Attention data parallelism (TensorRT-LLM enable_attention_dp): each of the tp ranks schedules its own share of
     # the requests, so a rank's host work covers batch / tp of them.
     attention_dp: bool = False
@@ -175,16 +192,19 @@ def decode_step_time_s(
     spec: ModelSpec, cluster: Cluster, settings: ServeSettings, batch: int, prefill: bool = True
 ) -> float:
     """One engine step at `batch` running sequences: decode one token each plus (if `prefill`) the steady
-    prefill share; without it, a pure decode step over contexts of `input_tokens`. The host's work for the step runs
-    under the GPU's (an overlap scheduler), so the step is the longer of the kernels' sum and `host_step_s`."""
-    return max(sum(decode_step_parts(spec, cluster, settings, batch, prefill).values()), host_step_s(settings, batch))
+    prefill share; without it, a pure decode step over contexts of `input_tokens`. Where the host's work for the step
+    runs under the GPU's (an overlap scheduler) the step is the longer of the kernels' sum and `host_step_s`;
+    where it runs between GPU steps, their sum."""
+    kernels = sum(decode_step_parts(spec, cluster, settings, batch, prefill).values())
+    host = host_step_s(settings, batch)
+    return max(kernels, host) if settings.host_overlapped else kernels + host
 
 
 def host_step_s(settings: ServeSettings, batch: int) -> float:
-    """Host time of one engine step: its cost per request times the requests one rank's executor schedules (all of
-    them, or batch / tp under attention data parallelism)."""
+    """Host time of one engine step: a fixed cost plus its cost per request times the requests one rank's executor
+    schedules (all of them, or batch / tp under attention data parallelism)."""
     per_rank = math.ceil(batch / settings.tp) if settings.attention_dp else batch
-    return settings.host_s_per_request * per_rank
+    return settings.host_s_per_step + settings.host_s_per_request * per_rank
 
 
 def decode_step_parts(
@@ -254,8 +274,17 @@ def decode_step_parts(
     # all-gather before the MLP or experts and the reduce-scatter after them, one all-reduce's worth per layer
     # (TensorRT-LLM tech blog "Optimizing DeepSeek R1 throughput on NVIDIA Blackwell GPUs", attention DP).
     reductions = 1 if settings.attention_dp else 2
-    tp_comm = spec.n_layers * reductions * collective_time_s(cluster, "all_reduce", tokens * h * 2, tp, 1)
+    tp_comm = spec.n_layers * reductions * tp_all_reduce_s(cluster, settings, tokens * h * 2)
     return {"gemm": gemm, "head": head, "attention": attention, "elementwise": elementwise, "tp_comm": tp_comm}
+
+
+def tp_all_reduce_s(cluster: Cluster, settings: ServeSettings, size_bytes: float) -> float:
+    """One tensor-parallel all-reduce: the engine's peer-to-peer kernels over a mesh below its size limit, else the
+    collective library's (`collective_time_s`)."""
+    if cluster.topology == "mesh" and size_bytes < settings.custom_all_reduce_max_bytes and settings.tp <= \
+            cluster.scaleup_domain:
+        return mesh_peer_all_reduce_s(cluster, size_bytes, settings.tp)
+    return collective_time_s(cluster, "all_reduce", size_bytes, settings.tp, 1)
 
 
 def plan_serving(spec: ModelSpec, cluster: Cluster, settings: ServeSettings) -> ServePlan:
@@ -464,6 +493,9 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
                              kv_dtype=kv_dtype, tp=tp, kv_dim_per_layer=model.kv_dim_per_layer,
                              max_batch=engine_max_batch(row), reserve_whole_sequence=tensorrt_llm,
                              host_s_per_request=ENGINE_HOST_S_PER_REQUEST.get(engine, 0.0),
+                             host_s_per_step=ENGINE_HOST_S_PER_STEP.get(engine, 0.0),
+                             host_overlapped=engine not in ENGINES_WITH_SERIAL_HOST,
+                             custom_all_reduce_max_bytes=ENGINE_CUSTOM_ALL_REDUCE_MAX_BYTES.get(engine, 0.0),
                              attention_dp=attention_dp == "yes")
     if tensorrt_llm and not (row.get("max_batch") or "").strip():
         max_batch, max_tokens = trtllm_bench_limits(model.spec, cluster.memory_bytes, tp, weight_dtype, kv_dtype,
