@@ -125,6 +125,14 @@ def test_serve_and_compare() -> None:
     assert "hopper: training validated on" in serve.output
 
 
+def test_serve_with_attention_dp_schedules_per_rank() -> None:
+    args = ["serve", "--model", "llama3-8b", "--hardware", "h200", "--tp", "8", "--max-batch", "256"]
+    tp, dp = runner.invoke(plan_app, args), runner.invoke(plan_app, [*args, "--attention-dp"])
+    assert tp.exit_code == 0 and dp.exit_code == 0, tp.output + dp.output
+    # max_batch 256 caps the whole replica under tensor parallelism, each of the 8 ranks under attention DP.
+    assert "256 (max-batch)" in tp.output and "2048 (max-batch)" in dp.output
+
+
 def test_plot_writes_png_and_svg(tmp_path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "llama"
     result = runner.invoke(plan_app, ["plot", "--out", str(out), "--model", "llama3-8b", "--tokens", "1e12",

@@ -280,7 +280,9 @@ def serve(
     quant: str = typer.Option("fp8", help="weights: bf16, fp8, fp4, int8 or int4"),
     kv_dtype: str = typer.Option("", help="KV cache: bf16 or fp8 (default: fp8 with fp8 weights, else bf16)"),
     tp: int = typer.Option(1, help="tensor parallel degree of a replica"),
-    max_batch: int = typer.Option(2048, help="engine's maximum batch"),
+    max_batch: int = typer.Option(2048, help="engine's maximum batch (per rank under --attention-dp)"),
+    attention_dp: bool = typer.Option(False, "--attention-dp", help="attention data-parallel across the tp ranks "
+                                      "(each rank keeps its own sequences' KV cache and the whole attention weights)"),
     price: float = typer.Option(0.0, help="USD per device-hour (default: prices.csv, if listed)"),
 ) -> None:
     """Size an inference fleet: batch, KV cache, tokens/s, TTFT/TPOT, replicas and cost per million tokens."""
@@ -295,7 +297,8 @@ def serve(
         raise PlanError(f"--kv-dtype={kv!r}: expected bf16 or fp8")
     settings = ServeSettings(input_tokens=input_tokens, output_tokens=output_tokens, weight_dtype=quant,
                              kv_dtype=kv, tp=tp, max_batch=max_batch, requests_per_s=rps,
-                             ttft_slo_s=ttft_slo_ms / 1e3 or None, tpot_slo_s=tpot_slo_ms / 1e3 or None)
+                             ttft_slo_s=ttft_slo_ms / 1e3 or None, tpot_slo_s=tpot_slo_ms / 1e3 or None,
+                             attention_dp=attention_dp)
     plan = plan_serving(spec, fitted_cluster(hardware, tp), settings)
     unit_price = price or parse_prices([]).get(hardware)
     table = Table(title=f"{model} on {hardware} x tp={tp}, {quant} weights, {kv} KV cache, "

@@ -333,8 +333,9 @@ def plan_serving(spec: ModelSpec, cluster: Cluster, settings: ServeSettings) -> 
                         f"the KV cache on {cluster.accelerator.id} x tp={tp}")
 
     def ttft(b: int, step: float) -> float:
-        # Chunked prefill gives a prompt what the step's token budget leaves after the decode tokens.
-        chunk = max(1, settings.max_tokens_per_step - b)
+        # Chunked prefill gives a prompt what the step's token budget leaves after the decode tokens (per rank
+        # under attention data parallelism).
+        chunk = max(1, settings.max_tokens_per_step - math.ceil(b / schedulers))
         return math.ceil(settings.input_tokens / chunk) * step
 
     def meets_slo(b: int) -> bool:
