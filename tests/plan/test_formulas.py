@@ -50,6 +50,20 @@ def test_gemm_efficiency_is_half_the_ceiling_at_the_half_dimension() -> None:
     assert hopper.gemm_efficiency(8192, 8192, 8192) > hopper.gemm_efficiency(8192, 8192, 1024)
 
 
+def test_nvfp4_gemm_saturates_at_its_own_half_dimension() -> None:
+    blackwell = efficiency_table()["blackwell"]
+    assert blackwell.fp4_gemm_half_dim == 400
+    low = blackwell.fp8_gemm_efficiency_max
+    # M = 400 tokens against 8192-wide weights: fp4 at half its ceiling, 0.50 x 400 / (400 + 400) = 0.25 ...
+    assert blackwell.gemm_efficiency(400, 8192, 8192, "fp4") == pytest.approx(low * 400 / 800)
+    # ... while fp8 keeps the 128-wide tile's half dimension: 0.50 x 400 / 528.
+    assert blackwell.gemm_efficiency(400, 8192, 8192, "fp8") == pytest.approx(low * 400 / 528)
+    # A generation without a measured fp4 half dimension uses its gemm_half_dim for fp4 too.
+    hopper = efficiency_table()["hopper"]
+    assert hopper.fp4_gemm_half_dim is None
+    assert hopper.gemm_efficiency(400, 8192, 8192, "fp4") == hopper.gemm_efficiency(400, 8192, 8192, "fp8")
+
+
 @pytest.mark.parametrize(
     ("recompute", "sp", "per_token_factor"),
     [
