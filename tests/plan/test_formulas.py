@@ -164,6 +164,24 @@ def test_low_batch_decode_is_bound_by_reading_the_weights() -> None:
     assert floor * 0.95 < step < floor * 1.3
 
 
+def test_decode_attention_reads_the_kv_cache_at_its_measured_bandwidth() -> None:
+    from aiinfra.plan.inference import decode_step_parts
+
+    spec = preset("llama3-8b")
+    settings = ServeSettings(input_tokens=8192, output_tokens=1, weight_dtype="fp8", kv_dtype="fp8")
+    # 64 sequences of 8192 tokens, 2 x 32 layers x 8 heads x 128 bytes a token, no prefill: the KV read bounds
+    # decode attention (its 4 x 32 heads x 128 FLOPs a cached token are far under the fp8 peak).
+    kv = 64 * 8192 * 2 * 32 * 8 * 128
+    b200 = make_cluster("b200", 1)
+    assert b200.efficiency.kv_read_bw_efficiency == 0.73
+    attention = decode_step_parts(spec, b200, settings, 64, prefill=False)["attention"]
+    assert attention == pytest.approx(kv / (8000e9 * 0.73))
+    # Without a measured figure (Hopper) the cache streams at the elementwise share of HBM.
+    h200 = make_cluster("h200", 1)
+    assert h200.efficiency.kv_read_bw_efficiency == h200.efficiency.memory_bw_efficiency == 0.80
+    assert decode_step_parts(spec, h200, settings, 64, prefill=False)["attention"] == pytest.approx(kv / (4800e9 * 0.8))
+
+
 def test_mfu_is_model_flops_over_time_devices_and_peak() -> None:
     cluster = make_cluster("a100-sxm-80gb", 8)
     step = step_breakdown(GPT22B, GPT_SETTINGS, Layout(tp=8, micro_batch=4, sequence_parallel=True,

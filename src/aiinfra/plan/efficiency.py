@@ -33,6 +33,14 @@ class EfficiencyProfile:
     # means `gemm_half_dim`. The 4-bit tensor-core rate doubles fp8's, so a tile's math takes half as long while its
     # prologue, epilogue and block-scale loads do not, and a GEMM needs a larger M to amortize them (basis column).
     fp4_gemm_half_dim: float | None = None
+    # Share of HBM bandwidth a decode-attention kernel reaches streaming the KV cache, where measured; blank means
+    # `memory_bw_efficiency` (basis column).
+    decode_attention_bw_efficiency: float | None = None
+
+    @property
+    def kv_read_bw_efficiency(self) -> float:
+        """Share of HBM bandwidth at which decode attention reads the KV cache."""
+        return self.decode_attention_bw_efficiency or self.memory_bw_efficiency
 
     def gemm_efficiency(self, m: float, k: float, n: float, dtype: str = "bf16") -> float:
         """Share of peak for an (m x k) @ (k x n) GEMM.
@@ -55,6 +63,7 @@ class EfficiencyProfile:
 def _row_to_profile(row: dict[str, str]) -> EfficiencyProfile:
     fp8 = row["fp8_gemm_efficiency_max"].strip()
     fp4_half = (row.get("fp4_gemm_half_dim") or "").strip()
+    kv_bw = (row.get("decode_attention_bw_efficiency") or "").strip()
     return EfficiencyProfile(
         generation=row["generation"],
         accelerators=tuple(row["accelerators"].split()),
@@ -68,6 +77,7 @@ def _row_to_profile(row: dict[str, str]) -> EfficiencyProfile:
         scaleout_latency_s=float(row["scaleout_latency_s"]),
         basis=row["basis"],
         fp4_gemm_half_dim=float(fp4_half) if fp4_half else None,
+        decode_attention_bw_efficiency=float(kv_bw) if kv_bw else None,
     )
 
 

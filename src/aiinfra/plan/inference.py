@@ -174,7 +174,9 @@ def decode_step_parts(
                h * spec.vocab_size * 2 / tp / bandwidth)
     # Decode attention streams each sequence's whole KV cache; prefill attention is compute-bound (causal half).
     context = settings.input_tokens + (settings.output_tokens / 2 if prefill else 0.0)
-    kv_read = batch * context * kv_bytes_per_token(spec, settings.kv_dtype, settings.kv_dim_per_layer) / tp / bandwidth
+    # The decode-attention kernel streams the cache at its own measured share of HBM (efficiency.csv).
+    kv_bytes = batch * context * kv_bytes_per_token(spec, settings.kv_dtype, settings.kv_dim_per_layer) / tp
+    kv_read = kv_bytes / (cluster.memory_bw_bytes_per_s * eff.kv_read_bw_efficiency)
     new_requests = batch / settings.output_tokens if prefill else 0.0
     prefill_attention_flops = new_requests * 4 * spec.n_layers * q / tp * settings.input_tokens ** 2 / 2
     # With fp8 weights and KV cache, TensorRT-LLM runs the context (prefill) attention in fp8 too
