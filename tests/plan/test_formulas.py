@@ -50,20 +50,6 @@ def test_gemm_efficiency_is_half_the_ceiling_at_the_half_dimension() -> None:
     assert hopper.gemm_efficiency(8192, 8192, 8192) > hopper.gemm_efficiency(8192, 8192, 1024)
 
 
-def test_nvfp4_gemm_saturates_at_its_own_half_dimension() -> None:
-    blackwell = efficiency_table()["blackwell"]
-    assert blackwell.fp4_gemm_half_dim == 400
-    low = blackwell.fp8_gemm_efficiency_max
-    # M = 400 tokens against 8192-wide weights: fp4 at half its ceiling, 0.50 x 400 / (400 + 400) = 0.25 ...
-    assert blackwell.gemm_efficiency(400, 8192, 8192, "fp4") == pytest.approx(low * 400 / 800)
-    # ... while fp8 keeps the 128-wide tile's half dimension: 0.50 x 400 / 528.
-    assert blackwell.gemm_efficiency(400, 8192, 8192, "fp8") == pytest.approx(low * 400 / 528)
-    # A generation without a measured fp4 half dimension uses its gemm_half_dim for fp4 too.
-    hopper = efficiency_table()["hopper"]
-    assert hopper.fp4_gemm_half_dim is None
-    assert hopper.gemm_efficiency(400, 8192, 8192, "fp4") == hopper.gemm_efficiency(400, 8192, 8192, "fp8")
-
-
 @pytest.mark.parametrize(
     ("recompute", "sp", "per_token_factor"),
     [
@@ -162,24 +148,6 @@ def test_low_batch_decode_is_bound_by_reading_the_weights() -> None:
     # Every weight but the embedding table (one row per token is read) streams from HBM once per step.
     floor = (weights_bytes(spec, "bf16") - 128256 * 4096 * 2) / (3350e9 * 0.80)
     assert floor * 0.95 < step < floor * 1.3
-
-
-def test_decode_attention_reads_the_kv_cache_at_its_measured_bandwidth() -> None:
-    from aiinfra.plan.inference import decode_step_parts
-
-    spec = preset("llama3-8b")
-    settings = ServeSettings(input_tokens=8192, output_tokens=1, weight_dtype="fp8", kv_dtype="fp8")
-    # 64 sequences of 8192 tokens, 2 x 32 layers x 8 heads x 128 bytes a token, no prefill: the KV read bounds
-    # decode attention (its 4 x 32 heads x 128 FLOPs a cached token are far under the fp8 peak).
-    kv = 64 * 8192 * 2 * 32 * 8 * 128
-    b200 = make_cluster("b200", 1)
-    assert b200.efficiency.kv_read_bw_efficiency == 0.73
-    attention = decode_step_parts(spec, b200, settings, 64, prefill=False)["attention"]
-    assert attention == pytest.approx(kv / (8000e9 * 0.73))
-    # Without a measured figure (Hopper) the cache streams at the elementwise share of HBM.
-    h200 = make_cluster("h200", 1)
-    assert h200.efficiency.kv_read_bw_efficiency == h200.efficiency.memory_bw_efficiency == 0.80
-    assert decode_step_parts(spec, h200, settings, 64, prefill=False)["attention"] == pytest.approx(kv / (4800e9 * 0.8))
 
 
 def test_mfu_is_model_flops_over_time_devices_and_peak() -> None:
