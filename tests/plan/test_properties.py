@@ -116,3 +116,15 @@ def test_fp8_is_never_slower_than_bf16_where_there_is_an_fp8_peak(name: str, har
     fp8 = replace(bf16, precision="fp8")
     assert step_breakdown(spec, fp8, layout, cluster).step_time_s <= step_breakdown(spec, bf16, layout,
                                                                                     cluster).step_time_s
+
+
+@settings(max_examples=50, deadline=None)
+@given(m=st.integers(1, 65536), extra=st.integers(1, 4096), k=st.sampled_from([768, 2048, 8192, 28672]))
+def test_nvfp4_gemm_efficiency_rises_with_rows_and_stays_under_its_ceiling(m: int, extra: int, k: int) -> None:
+    from aiinfra.plan.efficiency import efficiency_table
+
+    blackwell = efficiency_table()["blackwell"]
+    low, more = blackwell.gemm_efficiency(m, k, 8192, "fp4"), blackwell.gemm_efficiency(m + extra, k, 8192, "fp4")
+    assert low <= more < blackwell.fp8_gemm_efficiency_max
+    # Its half dimension (400) is wider than the fp8 tile's (128): never more efficient than fp8 at the same shape.
+    assert low <= blackwell.gemm_efficiency(m, k, 8192, "fp8")

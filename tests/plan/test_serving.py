@@ -3,8 +3,12 @@
 import math
 from dataclasses import replace
 
+import pytest
+
 from aiinfra.plan.cluster import make_cluster
-from aiinfra.plan.inference import ServeSettings, plan_serving, serve_models, trtllm_bench_limits
+from aiinfra.plan.efficiency import efficiency_table
+from aiinfra.plan.inference import ServeSettings, decode_step_parts, plan_serving, serve_models, trtllm_bench_limits
+from aiinfra.spec import preset
 
 
 def test_trtllm_bench_sets_batch_and_token_limits_from_the_memory() -> None:
@@ -179,3 +183,33 @@ def test_a_serial_host_adds_its_fixed_step_time_to_the_kernels() -> None:
     vllm = _predict_inference_row(row, serve_models()).predicted
     trtllm = _predict_inference_row({**row, "system": "TensorRT-LLM trtllm-bench"}, serve_models()).predicted
     assert math.isclose(vllm - trtllm, 4.0, rel_tol=1e-9)  # ms: a batch-1 step's host work is under its kernels
+
+
+def test_nvfp4_gemm_saturates_at_its_own_half_dimension() -> None:
+    blackwell = efficiency_table()["blackwell"]
+    assert blackwell.fp4_gemm_half_dim == 400
+    low = blackwell.fp8_gemm_efficiency_max
+    # M = 400 tokens against 8192-wide weights: fp4 at half its ceiling, 0.50 x 400 / (400 + 400) = 0.25 ...
+    assert blackwell.gemm_efficiency(400, 8192, 8192, "fp4") == pytest.approx(low * 400 / 800)
+    # ... while fp8 keeps the 128-wide tile's half dimension: 0.50 x 400 / 528.
+    assert blackwell.gemm_efficiency(400, 8192, 8192, "fp8") == pytest.approx(low * 400 / 528)
+    # A generation without a measured fp4 half dimension uses its gemm_half_dim for fp4 too.
+    hopper = efficiency_table()["hopper"]
+    assert hopper.fp4_gemm_half_dim is None
+    assert hopper.gemm_efficiency(400, 8192, 8192, "fp4") == hopper.gemm_efficiency(400, 8192, 8192, "fp8")
+
+
+def test_decode_attention_reads_the_kv_cache_at_its_measured_bandwidth() -> None:
+    spec = preset("llama3-8b")
+    settings = ServeSettings(input_tokens=8192, output_tokens=1, weight_dtype="fp8", kv_dtype="fp8")
+    # 64 sequences of 8192 tokens, 2 x 32 layers x 8 heads x 128 bytes a token, no prefill: the KV read bounds
+    # decode attention (its 4 x 32 heads x 128 FLOPs a cached token are far under the fp8 peak).
+    kv = 64 * 8192 * 2 * 32 * 8 * 128
+    b200 = make_cluster("b200", 1)
+    assert b200.efficiency.kv_read_bw_efficiency == 0.73
+    attention = decode_step_parts(spec, b200, settings, 64, prefill=False)["attention"]
+    assert attention == pytest.approx(kv / (8000e9 * 0.73))
+    # Without a measured figure (Hopper) the cache streams at the elementwise share of HBM.
+    h200 = make_cluster("h200", 1)
+    assert h200.efficiency.kv_read_bw_efficiency == h200.efficiency.memory_bw_efficiency == 0.80
+    assert decode_step_parts(spec, h200, settings, 64, prefill=False)["attention"] == pytest.approx(kv / (4800e9 * 0.8))

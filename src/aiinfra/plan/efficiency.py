@@ -29,6 +29,18 @@ class EfficiencyProfile:
     scaleup_latency_s: float  # per ring step inside the scale-up domain (NVLink, ICI)
     scaleout_latency_s: float  # per ring step across the scale-out network
     basis: str = ""
+    # GEMM dimension at which an NVFP4 (block-scaled 4-bit) GEMM reaches half its ceiling, where measured; blank
+    # means `gemm_half_dim`. The 4-bit tensor-core rate doubles fp8's, so a tile's math takes half as long while its
+    # prologue, epilogue and block-scale loads do not, and a GEMM needs a larger M to amortize them (basis column).
+    fp4_gemm_half_dim: float | None = None
+    # Share of HBM bandwidth a decode-attention kernel reaches streaming the KV cache, where measured; blank means
+    # `memory_bw_efficiency` (basis column).
+    decode_attention_bw_efficiency: float | None = None
+
+    @property
+    def kv_read_bw_efficiency(self) -> float:
+        """Share of HBM bandwidth at which decode attention reads the KV cache."""
+        return self.decode_attention_bw_efficiency or self.memory_bw_efficiency
 
     def gemm_efficiency(self, m: float, k: float, n: float, dtype: str = "bf16") -> float:
         """Share of peak for an (m x k) @ (k x n) GEMM.
@@ -41,12 +53,17 @@ class EfficiencyProfile:
         ceiling = self.gemm_efficiency_max
         if dtype in ("fp8", "fp4", "int8") and self.fp8_gemm_efficiency_max is not None:
             ceiling = self.fp8_gemm_efficiency_max
+        half = self.gemm_half_dim
+        if dtype == "fp4" and self.fp4_gemm_half_dim is not None:
+            half = self.fp4_gemm_half_dim
         smallest = max(min(m, k, n), 1e-9)
-        return ceiling * smallest / (smallest + self.gemm_half_dim)
+        return ceiling * smallest / (smallest + half)
 
 
 def _row_to_profile(row: dict[str, str]) -> EfficiencyProfile:
     fp8 = row["fp8_gemm_efficiency_max"].strip()
+    fp4_half = (row.get("fp4_gemm_half_dim") or "").strip()
+    kv_bw = (row.get("decode_attention_bw_efficiency") or "").strip()
     return EfficiencyProfile(
         generation=row["generation"],
         accelerators=tuple(row["accelerators"].split()),
@@ -59,6 +76,8 @@ def _row_to_profile(row: dict[str, str]) -> EfficiencyProfile:
         scaleup_latency_s=float(row["scaleup_latency_s"]),
         scaleout_latency_s=float(row["scaleout_latency_s"]),
         basis=row["basis"],
+        fp4_gemm_half_dim=float(fp4_half) if fp4_half else None,
+        decode_attention_bw_efficiency=float(kv_bw) if kv_bw else None,
     )
 
 

@@ -250,8 +250,10 @@ def decode_step_parts(
                h * spec.vocab_size * 2 / tp / bandwidth)
     # Decode attention streams each sequence's whole KV cache; prefill attention is compute-bound (causal half).
     context = settings.input_tokens + (settings.output_tokens / 2 if prefill else 0.0)
-    kv_read = (batch * context * kv_bytes_per_token(spec, settings.kv_dtype, settings.kv_dim_per_layer)
-               * kv_replication(spec, settings) / tp / bandwidth)
+    # The decode-attention kernel streams the cache at its own measured share of HBM (efficiency.csv).
+    kv_bytes = (batch * context * kv_bytes_per_token(spec, settings.kv_dtype, settings.kv_dim_per_layer)
+                * kv_replication(spec, settings) / tp)
+    kv_read = kv_bytes / (cluster.memory_bw_bytes_per_s * eff.kv_read_bw_efficiency)
     prefill_attention_flops = rank_prompts * 4 * spec.n_layers * q * settings.input_tokens ** 2 / 2
     # With fp8 weights and KV cache, TensorRT-LLM runs the context (prefill) attention in fp8 too
     # (use_fp8_context_fmha); otherwise it runs at the 16-bit peak.
