@@ -179,3 +179,55 @@ def test_a_serial_host_adds_its_fixed_step_time_to_the_kernels() -> None:
     vllm = _predict_inference_row(row, serve_models()).predicted
     trtllm = _predict_inference_row({**row, "system": "TensorRT-LLM trtllm-bench"}, serve_models()).predicted
     assert math.isclose(vllm - trtllm, 4.0, rel_tol=1e-9)  # ms: a batch-1 step's host work is under its kernels
+
+
+def test_gamma_cdf_and_the_expected_maximum_match_closed_forms() -> None:
+    from aiinfra.plan.expert_load import expected_max_over_mean, gamma_cdf
+
+    # Shape 1 is the exponential, shape 2 the Erlang of two stages.
+    for x in (0.1, 1.0, 2.5, 9.0):
+        assert math.isclose(gamma_cdf(1.0, x), 1 - math.exp(-x), rel_tol=1e-9)
+        assert math.isclose(gamma_cdf(2.0, x), 1 - math.exp(-x) * (1 + x), rel_tol=1e-9)
+    # The largest of n unit exponentials has mean H_n = 1 + 1/2 + ... + 1/n.
+    for n in (2, 4, 8, 32):
+        harmonic = sum(1 / i for i in range(1, n + 1))
+        assert math.isclose(expected_max_over_mean(n, 1.0), harmonic, rel_tol=1e-4)
+    assert expected_max_over_mean(1, 0.5) == 1.0
+
+
+def test_the_busiest_expert_parallel_rank_gets_more_than_its_share() -> None:
+    from aiinfra.plan.expert_load import EXPERT_LOAD_CV, busiest_rank_load
+
+    assert busiest_rank_load(256, 1, 1e6) == 1.0
+    # No popularity spread, one copy an expert on average, one expert a rank: each rank's load is Poisson(1) ~
+    # gamma of shape 1 / (1 / 1 + 0) = 1, an exponential, so the busiest of 4 carries H_4 = 25/12 times the mean.
+    assert math.isclose(busiest_rank_load(4, 4, 4, cv=0.0), 25 / 12, rel_tol=1e-4)
+    # DeepSeek-R1 at EP32 with many tokens: the gamma reproduces the blog's spread but not its tail (2.564).
+    ep32 = busiest_rank_load(256, 32, 1e7)
+    assert 2.0 < ep32 < 2.564
+    assert math.isclose(EXPERT_LOAD_CV, 1.282, rel_tol=1e-3)
+    # More ranks over the same experts: a worse busiest rank; more experts a rank average out.
+    assert busiest_rank_load(256, 8, 1e6) < busiest_rank_load(256, 16, 1e6) < ep32
+    assert busiest_rank_load(128, 8, 1e6) > busiest_rank_load(256, 8, 1e6)
+
+
+def test_expert_imbalance_slows_the_routed_experts_only_under_attention_dp() -> None:
+    from aiinfra.plan.expert_load import busiest_rank_load
+    from aiinfra.plan.inference import busiest_expert_rank_load, decode_step_parts
+
+    model = serve_models()["llama-4-scout-17b-16e"]
+    spec = model.spec
+    assert (spec.n_experts, spec.experts_per_token, model.shared_experts) == (17, 2, 1)
+    settings = ServeSettings(1000, 1000, tp=4, attention_dp=True, shared_experts=1)
+    tokens = 2048 + 2048  # 2048 decoding sequences, each adding its prompt at the rate sequences finish
+    # One routed expert of 16 a token plus the shared one, which every token takes on every rank alike.
+    expected = (busiest_rank_load(16, 4, tokens) + 1) / 2
+    assert math.isclose(busiest_expert_rank_load(spec, settings, tokens), expected)
+    assert busiest_expert_rank_load(spec, replace(settings, attention_dp=False), tokens) == 1.0
+    assert busiest_expert_rank_load(spec, replace(settings, tp=1), tokens) == 1.0
+    cluster = make_cluster("h200", 4)
+    # Counting the shared expert as routed spreads more of the work unevenly: only the GEMMs slow down.
+    shared = decode_step_parts(spec, cluster, settings, 2048)
+    routed = decode_step_parts(spec, cluster, replace(settings, shared_experts=0), 2048)
+    assert routed["gemm"] > shared["gemm"]
+    assert {k: v for k, v in routed.items() if k != "gemm"} == {k: v for k, v in shared.items() if k != "gemm"}

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from aiinfra.plan.cluster import Cluster, collective_time_s, mesh_peer_all_reduce_s
 from aiinfra.plan.errors import PlanError
+from aiinfra.plan.expert_load import expert_rows, expert_work_on_busiest_rank, touched_experts
 from aiinfra.spec import ModelSpec
 
 INFERENCE_RUNS_CSV = Path(__file__).with_name("published_inference_runs.csv")
@@ -87,6 +88,9 @@ class ServeSettings:
     # Attention data parallelism (TensorRT-LLM enable_attention_dp): each of the tp ranks schedules its own share of
     # the requests, so a rank's host work covers batch / tp of them.
     attention_dp: bool = False
+    # Always-active experts folded into the routed ones (shared experts and dense first layers; runs.moe_shape): they
+    # take every token, so expert-parallel load imbalance does not touch them.
+    shared_experts: int = 0
 
 
 @dataclass(frozen=True)
@@ -128,17 +132,16 @@ def kv_bytes_per_token(spec: ModelSpec, kv_dtype: str, kv_dim_per_layer: int | N
     return spec.n_layers * per_layer * WEIGHT_BYTES[kv_dtype]
 
 
-def touched_experts(spec: ModelSpec, tokens: float) -> float:
-    """Experts whose weights a step reads: E (1 - (1 - k/E)^tokens), the expected number any token routes to under
-    uniform routing (all of them at serving batch sizes, only k for a single token)."""
-    experts, top_k = spec.n_experts, spec.experts_per_token
-    return experts * (1 - (1 - top_k / experts) ** max(tokens, 1.0))
+def busiest_expert_rank_load(spec: ModelSpec, settings: ServeSettings, tokens: float) -> float:
+    """Expert work on the busiest rank over the mean rank's (`expert_load.expert_work_on_busiest_rank`).
 
-
-def expert_rows(spec: ModelSpec, tokens: float) -> float:
-    """Rows of each touched expert's GEMM in a step of `tokens`: the tokens' k routed copies over the experts they
-    touch (k / k = 1 for a single token, tokens x k / E once every expert is touched)."""
-    return tokens * spec.experts_per_token / touched_experts(spec, tokens)
+    Attention data parallelism in TensorRT-LLM and SGLang gathers every rank's tokens into a MoE whose experts are
+    split across the ranks (trtllm-bench --ep with enable_attention_dp in the perf-overview's MoE recipe and the
+    DeepSeek-R1 throughput blog's TP8 EP8; SGLang's DP attention with EP), so there the routed load is uneven.
+    """
+    if not (spec.is_moe and settings.attention_dp and settings.tp > 1):
+        return 1.0
+    return expert_work_on_busiest_rank(spec, settings.shared_experts, settings.tp, tokens)
 
 
 def kv_replication(spec: ModelSpec, settings: ServeSettings) -> float:
@@ -227,6 +230,7 @@ def decode_step_parts(
     linears = [(h, q + 2 * kv, 1), (q, h, 1), (h, mlp_in, experts), (spec.ffn_dim, h, experts)]
     expert_linears = {2, 3}
     rank_tokens, rank_prompts = busiest_rank_tokens(settings, batch, prefill)
+    load = busiest_expert_rank_load(spec, settings, tokens)
     gemm = 0.0
     for index, (k, n, count) in enumerate(linears):
         flops = 2 * tokens * k * n * count / tp
@@ -235,6 +239,9 @@ def decode_step_parts(
         # experts the step touches (tokens x k / E at serving batch sizes, as the training model's
         # `step.expert_tokens`; one row each for a single token), so a small share per expert leaves tiles empty.
         rows, width, shards = (expert_rows(spec, tokens) if routed else tokens), n / tp, tp
+        if routed:
+            # Under expert parallelism the busiest rank's experts get `load` times the mean rank's rows.
+            rows, flops = rows * load, flops * load
         if settings.attention_dp and index not in expert_linears:
             # Attention data parallelism: every rank holds the whole attention projections and runs them over its
             # own tokens; the step waits for the rank with the most (`busiest_rank_tokens`).
@@ -393,6 +400,7 @@ class ServeModel:
 
     spec: ModelSpec
     kv_dim_per_layer: int | None
+    shared_experts: int = 0  # always-active experts the shape folds in beyond the published routed experts
 
 
 def serve_models(path: Path = INFERENCE_MODELS_CSV) -> dict[str, ServeModel]:
@@ -404,7 +412,9 @@ def serve_models(path: Path = INFERENCE_MODELS_CSV) -> dict[str, ServeModel]:
         for row in csv.DictReader(handle):
             shaped = {**row, "model": row["family"], "seq_len": "131072"}
             kv = row["kv_dim_per_layer"].strip()
-            models[row["model"]] = ServeModel(spec_from_row(shaped), int(kv) if kv else None)
+            spec = spec_from_row(shaped)
+            published = int(row["experts"]) if (row.get("experts") or "").strip() else spec.n_experts
+            models[row["model"]] = ServeModel(spec, int(kv) if kv else None, max(0, spec.n_experts - published))
     return models
 
 
@@ -497,7 +507,7 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
                              host_s_per_step=ENGINE_HOST_S_PER_STEP.get(engine, 0.0),
                              host_overlapped=engine not in ENGINES_WITH_SERIAL_HOST,
                              custom_all_reduce_max_bytes=ENGINE_CUSTOM_ALL_REDUCE_MAX_BYTES.get(engine, 0.0),
-                             attention_dp=attention_dp == "yes")
+                             attention_dp=attention_dp == "yes", shared_experts=model.shared_experts)
     if tensorrt_llm and not (row.get("max_batch") or "").strip():
         max_batch, max_tokens = trtllm_bench_limits(model.spec, cluster.memory_bytes, tp, weight_dtype, kv_dtype,
                                                     settings.input_tokens, settings.output_tokens)
