@@ -231,3 +231,27 @@ def test_expert_imbalance_slows_the_routed_experts_only_under_attention_dp() -> 
     routed = decode_step_parts(spec, cluster, replace(settings, shared_experts=0), 2048)
     assert routed["gemm"] > shared["gemm"]
     assert {k: v for k, v in routed.items() if k != "gemm"} == {k: v for k, v in shared.items() if k != "gemm"}
+
+
+def test_attention_dp_experts_run_whole_on_their_rank(monkeypatch) -> None:
+    from aiinfra.plan import inference
+    from aiinfra.plan.efficiency import EfficiencyProfile
+
+    spec = serve_models()["qwen3-235b-a22b"].spec
+    cluster = make_cluster("h200", 8)
+    seen: list[tuple[float, float, float]] = []
+    original = EfficiencyProfile.gemm_efficiency
+
+    def record(self, m, k, n, dtype="bf16"):
+        seen.append((m, k, n))
+        return original(self, m, k, n, dtype)
+
+    monkeypatch.setattr(EfficiencyProfile, "gemm_efficiency", record)
+    settings = ServeSettings(1000, 1000, tp=8, attention_dp=True)
+    inference.decode_step_parts(spec, cluster, settings, 4096)
+    mlp_in = 2 * spec.ffn_dim
+    # The gate/up and down projections of each expert, whole (n = 2 x ffn and hidden), not a 1/8 slice.
+    assert [call[1:] for call in seen[2:4]] == [(spec.dim, mlp_in), (spec.ffn_dim, spec.dim)]
+    seen.clear()
+    inference.decode_step_parts(spec, cluster, replace(settings, attention_dp=False), 4096)
+    assert [call[1:] for call in seen[2:4]] == [(spec.dim, mlp_in / 8), (spec.ffn_dim, spec.dim / 8)]

@@ -239,9 +239,10 @@ def decode_step_parts(
         # experts the step touches (tokens x k / E at serving batch sizes, as the training model's
         # `step.expert_tokens`; one row each for a single token), so a small share per expert leaves tiles empty.
         rows, width, shards = (expert_rows(spec, tokens) if routed else tokens), n / tp, tp
-        if routed:
-            # Under expert parallelism the busiest rank's experts get `load` times the mean rank's rows.
-            rows, flops = rows * load, flops * load
+        if routed and settings.attention_dp:
+            # Expert parallelism: a rank holds E / tp whole experts (the full width n each, not a 1/tp slice), and the
+            # busiest rank's experts get `load` times the mean rank's rows.
+            rows, flops, width = rows * load, flops * load, n
         if settings.attention_dp and index not in expert_linears:
             # Attention data parallelism: every rank holds the whole attention projections and runs them over its
             # own tokens; the step waits for the rank with the most (`busiest_rank_tokens`).
