@@ -255,3 +255,19 @@ def test_attention_dp_experts_run_whole_on_their_rank(monkeypatch) -> None:
     seen.clear()
     inference.decode_step_parts(spec, cluster, replace(settings, attention_dp=False), 4096)
     assert [call[1:] for call in seen[2:4]] == [(spec.dim, mlp_in / 8), (spec.ffn_dim, spec.dim / 8)]
+
+
+def test_each_moe_layer_pays_the_fused_top_k_routing_latency() -> None:
+    from aiinfra.plan.expert_load import MOE_ROUTING_S_PER_LAYER
+    from aiinfra.plan.inference import decode_step_parts
+
+    models = serve_models()
+    cluster = make_cluster("h200", 8)
+    settings = ServeSettings(1000, 1000, tp=8)
+    # TensorRT-LLM tech blog 3: 15 us a layer for the fused top-k kernels on B200.
+    assert MOE_ROUTING_S_PER_LAYER == 15e-6
+    moe = models["qwen3-235b-a22b"].spec
+    assert math.isclose(decode_step_parts(moe, cluster, settings, 512)["routing"], 94 * 15e-6)
+    assert math.isclose(decode_step_parts(moe, cluster, settings, 1, prefill=False)["routing"], 94 * 15e-6)
+    dense = models["llama-3.1-70b"].spec
+    assert decode_step_parts(dense, cluster, settings, 512)["routing"] == 0.0

@@ -21,7 +21,12 @@ from pathlib import Path
 
 from aiinfra.plan.cluster import Cluster, collective_time_s, mesh_peer_all_reduce_s
 from aiinfra.plan.errors import PlanError
-from aiinfra.plan.expert_load import expert_rows, expert_work_on_busiest_rank, touched_experts
+from aiinfra.plan.expert_load import (
+    MOE_ROUTING_S_PER_LAYER,
+    expert_rows,
+    expert_work_on_busiest_rank,
+    touched_experts,
+)
 from aiinfra.spec import ModelSpec
 
 INFERENCE_RUNS_CSV = Path(__file__).with_name("published_inference_runs.csv")
@@ -283,7 +288,9 @@ def decode_step_parts(
     # (TensorRT-LLM tech blog "Optimizing DeepSeek R1 throughput on NVIDIA Blackwell GPUs", attention DP).
     reductions = 1 if settings.attention_dp else 2
     tp_comm = spec.n_layers * reductions * tp_all_reduce_s(cluster, settings, tokens * h * 2)
-    return {"gemm": gemm, "head": head, "attention": attention, "elementwise": elementwise, "tp_comm": tp_comm}
+    routing = spec.n_layers * MOE_ROUTING_S_PER_LAYER if spec.is_moe and spec.n_experts > 1 else 0.0
+    return {"gemm": gemm, "head": head, "attention": attention, "elementwise": elementwise, "tp_comm": tp_comm,
+            "routing": routing}
 
 
 def tp_all_reduce_s(cluster: Cluster, settings: ServeSettings, size_bytes: float) -> float:
