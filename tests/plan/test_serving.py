@@ -211,26 +211,62 @@ def test_the_busiest_expert_parallel_rank_gets_more_than_its_share() -> None:
     assert busiest_rank_load(128, 8, 1e6) > busiest_rank_load(256, 8, 1e6)
 
 
-def test_expert_imbalance_slows_the_routed_experts_only_under_attention_dp() -> None:
+def test_expert_imbalance_slows_the_routed_experts_only_under_attention_dp(monkeypatch) -> None:
+    from aiinfra.plan import inference
     from aiinfra.plan.expert_load import busiest_rank_load
-    from aiinfra.plan.inference import busiest_expert_rank_load, decode_step_parts
 
     model = serve_models()["llama-4-scout-17b-16e"]
     spec = model.spec
     assert (spec.n_experts, spec.experts_per_token, model.shared_experts) == (17, 2, 1)
     settings = ServeSettings(1000, 1000, tp=4, attention_dp=True, shared_experts=1)
-    tokens = 2048 + 2048  # 2048 decoding sequences, each adding its prompt at the rate sequences finish
-    # One routed expert of 16 a token plus the shared one, which every token takes on every rank alike.
-    expected = (busiest_rank_load(16, 4, tokens) + 1) / 2
-    assert math.isclose(busiest_expert_rank_load(spec, settings, tokens), expected)
-    assert busiest_expert_rank_load(spec, replace(settings, attention_dp=False), tokens) == 1.0
-    assert busiest_expert_rank_load(spec, replace(settings, tp=1), tokens) == 1.0
     cluster = make_cluster("h200", 4)
-    # Counting the shared expert as routed spreads more of the work unevenly: only the GEMMs slow down.
-    shared = decode_step_parts(spec, cluster, settings, 2048)
-    routed = decode_step_parts(spec, cluster, replace(settings, shared_experts=0), 2048)
-    assert routed["gemm"] > shared["gemm"]
+    loads: list[tuple[int, int, float]] = []
+
+    def record(experts, ep, copies):
+        loads.append((experts, ep, copies))
+        return busiest_rank_load(experts, ep, copies)
+
+    monkeypatch.setattr(inference, "busiest_rank_load", record)
+    # 2048 decoding sequences plus their prompts at the rate sequences finish: 4096 tokens, one routed copy each
+    # over the 16 routed experts (the shared expert is not routed).
+    inference.decode_step_parts(spec, cluster, settings, 2048)
+    assert loads == [(16, 4, 4096.0)]
+    loads.clear()
+    inference.decode_step_parts(spec, cluster, replace(settings, attention_dp=False), 2048)
+    inference.decode_step_parts(spec, cluster, replace(settings, tp=1), 2048)
+    assert loads == []
+    monkeypatch.undo()
+    # Counting the shared expert as routed spreads more of the work unevenly: only the GEMMs change.
+    shared = inference.decode_step_parts(spec, cluster, settings, 2048)
+    routed = inference.decode_step_parts(spec, cluster, replace(settings, shared_experts=0), 2048)
+    assert routed["gemm"] != shared["gemm"]
     assert {k: v for k, v in routed.items() if k != "gemm"} == {k: v for k, v in shared.items() if k != "gemm"}
+
+
+def test_attention_dp_runs_always_active_experts_whole_on_each_rank() -> None:
+    from aiinfra.plan.inference import WEIGHT_BYTES, busiest_rank_tokens, linear_layers_s
+
+    spec = serve_models()["llama-4-scout-17b-16e"].spec
+    cluster = make_cluster("h200", 4)
+    settings = ServeSettings(1000, 1000, tp=4, attention_dp=True, shared_experts=1)
+    rank_tokens, _ = busiest_rank_tokens(settings, 2048)
+    # One shared expert more: its gate/up and down GEMMs over the busiest rank's own tokens with all its weights.
+    routed_only = replace(settings, shared_experts=0)
+    peak = cluster.peak_flops("fp8")
+    bandwidth = cluster.memory_bw_bytes_per_s * cluster.efficiency.memory_bw_efficiency
+    extra = 0.0
+    for k, n in ((spec.dim, 2 * spec.ffn_dim), (spec.ffn_dim, spec.dim)):
+        compute = 2 * rank_tokens * k * n / (peak * cluster.efficiency.gemm_efficiency(rank_tokens, k, n, "fp8"))
+        extra += max(compute, k * n * WEIGHT_BYTES["fp8"] / bandwidth)
+    with_shared = linear_layers_s(spec, cluster, settings, 4096, rank_tokens)
+    # The routed part differs too (16 experts of one copy instead of 17 of two), so compare against its own terms.
+    routed_spec = spec.model_copy(update={"n_experts": 16, "experts_per_token": 1})
+    assert math.isclose(with_shared - extra, linear_layers_s(routed_spec, cluster, routed_only, 4096, rank_tokens))
+    # Memory: every rank holds the shared expert whole (3/4 of it more than a 1/4 slice).
+    dp = plan_serving(spec, cluster, settings)
+    base = plan_serving(spec, cluster, routed_only)
+    assert math.isclose(dp.weights_bytes_per_device - base.weights_bytes_per_device,
+                        spec.n_layers * spec.expert_params() * WEIGHT_BYTES["fp8"] * 3 / 4)
 
 
 def test_attention_dp_experts_run_whole_on_their_rank(monkeypatch) -> None:

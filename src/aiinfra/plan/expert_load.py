@@ -91,16 +91,6 @@ def busiest_rank_load(routed_experts: int, ep: int, routed_copies: float, cv: fl
     return expected_max_over_mean(ep, shape)
 
 
-def expert_work_on_busiest_rank(spec: ModelSpec, shared_experts: int, ep: int, tokens: float) -> float:
-    """Expert GEMM work on the busiest of `ep` expert-parallel ranks over the mean rank's, in a step of `tokens`:
-    the routed experts' share at `busiest_rank_load`, the always-active experts' (`shared_experts` of the spec's
-    experts_per_token, which take every token on every rank alike) at 1."""
-    shared = min(shared_experts, spec.experts_per_token - 1)
-    routed_k = spec.experts_per_token - shared
-    busiest = busiest_rank_load(spec.n_experts - shared, ep, tokens * routed_k)
-    return (routed_k * busiest + shared) / spec.experts_per_token
-
-
 def touched_experts(spec: ModelSpec, tokens: float) -> float:
     """Experts whose weights a step reads: E (1 - (1 - k/E)^tokens), the expected number any token routes to under
     uniform routing (all of them at serving batch sizes, only k for a single token)."""

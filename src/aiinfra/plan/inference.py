@@ -21,12 +21,7 @@ from pathlib import Path
 
 from aiinfra.plan.cluster import Cluster, collective_time_s, mesh_peer_all_reduce_s
 from aiinfra.plan.errors import PlanError
-from aiinfra.plan.expert_load import (
-    MOE_ROUTING_S_PER_LAYER,
-    expert_rows,
-    expert_work_on_busiest_rank,
-    touched_experts,
-)
+from aiinfra.plan.expert_load import MOE_ROUTING_S_PER_LAYER, busiest_rank_load, expert_rows, touched_experts
 from aiinfra.spec import ModelSpec
 
 INFERENCE_RUNS_CSV = Path(__file__).with_name("published_inference_runs.csv")
@@ -137,18 +132,6 @@ def kv_bytes_per_token(spec: ModelSpec, kv_dtype: str, kv_dim_per_layer: int | N
     return spec.n_layers * per_layer * WEIGHT_BYTES[kv_dtype]
 
 
-def busiest_expert_rank_load(spec: ModelSpec, settings: ServeSettings, tokens: float) -> float:
-    """Expert work on the busiest rank over the mean rank's (`expert_load.expert_work_on_busiest_rank`).
-
-    Attention data parallelism in TensorRT-LLM and SGLang gathers every rank's tokens into a MoE whose experts are
-    split across the ranks (trtllm-bench --ep with enable_attention_dp in the perf-overview's MoE recipe and the
-    DeepSeek-R1 throughput blog's TP8 EP8; SGLang's DP attention with EP), so there the routed load is uneven.
-    """
-    if not (spec.is_moe and settings.attention_dp and settings.tp > 1):
-        return 1.0
-    return expert_work_on_busiest_rank(spec, settings.shared_experts, settings.tp, tokens)
-
-
 def kv_replication(spec: ModelSpec, settings: ServeSettings) -> float:
     """How many ranks of a tensor-parallel replica hold a copy of each token's K and V.
 
@@ -215,48 +198,65 @@ def host_step_s(settings: ServeSettings, batch: int) -> float:
     return settings.host_s_per_step + settings.host_s_per_request * per_rank
 
 
+def linear_layers_s(spec: ModelSpec, cluster: Cluster, settings: ServeSettings, tokens: float,
+                    rank_tokens: float) -> float:
+    """Seconds of one layer's linear projections in a step of `tokens` (`rank_tokens` on the busiest attention-DP
+    rank), each at the longer of its FLOPs at the shape's GEMM efficiency and reading its weights."""
+    eff, tp = cluster.efficiency, settings.tp
+    dtype = _compute_dtype(settings.weight_dtype)
+    peak = cluster.peak_flops(dtype)
+    bandwidth = cluster.memory_bw_bytes_per_s * eff.memory_bw_efficiency
+    h, q, kv = spec.dim, spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+    mlp_in = (2 if spec.mlp == "swiglu" else 1) * spec.ffn_dim
+    adp = settings.attention_dp and tp > 1
+    # Under attention DP the always-active experts (shared experts, dense first layers) run data-parallel like
+    # attention: every rank holds them whole and runs them over its own tokens (TensorRT-LLM's Llama4MoE and dense
+    # MLPs: GatedMLP(overridden_tp_size=1 if enable_attention_dp); tech blog 3's table: MoE shared experts DP8).
+    shared = min(settings.shared_experts, spec.experts_per_token - 1) if spec.is_moe and adp else 0
+    routed = spec.model_copy(update={"n_experts": spec.n_experts - shared,
+                                     "experts_per_token": spec.experts_per_token - shared}) if shared else spec
+    count = routed.experts_per_token if spec.is_moe else 1
+    linears = [(h, q + 2 * kv, 1, False), (q, h, 1, False), (h, mlp_in, count, True), (spec.ffn_dim, h, count, True)]
+    linears += [(h, mlp_in, shared, False), (spec.ffn_dim, h, shared, False)] if shared else []
+    load = busiest_rank_load(routed.n_experts, tp, tokens * count) if spec.is_moe and adp else 1.0
+    total = 0.0
+    for k, n, count, mlp in linears:
+        flops = 2 * tokens * k * n * count / tp
+        moe = spec.is_moe and mlp
+        # Routed experts run as a grouped GEMM, each touched expert over its own rows: tokens x k spread over the
+        # experts the step touches (tokens x k / E at serving batch sizes, as the training model's
+        # `step.expert_tokens`; one row each for a single token), so a small share per expert leaves tiles empty.
+        rows, width, shards = (expert_rows(routed, tokens) if moe else tokens), n / tp, tp
+        if moe and adp:
+            # Expert parallelism: a rank holds E / tp whole experts (the full width n each, not a 1/tp slice), and the
+            # busiest rank's experts get `load` times the mean rank's rows (`expert_load.busiest_rank_load`).
+            rows, flops, width = rows * load, flops * load, n
+        if adp and not mlp:
+            # Attention data parallelism: every rank holds the whole attention projections and runs them over its
+            # own tokens; the step waits for the rank with the most (`busiest_rank_tokens`).
+            rows, width, shards = rank_tokens, n, 1
+            flops = 2 * rank_tokens * k * n * count
+        compute = flops / (peak * eff.gemm_efficiency(rows, k, width, dtype))
+        stored = k * n * count * (touched_experts(routed, tokens) / count if moe else 1) * WEIGHT_BYTES[
+            settings.weight_dtype] / shards
+        total += max(compute, stored / bandwidth)
+    return total
+
+
 def decode_step_parts(
     spec: ModelSpec, cluster: Cluster, settings: ServeSettings, batch: int, prefill: bool = True
 ) -> dict[str, float]:
     """The seconds of one engine step by kernel group (`decode_step_time_s` is their sum)."""
     eff = cluster.efficiency
     tp = settings.tp
-    dtype = _compute_dtype(settings.weight_dtype)
-    peak = cluster.peak_flops(dtype)
     bandwidth = cluster.memory_bw_bytes_per_s * eff.memory_bw_efficiency
-    w_bytes = WEIGHT_BYTES[settings.weight_dtype]
     prefill_tokens = batch * settings.input_tokens / settings.output_tokens if prefill else 0.0
     tokens = batch + prefill_tokens
     h = spec.dim
     q = spec.n_heads * spec.head_dim
-    kv = spec.n_kv_heads * spec.head_dim
     experts = spec.experts_per_token if spec.is_moe else 1
-    mlp_in = (2 if spec.mlp == "swiglu" else 1) * spec.ffn_dim
-    linears = [(h, q + 2 * kv, 1), (q, h, 1), (h, mlp_in, experts), (spec.ffn_dim, h, experts)]
-    expert_linears = {2, 3}
     rank_tokens, rank_prompts = busiest_rank_tokens(settings, batch, prefill)
-    load = busiest_expert_rank_load(spec, settings, tokens)
-    gemm = 0.0
-    for index, (k, n, count) in enumerate(linears):
-        flops = 2 * tokens * k * n * count / tp
-        routed = spec.is_moe and index in expert_linears
-        # Routed experts run as a grouped GEMM, each touched expert over its own rows: tokens x k spread over the
-        # experts the step touches (tokens x k / E at serving batch sizes, as the training model's
-        # `step.expert_tokens`; one row each for a single token), so a small share per expert leaves tiles empty.
-        rows, width, shards = (expert_rows(spec, tokens) if routed else tokens), n / tp, tp
-        if routed and settings.attention_dp:
-            # Expert parallelism: a rank holds E / tp whole experts (the full width n each, not a 1/tp slice), and the
-            # busiest rank's experts get `load` times the mean rank's rows.
-            rows, flops, width = rows * load, flops * load, n
-        if settings.attention_dp and index not in expert_linears:
-            # Attention data parallelism: every rank holds the whole attention projections and runs them over its
-            # own tokens; the step waits for the rank with the most (`busiest_rank_tokens`).
-            rows, width, shards = rank_tokens, n, 1
-            flops = 2 * rank_tokens * k * n * count
-        compute = flops / (peak * eff.gemm_efficiency(rows, k, width, dtype))
-        stored = k * n * (touched_experts(spec, tokens) if routed else 1) * w_bytes / shards
-        gemm += max(compute, stored / bandwidth)
-    gemm *= spec.n_layers
+    gemm = spec.n_layers * linear_layers_s(spec, cluster, settings, tokens, rank_tokens)
     # The head stays in 16 bits and runs only for the last position of each sequence.
     head_flops = 2 * batch * h * spec.vocab_size / tp
     head = max(head_flops / (cluster.peak_flops("bf16") * eff.gemm_efficiency(batch, h, spec.vocab_size / tp)),
@@ -319,8 +319,10 @@ def plan_serving(spec: ModelSpec, cluster: Cluster, settings: ServeSettings) -> 
         raise PlanError(f"--rps={settings.requests_per_s:g}: must be > 0")
     weights = weights_bytes(spec, settings.weight_dtype) / tp
     if settings.attention_dp:
-        # Every rank keeps the whole attention projections, not a 1/tp slice of them.
-        weights += spec.n_layers * spec.attention_params() * WEIGHT_BYTES[settings.weight_dtype] * (1 - 1 / tp)
+        # Every rank keeps the whole attention projections and always-active experts, not a 1/tp slice of them.
+        shared = min(settings.shared_experts, spec.experts_per_token - 1) if spec.is_moe else 0
+        whole = spec.attention_params() + shared * spec.expert_params()
+        weights += spec.n_layers * whole * WEIGHT_BYTES[settings.weight_dtype] * (1 - 1 / tp)
     per_token_kv = kv_bytes_per_token(spec, settings.kv_dtype, settings.kv_dim_per_layer)
     workspace = settings.max_tokens_per_step * (3 * spec.ffn_dim / tp + 4 * spec.dim) * 2
     workspace += settings.max_batch * spec.vocab_size / tp * 4  # fp32 logits of the decoding positions
