@@ -307,3 +307,22 @@ def test_each_moe_layer_pays_the_fused_top_k_routing_latency() -> None:
     assert math.isclose(decode_step_parts(moe, cluster, settings, 1, prefill=False)["routing"], 94 * 15e-6)
     dense = models["llama-3.1-70b"].spec
     assert decode_step_parts(dense, cluster, settings, 512)["routing"] == 0.0
+
+
+def test_mla_prefill_attention_uses_its_unabsorbed_head_widths() -> None:
+    from aiinfra.plan.inference import busiest_rank_tokens, decode_step_parts
+
+    model = serve_models()["deepseek-r1"]
+    spec = model.spec
+    assert model.prefill_qkv_head_width == 192 + 128  # DeepSeek-V3 config.json: qk 128 + 64 rotary, v 128
+    assert serve_models()["qwen3-235b-a22b"].prefill_qkv_head_width == 128 + 128  # = 2 x head_dim: no change
+    cluster = make_cluster("h200", 8)
+    settings = ServeSettings(1024, 2048, tp=8, kv_dtype="bf16", attention_dp=True, kv_dim_per_layer=576,
+                             prefill_qkv_head_width=320)
+    _, prompts = busiest_rank_tokens(settings, 1024)
+    # Per query-key pair and head 2 x (192 + 128) FLOPs instead of 4 x 56 (hidden / heads), causal half of 1024^2.
+    extra = prompts * 2 * spec.n_heads * (320 - 2 * 56) * spec.n_layers * 1024 ** 2 / 2
+    seconds = extra / (cluster.peak_flops("bf16") * cluster.efficiency.attention_efficiency)
+    wide = decode_step_parts(spec, cluster, settings, 1024)["attention"]
+    narrow = decode_step_parts(spec, cluster, replace(settings, prefill_qkv_head_width=0), 1024)["attention"]
+    assert math.isclose(wide - narrow, seconds, rel_tol=1e-9)

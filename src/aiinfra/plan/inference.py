@@ -91,6 +91,10 @@ class ServeSettings:
     # Always-active experts folded into the routed ones (shared experts and dense first layers; runs.moe_shape): they
     # take every token, so expert-parallel load imbalance does not touch them.
     shared_experts: int = 0
+    # Query/key plus value head width of the prefill attention when not 2 x head_dim: MLA's context phase runs
+    # without absorption, 192-wide q/k and 128-wide v heads (runs.ATTENTION_HEAD_DIMS; tech blog 3: "non absorbed
+    # version is beneficial for the prefill phase with input length 256 or larger").
+    prefill_qkv_head_width: int = 0
 
 
 @dataclass(frozen=True)
@@ -265,7 +269,8 @@ def decode_step_parts(
     context = settings.input_tokens + (settings.output_tokens / 2 if prefill else 0.0)
     kv_read = (batch * context * kv_bytes_per_token(spec, settings.kv_dtype, settings.kv_dim_per_layer)
                * kv_replication(spec, settings) / tp / bandwidth)
-    prefill_attention_flops = rank_prompts * 4 * spec.n_layers * q * settings.input_tokens ** 2 / 2
+    pair_width = spec.n_heads * settings.prefill_qkv_head_width if settings.prefill_qkv_head_width else 2 * q
+    prefill_attention_flops = rank_prompts * 2 * pair_width * spec.n_layers * settings.input_tokens ** 2 / 2
     # With fp8 weights and KV cache, TensorRT-LLM runs the context (prefill) attention in fp8 too
     # (use_fp8_context_fmha); otherwise it runs at the 16-bit peak.
     attention_peak = cluster.peak_flops("fp8" if settings.kv_dtype == "fp8" else "bf16")
@@ -411,11 +416,12 @@ class ServeModel:
     spec: ModelSpec
     kv_dim_per_layer: int | None
     shared_experts: int = 0  # always-active experts the shape folds in beyond the published routed experts
+    prefill_qkv_head_width: int = 0  # q/k plus v head width of the prefill attention when not 2 x head_dim (MLA)
 
 
 def serve_models(path: Path = INFERENCE_MODELS_CSV) -> dict[str, ServeModel]:
     """Every named model of the inference table, shaped by the run schema's own row translation."""
-    from aiinfra.plan.runs import spec_from_row
+    from aiinfra.plan.runs import ATTENTION_HEAD_DIMS, row_version, spec_from_row
 
     models = {}
     with open(path, newline="") as handle:
@@ -424,7 +430,9 @@ def serve_models(path: Path = INFERENCE_MODELS_CSV) -> dict[str, ServeModel]:
             kv = row["kv_dim_per_layer"].strip()
             spec = spec_from_row(shaped)
             published = int(row["experts"]) if (row.get("experts") or "").strip() else spec.n_experts
-            models[row["model"]] = ServeModel(spec, int(kv) if kv else None, max(0, spec.n_experts - published))
+            qk_dim, v_dim = ATTENTION_HEAD_DIMS.get(row_version(shaped).version, (0, 0))
+            models[row["model"]] = ServeModel(spec, int(kv) if kv else None, max(0, spec.n_experts - published),
+                                              qk_dim + v_dim)
     return models
 
 
@@ -517,7 +525,8 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
                              host_s_per_step=ENGINE_HOST_S_PER_STEP.get(engine, 0.0),
                              host_overlapped=engine not in ENGINES_WITH_SERIAL_HOST,
                              custom_all_reduce_max_bytes=ENGINE_CUSTOM_ALL_REDUCE_MAX_BYTES.get(engine, 0.0),
-                             attention_dp=attention_dp == "yes", shared_experts=model.shared_experts)
+                             attention_dp=attention_dp == "yes", shared_experts=model.shared_experts,
+                             prefill_qkv_head_width=model.prefill_qkv_head_width)
     if tensorrt_llm and not (row.get("max_batch") or "").strip():
         max_batch, max_tokens = trtllm_bench_limits(model.spec, cluster.memory_bytes, tp, weight_dtype, kv_dtype,
                                                     settings.input_tokens, settings.output_tokens)
