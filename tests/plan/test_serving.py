@@ -213,3 +213,150 @@ def test_decode_attention_reads_the_kv_cache_at_its_measured_bandwidth() -> None
     h200 = make_cluster("h200", 1)
     assert h200.efficiency.kv_read_bw_efficiency == h200.efficiency.memory_bw_efficiency == 0.80
     assert decode_step_parts(spec, h200, settings, 64, prefill=False)["attention"] == pytest.approx(kv / (4800e9 * 0.8))
+
+
+def test_gamma_cdf_and_the_expected_maximum_match_closed_forms() -> None:
+    from aiinfra.plan.expert_load import expected_max_over_mean, gamma_cdf
+
+    # Shape 1 is the exponential, shape 2 the Erlang of two stages.
+    for x in (0.1, 1.0, 2.5, 9.0):
+        assert math.isclose(gamma_cdf(1.0, x), 1 - math.exp(-x), rel_tol=1e-9)
+        assert math.isclose(gamma_cdf(2.0, x), 1 - math.exp(-x) * (1 + x), rel_tol=1e-9)
+    # The largest of n unit exponentials has mean H_n = 1 + 1/2 + ... + 1/n.
+    for n in (2, 4, 8, 32):
+        harmonic = sum(1 / i for i in range(1, n + 1))
+        assert math.isclose(expected_max_over_mean(n, 1.0), harmonic, rel_tol=1e-4)
+    assert expected_max_over_mean(1, 0.5) == 1.0
+
+
+def test_the_busiest_expert_parallel_rank_gets_more_than_its_share() -> None:
+    from aiinfra.plan.expert_load import EXPERT_LOAD_CV, busiest_rank_load
+
+    assert busiest_rank_load(256, 1, 1e6) == 1.0
+    # No popularity spread, one copy an expert on average, one expert a rank: each rank's load is Poisson(1) ~
+    # gamma of shape 1 / (1 / 1 + 0) = 1, an exponential, so the busiest of 4 carries H_4 = 25/12 times the mean.
+    assert math.isclose(busiest_rank_load(4, 4, 4, cv=0.0), 25 / 12, rel_tol=1e-4)
+    # DeepSeek-R1 at EP32 with many tokens: the gamma reproduces the blog's spread but not its tail (2.564).
+    ep32 = busiest_rank_load(256, 32, 1e7)
+    assert 2.0 < ep32 < 2.564
+    assert math.isclose(EXPERT_LOAD_CV, 1.282, rel_tol=1e-3)
+    # More ranks over the same experts: a worse busiest rank; more experts a rank average out.
+    assert busiest_rank_load(256, 8, 1e6) < busiest_rank_load(256, 16, 1e6) < ep32
+    assert busiest_rank_load(128, 8, 1e6) > busiest_rank_load(256, 8, 1e6)
+
+
+def test_expert_imbalance_slows_the_routed_experts_only_under_attention_dp(monkeypatch) -> None:
+    from aiinfra.plan import inference
+    from aiinfra.plan.expert_load import busiest_rank_load
+
+    model = serve_models()["llama-4-scout-17b-16e"]
+    spec = model.spec
+    assert (spec.n_experts, spec.experts_per_token, model.shared_experts) == (17, 2, 1)
+    settings = ServeSettings(1000, 1000, tp=4, attention_dp=True, shared_experts=1)
+    cluster = make_cluster("h200", 4)
+    loads: list[tuple[int, int, float]] = []
+
+    def record(experts, ep, copies):
+        loads.append((experts, ep, copies))
+        return busiest_rank_load(experts, ep, copies)
+
+    monkeypatch.setattr(inference, "busiest_rank_load", record)
+    # 2048 decoding sequences plus their prompts at the rate sequences finish: 4096 tokens, one routed copy each
+    # over the 16 routed experts (the shared expert is not routed).
+    inference.decode_step_parts(spec, cluster, settings, 2048)
+    assert loads == [(16, 4, 4096.0)]
+    loads.clear()
+    inference.decode_step_parts(spec, cluster, replace(settings, attention_dp=False), 2048)
+    inference.decode_step_parts(spec, cluster, replace(settings, tp=1), 2048)
+    assert loads == []
+    monkeypatch.undo()
+    # Counting the shared expert as routed spreads more of the work unevenly: only the GEMMs change.
+    shared = inference.decode_step_parts(spec, cluster, settings, 2048)
+    routed = inference.decode_step_parts(spec, cluster, replace(settings, shared_experts=0), 2048)
+    assert routed["gemm"] != shared["gemm"]
+    assert {k: v for k, v in routed.items() if k != "gemm"} == {k: v for k, v in shared.items() if k != "gemm"}
+
+
+def test_attention_dp_runs_always_active_experts_whole_on_each_rank() -> None:
+    from aiinfra.plan.inference import WEIGHT_BYTES, busiest_rank_tokens, linear_layers_s
+
+    spec = serve_models()["llama-4-scout-17b-16e"].spec
+    cluster = make_cluster("h200", 4)
+    settings = ServeSettings(1000, 1000, tp=4, attention_dp=True, shared_experts=1)
+    rank_tokens, _ = busiest_rank_tokens(settings, 2048)
+    # One shared expert more: its gate/up and down GEMMs over the busiest rank's own tokens with all its weights.
+    routed_only = replace(settings, shared_experts=0)
+    peak = cluster.peak_flops("fp8")
+    bandwidth = cluster.memory_bw_bytes_per_s * cluster.efficiency.memory_bw_efficiency
+    extra = 0.0
+    for k, n in ((spec.dim, 2 * spec.ffn_dim), (spec.ffn_dim, spec.dim)):
+        compute = 2 * rank_tokens * k * n / (peak * cluster.efficiency.gemm_efficiency(rank_tokens, k, n, "fp8"))
+        extra += max(compute, k * n * WEIGHT_BYTES["fp8"] / bandwidth)
+    with_shared = linear_layers_s(spec, cluster, settings, 4096, rank_tokens)
+    # The routed part differs too (16 experts of one copy instead of 17 of two), so compare against its own terms.
+    routed_spec = spec.model_copy(update={"n_experts": 16, "experts_per_token": 1})
+    assert math.isclose(with_shared - extra, linear_layers_s(routed_spec, cluster, routed_only, 4096, rank_tokens))
+    # Memory: every rank holds the shared expert whole (3/4 of it more than a 1/4 slice).
+    dp = plan_serving(spec, cluster, settings)
+    base = plan_serving(spec, cluster, routed_only)
+    assert math.isclose(dp.weights_bytes_per_device - base.weights_bytes_per_device,
+                        spec.n_layers * spec.expert_params() * WEIGHT_BYTES["fp8"] * 3 / 4)
+
+
+def test_attention_dp_experts_run_whole_on_their_rank(monkeypatch) -> None:
+    from aiinfra.plan import inference
+    from aiinfra.plan.efficiency import EfficiencyProfile
+
+    spec = serve_models()["qwen3-235b-a22b"].spec
+    cluster = make_cluster("h200", 8)
+    seen: list[tuple[float, float, float]] = []
+    original = EfficiencyProfile.gemm_efficiency
+
+    def record(self, m, k, n, dtype="bf16"):
+        seen.append((m, k, n))
+        return original(self, m, k, n, dtype)
+
+    monkeypatch.setattr(EfficiencyProfile, "gemm_efficiency", record)
+    settings = ServeSettings(1000, 1000, tp=8, attention_dp=True)
+    inference.decode_step_parts(spec, cluster, settings, 4096)
+    mlp_in = 2 * spec.ffn_dim
+    # The gate/up and down projections of each expert, whole (n = 2 x ffn and hidden), not a 1/8 slice.
+    assert [call[1:] for call in seen[2:4]] == [(spec.dim, mlp_in), (spec.ffn_dim, spec.dim)]
+    seen.clear()
+    inference.decode_step_parts(spec, cluster, replace(settings, attention_dp=False), 4096)
+    assert [call[1:] for call in seen[2:4]] == [(spec.dim, mlp_in / 8), (spec.ffn_dim, spec.dim / 8)]
+
+
+def test_each_moe_layer_pays_the_fused_top_k_routing_latency() -> None:
+    from aiinfra.plan.expert_load import MOE_ROUTING_S_PER_LAYER
+    from aiinfra.plan.inference import decode_step_parts
+
+    models = serve_models()
+    cluster = make_cluster("h200", 8)
+    settings = ServeSettings(1000, 1000, tp=8)
+    # TensorRT-LLM tech blog 3: 15 us a layer for the fused top-k kernels on B200.
+    assert MOE_ROUTING_S_PER_LAYER == 15e-6
+    moe = models["qwen3-235b-a22b"].spec
+    assert math.isclose(decode_step_parts(moe, cluster, settings, 512)["routing"], 94 * 15e-6)
+    assert math.isclose(decode_step_parts(moe, cluster, settings, 1, prefill=False)["routing"], 94 * 15e-6)
+    dense = models["llama-3.1-70b"].spec
+    assert decode_step_parts(dense, cluster, settings, 512)["routing"] == 0.0
+
+
+def test_mla_prefill_attention_uses_its_unabsorbed_head_widths() -> None:
+    from aiinfra.plan.inference import busiest_rank_tokens, decode_step_parts
+
+    model = serve_models()["deepseek-r1"]
+    spec = model.spec
+    assert model.prefill_qkv_head_width == 192 + 128  # DeepSeek-V3 config.json: qk 128 + 64 rotary, v 128
+    assert serve_models()["qwen3-235b-a22b"].prefill_qkv_head_width == 128 + 128  # = 2 x head_dim: no change
+    cluster = make_cluster("h200", 8)
+    settings = ServeSettings(1024, 2048, tp=8, kv_dtype="bf16", attention_dp=True, kv_dim_per_layer=576,
+                             prefill_qkv_head_width=320)
+    _, prompts = busiest_rank_tokens(settings, 1024)
+    # Per query-key pair and head 2 x (192 + 128) FLOPs instead of 4 x 56 (hidden / heads), causal half of 1024^2.
+    extra = prompts * 2 * spec.n_heads * (320 - 2 * 56) * spec.n_layers * 1024 ** 2 / 2
+    seconds = extra / (cluster.peak_flops("bf16") * cluster.efficiency.attention_efficiency)
+    wide = decode_step_parts(spec, cluster, settings, 1024)["attention"]
+    narrow = decode_step_parts(spec, cluster, replace(settings, prefill_qkv_head_width=0), 1024)["attention"]
+    assert math.isclose(wide - narrow, seconds, rel_tol=1e-9)

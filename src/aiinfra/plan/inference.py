@@ -21,6 +21,7 @@ from pathlib import Path
 
 from aiinfra.plan.cluster import Cluster, collective_time_s, mesh_peer_all_reduce_s
 from aiinfra.plan.errors import PlanError
+from aiinfra.plan.expert_load import MOE_ROUTING_S_PER_LAYER, busiest_rank_load, expert_rows, touched_experts
 from aiinfra.spec import ModelSpec
 
 INFERENCE_RUNS_CSV = Path(__file__).with_name("published_inference_runs.csv")
@@ -87,6 +88,13 @@ class ServeSettings:
     # Attention data parallelism (TensorRT-LLM enable_attention_dp): each of the tp ranks schedules its own share of
     # the requests, so a rank's host work covers batch / tp of them.
     attention_dp: bool = False
+    # Always-active experts folded into the routed ones (shared experts and dense first layers; runs.moe_shape): they
+    # take every token, so expert-parallel load imbalance does not touch them.
+    shared_experts: int = 0
+    # Query/key plus value head width of the prefill attention when not 2 x head_dim: MLA's context phase runs
+    # without absorption, 192-wide q/k and 128-wide v heads (runs.ATTENTION_HEAD_DIMS; tech blog 3: "non absorbed
+    # version is beneficial for the prefill phase with input length 256 or larger").
+    prefill_qkv_head_width: int = 0
 
 
 @dataclass(frozen=True)
@@ -126,19 +134,6 @@ def kv_bytes_per_token(spec: ModelSpec, kv_dtype: str, kv_dim_per_layer: int | N
     """K and V for every layer of one token (grouped-query attention stores n_kv_heads heads; MLA its latent)."""
     per_layer = kv_dim_per_layer or 2 * spec.n_kv_heads * spec.head_dim
     return spec.n_layers * per_layer * WEIGHT_BYTES[kv_dtype]
-
-
-def touched_experts(spec: ModelSpec, tokens: float) -> float:
-    """Experts whose weights a step reads: E (1 - (1 - k/E)^tokens), the expected number any token routes to under
-    uniform routing (all of them at serving batch sizes, only k for a single token)."""
-    experts, top_k = spec.n_experts, spec.experts_per_token
-    return experts * (1 - (1 - top_k / experts) ** max(tokens, 1.0))
-
-
-def expert_rows(spec: ModelSpec, tokens: float) -> float:
-    """Rows of each touched expert's GEMM in a step of `tokens`: the tokens' k routed copies over the experts they
-    touch (k / k = 1 for a single token, tokens x k / E once every expert is touched)."""
-    return tokens * spec.experts_per_token / touched_experts(spec, tokens)
 
 
 def kv_replication(spec: ModelSpec, settings: ServeSettings) -> float:
@@ -207,43 +202,65 @@ def host_step_s(settings: ServeSettings, batch: int) -> float:
     return settings.host_s_per_step + settings.host_s_per_request * per_rank
 
 
+def linear_layers_s(spec: ModelSpec, cluster: Cluster, settings: ServeSettings, tokens: float,
+                    rank_tokens: float) -> float:
+    """Seconds of one layer's linear projections in a step of `tokens` (`rank_tokens` on the busiest attention-DP
+    rank), each at the longer of its FLOPs at the shape's GEMM efficiency and reading its weights."""
+    eff, tp = cluster.efficiency, settings.tp
+    dtype = _compute_dtype(settings.weight_dtype)
+    peak = cluster.peak_flops(dtype)
+    bandwidth = cluster.memory_bw_bytes_per_s * eff.memory_bw_efficiency
+    h, q, kv = spec.dim, spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+    mlp_in = (2 if spec.mlp == "swiglu" else 1) * spec.ffn_dim
+    adp = settings.attention_dp and tp > 1
+    # Under attention DP the always-active experts (shared experts, dense first layers) run data-parallel like
+    # attention: every rank holds them whole and runs them over its own tokens (TensorRT-LLM's Llama4MoE and dense
+    # MLPs: GatedMLP(overridden_tp_size=1 if enable_attention_dp); tech blog 3's table: MoE shared experts DP8).
+    shared = min(settings.shared_experts, spec.experts_per_token - 1) if spec.is_moe and adp else 0
+    routed = spec.model_copy(update={"n_experts": spec.n_experts - shared,
+                                     "experts_per_token": spec.experts_per_token - shared}) if shared else spec
+    count = routed.experts_per_token if spec.is_moe else 1
+    linears = [(h, q + 2 * kv, 1, False), (q, h, 1, False), (h, mlp_in, count, True), (spec.ffn_dim, h, count, True)]
+    linears += [(h, mlp_in, shared, False), (spec.ffn_dim, h, shared, False)] if shared else []
+    load = busiest_rank_load(routed.n_experts, tp, tokens * count) if spec.is_moe and adp else 1.0
+    total = 0.0
+    for k, n, count, mlp in linears:
+        flops = 2 * tokens * k * n * count / tp
+        moe = spec.is_moe and mlp
+        # Routed experts run as a grouped GEMM, each touched expert over its own rows: tokens x k spread over the
+        # experts the step touches (tokens x k / E at serving batch sizes, as the training model's
+        # `step.expert_tokens`; one row each for a single token), so a small share per expert leaves tiles empty.
+        rows, width, shards = (expert_rows(routed, tokens) if moe else tokens), n / tp, tp
+        if moe and adp:
+            # Expert parallelism: a rank holds E / tp whole experts (the full width n each, not a 1/tp slice), and the
+            # busiest rank's experts get `load` times the mean rank's rows (`expert_load.busiest_rank_load`).
+            rows, flops, width = rows * load, flops * load, n
+        if adp and not mlp:
+            # Attention data parallelism: every rank holds the whole attention projections and runs them over its
+            # own tokens; the step waits for the rank with the most (`busiest_rank_tokens`).
+            rows, width, shards = rank_tokens, n, 1
+            flops = 2 * rank_tokens * k * n * count
+        compute = flops / (peak * eff.gemm_efficiency(rows, k, width, dtype))
+        stored = k * n * count * (touched_experts(routed, tokens) / count if moe else 1) * WEIGHT_BYTES[
+            settings.weight_dtype] / shards
+        total += max(compute, stored / bandwidth)
+    return total
+
+
 def decode_step_parts(
     spec: ModelSpec, cluster: Cluster, settings: ServeSettings, batch: int, prefill: bool = True
 ) -> dict[str, float]:
     """The seconds of one engine step by kernel group (`decode_step_time_s` is their sum)."""
     eff = cluster.efficiency
     tp = settings.tp
-    dtype = _compute_dtype(settings.weight_dtype)
-    peak = cluster.peak_flops(dtype)
     bandwidth = cluster.memory_bw_bytes_per_s * eff.memory_bw_efficiency
-    w_bytes = WEIGHT_BYTES[settings.weight_dtype]
     prefill_tokens = batch * settings.input_tokens / settings.output_tokens if prefill else 0.0
     tokens = batch + prefill_tokens
     h = spec.dim
     q = spec.n_heads * spec.head_dim
-    kv = spec.n_kv_heads * spec.head_dim
     experts = spec.experts_per_token if spec.is_moe else 1
-    mlp_in = (2 if spec.mlp == "swiglu" else 1) * spec.ffn_dim
-    linears = [(h, q + 2 * kv, 1), (q, h, 1), (h, mlp_in, experts), (spec.ffn_dim, h, experts)]
-    expert_linears = {2, 3}
     rank_tokens, rank_prompts = busiest_rank_tokens(settings, batch, prefill)
-    gemm = 0.0
-    for index, (k, n, count) in enumerate(linears):
-        flops = 2 * tokens * k * n * count / tp
-        routed = spec.is_moe and index in expert_linears
-        # Routed experts run as a grouped GEMM, each touched expert over its own rows: tokens x k spread over the
-        # experts the step touches (tokens x k / E at serving batch sizes, as the training model's
-        # `step.expert_tokens`; one row each for a single token), so a small share per expert leaves tiles empty.
-        rows, width, shards = (expert_rows(spec, tokens) if routed else tokens), n / tp, tp
-        if settings.attention_dp and index not in expert_linears:
-            # Attention data parallelism: every rank holds the whole attention projections and runs them over its
-            # own tokens; the step waits for the rank with the most (`busiest_rank_tokens`).
-            rows, width, shards = rank_tokens, n, 1
-            flops = 2 * rank_tokens * k * n * count
-        compute = flops / (peak * eff.gemm_efficiency(rows, k, width, dtype))
-        stored = k * n * (touched_experts(spec, tokens) if routed else 1) * w_bytes / shards
-        gemm += max(compute, stored / bandwidth)
-    gemm *= spec.n_layers
+    gemm = spec.n_layers * linear_layers_s(spec, cluster, settings, tokens, rank_tokens)
     # The head stays in 16 bits and runs only for the last position of each sequence.
     head_flops = 2 * batch * h * spec.vocab_size / tp
     head = max(head_flops / (cluster.peak_flops("bf16") * eff.gemm_efficiency(batch, h, spec.vocab_size / tp)),
@@ -254,7 +271,8 @@ def decode_step_parts(
     kv_bytes = (batch * context * kv_bytes_per_token(spec, settings.kv_dtype, settings.kv_dim_per_layer)
                 * kv_replication(spec, settings) / tp)
     kv_read = kv_bytes / (cluster.memory_bw_bytes_per_s * eff.kv_read_bw_efficiency)
-    prefill_attention_flops = rank_prompts * 4 * spec.n_layers * q * settings.input_tokens ** 2 / 2
+    pair_width = spec.n_heads * settings.prefill_qkv_head_width if settings.prefill_qkv_head_width else 2 * q
+    prefill_attention_flops = rank_prompts * 2 * pair_width * spec.n_layers * settings.input_tokens ** 2 / 2
     # With fp8 weights and KV cache, TensorRT-LLM runs the context (prefill) attention in fp8 too
     # (use_fp8_context_fmha); otherwise it runs at the 16-bit peak.
     attention_peak = cluster.peak_flops("fp8" if settings.kv_dtype == "fp8" else "bf16")
@@ -277,7 +295,9 @@ def decode_step_parts(
     # (TensorRT-LLM tech blog "Optimizing DeepSeek R1 throughput on NVIDIA Blackwell GPUs", attention DP).
     reductions = 1 if settings.attention_dp else 2
     tp_comm = spec.n_layers * reductions * tp_all_reduce_s(cluster, settings, tokens * h * 2)
-    return {"gemm": gemm, "head": head, "attention": attention, "elementwise": elementwise, "tp_comm": tp_comm}
+    routing = spec.n_layers * MOE_ROUTING_S_PER_LAYER if spec.is_moe and spec.n_experts > 1 else 0.0
+    return {"gemm": gemm, "head": head, "attention": attention, "elementwise": elementwise, "tp_comm": tp_comm,
+            "routing": routing}
 
 
 def tp_all_reduce_s(cluster: Cluster, settings: ServeSettings, size_bytes: float) -> float:
@@ -306,8 +326,10 @@ def plan_serving(spec: ModelSpec, cluster: Cluster, settings: ServeSettings) -> 
         raise PlanError(f"--rps={settings.requests_per_s:g}: must be > 0")
     weights = weights_bytes(spec, settings.weight_dtype) / tp
     if settings.attention_dp:
-        # Every rank keeps the whole attention projections, not a 1/tp slice of them.
-        weights += spec.n_layers * spec.attention_params() * WEIGHT_BYTES[settings.weight_dtype] * (1 - 1 / tp)
+        # Every rank keeps the whole attention projections and always-active experts, not a 1/tp slice of them.
+        shared = min(settings.shared_experts, spec.experts_per_token - 1) if spec.is_moe else 0
+        whole = spec.attention_params() + shared * spec.expert_params()
+        weights += spec.n_layers * whole * WEIGHT_BYTES[settings.weight_dtype] * (1 - 1 / tp)
     per_token_kv = kv_bytes_per_token(spec, settings.kv_dtype, settings.kv_dim_per_layer)
     workspace = settings.max_tokens_per_step * (3 * spec.ffn_dim / tp + 4 * spec.dim) * 2
     workspace += settings.max_batch * spec.vocab_size / tp * 4  # fp32 logits of the decoding positions
@@ -395,18 +417,24 @@ class ServeModel:
 
     spec: ModelSpec
     kv_dim_per_layer: int | None
+    shared_experts: int = 0  # always-active experts the shape folds in beyond the published routed experts
+    prefill_qkv_head_width: int = 0  # q/k plus v head width of the prefill attention when not 2 x head_dim (MLA)
 
 
 def serve_models(path: Path = INFERENCE_MODELS_CSV) -> dict[str, ServeModel]:
     """Every named model of the inference table, shaped by the run schema's own row translation."""
-    from aiinfra.plan.runs import spec_from_row
+    from aiinfra.plan.runs import ATTENTION_HEAD_DIMS, row_version, spec_from_row
 
     models = {}
     with open(path, newline="") as handle:
         for row in csv.DictReader(handle):
             shaped = {**row, "model": row["family"], "seq_len": "131072"}
             kv = row["kv_dim_per_layer"].strip()
-            models[row["model"]] = ServeModel(spec_from_row(shaped), int(kv) if kv else None)
+            spec = spec_from_row(shaped)
+            published = int(row["experts"]) if (row.get("experts") or "").strip() else spec.n_experts
+            qk_dim, v_dim = ATTENTION_HEAD_DIMS.get(row_version(shaped).version, (0, 0))
+            models[row["model"]] = ServeModel(spec, int(kv) if kv else None, max(0, spec.n_experts - published),
+                                              qk_dim + v_dim)
     return models
 
 
@@ -499,7 +527,8 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
                              host_s_per_step=ENGINE_HOST_S_PER_STEP.get(engine, 0.0),
                              host_overlapped=engine not in ENGINES_WITH_SERIAL_HOST,
                              custom_all_reduce_max_bytes=ENGINE_CUSTOM_ALL_REDUCE_MAX_BYTES.get(engine, 0.0),
-                             attention_dp=attention_dp == "yes")
+                             attention_dp=attention_dp == "yes", shared_experts=model.shared_experts,
+                             prefill_qkv_head_width=model.prefill_qkv_head_width)
     if tensorrt_llm and not (row.get("max_batch") or "").strip():
         max_batch, max_tokens = trtllm_bench_limits(model.spec, cluster.memory_bytes, tp, weight_dtype, kv_dtype,
                                                     settings.input_tokens, settings.output_tokens)
