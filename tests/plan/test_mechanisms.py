@@ -12,7 +12,7 @@ from aiinfra.plan.dp_comm import dp_bucket_params, dp_collective_calls
 from aiinfra.plan.errors import PlanError
 from aiinfra.plan.frameworks import framework_facts
 from aiinfra.plan.from_config import configured_run, load_run_config
-from aiinfra.plan.inference import WEIGHT_BYTES, engine_max_batch, touched_experts
+from aiinfra.plan.inference import WEIGHT_BYTES, touched_experts
 from aiinfra.plan.layout import Layout, TrainSettings, check_layout
 from aiinfra.plan.memory import (
     activation_memory_bytes,
@@ -23,6 +23,7 @@ from aiinfra.plan.memory import (
     recomputed_layer_bytes,
 )
 from aiinfra.plan.runs import RowNotRepresentable, mfu_flops_per_token, setup_from_row, spec_from_row
+from aiinfra.plan.serve_rows import engine_max_batch
 from aiinfra.plan.step import (
     hardware_flops_per_token,
     moe_remote_share,
@@ -354,7 +355,8 @@ def test_an_all_reduce_over_the_mi300x_mesh_is_the_lower_of_a_one_shot_and_a_rin
 
 def test_vllm_all_reduces_below_8_mib_take_its_two_stage_kernel_over_the_mesh() -> None:
     from aiinfra.plan.cluster import mesh_peer_all_reduce_s
-    from aiinfra.plan.inference import ENGINE_CUSTOM_ALL_REDUCE_MAX_BYTES, ServeSettings, tp_all_reduce_s
+    from aiinfra.plan.inference import ServeSettings, tp_all_reduce_s
+    from aiinfra.plan.serve_rows import ENGINE_CUSTOM_ALL_REDUCE_MAX_BYTES
 
     assert ENGINE_CUSTOM_ALL_REDUCE_MAX_BYTES == {"vLLM": 8 * 2**20}
     mesh = make_cluster("mi300x", 8)

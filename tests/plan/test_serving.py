@@ -7,7 +7,8 @@ import pytest
 
 from aiinfra.plan.cluster import make_cluster
 from aiinfra.plan.efficiency import efficiency_table
-from aiinfra.plan.inference import ServeSettings, decode_step_parts, plan_serving, serve_models, trtllm_bench_limits
+from aiinfra.plan.inference import ServeSettings, decode_step_parts, plan_serving
+from aiinfra.plan.serve_rows import serve_models, trtllm_bench_limits
 from aiinfra.spec import preset
 
 
@@ -45,8 +46,8 @@ def test_reserving_whole_sequences_admits_fewer_of_them() -> None:
 def test_a_speculative_decoding_row_is_not_run_with_its_reason() -> None:
     import pytest
 
-    from aiinfra.plan.inference import _predict_inference_row
     from aiinfra.plan.runs import RowNotRepresentable
+    from aiinfra.plan.serve_rows import _predict_inference_row
 
     row = {"id": "x", "system": "TensorRT-LLM trtllm-bench", "model": "llama-3.1-8b", "hardware": "b200",
            "n_devices": "1", "tp": "1", "precision": "fp8", "input_tokens": "1024", "output_tokens": "2048",
@@ -57,7 +58,8 @@ def test_a_speculative_decoding_row_is_not_run_with_its_reason() -> None:
 
 
 def test_a_step_takes_the_longer_of_the_kernels_and_the_host_work() -> None:
-    from aiinfra.plan.inference import ENGINE_HOST_S_PER_REQUEST, decode_step_parts, decode_step_time_s, host_step_s
+    from aiinfra.plan.inference import decode_step_parts, decode_step_time_s, host_step_s
+    from aiinfra.plan.serve_rows import ENGINE_HOST_S_PER_REQUEST
 
     # PR #10273's host-bound iteration: 45.11 ms for 1536 requests on one rank, 29.37 us a request.
     assert math.isclose(ENGINE_HOST_S_PER_REQUEST["TensorRT-LLM"], 29.368e-6, rel_tol=1e-4)
@@ -130,8 +132,8 @@ def test_the_busiest_attention_dp_rank_prefills_whole_prompts() -> None:
 
 
 def test_an_unstated_attention_dp_takes_the_faster_configuration_for_moe() -> None:
-    from aiinfra.plan.inference import _predict_inference_row
     from aiinfra.plan.runs import RowNotRepresentable
+    from aiinfra.plan.serve_rows import _predict_inference_row
 
     models = serve_models()
     row = {"id": "x", "system": "TensorRT-LLM trtllm-bench", "model": "llama-4-maverick-17b-128e",
@@ -156,14 +158,8 @@ def test_an_unstated_attention_dp_takes_the_faster_configuration_for_moe() -> No
 
 
 def test_a_serial_host_adds_its_fixed_step_time_to_the_kernels() -> None:
-    from aiinfra.plan.inference import (
-        ENGINE_HOST_S_PER_STEP,
-        ENGINES_WITH_SERIAL_HOST,
-        _predict_inference_row,
-        decode_step_parts,
-        decode_step_time_s,
-        host_step_s,
-    )
+    from aiinfra.plan.inference import decode_step_parts, decode_step_time_s, host_step_s
+    from aiinfra.plan.serve_rows import ENGINE_HOST_S_PER_STEP, ENGINES_WITH_SERIAL_HOST, _predict_inference_row
 
     # vLLM RFC #6854's profiled GPU bubble: about 4 ms every decode step, between the GPU's steps.
     assert ENGINE_HOST_S_PER_STEP["vLLM"] == 4e-3 and "vLLM" in ENGINES_WITH_SERIAL_HOST

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from aiinfra.plan.fitting import CEILING_GRID, _argmin_mean, fit_and_hold_out, fit_loss
-from aiinfra.plan.inference import validate_inference
+from aiinfra.plan.serve_rows import validate_inference
 from aiinfra.plan.validate_report import errors_by_source
 from aiinfra.plan.validation import ValidationRow, memory_check, prepare_training, validate_training
 

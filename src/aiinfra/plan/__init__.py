@@ -2,7 +2,7 @@
 
 Predicts memory per device, step time, MFU/HFU, tokens/s, days, device-hours, energy, cost and failure-aware goodput
 for a `ModelSpec` (the trainer's own spec) on a `Cluster` with a `Layout`; searches layouts; sizes inference
-fleets; and validates itself against published runs (`validation`, `inference.validate_inference`).
+fleets; and validates itself against published runs (`validation`, `serve_rows.validate_inference`).
 Modules: cluster (topology, collectives), efficiency (per-generation efficiencies), layout, memory, step,
 training (runs and search), reliability, inference, validation, calibration (local CPU profile), plots, commands.
 """

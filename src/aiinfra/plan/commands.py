@@ -22,11 +22,12 @@ from aiinfra.plan.calibrated import calibrated
 from aiinfra.plan.cluster import Cluster, make_cluster
 from aiinfra.plan.errors import PlanError
 from aiinfra.plan.from_config import configured_run, load_run_config
-from aiinfra.plan.inference import INFERENCE_RUNS_CSV, ServeSettings, plan_serving
+from aiinfra.plan.inference import ServeSettings, plan_serving
 from aiinfra.plan.layout import Layout, TrainSettings
 from aiinfra.plan.marks import generation_mark
 from aiinfra.plan.prices import parse_prices
 from aiinfra.plan.reliability import ReliabilitySettings
+from aiinfra.plan.serve_rows import INFERENCE_RUNS_CSV
 from aiinfra.plan.training import (
     CostSettings,
     TrainingPlan,

@@ -14,51 +14,20 @@ prefill, as TensorRT-LLM and vLLM run it:
 
 from __future__ import annotations
 
-import csv
 import math
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 from aiinfra.plan.cluster import Cluster, collective_time_s, mesh_peer_all_reduce_s
 from aiinfra.plan.errors import PlanError
 from aiinfra.plan.expert_load import MOE_ROUTING_S_PER_LAYER, busiest_rank_load, expert_rows, touched_experts
 from aiinfra.spec import ModelSpec
 
-INFERENCE_RUNS_CSV = Path(__file__).with_name("published_inference_runs.csv")
 # NVFP4 stores 4-bit values with one fp8 scale per 16 (NVIDIA NVFP4 format): 0.5 + 1/16 bytes per weight.
 WEIGHT_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "fp4": 0.5625, "int4": 0.5}
-INFERENCE_MODELS_CSV = Path(__file__).with_name("inference_models.csv")
 # CUDA context, cuBLAS/NCCL workspaces and allocator slack outside the planner's explicit terms (an assumption of
 # about 1 GB, the size of a CUDA context plus library workspaces on a recent GPU).
 RUNTIME_OVERHEAD_BYTES = 1.0e9
-# Most sequences an engine schedules at once when a row does not say, by the first word of its `system` column:
-# TensorRT-LLM's max_batch_size default (2048) and vLLM's SchedulerConfig.max_num_seqs default (256). Other engines
-# get TensorRT-LLM's figure.
 MOE_SERVE_PERMUTE_PASSES = 2  # routed copies written by the expand kernel, read by the finalize kernel
-ENGINE_MAX_BATCH = {"TensorRT-LLM": 2048, "vLLM": 256}
-# Engines that run a mixture-of-experts model's attention data-parallel across the replica's ranks on request:
-# TensorRT-LLM (LlmArgs enable_attention_dp) and SGLang (--enable-dp-attention), by the first word of `system`.
-ATTENTION_DP_ENGINES = ("TensorRT-LLM", "SGLang")
-# Host time per engine step for each request a rank's executor schedules, by the first word of `system`.
-# TensorRT-LLM's PyTorch backend (trtllm-bench's backend since v0.19, per its perf-overview) runs the scheduler, input
-# preparation and sampling on the host while the GPU runs the previous step (the overlap scheduler), so a step takes
-# the longer of the two. TensorRT-LLM PR #10273 measured a host-bound case: 45.11 ms of host_step_time an iteration
-# with 1536 requests per attention-DP rank (GPT-OSS-120B on GB200), 29.4 us a request. Engines without a published
-# figure get none.
-ENGINE_HOST_S_PER_REQUEST = {"TensorRT-LLM": 45.11e-3 / 1536}
-# Host time per engine step whatever its batch, for engines whose scheduler runs between GPU steps rather than under
-# them. vLLM's engine loop schedules, prepares the inputs, waits for the sampled tokens and processes them while the
-# GPU is idle: vLLM RFC #6854 (multi-step scheduling, July 2024) profiles "about 4ms of GPU bubble" on every decode
-# step (it cites 5-13 ms in general); the V1 engine overlaps scheduling with execution only with the experimental
-# --async-scheduling flag (vLLM PR #19970, June 2025), off by default. We take the profiled 4 ms.
-ENGINE_HOST_S_PER_STEP = {"vLLM": 4e-3}
-ENGINES_WITH_SERIAL_HOST = frozenset({"vLLM"})
-# All-reduces smaller than this run on the engine's own peer-to-peer kernels, larger ones on NCCL/RCCL: vLLM's
-# CustomAllreduce(max_size=8192 * 1024) in vllm/distributed/device_communicators/custom_all_reduce.py, on MI300X in
-# the ROCm fork since ROCm/vllm PR #27 (May 2024) and upstream since vLLM PR #14125 (March 2025). It matters only
-# where the fabric is a mesh: over a switch the collective model already takes the one-/two-shot latency.
-ENGINE_CUSTOM_ALL_REDUCE_MAX_BYTES = {"vLLM": 8192 * 1024}
-
 
 @dataclass(frozen=True)
 class ServeSettings:
@@ -309,8 +278,8 @@ def tp_all_reduce_s(cluster: Cluster, settings: ServeSettings, size_bytes: float
     return collective_time_s(cluster, "all_reduce", size_bytes, settings.tp, 1)
 
 
-def plan_serving(spec: ModelSpec, cluster: Cluster, settings: ServeSettings) -> ServePlan:
-    """Size one replica (batch, KV cache, throughput, TTFT, TPOT) and the fleet for the request rate."""
+def _check_settings(spec: ModelSpec, settings: ServeSettings) -> None:
+    """A clear error naming the flag for a workload or engine setting the plan cannot use."""
     tp = settings.tp
     if tp < 1:
         raise PlanError(f"--tp={tp}: must be >= 1")
@@ -324,6 +293,12 @@ def plan_serving(spec: ModelSpec, cluster: Cluster, settings: ServeSettings) -> 
         raise PlanError(f"--max-batch={settings.max_batch}: must be >= 1")
     if not settings.requests_per_s > 0:
         raise PlanError(f"--rps={settings.requests_per_s:g}: must be > 0")
+
+
+def plan_serving(spec: ModelSpec, cluster: Cluster, settings: ServeSettings) -> ServePlan:
+    """Size one replica (batch, KV cache, throughput, TTFT, TPOT) and the fleet for the request rate."""
+    _check_settings(spec, settings)
+    tp = settings.tp
     weights = weights_bytes(spec, settings.weight_dtype) / tp
     if settings.attention_dp:
         # Every rank keeps the whole attention projections and always-active experts, not a 1/tp slice of them.
@@ -391,178 +366,3 @@ def plan_serving(spec: ModelSpec, cluster: Cluster, settings: ServeSettings) -> 
         devices=replicas * tp,
         limited_by=limited_by,
     )
-
-
-@dataclass(frozen=True)
-class InferenceValidationRow:
-    """One published serving figure, predicted."""
-
-    run_id: str
-    source: str
-    generation: str
-    metric: str
-    published: float
-    predicted: float
-    batch: int
-    limited_by: str
-
-    @property
-    def error(self) -> float:
-        return (self.predicted - self.published) / self.published
-
-
-@dataclass(frozen=True)
-class ServeModel:
-    """A named model's shape from its published configuration (`inference_models.csv`)."""
-
-    spec: ModelSpec
-    kv_dim_per_layer: int | None
-    shared_experts: int = 0  # always-active experts the shape folds in beyond the published routed experts
-    prefill_qkv_head_width: int = 0  # q/k plus v head width of the prefill attention when not 2 x head_dim (MLA)
-
-
-def serve_models(path: Path = INFERENCE_MODELS_CSV) -> dict[str, ServeModel]:
-    """Every named model of the inference table, shaped by the run schema's own row translation."""
-    from aiinfra.plan.runs import ATTENTION_HEAD_DIMS, row_version, spec_from_row
-
-    models = {}
-    with open(path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            shaped = {**row, "model": row["family"], "seq_len": "131072"}
-            kv = row["kv_dim_per_layer"].strip()
-            spec = spec_from_row(shaped)
-            published = int(row["experts"]) if (row.get("experts") or "").strip() else spec.n_experts
-            qk_dim, v_dim = ATTENTION_HEAD_DIMS.get(row_version(shaped).version, (0, 0))
-            models[row["model"]] = ServeModel(spec, int(kv) if kv else None, max(0, spec.n_experts - published),
-                                              qk_dim + v_dim)
-    return models
-
-
-def engine_max_batch(row: dict[str, str]) -> int:
-    """The row's `max_batch` (an optional column: sequences the engine schedules at once), else its engine's default."""
-    from aiinfra.plan.runs import RowNotRepresentable
-
-    text = (row.get("max_batch") or "").strip()
-    if text:
-        if not text.isdigit() or int(text) < 1:
-            raise RowNotRepresentable(f"max_batch={text!r}: expected a whole number >= 1")
-        return int(text)
-    words = (row.get("system") or "").split()
-    return ENGINE_MAX_BATCH.get(words[0] if words else "", ENGINE_MAX_BATCH["TensorRT-LLM"])
-
-
-def trtllm_bench_limits(spec: ModelSpec, memory_bytes: float, devices: int, weight_dtype: str, kv_dtype: str,
-                        input_tokens: int, output_tokens: int) -> tuple[int, int]:
-    """(max batch, max tokens per step) that trtllm-bench sets when a run does not give them.
-
-    TensorRT-LLM's tensorrt_llm/bench/build/tuning.py (calc_engine_setting, finetune_setting): the requests whose
-    whole prompt and output fit 95% of the memory the weights leave (weights at 1 byte for fp8, 0.5 for NVFP4, 2
-    otherwise; the KV cache at 1 byte under fp8, else 2), capped at 4096 and rounded up (to 32 below 256, 128 below
-    1024, else 256; at least 64); the token budget that batch times (1 + input / output), capped at 32768, rounded
-    up (256 below 4096, 512 below 8192, else 1024; at least 2048).
-    """
-    bytes_per_elem = {"fp8": 1.0, "fp4": 0.5}.get(weight_dtype, 2.0)
-    kv_elem = 1.0 if kv_dtype == "fp8" else 2.0
-    # Each rank holds at least one KV head. The tool counts K and V per head from the config (num_key_value_heads x
-    # head_size) whatever the attention, so it sizes an MLA model's batch for a cache far larger than its latent.
-    per_layer = 2 * max(devices, spec.n_kv_heads) * spec.head_dim
-    per_token = spec.n_layers * per_layer * kv_elem
-    cache = (memory_bytes * devices - spec.num_params() * bytes_per_elem) * 0.95
-    requests = max(cache, 0.0) / (per_token * (input_tokens + output_tokens))
-    raw_bs = min(requests, 4096)
-    raw_tokens = min(raw_bs * (1 + input_tokens / output_tokens), 32768)
-    max_bs = max(64, _round_up_by_tier(raw_bs, ((256, 32), (1024, 128)), 256))
-    max_tokens = max(2048, _round_up_by_tier(raw_tokens, ((4096, 256), (8192, 512)), 1024))
-    return max_bs, max_tokens
-
-
-def _round_up_by_tier(value: float, tiers: tuple[tuple[int, int], ...], last_step: int) -> int:
-    """`value` rounded up to a multiple of the step of the first tier (below, step) it is below, else `last_step`."""
-    step = next((tier_step for below, tier_step in tiers if value < below), last_step)
-    return step * math.ceil(value / step)
-
-
-def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -> InferenceValidationRow:
-    from aiinfra.plan.calibrated import calibrated
-    from aiinfra.plan.cluster import make_cluster
-    from aiinfra.plan.runs import RowNotRepresentable
-
-    name = row.get("model", "").strip()
-    if name not in models:
-        raise RowNotRepresentable(f"model {name!r} has no published shape in inference_models.csv")
-    model = models[name]
-    if row.get("metric") == "output_tokens_per_s" and not (row.get("output_tokens") or "").strip():
-        raise RowNotRepresentable("output_tokens not stated (a decode-only share of a disaggregated deployment)")
-    speculative = (row.get("speculative") or "").strip()
-    if speculative:
-        # A draft-and-verify step emits a varying number of tokens: a token's time needs the drafts accepted per step.
-        raise RowNotRepresentable(f"speculative decoding ({speculative}): the drafts accepted per step are not stated")
-    n_devices = int(row["n_devices"])
-    tp = int(row["tp"]) if (row.get("tp") or "").strip() else n_devices
-    if tp != n_devices:
-        raise RowNotRepresentable(f"tp={tp} on {n_devices} devices: only one tensor-parallel replica is modelled")
-    precision = row["precision"].strip()
-    weight_dtype = {"int8-weights": "int8"}.get(precision, precision)
-    if weight_dtype not in WEIGHT_BYTES:
-        raise RowNotRepresentable(f"precision={precision!r}")
-    # fp8 and fp4 checkpoints serve with an fp8 KV cache (TensorRT-LLM, vLLM); int8 weight-only keeps bf16 KV. A row
-    # may say otherwise in its optional `kv_dtype` column (a checkpoint whose quantization config leaves the KV cache
-    # in 16 bits, such as DeepSeek's own FP8 release, serves with a bf16 cache unless the engine is told).
-    kv_dtype = (row.get("kv_dtype") or "").strip() or ("fp8" if weight_dtype in ("fp8", "fp4") else "bf16")
-    if kv_dtype not in ("fp8", "bf16"):
-        raise RowNotRepresentable(f"kv_dtype={kv_dtype!r}: expected fp8, bf16 or empty")
-    # GEMM ceilings fitted on the training runs only: no value is fitted to an inference row.
-    cluster = calibrated(make_cluster(row["hardware"].strip(), tp))
-    # TensorRT-LLM's published figures come from trtllm-bench: its scheduler reserves each request's whole
-    # sequence, and where a run does not state its limits the tool sets them from the memory (trtllm_bench_limits).
-    engine = ((row.get("system") or "").split() or [""])[0]
-    tensorrt_llm = engine == "TensorRT-LLM"
-    attention_dp = (row.get("attention_dp") or "").strip().lower()
-    if attention_dp not in ("", "yes", "no"):
-        raise RowNotRepresentable(f"attention_dp={attention_dp!r}: expected yes, no or empty")
-    settings = ServeSettings(int(row["input_tokens"]), int(row["output_tokens"] or 1), weight_dtype=weight_dtype,
-                             kv_dtype=kv_dtype, tp=tp, kv_dim_per_layer=model.kv_dim_per_layer,
-                             max_batch=engine_max_batch(row), reserve_whole_sequence=tensorrt_llm,
-                             host_s_per_request=ENGINE_HOST_S_PER_REQUEST.get(engine, 0.0),
-                             host_s_per_step=ENGINE_HOST_S_PER_STEP.get(engine, 0.0),
-                             host_overlapped=engine not in ENGINES_WITH_SERIAL_HOST,
-                             custom_all_reduce_max_bytes=ENGINE_CUSTOM_ALL_REDUCE_MAX_BYTES.get(engine, 0.0),
-                             attention_dp=attention_dp == "yes", shared_experts=model.shared_experts,
-                             prefill_qkv_head_width=model.prefill_qkv_head_width)
-    if tensorrt_llm and not (row.get("max_batch") or "").strip():
-        max_batch, max_tokens = trtllm_bench_limits(model.spec, cluster.memory_bytes, tp, weight_dtype, kv_dtype,
-                                                    settings.input_tokens, settings.output_tokens)
-        settings = replace(settings, max_batch=max_batch, max_tokens_per_step=max_tokens)
-    if row["metric"] not in ("output_tokens_per_s", "ms_per_token_low_batch"):
-        raise RowNotRepresentable(f"metric={row['metric']!r}: expected output_tokens_per_s or ms_per_token_low_batch")
-    options = [settings]
-    if not attention_dp and model.spec.is_moe and engine in ATTENTION_DP_ENGINES:
-        # The row does not say: the published figure is the engine at its best, so try both (as a training row
-        # without a layout gets the best layout that fits).
-        options.append(replace(settings, attention_dp=True))
-    figures = [_serve_figure(row["metric"], model.spec, cluster, option) for option in options]
-    pick = min if row["metric"] == "ms_per_token_low_batch" else max
-    predicted, batch, limited_by = pick(figures, key=lambda figure: figure[0])
-    return InferenceValidationRow(row["id"], row.get("source", ""), cluster.efficiency.generation, row["metric"],
-                                  float(row["value"]), predicted, batch, limited_by)
-
-
-def _serve_figure(metric: str, spec: ModelSpec, cluster: Cluster, settings: ServeSettings) -> tuple[float, int, str]:
-    """(figure, batch, what bounds the batch) for a row's metric under one engine configuration."""
-    if metric == "ms_per_token_low_batch":
-        return 1e3 * decode_step_time_s(spec, cluster, settings, 1, prefill=False), 1, "latency"
-    plan = plan_serving(spec, cluster, settings)
-    return plan.output_tokens_per_s, plan.batch, plan.limited_by
-
-
-def validate_inference(path: Path = INFERENCE_RUNS_CSV) -> tuple[list[InferenceValidationRow], list[tuple[str, str]]]:
-    """Predict every row of an inference-runs CSV: rows run, and (id, reason) for rows not run."""
-    models = serve_models()
-    results, not_run = [], []
-    with open(path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            try:
-                results.append(_predict_inference_row(row, models))
-            except PlanError as error:
-                not_run.append((row.get("id", "?"), str(error.args[0] if error.args else error)))
-    return results, not_run

@@ -11,7 +11,7 @@ from aiinfra.plan.efficiency import generation_of
 @cache
 def validated_rows() -> dict[str, tuple[int, int]]:
     """Published (training, inference) rows of the packaged tables that the planner predicts, per generation."""
-    from aiinfra.plan.inference import validate_inference
+    from aiinfra.plan.serve_rows import validate_inference
     from aiinfra.plan.validation import prepare_training
 
     training: dict[str, int] = {}

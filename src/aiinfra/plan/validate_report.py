@@ -15,7 +15,7 @@ from rich.table import Table
 
 from aiinfra.plan.efficiency import efficiency_table
 from aiinfra.plan.fitting import LOW_PRECISION, MIN_ROWS_PER_GENERATION, FitReport, fit_and_hold_out
-from aiinfra.plan.inference import INFERENCE_RUNS_CSV, InferenceValidationRow, validate_inference
+from aiinfra.plan.serve_rows import INFERENCE_RUNS_CSV, InferenceValidationRow, validate_inference
 from aiinfra.plan.validation import TRAINING_RUNS_CSV, ValidationRow, memory_check, prepare_training, source_group
 
 
