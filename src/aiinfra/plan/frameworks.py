@@ -49,6 +49,8 @@ class FrameworkFacts:
     recompute_fuses_elementwise: bool = False  # a recomputed layer keeps no norm or MLP-activation outputs (XLA)
     test_model_head_width: int = 0  # head width of the framework's own synthetic test models (0: hidden / heads)
     bf16_weights_when_needed: bool = False  # a run whose fp32 weights would not fit kept them in bf16 (a fallback)
+    eager_by_default: bool = False  # runs without torch.compile: each elementwise op its own kernel (`eager`)
+    fsdp2_copy_out: bool = False  # FSDP2's per-parameter copy-out after every all-gather (`eager.fsdp_copy_out_s`)
 
 
 FRAMEWORKS: dict[str, FrameworkFacts] = {
@@ -97,15 +99,19 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         "reduce-scatter per block, prefetched), mixed_precision_reduce float32, SDPA flash attention, no dropout, "
         "sequence parallel with TP; Float8 training through torchao's default tensorwise dynamic scaling (each "
         "input's amax computed before its cast); selective per-op activation checkpointing saves every compute op's "
-        "output except every second matmul of a block, which runs again in the backward (_custom_policy)",
+        "output except every second matmul of a block, which runs again in the backward (_custom_policy); "
+        "train_configs set compile = false and norm_type rmsnorm (eager RMSNorm, rotary and SwiGLU kernels); "
+        "FSDP2 copies every all-gather's output into the parameters on the compute stream",
         sequence_parallel=True, fp8_amax_pass=True, selective_recomputes_alternate_mms=True,
+        eager_by_default=True, fsdp2_copy_out=True,
     ),
     "pytorch-fsdp": FrameworkFacts(
         "pytorch-fsdp",
         "PyTorch FSDP (Zhao et al. 2023): one FlatParameter per wrapped transformer block, BACKWARD_PRE prefetch, "
         "bf16 MixedPrecision (parameters, reduction and buffers in bf16), SDPA attention; its FSDP-style variant is "
-        "ShardingStrategy.HYBRID_SHARD (full shard inside a node, replicate across nodes)",
-        grad_reduce_fp32=False, fsdp_like_is_hybrid=True,
+        "ShardingStrategy.HYBRID_SHARD (full shard inside a node, replicate across nodes); run eagerly "
+        "(fms-fsdp scripts --use_torch_compile=False; the IBM/PyTorch blog lists torch.compile as future work)",
+        grad_reduce_fp32=False, fsdp_like_is_hybrid=True, eager_by_default=True,
     ),
     "llm-foundry": FrameworkFacts(
         "llm-foundry",

@@ -120,6 +120,8 @@ class TrainSettings:
     qk_norm: bool = False  # RMSNorm over each query and key head before the scores (Gemma 3, Qwen3)
     qk_head_dim: int = 0  # width of a query/key head in the score product when not hidden / heads (MLA); 0: that
     v_head_dim: int = 0  # width of a value head in the mixing product when not hidden / heads (MLA); 0: that
+    eager_elementwise: bool = False  # RMSNorm, rotary, SwiGLU, repeat_kv as separate eager kernels (`eager`)
+    fsdp_copy_out: bool = False  # FSDP2 copies each gathered buffer out into the parameters on the compute stream
 
     @property
     def activation_bytes(self) -> int:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from aiinfra.plan.cluster import Cluster, collective_time_s
 from aiinfra.plan.dp_comm import dp_comm_s, overlapped_s
+from aiinfra.plan.eager import eager_extra_forward_bytes
 from aiinfra.plan.errors import PlanError
 from aiinfra.plan.layout import Layout, TrainSettings, check_layout, layers_per_stage, micro_batches
 from aiinfra.plan.memory import memory_breakdown, offloaded_layer_bytes
@@ -237,6 +238,7 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
         attention_in = h * norm_cast
         mlp_in = h * experts * cast if spec.is_moe else h * norm_cast
         activation_bytes += m * (attention_in + mlp_in + cast * (q_local + ffn_local * experts))
+    activation_bytes += eager_extra_forward_bytes(spec, settings, layout, m)  # unfused ops of an eager run
     bandwidth = cluster.memory_bw_bytes_per_s * eff.memory_bw_efficiency
     elementwise = (replicated_bytes + activation_bytes + rotary_bytes + qk_norm_bytes) / bandwidth
 
