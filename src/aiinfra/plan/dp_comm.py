@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from aiinfra.plan.cluster import Cluster, collective_time_s
+from aiinfra.plan.eager import fsdp_copy_out_s
 from aiinfra.plan.layout import Layout, TrainSettings
 from aiinfra.plan.memory import device_param_counts
 from aiinfra.spec import ModelSpec
@@ -23,6 +24,17 @@ OVERLAP_SM_TAX = 0.25
 def overlapped_s(comm_s: float, compute_s: float) -> float:
     """Time a collective adds when it runs concurrently with `compute_s` of work: the excess plus the SM tax."""
     return max(0.0, comm_s - compute_s) + OVERLAP_SM_TAX * min(comm_s, compute_s)
+
+
+def zero3_overlapped_s(gather: float, backward_gather: float, scatter: float, calls: float, forward_window: float,
+                       backward_window: float) -> float:
+    """Exposed ZeRO-3/FSDP time of one micro-batch. The first unit's all-gather has no earlier compute to hide
+    behind, nor the last unit's reduce-scatter in the backward later compute ("the first block during forward pass
+    and the last block during backward pass are not able to overlap": IBM and Meta, "Maximizing training throughput
+    using PyTorch FSDP", PyTorch blog 2024-03-13, appendix); the rest prefetches behind the passes."""
+    first, last = gather / calls, scatter / calls
+    return (first + overlapped_s(gather - first, forward_window)
+            + overlapped_s(backward_gather + scatter - last, backward_window) + last)
 
 
 def dp_collective_calls(params: float, stage_layers: int, bucket_params: float) -> float:
@@ -71,11 +83,14 @@ def dp_comm_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster:
         # and reduce-scatters gradients every micro-batch, prefetching so that each collective hides behind the
         # neighbouring layer's compute (Zhao et al. 2023, PyTorch FSDP, 3.4; Rajbhandari et al. 2020, ZeRO-3).
         backward_gather = gather if settings.reshard_after_forward else 0.0
+        copy_out = 0.0
+        if settings.fsdp_copy_out:
+            bandwidth = cluster.memory_bw_bytes_per_s * cluster.efficiency.memory_bw_efficiency
+            copy_out = m * fsdp_copy_out_s(weights, 2 if settings.reshard_after_forward else 1, bandwidth)
         if not settings.dp_overlap:
-            return m * (gather + backward_gather + scatter) + replicate
-        per_micro_batch = overlapped_s(gather, forward_window) + overlapped_s(backward_gather + scatter,
-                                                                             backward_window)
-        return m * per_micro_batch + overlapped_s(replicate, backward_window)
+            return m * (gather + backward_gather + scatter) + replicate + copy_out
+        return m * zero3_overlapped_s(gather, backward_gather, scatter, calls, forward_window, backward_window) \
+            + overlapped_s(replicate, backward_window) + copy_out
     # ZeRO-1/2 (Megatron's distributed optimizer, DeepSpeed stages 1-2): reduce-scatter gradients (after the last
     # micro-batch, or after every one), all-gather the updated weights once per step.
     scatters = m if settings.grad_reduce_every_micro_batch else 1
