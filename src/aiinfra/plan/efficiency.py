@@ -36,6 +36,13 @@ class EfficiencyProfile:
     # Share of HBM bandwidth a decode-attention kernel reaches streaming the KV cache, where measured; blank means
     # `memory_bw_efficiency` (basis column).
     decode_attention_bw_efficiency: float | None = None
+    # Share of peak FlashAttention-2 reaches where it trails the generation's best fused attention kernel (Hopper:
+    # FA2 lacks the warp-specialized TMA pipeline of cuDNN's and FA3's kernels); blank means `attention_efficiency`.
+    fa2_attention_efficiency: float | None = None
+
+    def flash_efficiency(self, fa2: bool) -> float:
+        """Share of peak of the fused attention kernel a run uses: FlashAttention-2's where `fa2`, else the best."""
+        return (self.fa2_attention_efficiency or self.attention_efficiency) if fa2 else self.attention_efficiency
 
     @property
     def kv_read_bw_efficiency(self) -> float:
@@ -64,6 +71,7 @@ def _row_to_profile(row: dict[str, str]) -> EfficiencyProfile:
     fp8 = row["fp8_gemm_efficiency_max"].strip()
     fp4_half = (row.get("fp4_gemm_half_dim") or "").strip()
     kv_bw = (row.get("decode_attention_bw_efficiency") or "").strip()
+    fa2 = (row.get("fa2_attention_efficiency") or "").strip()
     return EfficiencyProfile(
         generation=row["generation"],
         accelerators=tuple(row["accelerators"].split()),
@@ -78,6 +86,7 @@ def _row_to_profile(row: dict[str, str]) -> EfficiencyProfile:
         basis=row["basis"],
         fp4_gemm_half_dim=float(fp4_half) if fp4_half else None,
         decode_attention_bw_efficiency=float(kv_bw) if kv_bw else None,
+        fa2_attention_efficiency=float(fa2) if fa2 else None,
     )
 
 

@@ -322,7 +322,7 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
         recompute_fuses_elementwise=facts.recompute_fuses_elementwise,
         # torchao's float8 path is documented with torch.compile on (`eager`): an fp8 run is taken to be compiled.
         eager_elementwise=facts.eager_by_default and precision not in ("fp8", "fp4"),
-        fsdp_copy_out=facts.fsdp2_copy_out,
+        fsdp_copy_out=facts.fsdp2_copy_out, attention_fa2=facts.attention_fa2,
     )
     qk_dim, v_dim = ATTENTION_HEAD_DIMS.get(version, (0, 0))
     window, window_share = SLIDING_WINDOWS.get(version, (0, 0.0))

@@ -200,7 +200,8 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
         # Tiles above the causal diagonal are skipped; the kernel runs at its own efficiency.
         causal_fraction = flash_tile_fraction(settings)
         # fp8/fp4 recipes keep the attention products in bf16 (Transformer Engine's default DotProductAttention).
-        attention = attention_flops * causal_fraction / (cluster.peak_flops("bf16") * eff.attention_efficiency)
+        attention = attention_flops * causal_fraction / (cluster.peak_flops("bf16")
+                                                          * eff.flash_efficiency(settings.attention_fa2))
     else:
         # Batched GEMMs per head, (s x d) @ (d x s) and (s x s) @ (s x d): thin in the head dimension.
         per_head_eff = eff.gemm_efficiency(m, spec.head_dim, seq, "bf16")
