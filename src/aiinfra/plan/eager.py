@@ -29,6 +29,14 @@ for each all-gather on the current (compute) stream and copies the gathered flat
 own unsharded tensor (split_with_sizes_copy): one read and one write of the unit's gathered weights per gather, on the
 compute stream, so it is not hidden behind the collective. FSDP1's FlatParameter is gathered in place and its
 parameters are views of it (Zhao et al. 2023, PyTorch FSDP, 3.2.1), with no such copy.
+
+Foreach AdamW. torch.optim.AdamW with neither foreach nor fused given runs its foreach implementation on CUDA (PyTorch
+torch.optim docs, "Algorithms": foreach is the default over the for-loop, fused is opt-in), which fms-fsdp
+(main_training.py: optim.AdamW(..., betas, weight_decay)) and torchtitan (build_optimizers: foreach, fused False) use.
+torch/optim/adamw.py _multi_tensor_adamw makes eight passes over fp32 tensors: weight decay on the parameters (read,
+write), lerp of the first moment towards the gradient (3), the second moment scaled (2) and addcmul'd with the
+gradient (3), its sqrt (2), divided by the bias correction (2), plus eps (2), and addcdiv into the parameters (4): 20
+four-byte accesses a parameter, against the one read and write of each state a fused kernel makes.
 """
 
 from __future__ import annotations
@@ -37,6 +45,12 @@ from aiinfra.plan.layout import Layout, TrainSettings
 from aiinfra.spec import ModelSpec
 
 FP32_BYTES = 4
+FOREACH_ADAMW_ACCESSES = 20  # fp32 tensor reads and writes per parameter of _multi_tensor_adamw (see above)
+
+
+def foreach_adamw_bytes_per_param() -> float:
+    """Bytes the foreach AdamW step moves per fp32 parameter: 20 accesses of 4 bytes."""
+    return FOREACH_ADAMW_ACCESSES * FP32_BYTES
 
 
 def eager_rmsnorm_bytes(a: int) -> float:

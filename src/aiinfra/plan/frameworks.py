@@ -51,6 +51,7 @@ class FrameworkFacts:
     bf16_weights_when_needed: bool = False  # a run whose fp32 weights would not fit kept them in bf16 (a fallback)
     eager_by_default: bool = False  # runs without torch.compile: each elementwise op its own kernel (`eager`)
     attention_fa2: bool = False  # its fused attention is FlashAttention-2 (SDPA's flash backend or flash-attn 2)
+    foreach_optimizer: bool = False  # torch.optim.AdamW's default foreach implementation (`eager`)
     fsdp2_copy_out: bool = False  # FSDP2's per-parameter copy-out after every all-gather (`eager.fsdp_copy_out_s`)
 
 
@@ -104,7 +105,7 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         "train_configs set compile = false and norm_type rmsnorm (eager RMSNorm, rotary and SwiGLU kernels); "
         "FSDP2 copies every all-gather's output into the parameters on the compute stream",
         sequence_parallel=True, fp8_amax_pass=True, selective_recomputes_alternate_mms=True,
-        eager_by_default=True, fsdp2_copy_out=True, attention_fa2=True,
+        eager_by_default=True, fsdp2_copy_out=True, attention_fa2=True, foreach_optimizer=True,
     ),
     "pytorch-fsdp": FrameworkFacts(
         "pytorch-fsdp",
@@ -113,6 +114,7 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         "ShardingStrategy.HYBRID_SHARD (full shard inside a node, replicate across nodes); run eagerly "
         "(fms-fsdp scripts --use_torch_compile=False; the IBM/PyTorch blog lists torch.compile as future work)",
         grad_reduce_fp32=False, fsdp_like_is_hybrid=True, eager_by_default=True, attention_fa2=True,
+        foreach_optimizer=True,
     ),
     "llm-foundry": FrameworkFacts(
         "llm-foundry",

@@ -122,6 +122,7 @@ class TrainSettings:
     v_head_dim: int = 0  # width of a value head in the mixing product when not hidden / heads (MLA); 0: that
     eager_elementwise: bool = False  # RMSNorm, rotary, SwiGLU, repeat_kv as separate eager kernels (`eager`)
     attention_fa2: bool = False  # fused attention is FlashAttention-2 (PyTorch SDPA, flash-attn 2), not cuDNN/FA3
+    foreach_optimizer: bool = False  # torch.optim's foreach AdamW (one kernel per elementwise step), not a fused one
     fsdp_copy_out: bool = False  # FSDP2 copies each gathered buffer out into the parameters on the compute stream
 
     @property

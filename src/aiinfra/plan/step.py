@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from aiinfra.plan.cluster import Cluster, collective_time_s
 from aiinfra.plan.dp_comm import dp_comm_s, overlapped_s
-from aiinfra.plan.eager import eager_extra_forward_bytes
+from aiinfra.plan.eager import eager_extra_forward_bytes, foreach_adamw_bytes_per_param
 from aiinfra.plan.errors import PlanError
 from aiinfra.plan.layout import Layout, TrainSettings, check_layout, layers_per_stage, micro_batches
 from aiinfra.plan.memory import memory_breakdown, offloaded_layer_bytes
@@ -468,6 +468,8 @@ def step_breakdown(spec: ModelSpec, settings: TrainSettings, layout: Layout, clu
     params_updated = states.optimizer_bytes / settings.optimizer_bytes_per_param
     # Adam reads and writes master weights and moments, reads the gradient, writes the working weights.
     touched = params_updated * (2 * settings.optimizer_bytes_per_param + settings.grad_bytes + settings.param_bytes)
+    if settings.foreach_optimizer:  # unfused torch.optim AdamW: eight passes (`eager.foreach_adamw_bytes_per_param`)
+        touched = params_updated * foreach_adamw_bytes_per_param()
     optimizer = touched / (cluster.memory_bw_bytes_per_s * cluster.efficiency.memory_bw_efficiency)
 
     compute = m * (slowest - stage_layers * (mb.tp_comm_exposed_s + mb.other_comm_exposed_s))
