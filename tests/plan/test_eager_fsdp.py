@@ -14,6 +14,7 @@ from aiinfra.plan.eager import (
     eager_rotary_bytes,
     eager_swiglu_bytes,
     foreach_adamw_bytes_per_param,
+    fsdp1_grad_copy_bytes,
     fsdp_copy_out_s,
 )
 from aiinfra.plan.efficiency import profile_for
@@ -112,4 +113,20 @@ def test_runs_take_fp8_torchtitan_runs_as_compiled_and_bf16_ones_as_eager() -> N
     assert eager.eager_elementwise and eager.fsdp_copy_out and eager.attention_fa2 and eager.foreach_optimizer
     assert not fp8.eager_elementwise and fp8.attention_fa2
     assert not (megatron.eager_elementwise or megatron.fsdp_copy_out or megatron.attention_fa2
-                or megatron.foreach_optimizer)
+                or megatron.foreach_optimizer or megatron.fsdp_flat_grad)
+    assert setup_from_row(rows["ibm-hsdp-llama2-7b-a100x128"]).settings.fsdp_flat_grad
+    assert not eager.fsdp_flat_grad  # FSDP2 has per-parameter tensors, no flat gradient
+
+
+def test_fsdp1_flat_gradient_cat_and_cast_by_hand() -> None:
+    # 7e9 bf16 gradients: the cat reads and writes 2 bytes each; a float32 reduction adds a read of 2 and a write of 4.
+    assert fsdp1_grad_copy_bytes(7e9, 2, 2) == 7e9 * 4
+    assert fsdp1_grad_copy_bytes(7e9, 2, 4) == 7e9 * (4 + 6)
+    spec = preset("llama3-8b")
+    cluster = make_cluster("a100-sxm-80gb", 64)
+    layout = Layout(dp_shard=64, zero_stage=3)
+    settings = TrainSettings(seq_len=8192, global_batch_seqs=128, grad_reduce_bytes=2)  # 2 micro-batches
+    delta = step_breakdown(spec, replace(settings, fsdp_flat_grad=True), layout, cluster).dp_comm_s \
+        - step_breakdown(spec, settings, layout, cluster).dp_comm_s
+    bandwidth = cluster.memory_bw_bytes_per_s * cluster.efficiency.memory_bw_efficiency
+    assert delta == pytest.approx(2 * device_param_counts(spec, layout).total * 4 / bandwidth, rel=1e-6)

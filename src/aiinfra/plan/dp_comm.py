@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from aiinfra.plan.cluster import Cluster, collective_time_s
-from aiinfra.plan.eager import fsdp_copy_out_s
+from aiinfra.plan.eager import fsdp1_grad_copy_bytes, fsdp_copy_out_s
 from aiinfra.plan.layout import Layout, TrainSettings
 from aiinfra.plan.memory import device_param_counts
 from aiinfra.spec import ModelSpec
@@ -83,10 +83,13 @@ def dp_comm_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster:
         # and reduce-scatters gradients every micro-batch, prefetching so that each collective hides behind the
         # neighbouring layer's compute (Zhao et al. 2023, PyTorch FSDP, 3.4; Rajbhandari et al. 2020, ZeRO-3).
         backward_gather = gather if settings.reshard_after_forward else 0.0
+        bandwidth = cluster.memory_bw_bytes_per_s * cluster.efficiency.memory_bw_efficiency
         copy_out = 0.0
         if settings.fsdp_copy_out:
-            bandwidth = cluster.memory_bw_bytes_per_s * cluster.efficiency.memory_bw_efficiency
             copy_out = m * fsdp_copy_out_s(weights, 2 if settings.reshard_after_forward else 1, bandwidth)
+        if settings.fsdp_flat_grad:
+            copy_out += m * fsdp1_grad_copy_bytes(params, settings.gathered_bytes, settings.grad_reduce_bytes) \
+                / bandwidth
         if not settings.dp_overlap:
             return m * (gather + backward_gather + scatter) + replicate + copy_out
         return m * zero3_overlapped_s(gather, backward_gather, scatter, calls, forward_window, backward_window) \

@@ -28,7 +28,13 @@ FSDP2 copy-out. FSDP2 (torch.distributed._composable.fsdp, _fsdp_collectives.py 
 for each all-gather on the current (compute) stream and copies the gathered flat buffer out into every parameter's
 own unsharded tensor (split_with_sizes_copy): one read and one write of the unit's gathered weights per gather, on the
 compute stream, so it is not hidden behind the collective. FSDP1's FlatParameter is gathered in place and its
-parameters are views of it (Zhao et al. 2023, PyTorch FSDP, 3.2.1), with no such copy.
+parameters are views of it (Zhao et al. 2023, PyTorch FSDP, 3.2.1), with no such copy in the forward. Those views
+are torch.split pieces of the flat parameter (torch/distributed/fsdp/_flat_param.py _get_unflat_views_unaligned:
+torch.split(tensor, flat_param._numels) then .view(shape)), so autograd forms the flat gradient in the backward by
+concatenating the pieces' gradients (split_with_sizes' backward is a cat): one read and one write of the unit's
+unsharded gradient, in the parameters' dtype, on the compute stream; where the reduction runs in another dtype
+(MixedPrecision reduce_dtype float32, llm-foundry's DEFAULT), _post_backward_hook casts the unsharded flat gradient to
+it first (flat_param.grad.to(reduce_dtype)), one more read and a write.
 
 Foreach AdamW. torch.optim.AdamW with neither foreach nor fused given runs its foreach implementation on CUDA (PyTorch
 torch.optim docs, "Algorithms": foreach is the default over the for-loop, fused is opt-in), which fms-fsdp
@@ -46,6 +52,13 @@ from aiinfra.spec import ModelSpec
 
 FP32_BYTES = 4
 FOREACH_ADAMW_ACCESSES = 20  # fp32 tensor reads and writes per parameter of _multi_tensor_adamw (see above)
+
+
+def fsdp1_grad_copy_bytes(params: float, grad_bytes: float, reduce_bytes: float) -> float:
+    """Bytes FSDP1's backward moves per micro-batch for `params` unsharded parameters: the cat that forms the flat
+    gradient (read and write at `grad_bytes`), and its cast to the reduction dtype when that differs."""
+    cast = grad_bytes + reduce_bytes if reduce_bytes != grad_bytes else 0.0
+    return params * (2 * grad_bytes + cast)
 
 
 def foreach_adamw_bytes_per_param() -> float:

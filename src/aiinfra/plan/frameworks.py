@@ -52,6 +52,7 @@ class FrameworkFacts:
     eager_by_default: bool = False  # runs without torch.compile: each elementwise op its own kernel (`eager`)
     attention_fa2: bool = False  # its fused attention is FlashAttention-2 (SDPA's flash backend or flash-attn 2)
     foreach_optimizer: bool = False  # torch.optim.AdamW's default foreach implementation (`eager`)
+    fsdp1_flat_grad: bool = False  # FSDP1's FlatParameter: the backward concatenates (and casts) the flat gradient
     fsdp2_copy_out: bool = False  # FSDP2's per-parameter copy-out after every all-gather (`eager.fsdp_copy_out_s`)
 
 
@@ -114,12 +115,14 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         "ShardingStrategy.HYBRID_SHARD (full shard inside a node, replicate across nodes); run eagerly "
         "(fms-fsdp scripts --use_torch_compile=False; the IBM/PyTorch blog lists torch.compile as future work)",
         grad_reduce_fp32=False, fsdp_like_is_hybrid=True, eager_by_default=True, attention_fa2=True,
-        foreach_optimizer=True,
+        foreach_optimizer=True, fsdp1_flat_grad=True,
     ),
     "llm-foundry": FrameworkFacts(
         "llm-foundry",
         "llm-foundry/Composer FSDP FULL_SHARD wrapped per MPT block, mixed_precision DEFAULT (reduce in fp32), "
-        "flash attention, no dropout in the benchmark configs",
+        "flash attention, no dropout in the benchmark configs; Composer wraps torch's FSDP1 FullyShardedDataParallel "
+        "(FlatParameter per block)",
+        fsdp1_flat_grad=True,
     ),
     "jax": FrameworkFacts(
         "jax",

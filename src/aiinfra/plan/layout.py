@@ -123,6 +123,7 @@ class TrainSettings:
     eager_elementwise: bool = False  # RMSNorm, rotary, SwiGLU, repeat_kv as separate eager kernels (`eager`)
     attention_fa2: bool = False  # fused attention is FlashAttention-2 (PyTorch SDPA, flash-attn 2), not cuDNN/FA3
     foreach_optimizer: bool = False  # torch.optim's foreach AdamW (one kernel per elementwise step), not a fused one
+    fsdp_flat_grad: bool = False  # FSDP1 concatenates the unsharded flat gradient (and casts it) on the compute stream
     fsdp_copy_out: bool = False  # FSDP2 copies each gathered buffer out into the parameters on the compute stream
 
     @property

@@ -323,7 +323,7 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
         # torchao's float8 path is documented with torch.compile on (`eager`): an fp8 run is taken to be compiled.
         eager_elementwise=facts.eager_by_default and precision not in ("fp8", "fp4"),
         fsdp_copy_out=facts.fsdp2_copy_out, attention_fa2=facts.attention_fa2,
-        foreach_optimizer=facts.foreach_optimizer,
+        foreach_optimizer=facts.foreach_optimizer, fsdp_flat_grad=facts.fsdp1_flat_grad,
     )
     qk_dim, v_dim = ATTENTION_HEAD_DIMS.get(version, (0, 0))
     window, window_share = SLIDING_WINDOWS.get(version, (0, 0.0))
