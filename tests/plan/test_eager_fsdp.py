@@ -130,3 +130,17 @@ def test_fsdp1_flat_gradient_cat_and_cast_by_hand() -> None:
         - step_breakdown(spec, settings, layout, cluster).dp_comm_s
     bandwidth = cluster.memory_bw_bytes_per_s * cluster.efficiency.memory_bw_efficiency
     assert delta == pytest.approx(2 * device_param_counts(spec, layout).total * 4 / bandwidth, rel=1e-6)
+
+
+def test_torchtitan_per_op_selective_recompute_reruns_every_elementwise_op_and_every_second_mm() -> None:
+    from aiinfra.plan.step import alternate_mm_recompute_s, layer_micro_batch_times
+
+    spec = preset("llama3-8b")
+    cluster = make_cluster("a100-sxm-80gb", 8)
+    settings = TrainSettings(seq_len=8192, global_batch_seqs=8, selective_recomputes_alternate_mms=True,
+                             eager_elementwise=True)
+    none = layer_micro_batch_times(spec, settings, Layout(), cluster).compute_s
+    selective = layer_micro_batch_times(spec, settings, Layout(recompute="selective"), cluster).compute_s
+    fwd = layer_forward_times(spec, settings, Layout(), cluster)
+    expected = fwd.elementwise_s + alternate_mm_recompute_s(spec, settings, Layout(), cluster)
+    assert selective - none == pytest.approx(expected)

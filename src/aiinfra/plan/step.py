@@ -318,8 +318,11 @@ def layer_micro_batch_times(
         recompute = fwd.attention_s + fwd.scores_elementwise_s
     elif layout.recompute == "selective":
         # Keeping matmul outputs only, the norms and the gated product run again: about half the elementwise work.
-        recompute = SELECTIVE_ELEMENTWISE_SHARE * fwd.elementwise_s
-        if settings.selective_recomputes_alternate_mms:
+        # torchtitan's per-op policy saves only mm, SDPA, reduce-scatter and max outputs (_save_list), so every
+        # elementwise op of the block runs again.
+        per_op = settings.selective_recomputes_alternate_mms
+        recompute = (1.0 if per_op else SELECTIVE_ELEMENTWISE_SHARE) * fwd.elementwise_s
+        if per_op:
             recompute += alternate_mm_recompute_s(spec, settings, layout, cluster)
     recompute *= layout.recompute_fraction
     recomputed_tp_passes *= layout.recompute_fraction
