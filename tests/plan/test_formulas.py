@@ -177,7 +177,7 @@ def test_mla_attention_products_use_the_192_and_128_wide_heads() -> None:
 
 
 def test_token_dropping_experts_compute_their_whole_capacity_buffer() -> None:
-    from aiinfra.plan.step import expert_tokens
+    from aiinfra.plan.moe_routing import expert_tokens
 
     mixtral = ModelSpec(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
                         max_seq_len=4096, n_experts=8, experts_per_token=2)
@@ -314,7 +314,8 @@ def test_head_width_column_and_published_head_widths_size_the_projections() -> N
 
 
 def test_megablox_grouped_gemm_visits_a_straddling_row_tile_once_per_expert() -> None:
-    from aiinfra.plan.step import grouped_gemm_rows, layer_forward_times
+    from aiinfra.plan.moe_routing import grouped_gemm_rows
+    from aiinfra.plan.step import layer_forward_times
 
     # 256 experts of 768 rows in 512-row tiles: 256 x 768 / 512 = 384 tiles plus 255 straddling visits, i.e.
     # 768 + 512 x 255 / 256 = 1278 rows an expert.

@@ -22,13 +22,10 @@ from aiinfra.plan.memory import (
     offloaded_layer_bytes,
     recomputed_layer_bytes,
 )
+from aiinfra.plan.moe_routing import moe_remote_share
 from aiinfra.plan.runs import RowNotRepresentable, mfu_flops_per_token, setup_from_row, spec_from_row
 from aiinfra.plan.serve_rows import engine_max_batch
-from aiinfra.plan.step import (
-    hardware_flops_per_token,
-    moe_remote_share,
-    step_breakdown,
-)
+from aiinfra.plan.step import hardware_flops_per_token, step_breakdown
 from aiinfra.plan.validation import best_layout, fitted_setup, load_training_runs
 from aiinfra.spec import preset
 

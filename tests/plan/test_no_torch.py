@@ -4,7 +4,8 @@ import subprocess
 import sys
 
 MODULES = ["aiinfra.plan", "aiinfra.plan.step", "aiinfra.plan.memory", "aiinfra.plan.training",
-           "aiinfra.plan.inference", "aiinfra.plan.serve_rows", "aiinfra.plan.validation", "aiinfra.plan.calibration",
+           "aiinfra.plan.inference", "aiinfra.plan.serve_rows", "aiinfra.plan.moe_routing", "aiinfra.plan.expert_load",
+           "aiinfra.plan.eager", "aiinfra.plan.validation", "aiinfra.plan.calibration",
            "aiinfra.plan.reliability", "aiinfra.plan.commands", "aiinfra.plan.plots", "aiinfra.plan.runs",
            "aiinfra.plan.frameworks", "aiinfra.plan.fitting", "aiinfra.plan.calibrated", "aiinfra.plan.marks",
            "aiinfra.plan.from_config", "aiinfra.plan.validate_report"]

@@ -198,7 +198,7 @@ def linear_layers_s(spec: ModelSpec, cluster: Cluster, settings: ServeSettings, 
         moe = spec.is_moe and mlp
         # Routed experts run as a grouped GEMM, each touched expert over its own rows: tokens x k spread over the
         # experts the step touches (tokens x k / E at serving batch sizes, as the training model's
-        # `step.expert_tokens`; one row each for a single token), so a small share per expert leaves tiles empty.
+        # `moe_routing.expert_tokens`; one row each for a single token), so a small share per expert leaves tiles empty.
         rows, width, shards = (expert_rows(routed, tokens) if moe else tokens), n / tp, tp
         if moe and adp:
             # Expert parallelism: a rank holds E / tp whole experts (the full width n each, not a 1/tp slice), and the

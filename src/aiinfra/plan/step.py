@@ -17,6 +17,7 @@ from aiinfra.plan.errors import PlanError
 from aiinfra.plan.layout import Layout, TrainSettings, check_layout, layers_per_stage, micro_batches
 from aiinfra.plan.memory import memory_breakdown, offloaded_layer_bytes
 from aiinfra.plan.memory import stored_layer_bytes as _stored_layer_bytes
+from aiinfra.plan.moe_routing import expert_gemm_rows, moe_remote_share
 from aiinfra.spec import ModelSpec
 
 # Bytes moved per logit by a fused vocab-parallel cross-entropy (write bf16 logits, read them, write fp32
@@ -66,33 +67,6 @@ def _gemm_time_s(cluster: Cluster, precision: str, m: float, k: float, n: float,
     return max(compute, traffic / (cluster.memory_bw_bytes_per_s * cluster.efficiency.memory_bw_efficiency))
 
 
-def expert_tokens(spec: ModelSpec, layout: Layout, m: float, capacity_factor: float = 0.0) -> float:
-    """Rows each local expert's GEMMs run on for m tokens per device: the balanced share m k ep / E, or, when
-    tokens are dropped at a capacity factor, the whole capacity buffer cf x m k ep / E, padding included (GShard,
-    Lepikhin et al. 2020, 2.2; Switch Transformer, Fedus et al. 2021, 2.2: expert capacity = cf x tokens x k / E)."""
-    share = m * spec.experts_per_token * layout.ep / spec.n_experts
-    return share * capacity_factor if capacity_factor > 0 else share
-
-
-def grouped_gemm_rows(rows_per_expert: float, local_experts: float, row_tile: int) -> float:
-    """Rows each expert's share of a tiled grouped GEMM computes. A kernel that walks row tiles of `row_tile` rows
-    over the experts' concatenated groups visits a tile that straddles two groups once for each (JAX Pallas megablox
-    gmm/tgmm, make_group_metadata: at most tiles_m + num_groups - 1 tile visits, each a whole masked tile), so
-    G groups cost about G - 1 tiles more than their rows: row_tile x (G - 1) / G more rows per expert."""
-    if row_tile <= 0 or local_experts <= 1:
-        return rows_per_expert
-    return rows_per_expert + row_tile * (local_experts - 1) / local_experts
-
-
-def expert_gemm_rows(spec: ModelSpec, layout: Layout, m: float, capacity_factor: float, row_tile: int) -> float:
-    """Rows each local expert's GEMMs compute for m tokens: its capacity buffer when tokens are dropped (a dense
-    batched GEMM), else its routed share plus what a tiled grouped GEMM wastes on ragged groups."""
-    rows = expert_tokens(spec, layout, m, capacity_factor)
-    if capacity_factor > 0:
-        return rows
-    return grouped_gemm_rows(rows, spec.n_experts / layout.ep, row_tile)
-
-
 def _mlp_gemm_s(spec: ModelSpec, layout: Layout, cluster: Cluster, precision: str, m: float,
                 capacity_factor: float = 0.0, row_tile: int = 0) -> float:
     """The MLP's GEMMs for m tokens: dense, or router plus local experts' grouped GEMMs (`expert_tokens`)."""
@@ -119,15 +93,6 @@ def mlp_down_projection_s(spec: ModelSpec, settings: TrainSettings, layout: Layo
         return _gemm_time_s(cluster, settings.gemm_precision, m, ffn_local, spec.dim)
     rows = expert_gemm_rows(spec, layout, m, settings.moe_capacity_factor, settings.grouped_gemm_row_tile)
     return _gemm_time_s(cluster, settings.gemm_precision, rows, ffn_local, spec.dim, spec.n_experts / layout.ep)
-
-
-def moe_remote_share(experts_per_token: int, node_limit: int) -> float:
-    """Share of a token's k routed copies that cross the network when its experts lie in at most `node_limit`
-    domains: one copy per target domain goes over the network and is forwarded to its experts inside the domain
-    (DeepSeek-V3, arXiv 2412.19437, 3.2.2: at most 4 nodes per token, IB then NVLink; DeepEP), so M of k copies."""
-    if node_limit <= 0 or experts_per_token <= node_limit:
-        return 1.0
-    return node_limit / experts_per_token
 
 
 def attention_product_flops(spec: ModelSpec, settings: TrainSettings, m: float, heads: float) -> float:
@@ -174,25 +139,12 @@ def alternate_mm_recompute_s(spec: ModelSpec, settings: TrainSettings, layout: L
     return sum(_gemm_time_s(cluster, settings.gemm_precision, m, k, n) for k, n in alternate_mm_shapes(spec, layout))
 
 
-def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster) -> PassTimes:
-    """Forward-pass costs of one transformer layer for one micro-batch on one device."""
+def _attention_core(spec: ModelSpec, settings: TrainSettings, cluster: Cluster, m: float,
+                    heads_local: float) -> tuple[float, float]:
+    """(seconds, score bytes) of one layer's attention products for m tokens on one device: a fused kernel at its
+    own efficiency over the tiles it visits, or materialized per-head GEMMs with their softmax traffic."""
     eff = cluster.efficiency
-    precision = settings.gemm_precision
     a = settings.activation_bytes
-    tp = layout.tp
-    h = spec.dim
-    m = layout.micro_batch * settings.seq_len / layout.cp  # tokens this device computes
-    q_local = spec.n_heads * spec.head_dim / tp
-    heads_local = spec.n_heads / tp
-    kv_local = spec.head_dim * -(-spec.n_kv_heads // tp)
-    ffn_local = spec.ffn_dim / tp
-
-    gemm = _gemm_time_s(cluster, precision, m, h, q_local + 2 * kv_local)  # fused QKV projection
-    gemm += _gemm_time_s(cluster, precision, m, q_local, h)  # output projection
-    mlp_gemm = _mlp_gemm_s(spec, layout, cluster, precision, m, settings.moe_capacity_factor,
-                           settings.grouped_gemm_row_tile)
-    gemm += mlp_gemm
-
     seq = settings.seq_len
     attention_flops = attention_product_flops(spec, settings, m, heads_local)
     scores_bytes = 0.0
@@ -210,6 +162,19 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
         # Fused scale-mask-softmax reads and writes each score; dropout reads, writes and stores a mask.
         scores_bytes = m * heads_local * seq * (2 * a + (2 * a + 1) * mask)
 
+    return attention, scores_bytes
+
+
+def _elementwise_bytes(spec: ModelSpec, settings: TrainSettings, layout: Layout, m: float) -> float:
+    """Bytes one layer's memory-bound kernels move in the forward for m tokens on one device: norms, residuals,
+    activation, rotary, QK-norm, MoE permutation, low-precision casts and an eager run's unfused ops."""
+    a = settings.activation_bytes
+    tp = layout.tp
+    h = spec.dim
+    precision = settings.gemm_precision
+    q_local = spec.n_heads * spec.head_dim / tp
+    kv_local = spec.head_dim * -(-spec.n_kv_heads // tp)
+    ffn_local = spec.ffn_dim / tp
     sp_divisor = tp if layout.sequence_parallel else 1
     mask = 1 if settings.dropout else 0
     # Two norms (read + write) and two residual adds (read two, write one, plus dropout mask).
@@ -240,15 +205,15 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
         mlp_in = h * experts * cast if spec.is_moe else h * norm_cast
         activation_bytes += m * (attention_in + mlp_in + cast * (q_local + ffn_local * experts))
     activation_bytes += eager_extra_forward_bytes(spec, settings, layout, m)  # unfused ops of an eager run
-    bandwidth = cluster.memory_bw_bytes_per_s * eff.memory_bw_efficiency
-    elementwise = (replicated_bytes + activation_bytes + rotary_bytes + qk_norm_bytes) / bandwidth
+    return replicated_bytes + activation_bytes + rotary_bytes + qk_norm_bytes
 
-    # Two all-reduces per layer (Shoeybi et al. 2019), or the same bytes as all-gather + reduce-scatter pairs
-    # under sequence parallelism (Korthikanti et al. 2022, 4.2.2).
-    tp_comm = 2 * collective_time_s(cluster, "all_reduce", m * h * a, tp, 1)
-    kv_bytes = layout.micro_batch * seq * 2 * kv_local * a
-    cp_comm = collective_time_s(cluster, "all_gather", kv_bytes, layout.cp, tp)  # all-gather CP (Llama 3, 3.3.2)
-    ep_comm = 0.0
+
+def _ep_comm_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster, m: float) -> float:
+    """Expert-parallel all-to-all (dispatch and combine) of one layer's forward for m tokens on one device."""
+    a = settings.activation_bytes
+    tp = layout.tp
+    h = spec.dim
+    precision = settings.gemm_precision
     if spec.is_moe and layout.ep > 1:
         # Dispatch sends each token to its k experts, in fp8 when the expert GEMMs take fp8 inputs (DeepSeek-V3
         # 3.3.1; Megatron's fp8 dispatch); the combine returns bf16 outputs.
@@ -259,10 +224,43 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
         dispatch_bytes = sent * spec.experts_per_token * h * (1 if precision in ("fp8", "fp4") else a)
         combine_bytes = sent * spec.experts_per_token * h * a
         share = moe_remote_share(spec.experts_per_token, settings.moe_node_limit)
-        ep_comm = (collective_time_s(cluster, "all_to_all", dispatch_bytes, layout.ep, tp * layout.cp,
+        return (collective_time_s(cluster, "all_to_all", dispatch_bytes, layout.ep, tp * layout.cp,
                                      remote_share=share)
                    + collective_time_s(cluster, "all_to_all", combine_bytes, layout.ep, tp * layout.cp,
                                        remote_share=share))
+    return 0.0
+
+
+def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster) -> PassTimes:
+    """Forward-pass costs of one transformer layer for one micro-batch on one device."""
+    eff = cluster.efficiency
+    precision = settings.gemm_precision
+    a = settings.activation_bytes
+    tp = layout.tp
+    h = spec.dim
+    m = layout.micro_batch * settings.seq_len / layout.cp  # tokens this device computes
+    q_local = spec.n_heads * spec.head_dim / tp
+    heads_local = spec.n_heads / tp
+    kv_local = spec.head_dim * -(-spec.n_kv_heads // tp)
+
+    gemm = _gemm_time_s(cluster, precision, m, h, q_local + 2 * kv_local)  # fused QKV projection
+    gemm += _gemm_time_s(cluster, precision, m, q_local, h)  # output projection
+    mlp_gemm = _mlp_gemm_s(spec, layout, cluster, precision, m, settings.moe_capacity_factor,
+                           settings.grouped_gemm_row_tile)
+    gemm += mlp_gemm
+
+    seq = settings.seq_len
+    attention, scores_bytes = _attention_core(spec, settings, cluster, m, heads_local)
+    elementwise_bytes = _elementwise_bytes(spec, settings, layout, m)
+    bandwidth = cluster.memory_bw_bytes_per_s * eff.memory_bw_efficiency
+    elementwise = elementwise_bytes / bandwidth
+
+    # Two all-reduces per layer (Shoeybi et al. 2019), or the same bytes as all-gather + reduce-scatter pairs
+    # under sequence parallelism (Korthikanti et al. 2022, 4.2.2).
+    tp_comm = 2 * collective_time_s(cluster, "all_reduce", m * h * a, tp, 1)
+    kv_bytes = layout.micro_batch * seq * 2 * kv_local * a
+    cp_comm = collective_time_s(cluster, "all_gather", kv_bytes, layout.cp, tp)  # all-gather CP (Llama 3, 3.3.2)
+    ep_comm = _ep_comm_s(spec, settings, layout, cluster, m)
     return PassTimes(
         gemm_s=gemm,
         mlp_gemm_s=mlp_gemm,
