@@ -356,3 +356,26 @@ def test_mla_prefill_attention_uses_its_unabsorbed_head_widths() -> None:
     wide = decode_step_parts(spec, cluster, settings, 1024)["attention"]
     narrow = decode_step_parts(spec, cluster, replace(settings, prefill_qkv_head_width=0), 1024)["attention"]
     assert math.isclose(wide - narrow, seconds, rel_tol=1e-9)
+
+
+def test_attention_dp_ranks_run_norms_over_their_own_tokens_and_permute_only_their_copies() -> None:
+    from aiinfra.plan.inference import MOE_SERVE_PERMUTE_PASSES, busiest_rank_tokens
+
+    spec = serve_models()["qwen3-235b-a22b"].spec  # 94 layers, hidden 4096, 128 experts top-8, expert ffn 1536
+    cluster = make_cluster("b200", 8)
+    bandwidth = cluster.memory_bw_bytes_per_s * cluster.efficiency.memory_bw_efficiency
+    tp = ServeSettings(1000, 1000, weight_dtype="fp4", tp=8)
+    dp = replace(tp, attention_dp=True)
+    batch = 4096
+    tokens = batch + batch * 1000 / 1000  # 4096 decoding plus 4096 prompt tokens a step
+    rank_tokens, _ = busiest_rank_tokens(dp, batch)
+    h, k, layers = spec.dim, spec.experts_per_token, spec.n_layers
+    activation = tokens * 3 * spec.ffn_dim * k / 8  # a 1/tp share of the routed copies either way
+    # Tensor parallelism: every rank normalizes every token and permutes every routed copy.
+    by_hand_tp = layers * 2 * (tokens * 10 * h + activation) + tokens * k * layers * h * 2 * MOE_SERVE_PERMUTE_PASSES
+    assert decode_step_parts(spec, cluster, tp, batch)["elementwise"] == pytest.approx(by_hand_tp / bandwidth)
+    # Attention DP: the busiest rank normalizes its own tokens and permutes the copies routed to its 16 experts.
+    by_hand_dp = (layers * 2 * (rank_tokens * 10 * h + activation)
+                  + tokens * k / 8 * layers * h * 2 * MOE_SERVE_PERMUTE_PASSES)
+    assert decode_step_parts(spec, cluster, dp, batch)["elementwise"] == pytest.approx(by_hand_dp / bandwidth)
+    assert rank_tokens < tokens / 2

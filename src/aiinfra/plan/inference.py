@@ -252,13 +252,21 @@ def decode_step_parts(
     decode_flops = batch * context * 4 * spec.n_heads * width * spec.n_layers / tp
     decode = max(kv_read, decode_flops / (attention_peak * eff.attention_efficiency))
     attention = decode + prefill_attention_flops / (attention_peak * eff.attention_efficiency)
-    # Norms, residuals, activation function, rotary: read and write per token (2 bytes per element).
-    elementwise = tokens * spec.n_layers * 2 * (10 * h + 3 * spec.ffn_dim * experts / tp) / bandwidth
+    # Norms, residuals, activation function, rotary: read and write per token (2 bytes per element). Under tensor
+    # parallelism every rank runs the per-token ones over every token (their inputs are all-reduced, whole); under
+    # attention data parallelism a rank runs them over its own tokens only, and the step waits for the busiest rank
+    # (TensorRT-LLM's CutlassFusedMoE.forward_chunk all-gathers the ranks' tokens only at the MoE input and
+    # reduce-scatters them back after it). The activation function runs on a 1/tp share of the routed copies either
+    # way (a 1/tp slice of every expert's width under TP, the copies routed to its E/tp experts under EP).
+    norm_tokens = rank_tokens if settings.attention_dp and tp > 1 else tokens
+    elementwise = spec.n_layers * 2 * (norm_tokens * 10 * h + tokens * 3 * spec.ffn_dim * experts / tp) / bandwidth
     if spec.is_moe and spec.n_experts > 1:
         # Token permutation to the experts and back in 16 bits: the expand kernel writes every routed copy once and
         # the finalize kernel reads every expert output once to sum them (TensorRT-LLM's expandInputRows and
-        # finalizeMoeRouting), per token and layer k x h elements each way.
-        elementwise += tokens * spec.n_layers * spec.experts_per_token * h * 2 * MOE_SERVE_PERMUTE_PASSES / bandwidth
+        # finalizeMoeRouting), per token and layer k x h elements each way. Under TP every rank permutes every
+        # copy (each holds a slice of every expert); under EP a rank permutes only the copies routed to its experts.
+        copies = tokens * spec.experts_per_token / (tp if settings.attention_dp else 1)
+        elementwise += copies * spec.n_layers * h * 2 * MOE_SERVE_PERMUTE_PASSES / bandwidth
     # Tensor parallelism all-reduces after attention and after the MLP; attention data parallelism needs only the
     # all-gather before the MLP or experts and the reduce-scatter after them, one all-reduce's worth per layer
     # (TensorRT-LLM tech blog "Optimizing DeepSeek R1 throughput on NVIDIA Blackwell GPUs", attention DP).
