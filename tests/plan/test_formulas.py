@@ -199,11 +199,11 @@ def test_serving_expert_rows_and_permutation_traffic_by_hand(monkeypatch: pytest
     cluster = make_cluster("b200", 1)
     settings = ServeSettings(1000, 1000, weight_dtype="fp4", kv_dtype="fp8")
     with_permute = decode_step_time_s(moe, cluster, settings, 64)
-    monkeypatch.setattr(inference, "MOE_SERVE_PERMUTE_PASSES", 0)
+    monkeypatch.setattr(inference, "MOE_MODULE_BYTES_PER_COPY_ELEMENT", 0.0)
     without = decode_step_time_s(moe, cluster, settings, 64)
-    # 64 decode + 64 prefill tokens x 48 layers x 8 copies x 2048 x 2 bytes x 2 passes over 80% of HBM bandwidth.
-    bandwidth = cluster.memory_bw_bytes_per_s * cluster.efficiency.memory_bw_efficiency
-    assert with_permute - without == pytest.approx(128 * 48 * 8 * 2048 * 2 * 2 / bandwidth)
+    # 64 decode + 64 prefill tokens x 48 layers x 8 copies x 2048 x 13.8 bytes over the datasheet HBM bandwidth.
+    per_element = 12.37e-9 * 8e12 / 7168
+    assert with_permute - without == pytest.approx(128 * 48 * 8 * 2048 * per_element / cluster.memory_bw_bytes_per_s)
 
 
 def test_qwen3_moe_attention_heads_are_128_wide() -> None:

@@ -359,7 +359,8 @@ def test_mla_prefill_attention_uses_its_unabsorbed_head_widths() -> None:
 
 
 def test_attention_dp_ranks_run_norms_over_their_own_tokens_and_permute_only_their_copies() -> None:
-    from aiinfra.plan.inference import MOE_SERVE_PERMUTE_PASSES, busiest_rank_tokens
+    from aiinfra.plan.expert_load import MOE_MODULE_BYTES_PER_COPY_ELEMENT as PER_COPY
+    from aiinfra.plan.inference import busiest_rank_tokens
 
     spec = serve_models()["qwen3-235b-a22b"].spec  # 94 layers, hidden 4096, 128 experts top-8, expert ffn 1536
     cluster = make_cluster("b200", 8)
@@ -372,10 +373,39 @@ def test_attention_dp_ranks_run_norms_over_their_own_tokens_and_permute_only_the
     h, k, layers = spec.dim, spec.experts_per_token, spec.n_layers
     activation = tokens * 3 * spec.ffn_dim * k / 8  # a 1/tp share of the routed copies either way
     # Tensor parallelism: every rank normalizes every token and permutes every routed copy.
-    by_hand_tp = layers * 2 * (tokens * 10 * h + activation) + tokens * k * layers * h * 2 * MOE_SERVE_PERMUTE_PASSES
-    assert decode_step_parts(spec, cluster, tp, batch)["elementwise"] == pytest.approx(by_hand_tp / bandwidth)
+    peak = cluster.memory_bw_bytes_per_s
+    by_hand_tp = layers * 2 * (tokens * 10 * h + activation) / bandwidth + tokens * k * layers * h * PER_COPY / peak
+    assert decode_step_parts(spec, cluster, tp, batch)["elementwise"] == pytest.approx(by_hand_tp)
     # Attention DP: the busiest rank normalizes its own tokens and permutes the copies routed to its 16 experts.
-    by_hand_dp = (layers * 2 * (rank_tokens * 10 * h + activation)
-                  + tokens * k / 8 * layers * h * 2 * MOE_SERVE_PERMUTE_PASSES)
-    assert decode_step_parts(spec, cluster, dp, batch)["elementwise"] == pytest.approx(by_hand_dp / bandwidth)
+    by_hand_dp = (layers * 2 * (rank_tokens * 10 * h + activation) / bandwidth
+                  + tokens * k / 8 * layers * h * PER_COPY / peak)
+    assert decode_step_parts(spec, cluster, dp, batch)["elementwise"] == pytest.approx(by_hand_dp)
     assert rank_tokens < tokens / 2
+
+
+def test_moe_module_cost_a_copy_reproduces_the_blogs_cutlass_latencies() -> None:
+    """MOE_MODULE_BYTES_PER_COPY_ELEMENT from TensorRT-LLM tech blog 24's CUTLASS column (one B200, NVFP4, hidden
+    7168, 256 experts top-8, TP8 rank): the least-squares slope per routed copy over 64-384 tokens, with the weight
+    reads of the touched experts as a second regressor, converted to bytes a hidden element at 8 TB/s."""
+    import numpy as np
+
+    from aiinfra.plan.expert_load import MOE_MODULE_BYTES_PER_COPY_ELEMENT as PER_COPY
+
+    tokens = np.array([64, 128, 192, 208, 224, 256, 272, 336, 384.0])
+    latency_us = np.array([308.44, 335.65, 350.68, 354.73, 354.01, 351.98, 357.90, 363.58, 368.12])
+    touched = 256 * (1 - (1 - 8 / 256) ** tokens)
+    design = np.c_[np.ones_like(tokens), touched, 8 * tokens]
+    (fixed, per_expert, per_copy), *_ = np.linalg.lstsq(design, latency_us, rcond=None)
+    assert per_copy * 1e3 == pytest.approx(12.37, abs=0.01)  # ns a routed copy
+    assert per_expert == pytest.approx(0.86, abs=0.01)  # us an expert's 3.1 MB of NVFP4 weights
+    assert np.abs(design @ [fixed, per_expert, per_copy] - latency_us).max() < 4.0
+    assert PER_COPY == pytest.approx(per_copy * 1e-6 * 8e12 / 7168, rel=1e-3)  # 13.8 bytes a copy and element
+    # On a rank the term is copies x layers x hidden x 13.8 bytes over the datasheet bandwidth: Qwen3-235B (94
+    # layers, hidden 4096, top-8) on one H200 of a TP8 group, 8192 tokens a step, every rank permuting every copy.
+    spec = serve_models()["qwen3-235b-a22b"].spec
+    cluster = make_cluster("h200", 8)
+    settings = ServeSettings(1000, 1000, weight_dtype="fp8", tp=8)
+    parts = decode_step_parts(spec, cluster, settings, 4096)
+    by_hand = 8192 * 8 * 94 * 4096 * PER_COPY / 4.8e12
+    norms = 94 * 2 * (8192 * 10 * 4096 + 8192 * 3 * spec.ffn_dim * 8 / 8) / (4.8e12 * 0.80)
+    assert parts["elementwise"] == pytest.approx(norms + by_hand)

@@ -27,6 +27,20 @@ EXPERT_LOAD_CV = 164.1 / 128
 # saving of that size can give at a throughput step of tens of ms over 58 MoE layers). A latency, not a traffic: the
 # work (reading E logits a token) is small. No Hopper figure is published; we take the same.
 MOE_ROUTING_S_PER_LAYER = 15e-6
+# The fused-MoE module's per-copy work outside its grouped GEMMs (input expansion and quantization, activation,
+# finalize reduction), as bytes of HBM traffic per routed copy per hidden element at the datasheet bandwidth.
+# Source: TensorRT-LLM tech blog "MoE as Dense GEMM" (docs/source/blogs/tech_blog/blog24_MoE_as_Dense_GEMM.md,
+# "Per-Rank MoE Module Latency"), CUTLASS column: one B200, NVFP4, hidden 7168, 256 experts top-8, one TP8 rank
+# (expert width 2048 / 8 = 256), the module's compute latency without its AllReduces, at 1 to 384 tokens. From 64
+# tokens up the 9 points fit (least squares, residuals under 4 us) latency = a + b x touched + c x copies, touched =
+# 256 (1 - (1 - 8/256)^M) the experts whose weights are read and copies = 8 M: a = 111 us, b = 0.86 us an expert
+# (its 3.1 MB of NVFP4 weights), c = 12.4 ns a routed copy. Over 7168 hidden elements at the B200's 8 TB/s that
+# is 12.37e-9 x 8e12 / 7168 = 13.8 bytes a copy and hidden element: the kernels' own traffic (a bf16 read and an
+# fp4 write in expandInputRows, FC2's bf16 write and finalizeMoeRouting's bf16 read, about 6.6 bytes at NVFP4) at
+# about half of HBM bandwidth (FlashInfer PR #3761 found the expand and activation kernels unvectorized).
+# The same kernels run for fp8 and bf16 experts (their traffic is 16-bit per hidden element bar the quantized
+# copy), so we take the same figure on Hopper, at its own HBM bandwidth.
+MOE_MODULE_BYTES_PER_COPY_ELEMENT = 12.37e-9 * 8e12 / 7168
 
 
 def gamma_cdf(shape: float, x: float) -> float:

@@ -19,7 +19,13 @@ from dataclasses import dataclass
 
 from aiinfra.plan.cluster import Cluster, collective_time_s, mesh_peer_all_reduce_s
 from aiinfra.plan.errors import PlanError
-from aiinfra.plan.expert_load import MOE_ROUTING_S_PER_LAYER, busiest_rank_load, expert_rows, touched_experts
+from aiinfra.plan.expert_load import (
+    MOE_MODULE_BYTES_PER_COPY_ELEMENT,
+    MOE_ROUTING_S_PER_LAYER,
+    busiest_rank_load,
+    expert_rows,
+    touched_experts,
+)
 from aiinfra.spec import ModelSpec
 
 # NVFP4 stores 4-bit values with one fp8 scale per 16 (NVIDIA NVFP4 format): 0.5 + 1/16 bytes per weight.
@@ -27,7 +33,6 @@ WEIGHT_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "fp4": 0.5625
 # CUDA context, cuBLAS/NCCL workspaces and allocator slack outside the planner's explicit terms (an assumption of
 # about 1 GB, the size of a CUDA context plus library workspaces on a recent GPU).
 RUNTIME_OVERHEAD_BYTES = 1.0e9
-MOE_SERVE_PERMUTE_PASSES = 2  # routed copies written by the expand kernel, read by the finalize kernel
 
 @dataclass(frozen=True)
 class ServeSettings:
@@ -261,12 +266,15 @@ def decode_step_parts(
     norm_tokens = rank_tokens if settings.attention_dp and tp > 1 else tokens
     elementwise = spec.n_layers * 2 * (norm_tokens * 10 * h + tokens * 3 * spec.ffn_dim * experts / tp) / bandwidth
     if spec.is_moe and spec.n_experts > 1:
-        # Token permutation to the experts and back in 16 bits: the expand kernel writes every routed copy once and
-        # the finalize kernel reads every expert output once to sum them (TensorRT-LLM's expandInputRows and
-        # finalizeMoeRouting), per token and layer k x h elements each way. Under TP every rank permutes every
-        # copy (each holds a slice of every expert); under EP a rank permutes only the copies routed to its experts.
+        # Token permutation to the experts and back: the expand kernel writes every routed copy once and the
+        # finalize kernel reads every expert output once to sum them (TensorRT-LLM's expandInputRows and
+        # finalizeMoeRouting), k x h elements per token and layer, at the fused-MoE module's measured cost a copy
+        # and hidden element (`expert_load.MOE_MODULE_BYTES_PER_COPY_ELEMENT`, HBM bytes at the datasheet rate).
+        # Under TP every rank permutes every copy (each holds a slice of every expert); under EP a rank permutes
+        # only the copies routed to its experts.
         copies = tokens * spec.experts_per_token / (tp if settings.attention_dp else 1)
-        elementwise += copies * spec.n_layers * h * 2 * MOE_SERVE_PERMUTE_PASSES / bandwidth
+        elementwise += (copies * spec.n_layers * h * MOE_MODULE_BYTES_PER_COPY_ELEMENT
+                        / cluster.memory_bw_bytes_per_s)
     # Tensor parallelism all-reduces after attention and after the MLP; attention data parallelism needs only the
     # all-gather before the MLP or experts and the reduce-scatter after them, one all-reduce's worth per layer
     # (TensorRT-LLM tech blog "Optimizing DeepSeek R1 throughput on NVIDIA Blackwell GPUs", attention DP).
