@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aiinfra.plan.errors import PlanError
+from aiinfra.plan.moe_routing import TE_MULTI_STREAM_GEMM_PER_GROUP_S
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class FrameworkFacts:
     fp8_saved_inputs: bool = False  # fp8/fp4 linear inputs saved for the backward quantized (Transformer Engine)
     fp8_amax_pass: bool = False  # fp8 scales from each tensor's current amax, one extra read per cast (tensorwise)
     grouped_gemm_row_tile: int = 0  # dropless experts' grouped GEMM walks row tiles of this size (0: untiled)
+    grouped_gemm_per_group_s: float = 0.0  # a grouped expert GEMM runs one GEMM per expert, each extra one costing this
     selective_recomputes_alternate_mms: bool = False  # per-op selective checkpointing reruns every second matmul
     layer_offload: bool = False  # can keep whole layers' activations in host memory (a searched knob when unstated)
     recompute_drops_output_gemm: bool = False  # full recompute leaves out the layer's last GEMM (dead code under XLA)
@@ -67,10 +69,12 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         "module; the MoE "
         "all-to-all blocks the expert GEMMs (TransformerConfig.overlap_moe_expert_parallel_comm defaults to False: "
         "overlapping it with another micro-batch is opt-in, and the published tables do not say it was on); TE "
-        "fused attention; TE's fp8/fp4 linear layers save their quantized input for the weight gradient",
+        "fused attention; TE's fp8/fp4 linear layers save their quantized input for the weight gradient; "
+        "--moe-grouped-gemm runs TE's GroupedLinear, one cuBLAS GEMM per local expert on a pool of streams "
+        "(`moe_routing.TE_MULTI_STREAM_GEMM_PER_GROUP_S`)",
         dropout_families=("gpt",), tp_overlap=True, fp8_saved_inputs=True, interleaved_by_default=True,
         dp_bucket_params=40e6, dp_bucket_params_per_rank=1e6, sequence_parallel=True, partial_recompute=True,
-        layer_offload=True,
+        layer_offload=True, grouped_gemm_per_group_s=TE_MULTI_STREAM_GEMM_PER_GROUP_S,
     ),
     "megatron-2021": FrameworkFacts(
         "megatron-2021",

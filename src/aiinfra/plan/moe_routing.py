@@ -7,6 +7,18 @@ from __future__ import annotations
 from aiinfra.plan.layout import Layout
 from aiinfra.spec import ModelSpec
 
+# Transformer Engine's GroupedLinear (Megatron-Core's TEGroupedMLP under --moe-grouped-gemm) reads the per-expert token
+# counts on the host, splits and quantizes the input per expert and launches one cuBLAS GEMM per local expert on a pool
+# of CUDA streams (TE docs, features/moe "Grouped GEMM", per-expert path; NVTE_USE_CUTLASS_GROUPED_GEMM, off by
+# default, switches only Hopper BF16/FP16 to a CUTLASS kernel; TE issue #1386: multi-stream cuBLASLt kept over grouped
+# kernels). Each extra GEMM costs time a single GEMM of the same rows does not: TE PR #2045's benchmark of
+# general_grouped_gemm (TE 2.7, CUDA 12.9, H100, BF16) ran the same 103.1 GFLOP (2 x 8 x 4096 x 768 x 2048) as 8
+# groups of 4096 rows at 627.903 TFLOP/s (164.16 us) and as 16 groups of 2048 rows at 553.945 TFLOP/s (186.08 us);
+# both shapes have the same narrowest side (768), so the shape efficiency is the same, and the 21.92 us are the
+# 8 extra GEMMs: 2.74 us per extra expert GEMM. The figure is Hopper's; it is taken for every NVIDIA generation
+# (a per-launch, per-stream cost, not a per-FLOP one) - an assumption, no Blackwell figure of the multi-stream path.
+TE_MULTI_STREAM_GEMM_PER_GROUP_S = (2 * 8 * 4096 * 768 * 2048) * (1 / 553.945e12 - 1 / 627.903e12) / 8
+
 
 def expert_tokens(spec: ModelSpec, layout: Layout, m: float, capacity_factor: float = 0.0) -> float:
     """Rows each local expert's GEMMs run on for m tokens per device: the balanced share m k ep / E, or, when
@@ -39,3 +51,10 @@ def moe_remote_share(experts_per_token: int, node_limit: int) -> float:
     if node_limit <= 0 or experts_per_token <= node_limit:
         return 1.0
     return node_limit / experts_per_token
+
+def split_gemm_overhead_s(local_experts: float, per_group_s: float) -> float:
+    """Seconds one grouped expert GEMM call costs over a single GEMM of all its rows when it runs as one GEMM per
+    local expert: (G - 1) x the cost of an extra GEMM (`TE_MULTI_STREAM_GEMM_PER_GROUP_S`); nothing for one expert."""
+    if per_group_s <= 0 or local_experts <= 1:
+        return 0.0
+    return (local_experts - 1) * per_group_s

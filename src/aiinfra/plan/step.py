@@ -17,7 +17,7 @@ from aiinfra.plan.errors import PlanError
 from aiinfra.plan.layout import Layout, TrainSettings, check_layout, layers_per_stage, micro_batches
 from aiinfra.plan.memory import memory_breakdown, offloaded_layer_bytes
 from aiinfra.plan.memory import stored_layer_bytes as _stored_layer_bytes
-from aiinfra.plan.moe_routing import expert_gemm_rows, moe_remote_share
+from aiinfra.plan.moe_routing import expert_gemm_rows, moe_remote_share, split_gemm_overhead_s
 from aiinfra.spec import ModelSpec
 
 # Bytes moved per logit by a fused vocab-parallel cross-entropy (write bf16 logits, read them, write fp32
@@ -68,8 +68,9 @@ def _gemm_time_s(cluster: Cluster, precision: str, m: float, k: float, n: float,
 
 
 def _mlp_gemm_s(spec: ModelSpec, layout: Layout, cluster: Cluster, precision: str, m: float,
-                capacity_factor: float = 0.0, row_tile: int = 0) -> float:
-    """The MLP's GEMMs for m tokens: dense, or router plus local experts' grouped GEMMs (`expert_tokens`)."""
+                capacity_factor: float = 0.0, row_tile: int = 0, per_group_s: float = 0.0) -> float:
+    """The MLP's GEMMs for m tokens: dense, or router plus local experts' grouped GEMMs (`expert_tokens`), each of
+    the two grouped calls paying `split_gemm_overhead_s` where it runs one GEMM per expert."""
     ffn_local = spec.ffn_dim / layout.tp
     mlp_in = (2 if spec.mlp == "swiglu" else 1) * ffn_local
     h = spec.dim
@@ -81,6 +82,7 @@ def _mlp_gemm_s(spec: ModelSpec, layout: Layout, cluster: Cluster, precision: st
     local_experts = spec.n_experts / layout.ep
     tokens_per_expert = expert_gemm_rows(spec, layout, m, capacity_factor, row_tile)
     gemm += _gemm_time_s(cluster, precision, tokens_per_expert, h, mlp_in, local_experts)
+    gemm += 2 * split_gemm_overhead_s(local_experts, per_group_s)
     return gemm + _gemm_time_s(cluster, precision, tokens_per_expert, ffn_local, h, local_experts)
 
 
@@ -92,7 +94,9 @@ def mlp_down_projection_s(spec: ModelSpec, settings: TrainSettings, layout: Layo
     if not spec.is_moe:
         return _gemm_time_s(cluster, settings.gemm_precision, m, ffn_local, spec.dim)
     rows = expert_gemm_rows(spec, layout, m, settings.moe_capacity_factor, settings.grouped_gemm_row_tile)
-    return _gemm_time_s(cluster, settings.gemm_precision, rows, ffn_local, spec.dim, spec.n_experts / layout.ep)
+    local = spec.n_experts / layout.ep
+    return (_gemm_time_s(cluster, settings.gemm_precision, rows, ffn_local, spec.dim, local)
+            + split_gemm_overhead_s(local, settings.grouped_gemm_per_group_s))
 
 
 def attention_product_flops(spec: ModelSpec, settings: TrainSettings, m: float, heads: float) -> float:
@@ -246,7 +250,7 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
     gemm = _gemm_time_s(cluster, precision, m, h, q_local + 2 * kv_local)  # fused QKV projection
     gemm += _gemm_time_s(cluster, precision, m, q_local, h)  # output projection
     mlp_gemm = _mlp_gemm_s(spec, layout, cluster, precision, m, settings.moe_capacity_factor,
-                           settings.grouped_gemm_row_tile)
+                           settings.grouped_gemm_row_tile, settings.grouped_gemm_per_group_s)
     gemm += mlp_gemm
 
     seq = settings.seq_len
