@@ -17,7 +17,6 @@ unseen_dense_mape, unseen_moe_mape, table_inference_mape, unseen_over_table.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -41,16 +40,11 @@ def main() -> None:
     models = serve_models()
     rows, not_run = validate_inference(args.cells)
     table_rows, _ = validate_inference(INFERENCE_RUNS_CSV)
-    model_of = {}
-    with open(args.cells, newline="") as handle:
-        for row in csv.DictReader(handle):
-            model_of[row["id"]] = row["model"]
     groups: dict[tuple[str, str], list[float]] = defaultdict(list)
     dense, moe = [], []
     for row in rows:
-        name = model_of[row.run_id]
-        groups[(name, row.generation)].append(row.error)
-        (moe if models[name].spec.is_moe else dense).append(row.error)
+        groups[(row.model, row.generation)].append(row.error)
+        (moe if models[row.model].spec.is_moe else dense).append(row.error)
     console = Console()
     table = Table(title=f"{args.cells.name}: predicted against published (no value fitted to these cells)")
     for column in ("model", "generation", "cells", "MAPE", "mean error", "max |error|"):

@@ -165,11 +165,11 @@ def collective_time_s(cluster: Cluster, kind: Collective, size_bytes: float, gro
         steps = 3 * (round(n ** (1 / 3)) - 1)
     one_pass = (n - 1) / n * size_bytes / bandwidth + calls * steps * latency
     if cluster.topology == "mesh" and stride * n <= cluster.scaleup_domain and kind == "all_reduce":
-        return min(2 * one_pass, mesh_one_shot_all_reduce_s(cluster, size_bytes, n, calls))
+        return min(2 * one_pass, mesh_one_shot_all_reduce_s(cluster, size_bytes, calls))
     return 2 * one_pass if kind == "all_reduce" else one_pass
 
 
-def mesh_one_shot_all_reduce_s(cluster: Cluster, size_bytes: float, group_size: int, n_calls: float = 1.0) -> float:
+def mesh_one_shot_all_reduce_s(cluster: Cluster, size_bytes: float, n_calls: float = 1.0) -> float:
     """A one-shot all-reduce over a full mesh: every rank reads each peer's whole buffer over the one link to it
     and sums them, in two latency steps (post, then wait on the flags), but the whole buffer crosses every link.
 
@@ -194,4 +194,4 @@ def mesh_peer_all_reduce_s(cluster: Cluster, size_bytes: float, group_size: int)
     bus = cluster.scaleup_bw_bytes_per_s * eff.collective_bw_efficiency
     n = group_size
     two_stage = 2 * ((n - 1) / n * size_bytes / bus + eff.scaleup_latency_s)
-    return min(two_stage, mesh_one_shot_all_reduce_s(cluster, size_bytes, n))
+    return min(two_stage, mesh_one_shot_all_reduce_s(cluster, size_bytes))

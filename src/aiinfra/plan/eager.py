@@ -47,7 +47,7 @@ four-byte accesses a parameter, against the one read and write of each state a f
 
 from __future__ import annotations
 
-from aiinfra.plan.layout import Layout, TrainSettings
+from aiinfra.plan.layout import Layout, TrainSettings, local_attention_widths
 from aiinfra.spec import ModelSpec
 
 FP32_BYTES = 4
@@ -94,8 +94,7 @@ def eager_extra_forward_bytes(spec: ModelSpec, settings: TrainSettings, layout: 
     if spec.norm == "rmsnorm":
         norms = 2 + settings.post_norms
         extra += m * spec.dim * norms * (eager_rmsnorm_bytes(a) - 2 * a) / sp_divisor
-    q_local = spec.n_heads * spec.head_dim / layout.tp
-    kv_local = spec.head_dim * -(-spec.n_kv_heads // layout.tp)
+    q_local, kv_local = local_attention_widths(spec, layout.tp)
     if spec.position == "rope":
         extra += m * (q_local + kv_local) * (eager_rotary_bytes(a) - 2 * a)
     if spec.mlp == "swiglu":

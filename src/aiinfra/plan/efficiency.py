@@ -67,26 +67,27 @@ class EfficiencyProfile:
         return ceiling * smallest / (smallest + half)
 
 
+def _optional_float(row: dict[str, str], column: str) -> float | None:
+    text = (row.get(column) or "").strip()
+    return float(text) if text else None
+
+
 def _row_to_profile(row: dict[str, str]) -> EfficiencyProfile:
-    fp8 = row["fp8_gemm_efficiency_max"].strip()
-    fp4_half = (row.get("fp4_gemm_half_dim") or "").strip()
-    kv_bw = (row.get("decode_attention_bw_efficiency") or "").strip()
-    fa2 = (row.get("fa2_attention_efficiency") or "").strip()
     return EfficiencyProfile(
         generation=row["generation"],
         accelerators=tuple(row["accelerators"].split()),
         gemm_efficiency_max=float(row["gemm_efficiency_max"]),
         gemm_half_dim=float(row["gemm_half_dim"]),
-        fp8_gemm_efficiency_max=float(fp8) if fp8 else None,
+        fp8_gemm_efficiency_max=_optional_float(row, "fp8_gemm_efficiency_max"),
         attention_efficiency=float(row["attention_efficiency"]),
         memory_bw_efficiency=float(row["memory_bw_efficiency"]),
         collective_bw_efficiency=float(row["collective_bw_efficiency"]),
         scaleup_latency_s=float(row["scaleup_latency_s"]),
         scaleout_latency_s=float(row["scaleout_latency_s"]),
         basis=row["basis"],
-        fp4_gemm_half_dim=float(fp4_half) if fp4_half else None,
-        decode_attention_bw_efficiency=float(kv_bw) if kv_bw else None,
-        fa2_attention_efficiency=float(fa2) if fa2 else None,
+        fp4_gemm_half_dim=_optional_float(row, "fp4_gemm_half_dim"),
+        decode_attention_bw_efficiency=_optional_float(row, "decode_attention_bw_efficiency"),
+        fa2_attention_efficiency=_optional_float(row, "fa2_attention_efficiency"),
     )
 
 

@@ -176,6 +176,15 @@ def host_step_s(settings: ServeSettings, batch: int) -> float:
     return settings.host_s_per_step + settings.host_s_per_request * per_rank
 
 
+def data_parallel_experts(spec: ModelSpec, settings: ServeSettings) -> int:
+    """Always-active experts (shared experts, dense first layers) that run data-parallel under attention DP: every
+    rank holds them whole and runs them over its own tokens (TensorRT-LLM's Llama4MoE and dense MLPs:
+    GatedMLP(overridden_tp_size=1 if enable_attention_dp); tech blog 3's table: MoE shared experts DP8)."""
+    if not (spec.is_moe and settings.attention_dp and settings.tp > 1):
+        return 0
+    return min(settings.shared_experts, spec.experts_per_token - 1)
+
+
 def linear_layers_s(spec: ModelSpec, cluster: Cluster, settings: ServeSettings, tokens: float,
                     rank_tokens: float) -> float:
     """Seconds of one layer's linear projections in a step of `tokens` (`rank_tokens` on the busiest attention-DP
@@ -187,10 +196,7 @@ def linear_layers_s(spec: ModelSpec, cluster: Cluster, settings: ServeSettings, 
     h, q, kv = spec.dim, spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
     mlp_in = (2 if spec.mlp == "swiglu" else 1) * spec.ffn_dim
     adp = settings.attention_dp and tp > 1
-    # Under attention DP the always-active experts (shared experts, dense first layers) run data-parallel like
-    # attention: every rank holds them whole and runs them over its own tokens (TensorRT-LLM's Llama4MoE and dense
-    # MLPs: GatedMLP(overridden_tp_size=1 if enable_attention_dp); tech blog 3's table: MoE shared experts DP8).
-    shared = min(settings.shared_experts, spec.experts_per_token - 1) if spec.is_moe and adp else 0
+    shared = data_parallel_experts(spec, settings)
     routed = spec.model_copy(update={"n_experts": spec.n_experts - shared,
                                      "experts_per_token": spec.experts_per_token - shared}) if shared else spec
     count = routed.experts_per_token if spec.is_moe else 1
@@ -198,8 +204,8 @@ def linear_layers_s(spec: ModelSpec, cluster: Cluster, settings: ServeSettings, 
     linears += [(h, mlp_in, shared, False), (spec.ffn_dim, h, shared, False)] if shared else []
     load = busiest_rank_load(routed.n_experts, tp, tokens * count) if spec.is_moe and adp else 1.0
     total = 0.0
-    for k, n, count, mlp in linears:
-        flops = 2 * tokens * k * n * count / tp
+    for k, n, copies, mlp in linears:
+        flops = 2 * tokens * k * n * copies / tp
         moe = spec.is_moe and mlp
         # Routed experts run as a grouped GEMM, each touched expert over its own rows: tokens x k spread over the
         # experts the step touches (tokens x k / E at serving batch sizes, as the training model's
@@ -213,9 +219,9 @@ def linear_layers_s(spec: ModelSpec, cluster: Cluster, settings: ServeSettings, 
             # Attention data parallelism: every rank holds the whole attention projections and runs them over its
             # own tokens; the step waits for the rank with the most (`busiest_rank_tokens`).
             rows, width, shards = rank_tokens, n, 1
-            flops = 2 * rank_tokens * k * n * count
+            flops = 2 * rank_tokens * k * n * copies
         compute = flops / (peak * eff.gemm_efficiency(rows, k, width, dtype))
-        stored = k * n * count * (touched_experts(routed, tokens) / count if moe else 1) * WEIGHT_BYTES[
+        stored = k * n * (touched_experts(routed, tokens) if moe else copies) * WEIGHT_BYTES[
             settings.weight_dtype] / shards
         total += max(compute, stored / bandwidth)
     return total
@@ -318,8 +324,7 @@ def plan_serving(spec: ModelSpec, cluster: Cluster, settings: ServeSettings) -> 
     weights = weights_bytes(spec, settings.weight_dtype) / tp
     if settings.attention_dp:
         # Every rank keeps the whole attention projections and always-active experts, not a 1/tp slice of them.
-        shared = min(settings.shared_experts, spec.experts_per_token - 1) if spec.is_moe else 0
-        whole = spec.attention_params() + shared * spec.expert_params()
+        whole = spec.attention_params() + data_parallel_experts(spec, settings) * spec.expert_params()
         weights += spec.n_layers * whole * WEIGHT_BYTES[settings.weight_dtype] * (1 - 1 / tp)
     per_token_kv = kv_bytes_per_token(spec, settings.kv_dtype, settings.kv_dim_per_layer)
     workspace = settings.max_tokens_per_step * (3 * spec.ffn_dim / tp + 4 * spec.dim) * 2

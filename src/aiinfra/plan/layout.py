@@ -23,6 +23,12 @@ Precision = Literal["bf16", "fp16", "fp8", "fp4", "fp32"]
 AttentionKernel = Literal["flash", "materialized"]
 
 
+
+def local_attention_widths(spec: ModelSpec, tp: int) -> tuple[float, int]:
+    """(query, key-or-value) widths one tensor-parallel rank holds: its 1/tp of the query heads, and its share of
+    the KV heads, at least one (K/V heads are replicated when tp exceeds them)."""
+    return spec.n_heads * spec.head_dim / tp, spec.head_dim * math.ceil(spec.n_kv_heads / tp)
+
 @dataclass(frozen=True)
 class Layout:
     """Degrees of parallelism and the per-device execution choices."""

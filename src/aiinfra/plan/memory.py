@@ -10,10 +10,9 @@ recomputation on top, and 2 s b h (/t under sequence parallelism) with full reco
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
-from aiinfra.plan.layout import Layout, TrainSettings, layers_per_stage, micro_batches
+from aiinfra.plan.layout import Layout, TrainSettings, layers_per_stage, local_attention_widths, micro_batches
 from aiinfra.spec import ModelSpec
 
 
@@ -31,10 +30,8 @@ def activation_terms(spec: ModelSpec, settings: TrainSettings, tp: int) -> Activ
     a = settings.activation_bytes
     mask = 1 if settings.dropout else 0  # dropout masks are one byte per element (Korthikanti 4.1)
     h = spec.dim
-    q_local = spec.n_heads * spec.head_dim / tp
+    q_local, kv_local = local_attention_widths(spec, tp)
     heads_local = spec.n_heads / tp
-    # K/V heads are replicated when tp exceeds them (every TP rank needs at least one).
-    kv_local = spec.head_dim * math.ceil(spec.n_kv_heads / tp)
     ffn_local = spec.ffn_dim / tp
     experts = spec.experts_per_token if spec.is_moe else 1
     # Norm input and matmul input for attention and MLP, plus the dropout mask after each.
@@ -78,8 +75,7 @@ def offloaded_layer_bytes(spec: ModelSpec, settings: TrainSettings, layout: Layo
         return 0.0
     a = settings.activation_bytes
     tokens = layout.micro_batch * settings.seq_len / layout.cp
-    q_local = spec.n_heads * spec.head_dim / layout.tp
-    kv_local = spec.head_dim * math.ceil(spec.n_kv_heads / layout.tp)
+    q_local, kv_local = local_attention_widths(spec, layout.tp)
     lse = 4 * spec.n_heads / layout.tp if settings.attention_kernel == "flash" else 0.0
     return tokens * (a * (2 * q_local + 2 * kv_local) + lse) + layer_input_bytes(spec, settings, layout)
 

@@ -47,6 +47,10 @@ ENGINES_WITH_SERIAL_HOST = frozenset({"vLLM"})
 ENGINE_CUSTOM_ALL_REDUCE_MAX_BYTES = {"vLLM": 8192 * 1024}
 
 
+def row_engine(row: dict[str, str]) -> str:
+    """The serving engine a row names: the first word of its `system` column ('' when empty)."""
+    return ((row.get("system") or "").split() or [""])[0]
+
 
 @dataclass(frozen=True)
 class InferenceValidationRow:
@@ -54,6 +58,7 @@ class InferenceValidationRow:
 
     run_id: str
     source: str
+    model: str
     generation: str
     metric: str
     published: float
@@ -102,8 +107,7 @@ def engine_max_batch(row: dict[str, str]) -> int:
         if not text.isdigit() or int(text) < 1:
             raise RowNotRepresentable(f"max_batch={text!r}: expected a whole number >= 1")
         return int(text)
-    words = (row.get("system") or "").split()
-    return ENGINE_MAX_BATCH.get(words[0] if words else "", ENGINE_MAX_BATCH["TensorRT-LLM"])
+    return ENGINE_MAX_BATCH.get(row_engine(row), ENGINE_MAX_BATCH["TensorRT-LLM"])
 
 
 def trtllm_bench_limits(spec: ModelSpec, memory_bytes: float, devices: int, weight_dtype: str, kv_dtype: str,
@@ -170,7 +174,7 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
     cluster = calibrated(make_cluster(row["hardware"].strip(), tp))
     # TensorRT-LLM's published figures come from trtllm-bench: its scheduler reserves each request's whole
     # sequence, and where a run does not state its limits the tool sets them from the memory (trtllm_bench_limits).
-    engine = ((row.get("system") or "").split() or [""])[0]
+    engine = row_engine(row)
     tensorrt_llm = engine == "TensorRT-LLM"
     attention_dp = (row.get("attention_dp") or "").strip().lower()
     if attention_dp not in ("", "yes", "no"):
@@ -198,8 +202,8 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
     figures = [_serve_figure(row["metric"], model.spec, cluster, option) for option in options]
     pick = min if row["metric"] == "ms_per_token_low_batch" else max
     predicted, batch, limited_by = pick(figures, key=lambda figure: figure[0])
-    return InferenceValidationRow(row["id"], row.get("source", ""), cluster.efficiency.generation, row["metric"],
-                                  float(row["value"]), predicted, batch, limited_by)
+    return InferenceValidationRow(row["id"], row.get("source", ""), name, cluster.efficiency.generation,
+                                  row["metric"], float(row["value"]), predicted, batch, limited_by)
 
 
 def _serve_figure(metric: str, spec: ModelSpec, cluster: Cluster, settings: ServeSettings) -> tuple[float, int, str]:

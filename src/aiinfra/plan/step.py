@@ -14,7 +14,14 @@ from aiinfra.plan.cluster import Cluster, collective_time_s
 from aiinfra.plan.dp_comm import dp_comm_s, overlapped_s
 from aiinfra.plan.eager import eager_extra_forward_bytes, foreach_adamw_bytes_per_param
 from aiinfra.plan.errors import PlanError
-from aiinfra.plan.layout import Layout, TrainSettings, check_layout, layers_per_stage, micro_batches
+from aiinfra.plan.layout import (
+    Layout,
+    TrainSettings,
+    check_layout,
+    layers_per_stage,
+    local_attention_widths,
+    micro_batches,
+)
 from aiinfra.plan.memory import memory_breakdown, offloaded_layer_bytes
 from aiinfra.plan.memory import stored_layer_bytes as _stored_layer_bytes
 from aiinfra.plan.moe_routing import expert_gemm_rows, moe_remote_share, split_gemm_overhead_s
@@ -126,8 +133,7 @@ def alternate_mm_shapes(spec: ModelSpec, layout: Layout) -> list[tuple[float, fl
     v, o, then the MLP's w1, w3 (gate) and w2 (torchtitan's Attention and FeedForward), i.e. k, o and w3 (fc2 for
     a 2-matrix MLP). An MoE block's experts run as grouped GEMMs, outside the count: only k and o."""
     h = spec.dim
-    q_local = spec.n_heads * spec.head_dim / layout.tp
-    kv_local = spec.head_dim * -(-spec.n_kv_heads // layout.tp)
+    q_local, kv_local = local_attention_widths(spec, layout.tp)
     ffn_local = spec.ffn_dim / layout.tp
     shapes = [(h, kv_local), (q_local, h)]
     if not spec.is_moe:
@@ -176,8 +182,7 @@ def _elementwise_bytes(spec: ModelSpec, settings: TrainSettings, layout: Layout,
     tp = layout.tp
     h = spec.dim
     precision = settings.gemm_precision
-    q_local = spec.n_heads * spec.head_dim / tp
-    kv_local = spec.head_dim * -(-spec.n_kv_heads // tp)
+    q_local, kv_local = local_attention_widths(spec, tp)
     ffn_local = spec.ffn_dim / tp
     sp_divisor = tp if layout.sequence_parallel else 1
     mask = 1 if settings.dropout else 0
@@ -243,9 +248,8 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
     tp = layout.tp
     h = spec.dim
     m = layout.micro_batch * settings.seq_len / layout.cp  # tokens this device computes
-    q_local = spec.n_heads * spec.head_dim / tp
+    q_local, kv_local = local_attention_widths(spec, tp)
     heads_local = spec.n_heads / tp
-    kv_local = spec.head_dim * -(-spec.n_kv_heads // tp)
 
     gemm = _gemm_time_s(cluster, precision, m, h, q_local + 2 * kv_local)  # fused QKV projection
     gemm += _gemm_time_s(cluster, precision, m, q_local, h)  # output projection
