@@ -103,6 +103,8 @@ def get_accelerator(name: str, extra_csv: Path | None = None) -> Accelerator:
 
 # torch.cuda.get_device_name() substrings -> catalog ids, most specific first.
 _CUDA_NAMES = [
+    ("GB300", "gb300"),
+    ("B300", "b300"),
     ("GB200", "gb200"),
     ("B200", "b200"),
     ("H200", "h200"),
