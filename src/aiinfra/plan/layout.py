@@ -38,7 +38,7 @@ class Layout:
     dp_replicate: int = 1  # data-parallel replicas that all-reduce gradients (DDP; HSDP's outer axis)
     dp_shard: int = 1  # data-parallel ranks over which ZeRO shards the model states
     cp: int = 1  # context parallel (sequence split across devices for attention)
-    ep: int = 1  # expert parallel (within dp x cp)
+    ep: int = 1  # expert parallel (within dp x cp; folded over tp x dp x cp with expert TP 1, `expert_tp`)
     virtual_stages: int = 1  # model chunks per device under interleaved_1f1b
     pp_schedule: Schedule = "1f1b"
     zero_stage: int = 0  # over dp_shard: 0 replicated; 1 optimizer sharded; 2 + gradients; 3 (FSDP) + parameters
@@ -57,6 +57,21 @@ class Layout:
     @property
     def n_devices(self) -> int:
         return self.tp * self.pp * self.dp * self.cp
+
+    @property
+    def expert_tp(self) -> int:
+        """Tensor parallelism of the expert MLPs. Megatron-Core keeps the dense layers' TP for the experts by default
+        (expert_tensor_parallel_size = tensor_model_parallel_size), so EP x expert-DP = dp x cp and EP lives inside
+        the data-parallel ranks. MoE Parallel Folding (Liu et al. 2025, arXiv 2504.14960; Megatron Core MoE, arXiv
+        2603.07685, 'the only constraint is ETP x EP x EDP = TP x CP x DP') lets the expert group span the TP ranks
+        too, which an EP larger than dp x cp needs; the published folded recipes set expert_tensor_parallel_size=1
+        (Megatron-Bridge qwen3_workload_base_configs.py, BASE_QWEN3_235B_A22B_CONFIG), which the planner takes."""
+        return self.tp if (self.dp * self.cp) % self.ep == 0 else 1
+
+    @property
+    def expert_dp(self) -> int:
+        """Ranks holding the same experts (expert data parallelism): tp x dp x cp / (expert TP x EP)."""
+        return self.tp * self.dp * self.cp // (self.expert_tp * self.ep)
 
     def describe(self) -> str:
         """A compact one-line description such as 'TP8 PP16(interleaved_1f1b x4) DP64 ZeRO-1 mb1 selective SP'."""
@@ -206,8 +221,10 @@ def check_layout(spec: ModelSpec, settings: TrainSettings, layout: Layout, n_dev
     if layout.ep > 1:
         if not spec.is_moe:
             raise PlanError(f"ep={layout.ep} needs a mixture-of-experts model")
-        if (layout.dp * layout.cp) % layout.ep or layout.ep > spec.n_experts:
-            raise PlanError(f"ep={layout.ep} must divide dp x cp = {layout.dp * layout.cp} and be <= the "
+        folded = layout.tp * layout.dp * layout.cp
+        if folded % layout.ep or layout.ep > spec.n_experts:
+            raise PlanError(f"ep={layout.ep} must divide dp x cp = {layout.dp * layout.cp} (or, folded over "
+                            f"tensor parallelism with expert TP 1, tp x dp x cp = {folded}) and be <= the "
                             f"{spec.n_experts} experts")
     if layout.offload_activations and layout.recompute == "full":
         raise PlanError("offload_activations needs recompute none or selective (full keeps only layer inputs)")

@@ -172,7 +172,7 @@ def device_param_counts(spec: ModelSpec, layout: Layout) -> ParamCounts:
     if layout.pp == 1 and spec.tie_embeddings:
         extra -= vocab_rows
     dense = (layers * dense_layer + extra) / layout.tp
-    expert = layers * expert_layer / (layout.tp * layout.ep)
+    expert = layers * expert_layer / (layout.expert_tp * layout.ep)
     return ParamCounts(dense_params=dense, expert_params=expert)
 
 
@@ -243,7 +243,8 @@ def memory_breakdown(spec: ModelSpec, settings: TrainSettings, layout: Layout) -
     """
     counts = device_param_counts(spec, layout)
     shard = (layout.dp_shard if layout.zero_stage else 1) * layout.cp
-    expert_shard = max(1, shard // layout.ep)
+    # Expert states shard over the expert-data-parallel ranks: dp_shard x cp / ep, times tp / expert_tp when folded.
+    expert_shard = max(1, shard * layout.tp // (layout.expert_tp * layout.ep))
 
     def sharded(stage: int) -> float:
         if layout.zero_stage < stage:

@@ -23,8 +23,11 @@ TE_MULTI_STREAM_GEMM_PER_GROUP_S = (2 * 8 * 4096 * 768 * 2048) * (1 / 553.945e12
 def expert_tokens(spec: ModelSpec, layout: Layout, m: float, capacity_factor: float = 0.0) -> float:
     """Rows each local expert's GEMMs run on for m tokens per device: the balanced share m k ep / E, or, when
     tokens are dropped at a capacity factor, the whole capacity buffer cf x m k ep / E, padding included (GShard,
-    Lepikhin et al. 2020, 2.2; Switch Transformer, Fedus et al. 2021, 2.2: expert capacity = cf x tokens x k / E)."""
-    share = m * spec.experts_per_token * layout.ep / spec.n_experts
+    Lepikhin et al. 2020, 2.2; Switch Transformer, Fedus et al. 2021, 2.2: expert capacity = cf x tokens x k / E).
+    With experts tensor-parallel like the dense layers every TP rank computes all m tokens on its 1/tp of each
+    expert; folded to expert TP 1 (`Layout.expert_tp`) each TP rank dispatches only its own m / tp sequence shard
+    to whole experts, so the rows shrink by tp / expert_tp while the expert width grows by the same factor."""
+    share = m * spec.experts_per_token * layout.ep / spec.n_experts * layout.expert_tp / layout.tp
     return share * capacity_factor if capacity_factor > 0 else share
 
 def grouped_gemm_rows(rows_per_expert: float, local_experts: float, row_tile: int) -> float:

@@ -83,6 +83,8 @@ def _mlp_gemm_s(spec: ModelSpec, layout: Layout, cluster: Cluster, precision: st
     h = spec.dim
     if not spec.is_moe:
         return _gemm_time_s(cluster, precision, m, h, mlp_in) + _gemm_time_s(cluster, precision, m, ffn_local, h)
+    ffn_local = spec.ffn_dim / layout.expert_tp  # the experts' own tensor parallelism (`Layout.expert_tp`)
+    mlp_in = (2 if spec.mlp == "swiglu" else 1) * ffn_local
     gemm = 0.0
     if spec.n_experts > 1:  # a single expert takes every token: nothing to route
         gemm += _gemm_time_s(cluster, precision, m, h, spec.n_experts)  # router
@@ -102,6 +104,7 @@ def mlp_down_projection_s(spec: ModelSpec, settings: TrainSettings, layout: Layo
         return _gemm_time_s(cluster, settings.gemm_precision, m, ffn_local, spec.dim)
     rows = expert_gemm_rows(spec, layout, m, settings.moe_capacity_factor, settings.grouped_gemm_row_tile)
     local = spec.n_experts / layout.ep
+    ffn_local = spec.ffn_dim / layout.expert_tp
     return (_gemm_time_s(cluster, settings.gemm_precision, rows, ffn_local, spec.dim, local)
             + split_gemm_overhead_s(local, settings.grouped_gemm_per_group_s))
 
@@ -197,8 +200,10 @@ def _elementwise_bytes(spec: ModelSpec, settings: TrainSettings, layout: Layout,
     # QK-norm (Gemma 3, Qwen3): an RMSNorm over every query and key head reads and writes q and k once more.
     qk_norm_bytes = m * 2 * a * (q_local + kv_local) if settings.qk_norm else 0.0
     if spec.is_moe and spec.n_experts > 1:
-        # Token permutation before the experts and unpermutation after: each routed copy is read and written twice.
-        activation_bytes += m * spec.experts_per_token * h * a * MOE_PERMUTE_PASSES
+        # Token permutation before the experts and unpermutation after: each routed copy is read and written twice
+        # (folded to expert TP 1, a TP rank permutes only its own m / tp tokens: `moe_routing.expert_tokens`).
+        permuted = m * layout.expert_tp / tp
+        activation_bytes += permuted * spec.experts_per_token * h * a * MOE_PERMUTE_PASSES
     if precision in ("fp8", "fp4"):
         # Each low-precision GEMM casts its input before it runs (Transformer Engine's per-tensor or block
         # scaling): the attention input (h), the attention output (q_local), the MLP input (h, each routed copy
@@ -229,14 +234,17 @@ def _ep_comm_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster
         # Under sequence parallelism each tensor-parallel rank dispatches only its own S/TP x B tokens
         # (Megatron-Core moe/token_dispatcher.py: num_local_tokens = S/TP*B, num_global_tokens =
         # num_local_tokens*TP*EP); any expert-TP gather then runs inside the node.
-        sent = m / tp if layout.sequence_parallel else m
+        # Folded over TP (expert TP 1, `Layout.expert_tp`), the expert group takes the TP ranks first (Megatron-Core
+        # parallel_state orders expert ranks ETP-EP-EDP), so its members are `expert_tp` = 1 rank apart and each
+        # sends its own m / tp shard.
+        folded = layout.expert_tp != tp
+        sent = m / tp if layout.sequence_parallel or folded else m
+        stride = layout.expert_tp if folded else tp * layout.cp
         dispatch_bytes = sent * spec.experts_per_token * h * (1 if precision in ("fp8", "fp4") else a)
         combine_bytes = sent * spec.experts_per_token * h * a
         share = moe_remote_share(spec.experts_per_token, settings.moe_node_limit)
-        return (collective_time_s(cluster, "all_to_all", dispatch_bytes, layout.ep, tp * layout.cp,
-                                     remote_share=share)
-                   + collective_time_s(cluster, "all_to_all", combine_bytes, layout.ep, tp * layout.cp,
-                                       remote_share=share))
+        return (collective_time_s(cluster, "all_to_all", dispatch_bytes, layout.ep, stride, remote_share=share)
+                + collective_time_s(cluster, "all_to_all", combine_bytes, layout.ep, stride, remote_share=share))
     return 0.0
 
 
@@ -265,7 +273,9 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
 
     # Two all-reduces per layer (Shoeybi et al. 2019), or the same bytes as all-gather + reduce-scatter pairs
     # under sequence parallelism (Korthikanti et al. 2022, 4.2.2).
-    tp_comm = 2 * collective_time_s(cluster, "all_reduce", m * h * a, tp, 1)
+    # Folded experts (expert TP 1) are not tensor-parallel: the MoE block has no TP collective, only attention's.
+    tp_blocks = 1 if spec.is_moe and layout.expert_tp != tp else 2
+    tp_comm = tp_blocks * collective_time_s(cluster, "all_reduce", m * h * a, tp, 1)
     kv_bytes = layout.micro_batch * seq * 2 * kv_local * a
     cp_comm = collective_time_s(cluster, "all_gather", kv_bytes, layout.cp, tp)  # all-gather CP (Llama 3, 3.3.2)
     ep_comm = _ep_comm_s(spec, settings, layout, cluster, m)
