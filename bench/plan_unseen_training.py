@@ -13,8 +13,9 @@ the same run (the ratio says how much worse the planner does on cells it was not
 The cells are transcribed in bench/data/bridge_performance_cells.csv in the shared schema. Where a cell gives a
 second figure in parentheses for another quantization granularity only, the first is kept; where the parentheses give
 another configuration (25.09 GB200 Llama 3 70B and 405B, DeepSeek-V3) that is a cell of its own. DeepSeek-V3 with MTP
-(25.11 B200) is left out: the schema has no multi-token-prediction column. Cells whose expert parallelism spans more
-ranks than data x context parallelism (Megatron's MoE Parallel Folding over TP) print as not run.
+(25.11 B200) is left out: the schema has no multi-token-prediction column. An expert parallelism larger than
+data x context parallelism is taken as Megatron's MoE Parallel Folding over TP (`Layout.expert_tp`); a cell whose EP
+does not divide tp x dp x cp prints as not run.
 
     python bench/plan_unseen_training.py [--cells bench/data/bridge_performance_cells.csv]
 

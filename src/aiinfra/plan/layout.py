@@ -69,6 +69,11 @@ class Layout:
         return self.tp if (self.dp * self.cp) % self.ep == 0 else 1
 
     @property
+    def experts_folded(self) -> bool:
+        """Whether the expert group spans the TP ranks (expert TP below the dense layers' TP, `expert_tp`)."""
+        return self.expert_tp != self.tp
+
+    @property
     def expert_dp(self) -> int:
         """Ranks holding the same experts (expert data parallelism): tp x dp x cp / (expert TP x EP)."""
         return self.tp * self.dp * self.cp // (self.expert_tp * self.ep)

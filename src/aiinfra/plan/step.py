@@ -78,13 +78,12 @@ def _mlp_gemm_s(spec: ModelSpec, layout: Layout, cluster: Cluster, precision: st
                 capacity_factor: float = 0.0, row_tile: int = 0, per_group_s: float = 0.0) -> float:
     """The MLP's GEMMs for m tokens: dense, or router plus local experts' grouped GEMMs (`expert_tokens`), each of
     the two grouped calls paying `split_gemm_overhead_s` where it runs one GEMM per expert."""
-    ffn_local = spec.ffn_dim / layout.tp
+    # Experts split over their own tensor parallelism (`Layout.expert_tp`), dense MLPs over the layers' TP.
+    ffn_local = spec.ffn_dim / (layout.expert_tp if spec.is_moe else layout.tp)
     mlp_in = (2 if spec.mlp == "swiglu" else 1) * ffn_local
     h = spec.dim
     if not spec.is_moe:
         return _gemm_time_s(cluster, precision, m, h, mlp_in) + _gemm_time_s(cluster, precision, m, ffn_local, h)
-    ffn_local = spec.ffn_dim / layout.expert_tp  # the experts' own tensor parallelism (`Layout.expert_tp`)
-    mlp_in = (2 if spec.mlp == "swiglu" else 1) * ffn_local
     gemm = 0.0
     if spec.n_experts > 1:  # a single expert takes every token: nothing to route
         gemm += _gemm_time_s(cluster, precision, m, h, spec.n_experts)  # router
@@ -99,12 +98,11 @@ def mlp_down_projection_s(spec: ModelSpec, settings: TrainSettings, layout: Layo
     """Forward time of a layer's last GEMM, the MLP's down projection (the local experts' under MoE), whose output
     only feeds the residual sum: under XLA a full recompute leaves it out (`recompute_drops_output_gemm`)."""
     m = layout.micro_batch * settings.seq_len / layout.cp
-    ffn_local = spec.ffn_dim / layout.tp
+    ffn_local = spec.ffn_dim / (layout.expert_tp if spec.is_moe else layout.tp)
     if not spec.is_moe:
         return _gemm_time_s(cluster, settings.gemm_precision, m, ffn_local, spec.dim)
     rows = expert_gemm_rows(spec, layout, m, settings.moe_capacity_factor, settings.grouped_gemm_row_tile)
     local = spec.n_experts / layout.ep
-    ffn_local = spec.ffn_dim / layout.expert_tp
     return (_gemm_time_s(cluster, settings.gemm_precision, rows, ffn_local, spec.dim, local)
             + split_gemm_overhead_s(local, settings.grouped_gemm_per_group_s))
 
@@ -237,7 +235,7 @@ def _ep_comm_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster
         # Folded over TP (expert TP 1, `Layout.expert_tp`), the expert group takes the TP ranks first (Megatron-Core
         # parallel_state orders expert ranks ETP-EP-EDP), so its members are `expert_tp` = 1 rank apart and each
         # sends its own m / tp shard.
-        folded = layout.expert_tp != tp
+        folded = layout.experts_folded
         sent = m / tp if layout.sequence_parallel or folded else m
         stride = layout.expert_tp if folded else tp * layout.cp
         dispatch_bytes = sent * spec.experts_per_token * h * (1 if precision in ("fp8", "fp4") else a)
@@ -274,7 +272,7 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
     # Two all-reduces per layer (Shoeybi et al. 2019), or the same bytes as all-gather + reduce-scatter pairs
     # under sequence parallelism (Korthikanti et al. 2022, 4.2.2).
     # Folded experts (expert TP 1) are not tensor-parallel: the MoE block has no TP collective, only attention's.
-    tp_blocks = 1 if spec.is_moe and layout.expert_tp != tp else 2
+    tp_blocks = 1 if spec.is_moe and layout.experts_folded else 2
     tp_comm = tp_blocks * collective_time_s(cluster, "all_reduce", m * h * a, tp, 1)
     kv_bytes = layout.micro_batch * seq * 2 * kv_local * a
     cp_comm = collective_time_s(cluster, "all_gather", kv_bytes, layout.cp, tp)  # all-gather CP (Llama 3, 3.3.2)
