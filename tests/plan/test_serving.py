@@ -409,3 +409,42 @@ def test_moe_module_cost_a_copy_reproduces_the_blogs_cutlass_latencies() -> None
     by_hand = 8192 * 8 * 94 * 4096 * PER_COPY / 4.8e12
     norms = 94 * 2 * (8192 * 10 * 4096 + 8192 * 3 * spec.ffn_dim * 8 / 8) / (4.8e12 * 0.80)
     assert parts["elementwise"] == pytest.approx(norms + by_hand)
+
+
+def test_a_finite_benchmark_runs_its_requests_in_waves_of_the_batch() -> None:
+    from aiinfra.plan.errors import PlanError
+    from aiinfra.plan.inference import decode_step_time_s, finite_run_output_tokens_per_s
+
+    spec = serve_models()["llama-3.1-8b"].spec
+    cluster = make_cluster("h100-sxm-80gb", 1)
+    settings = ServeSettings(128, 256)
+    # 2500 requests at most 1000 at a time: two full waves of 256 steps at 1000, one of 256 steps at 500.
+    seconds = 256 * (2 * decode_step_time_s(spec, cluster, settings, 1000)
+                     + decode_step_time_s(spec, cluster, settings, 500))
+    assert math.isclose(finite_run_output_tokens_per_s(spec, cluster, settings, 1000, 2500), 2500 * 256 / seconds)
+    # Whole waves run at the steady state's rate; fewer requests than the batch run at their own, lower one.
+    steady = 1000 / decode_step_time_s(spec, cluster, settings, 1000)
+    assert math.isclose(finite_run_output_tokens_per_s(spec, cluster, settings, 1000, 3000), steady)
+    assert finite_run_output_tokens_per_s(spec, cluster, settings, 1000, 400) < steady
+    with pytest.raises(PlanError, match="requests=0"):
+        finite_run_output_tokens_per_s(spec, cluster, settings, 1000, 0)
+
+
+def test_a_row_names_its_request_count_or_gets_its_benchmark_procedures() -> None:
+    from aiinfra.plan.runs import RowNotRepresentable
+    from aiinfra.plan.serve_rows import _predict_inference_row, benchmark_requests
+
+    row = {"id": "x", "system": "TensorRT-LLM max-throughput", "model": "llama-3.1-8b", "hardware": "b200",
+           "n_devices": "1", "tp": "1", "precision": "fp8", "input_tokens": "128", "output_tokens": "4096",
+           "metric": "output_tokens_per_s", "value": "3"}
+    assert benchmark_requests(row) == 1500  # perf-overview's dataset table for 128/4096
+    assert benchmark_requests({**row, "requests": "64"}) == 64
+    assert benchmark_requests({**row, "input_tokens": "300"}) == 0  # lengths the table does not list
+    assert benchmark_requests({**row, "system": "TensorRT-LLM trtllm-bench"}) == 0
+    assert benchmark_requests({**row, "system": "vLLM benchmark_throughput.py"}) == 1000
+    with pytest.raises(RowNotRepresentable, match="requests='-3'"):
+        benchmark_requests({**row, "requests": "-3"})
+    # 64 requests never fill a B200 that holds hundreds of 4k-token sequences: the batch is the request count.
+    small = _predict_inference_row({**row, "requests": "64"}, serve_models())
+    assert (small.batch, small.limited_by) == (64, "requests")
+    assert small.predicted < _predict_inference_row(row, serve_models()).predicted

@@ -14,7 +14,13 @@ from pathlib import Path
 
 from aiinfra.plan.cluster import Cluster
 from aiinfra.plan.errors import PlanError
-from aiinfra.plan.inference import WEIGHT_BYTES, ServeSettings, decode_step_time_s, plan_serving
+from aiinfra.plan.inference import (
+    WEIGHT_BYTES,
+    ServeSettings,
+    decode_step_time_s,
+    finite_run_output_tokens_per_s,
+    plan_serving,
+)
 from aiinfra.spec import ModelSpec
 
 INFERENCE_RUNS_CSV = Path(__file__).with_name("published_inference_runs.csv")
@@ -46,6 +52,21 @@ ENGINES_WITH_SERIAL_HOST = frozenset({"vLLM"})
 # where the fabric is a mesh: over a switch the collective model already takes the one-/two-shot latency.
 ENGINE_CUSTOM_ALL_REDUCE_MAX_BYTES = {"vLLM": 8192 * 1024}
 
+
+# Requests a TensorRT-LLM perf-overview run queues, by (input, output) tokens: its "Preparing a Dataset" table
+# (docs/source/performance/perf-overview.md, commit 00f37686: "$num_requests" per ISL/OSL, more for short sequences
+# "to guarantee that the system hit a steady state"). Used for a "TensorRT-LLM max-throughput" row that has no
+# `requests` column: those rows are that procedure's output. Fewer requests than the engine holds at once cap the
+# batch (`inference.finite_run_output_tokens_per_s`).
+TRTLLM_PERF_OVERVIEW_REQUESTS = {
+    (128, 128): 30000, (128, 2048): 3000, (128, 4096): 1500, (1000, 2000): 1500, (2048, 128): 3000,
+    (2048, 2048): 1500, (5000, 500): 1500, (1000, 1000): 3000, (500, 2000): 3000, (20000, 2000): 1000,
+}
+TRTLLM_PERF_OVERVIEW_SYSTEM = "TensorRT-LLM max-throughput"
+# vLLM's offline throughput script queues --num-prompts requests, 1000 unless told (benchmarks/benchmark_throughput.py,
+# `parser.add_argument("--num-prompts", type=int, default=1000)`), for a row whose `system` names the script.
+VLLM_THROUGHPUT_SCRIPT = "benchmark_throughput.py"
+VLLM_THROUGHPUT_DEFAULT_REQUESTS = 1000
 
 def row_engine(row: dict[str, str]) -> str:
     """The serving engine a row names: the first word of its `system` column ('' when empty)."""
@@ -109,6 +130,25 @@ def engine_max_batch(row: dict[str, str]) -> int:
         return int(text)
     return ENGINE_MAX_BATCH.get(row_engine(row), ENGINE_MAX_BATCH["TensorRT-LLM"])
 
+
+def benchmark_requests(row: dict[str, str]) -> int:
+    """Requests the row's offline benchmark queued: its optional `requests` column, else the count its benchmark
+    procedure documents (TensorRT-LLM's perf-overview table, vLLM's throughput script default), else 0 (an
+    unbounded stream: the steady state)."""
+    from aiinfra.plan.runs import RowNotRepresentable
+
+    text = (row.get("requests") or "").strip()
+    if text:
+        if not text.isdigit() or int(text) < 1:
+            raise RowNotRepresentable(f"requests={text!r}: expected a whole number >= 1")
+        return int(text)
+    system = (row.get("system") or "").strip()
+    if row_engine(row) == "vLLM" and VLLM_THROUGHPUT_SCRIPT in system:
+        return VLLM_THROUGHPUT_DEFAULT_REQUESTS
+    if system != TRTLLM_PERF_OVERVIEW_SYSTEM:
+        return 0
+    lengths = (int(row["input_tokens"]), int(row["output_tokens"] or 0))
+    return TRTLLM_PERF_OVERVIEW_REQUESTS.get(lengths, 0)
 
 def trtllm_bench_limits(spec: ModelSpec, memory_bytes: float, devices: int, weight_dtype: str, kv_dtype: str,
                         input_tokens: int, output_tokens: int) -> tuple[int, int]:
@@ -199,18 +239,26 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
         # The row does not say: the published figure is the engine at its best, so try both (as a training row
         # without a layout gets the best layout that fits).
         options.append(replace(settings, attention_dp=True))
-    figures = [_serve_figure(row["metric"], model.spec, cluster, option) for option in options]
+    requests = benchmark_requests(row)
+    figures = [_serve_figure(row["metric"], model.spec, cluster, option, requests) for option in options]
     pick = min if row["metric"] == "ms_per_token_low_batch" else max
     predicted, batch, limited_by = pick(figures, key=lambda figure: figure[0])
     return InferenceValidationRow(row["id"], row.get("source", ""), name, cluster.efficiency.generation,
                                   row["metric"], float(row["value"]), predicted, batch, limited_by)
 
 
-def _serve_figure(metric: str, spec: ModelSpec, cluster: Cluster, settings: ServeSettings) -> tuple[float, int, str]:
-    """(figure, batch, what bounds the batch) for a row's metric under one engine configuration."""
+def _serve_figure(metric: str, spec: ModelSpec, cluster: Cluster, settings: ServeSettings,
+                  requests: int = 0) -> tuple[float, int, str]:
+    """(figure, batch, what bounds the batch) for a row's metric under one engine configuration; `requests` > 0
+    is a finite offline run of that many requests (0: the steady state)."""
     if metric == "ms_per_token_low_batch":
         return 1e3 * decode_step_time_s(spec, cluster, settings, 1, prefill=False), 1, "latency"
     plan = plan_serving(spec, cluster, settings)
+    if requests and requests < plan.batch:
+        return finite_run_output_tokens_per_s(spec, cluster, settings, plan.batch, requests), requests, "requests"
+    if requests:
+        return (finite_run_output_tokens_per_s(spec, cluster, settings, plan.batch, requests), plan.batch,
+                plan.limited_by)
     return plan.output_tokens_per_s, plan.batch, plan.limited_by
 
 
