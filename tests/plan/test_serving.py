@@ -323,20 +323,51 @@ def test_attention_dp_experts_run_whole_on_their_rank(monkeypatch) -> None:
     assert [call[1:] for call in seen[2:4]] == [(spec.dim, mlp_in / 8), (spec.ffn_dim, spec.dim / 8)]
 
 
-def test_each_moe_layer_pays_the_fused_top_k_routing_latency() -> None:
-    from aiinfra.plan.expert_load import MOE_ROUTING_S_PER_LAYER
+def test_each_moe_layer_pays_the_fused_top_k_and_the_module_s_fixed_latency() -> None:
+    import numpy as np
+
+    from aiinfra.plan.expert_load import MOE_MODULE_FIXED_S_PER_LAYER, MOE_ROUTING_S_PER_LAYER
     from aiinfra.plan.inference import decode_step_parts
 
     models = serve_models()
     cluster = make_cluster("h200", 8)
     settings = ServeSettings(1000, 1000, tp=8)
-    # TensorRT-LLM tech blog 3: 15 us a layer for the fused top-k kernels on B200.
+    # TensorRT-LLM tech blog 3: 15 us a layer for the fused top-k kernels on B200; blog 24's CUTLASS module (router
+    # and top-k included) fits 111 us whatever its tokens, so 96 us more a MoE layer.
     assert MOE_ROUTING_S_PER_LAYER == 15e-6
+    tokens = np.array([64, 128, 192, 208, 224, 256, 272, 336, 384.0])
+    latency_us = np.array([308.44, 335.65, 350.68, 354.73, 354.01, 351.98, 357.90, 363.58, 368.12])
+    design = np.c_[np.ones_like(tokens), 256 * (1 - (1 - 8 / 256) ** tokens), 8 * tokens]
+    intercept = np.linalg.lstsq(design, latency_us, rcond=None)[0][0]
+    assert intercept == pytest.approx(111.0, abs=0.6)
+    assert MOE_ROUTING_S_PER_LAYER + MOE_MODULE_FIXED_S_PER_LAYER == pytest.approx(111e-6)
+    per_layer = MOE_ROUTING_S_PER_LAYER + MOE_MODULE_FIXED_S_PER_LAYER
     moe = models["qwen3-235b-a22b"].spec
-    assert math.isclose(decode_step_parts(moe, cluster, settings, 512)["routing"], 94 * 15e-6)
-    assert math.isclose(decode_step_parts(moe, cluster, settings, 1, prefill=False)["routing"], 94 * 15e-6)
+    assert math.isclose(decode_step_parts(moe, cluster, settings, 512)["routing"], 94 * per_layer)
+    assert math.isclose(decode_step_parts(moe, cluster, settings, 1, prefill=False)["routing"], 94 * per_layer)
     dense = models["llama-3.1-70b"].spec
     assert decode_step_parts(dense, cluster, settings, 512)["routing"] == 0.0
+
+
+def test_only_the_moe_layers_of_an_interleaved_model_pay_the_moe_layer_costs() -> None:
+    from aiinfra.plan.expert_load import MOE_MODULE_FIXED_S_PER_LAYER, MOE_ROUTING_S_PER_LAYER
+    from aiinfra.plan.inference import decode_step_parts, tp_all_reduce_s
+
+    model = serve_models()["llama-4-maverick-17b-128e"]
+    assert (model.spec.n_layers, model.moe_layers) == (48, 24)  # interleave_moe_layer_step 2
+    cluster = make_cluster("h200", 8)
+    dp = ServeSettings(1000, 1000, tp=8, attention_dp=True, moe_layers=model.moe_layers)
+    parts = decode_step_parts(model.spec, cluster, dp, 1024)
+    assert parts["routing"] == pytest.approx(24 * (MOE_ROUTING_S_PER_LAYER + MOE_MODULE_FIXED_S_PER_LAYER))
+    # Under attention DP only the MoE layers gather and scatter (a dense layer's MLP is data-parallel too); under
+    # TP every layer all-reduces twice.
+    exchange = tp_all_reduce_s(cluster, dp, (1024 + 1024) * model.spec.dim * 2)
+    assert parts["tp_comm"] == pytest.approx(24 * exchange)
+    tp = replace(dp, attention_dp=False)
+    assert decode_step_parts(model.spec, cluster, tp, 1024)["tp_comm"] == pytest.approx(96 * exchange)
+    # A model without the column (every layer MoE) counts every layer.
+    every = replace(dp, moe_layers=0)
+    assert decode_step_parts(model.spec, cluster, every, 1024)["tp_comm"] == pytest.approx(48 * exchange)
 
 
 def test_mla_prefill_attention_uses_its_unabsorbed_head_widths() -> None:

@@ -41,6 +41,12 @@ MOE_ROUTING_S_PER_LAYER = 15e-6
 # The same kernels run for fp8 and bf16 experts (their traffic is 16-bit per hidden element bar the quantized
 # copy), so we take the same figure on Hopper, at its own HBM bandwidth.
 MOE_MODULE_BYTES_PER_COPY_ELEMENT = 12.37e-9 * 8e12 / 7168
+# The same fit's intercept, a = 111 us: what one MoE layer's module costs whatever its tokens (the CUTLASS column is
+# 96.8 us at a single token, whose 8 touched experts add 7 us). The module measured includes the router GEMM and the
+# top-k, so the fused top-k's 15 us (`MOE_ROUTING_S_PER_LAYER`) is the part of it already counted. The perf-overview
+# rows ran this backend (MoeConfig.backend defaulted to CUTLASS until TensorRT-LLM PR #11074); the blog does not say
+# whether its timing ran under CUDA graphs, and Hopper is taken to run the same kernels (no Hopper figure).
+MOE_MODULE_FIXED_S_PER_LAYER = 111e-6 - MOE_ROUTING_S_PER_LAYER
 
 
 def gamma_cdf(shape: float, x: float) -> float:

@@ -21,6 +21,7 @@ from aiinfra.plan.cluster import Cluster, collective_time_s, mesh_peer_all_reduc
 from aiinfra.plan.errors import PlanError
 from aiinfra.plan.expert_load import (
     MOE_MODULE_BYTES_PER_COPY_ELEMENT,
+    MOE_MODULE_FIXED_S_PER_LAYER,
     MOE_ROUTING_S_PER_LAYER,
     busiest_rank_load,
     expert_rows,
@@ -69,6 +70,10 @@ class ServeSettings:
     # without absorption, 192-wide q/k and 128-wide v heads (runs.ATTENTION_HEAD_DIMS; tech blog 3: "non absorbed
     # version is beneficial for the prefill phase with input length 256 or larger").
     prefill_qkv_head_width: int = 0
+    # Layers that hold routed experts when not every layer does (Llama 4 Maverick interleaves MoE and dense layers,
+    # DeepSeek's first 3 are dense); 0: every layer. The shape folds the rest into an average layer; what a MoE layer
+    # pays whatever its tokens (module latency, routing, attention DP's gather and scatter) is counted on these only.
+    moe_layers: int = 0
 
 
 @dataclass(frozen=True)
@@ -302,9 +307,12 @@ def decode_step_parts(
     # Tensor parallelism all-reduces after attention and after the MLP; attention data parallelism needs only the
     # all-gather before the MLP or experts and the reduce-scatter after them, one all-reduce's worth per layer
     # (TensorRT-LLM tech blog "Optimizing DeepSeek R1 throughput on NVIDIA Blackwell GPUs", attention DP).
-    reductions = 1 if settings.attention_dp else 2
-    tp_comm = spec.n_layers * reductions * tp_all_reduce_s(cluster, settings, tokens * h * 2)
-    routing = spec.n_layers * MOE_ROUTING_S_PER_LAYER if spec.is_moe and spec.n_experts > 1 else 0.0
+    # Under attention DP a dense layer's MLP runs data-parallel too, so only the MoE layers gather and scatter.
+    moe_layers = (settings.moe_layers or spec.n_layers) if spec.is_moe and spec.n_experts > 1 else 0
+    exchanges = spec.n_layers * 2 if not settings.attention_dp else (moe_layers or spec.n_layers)
+    tp_comm = exchanges * tp_all_reduce_s(cluster, settings, tokens * h * 2)
+    # Each MoE layer's fused top-k and the rest of its module's fixed latency (`expert_load`, tech blogs 3 and 24).
+    routing = moe_layers * (MOE_ROUTING_S_PER_LAYER + MOE_MODULE_FIXED_S_PER_LAYER)
     return {"gemm": gemm, "head": head, "attention": attention, "elementwise": elementwise, "tp_comm": tp_comm,
             "routing": routing}
 

@@ -100,6 +100,7 @@ class ServeModel:
     kv_dim_per_layer: int | None
     shared_experts: int = 0  # always-active experts the shape folds in beyond the published routed experts
     prefill_qkv_head_width: int = 0  # q/k plus v head width of the prefill attention when not 2 x head_dim (MLA)
+    moe_layers: int = 0  # layers with routed experts when not every layer (the optional `moe_layers` column)
 
 
 def serve_models(path: Path = INFERENCE_MODELS_CSV) -> dict[str, ServeModel]:
@@ -114,8 +115,9 @@ def serve_models(path: Path = INFERENCE_MODELS_CSV) -> dict[str, ServeModel]:
             spec = spec_from_row(shaped)
             published = int(row["experts"]) if (row.get("experts") or "").strip() else spec.n_experts
             qk_dim, v_dim = ATTENTION_HEAD_DIMS.get(row_version(shaped).version, (0, 0))
+            moe_layers = (row.get("moe_layers") or "").strip()
             models[row["model"]] = ServeModel(spec, int(kv) if kv else None, max(0, spec.n_experts - published),
-                                              qk_dim + v_dim)
+                                              qk_dim + v_dim, int(moe_layers) if moe_layers else 0)
     return models
 
 
@@ -227,7 +229,7 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
                              host_overlapped=engine not in ENGINES_WITH_SERIAL_HOST,
                              custom_all_reduce_max_bytes=ENGINE_CUSTOM_ALL_REDUCE_MAX_BYTES.get(engine, 0.0),
                              attention_dp=attention_dp == "yes", shared_experts=model.shared_experts,
-                             prefill_qkv_head_width=model.prefill_qkv_head_width)
+                             prefill_qkv_head_width=model.prefill_qkv_head_width, moe_layers=model.moe_layers)
     if tensorrt_llm and not (row.get("max_batch") or "").strip():
         max_batch, max_tokens = trtllm_bench_limits(model.spec, cluster.memory_bytes, tp, weight_dtype, kv_dtype,
                                                     settings.input_tokens, settings.output_tokens)
