@@ -256,12 +256,10 @@ def _serve_figure(metric: str, spec: ModelSpec, cluster: Cluster, settings: Serv
     if metric == "ms_per_token_low_batch":
         return 1e3 * decode_step_time_s(spec, cluster, settings, 1, prefill=False), 1, "latency"
     plan = plan_serving(spec, cluster, settings)
-    if requests and requests < plan.batch:
-        return finite_run_output_tokens_per_s(spec, cluster, settings, plan.batch, requests), requests, "requests"
-    if requests:
-        return (finite_run_output_tokens_per_s(spec, cluster, settings, plan.batch, requests), plan.batch,
-                plan.limited_by)
-    return plan.output_tokens_per_s, plan.batch, plan.limited_by
+    if not requests:
+        return plan.output_tokens_per_s, plan.batch, plan.limited_by
+    figure = finite_run_output_tokens_per_s(spec, cluster, settings, plan.batch, requests)
+    return (figure, requests, "requests") if requests < plan.batch else (figure, plan.batch, plan.limited_by)
 
 
 def validate_inference(path: Path = INFERENCE_RUNS_CSV) -> tuple[list[InferenceValidationRow], list[tuple[str, str]]]:
