@@ -9,6 +9,7 @@ against the validation table's own figure in the same run (the ratio says how mu
 it was not developed against).
 
     python bench/plan_unseen.py [--cells bench/data/trtllm_perf_overview_cells.csv]
+    python bench/plan_unseen.py --cells bench/data/azure_mi300x_vllm_cells.csv   # 18 vLLM cells on MI300X (Azure)
 
 Ends with one line of JSON: unseen_inference_mape, unseen_inference_max_ape, unseen_rows, unseen_rows_not_run,
 unseen_dense_mape, unseen_moe_mape, table_inference_mape, unseen_over_table.
@@ -31,6 +32,15 @@ CELLS = Path(__file__).with_name("data") / "trtllm_perf_overview_cells.csv"
 
 def _mape(errors: list[float]) -> float:
     return sum(abs(e) for e in errors) / len(errors) if errors else float("nan")
+
+
+def _share(errors: list[float]) -> str:
+    return f"{_mape(errors):.1%} over {len(errors)} cells" if errors else "no cells"
+
+
+def _rounded(errors: list[float]) -> float | None:
+    """The MAPE to 4 places, or None (JSON null) for a group with no cells."""
+    return round(_mape(errors), 4) if errors else None
 
 
 def main() -> None:
@@ -58,16 +68,15 @@ def main() -> None:
     errors = [row.error for row in rows]
     table_mape = _mape([row.error for row in table_rows])
     unseen = _mape(errors)
-    console.print(f"dense {_mape(dense):.1%} over {len(dense)} cells, mixture-of-experts {_mape(moe):.1%} over "
-                  f"{len(moe)}; the validation table's inference rows {table_mape:.1%}: "
-                  f"ratio {unseen / table_mape:.2f}")
+    console.print(f"dense {_share(dense)}, mixture-of-experts {_share(moe)}; the validation table's inference rows "
+                  f"{table_mape:.1%}: ratio {unseen / table_mape:.2f}")
     print(json.dumps({
         "unseen_inference_mape": round(unseen, 4),
         "unseen_inference_max_ape": round(max(abs(e) for e in errors), 4),
         "unseen_rows": len(rows),
         "unseen_rows_not_run": len(not_run),
-        "unseen_dense_mape": round(_mape(dense), 4),
-        "unseen_moe_mape": round(_mape(moe), 4),
+        "unseen_dense_mape": _rounded(dense),
+        "unseen_moe_mape": _rounded(moe),
         "table_inference_mape": round(table_mape, 4),
         "unseen_over_table": round(unseen / table_mape, 2),
     }))
