@@ -175,18 +175,20 @@ def decode_step_time_s(
 
 
 def finite_run_output_tokens_per_s(spec: ModelSpec, cluster: Cluster, settings: ServeSettings, batch: int,
-                                   requests: int) -> float:
+                                   requests: int, batch_step_s: float | None = None) -> float:
     """Output tokens per second of an offline benchmark that queues `requests` identical requests at once and runs
     them at most `batch` at a time (trtllm-bench throughput over a fixed-length synthetic dataset).
 
     Requests of one length that start together finish together, so the run is ceil(requests / batch) waves of
     output_tokens steps each: the full waves at `batch`, the last at what is left. Fewer requests than the engine
     can hold never fill it, however much KV cache is free; the steady state (`plan_serving`) is the limit of many
-    waves."""
+    waves. `batch_step_s` is the step at `batch` where the caller has it (`ServePlan.step_time_s`)."""
     if requests < 1:
         raise PlanError(f"requests={requests}: expected a whole number >= 1")
     full, rest = divmod(requests, batch)
-    seconds = full * settings.output_tokens * decode_step_time_s(spec, cluster, settings, batch)
+    if batch_step_s is None:
+        batch_step_s = decode_step_time_s(spec, cluster, settings, batch)
+    seconds = full * settings.output_tokens * batch_step_s
     if rest:
         seconds += settings.output_tokens * decode_step_time_s(spec, cluster, settings, rest)
     return requests * settings.output_tokens / seconds

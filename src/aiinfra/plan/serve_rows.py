@@ -68,6 +68,7 @@ TRTLLM_PERF_OVERVIEW_SYSTEM = "TensorRT-LLM max-throughput"
 VLLM_THROUGHPUT_SCRIPT = "benchmark_throughput.py"
 VLLM_THROUGHPUT_DEFAULT_REQUESTS = 1000
 
+
 def row_engine(row: dict[str, str]) -> str:
     """The serving engine a row names: the first word of its `system` column ('' when empty)."""
     return ((row.get("system") or "").split() or [""])[0]
@@ -121,29 +122,31 @@ def serve_models(path: Path = INFERENCE_MODELS_CSV) -> dict[str, ServeModel]:
     return models
 
 
-def engine_max_batch(row: dict[str, str]) -> int:
-    """The row's `max_batch` (an optional column: sequences the engine schedules at once), else its engine's default."""
+def _optional_count(row: dict[str, str], column: str) -> int | None:
+    """An optional whole-number column of a row (None when empty); anything else is not representable."""
     from aiinfra.plan.runs import RowNotRepresentable
 
-    text = (row.get("max_batch") or "").strip()
-    if text:
-        if not text.isdigit() or int(text) < 1:
-            raise RowNotRepresentable(f"max_batch={text!r}: expected a whole number >= 1")
-        return int(text)
-    return ENGINE_MAX_BATCH.get(row_engine(row), ENGINE_MAX_BATCH["TensorRT-LLM"])
+    text = (row.get(column) or "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise RowNotRepresentable(f"{column}={text!r}: expected a whole number >= 1")
+    return int(text)
+
+
+def engine_max_batch(row: dict[str, str]) -> int:
+    """The row's `max_batch` (an optional column: sequences the engine schedules at once), else its engine's default."""
+    stated = _optional_count(row, "max_batch")
+    return stated or ENGINE_MAX_BATCH.get(row_engine(row), ENGINE_MAX_BATCH["TensorRT-LLM"])
 
 
 def benchmark_requests(row: dict[str, str]) -> int:
     """Requests the row's offline benchmark queued: its optional `requests` column, else the count its benchmark
     procedure documents (TensorRT-LLM's perf-overview table, vLLM's throughput script default), else 0 (an
     unbounded stream: the steady state)."""
-    from aiinfra.plan.runs import RowNotRepresentable
-
-    text = (row.get("requests") or "").strip()
-    if text:
-        if not text.isdigit() or int(text) < 1:
-            raise RowNotRepresentable(f"requests={text!r}: expected a whole number >= 1")
-        return int(text)
+    stated = _optional_count(row, "requests")
+    if stated:
+        return stated
     system = (row.get("system") or "").strip()
     if row_engine(row) == "vLLM" and VLLM_THROUGHPUT_SCRIPT in system:
         return VLLM_THROUGHPUT_DEFAULT_REQUESTS
@@ -151,6 +154,7 @@ def benchmark_requests(row: dict[str, str]) -> int:
         return 0
     lengths = (int(row["input_tokens"]), int(row["output_tokens"] or 0))
     return TRTLLM_PERF_OVERVIEW_REQUESTS.get(lengths, 0)
+
 
 def trtllm_bench_limits(spec: ModelSpec, memory_bytes: float, devices: int, weight_dtype: str, kv_dtype: str,
                         input_tokens: int, output_tokens: int) -> tuple[int, int]:
@@ -258,7 +262,7 @@ def _serve_figure(metric: str, spec: ModelSpec, cluster: Cluster, settings: Serv
     plan = plan_serving(spec, cluster, settings)
     if not requests:
         return plan.output_tokens_per_s, plan.batch, plan.limited_by
-    figure = finite_run_output_tokens_per_s(spec, cluster, settings, plan.batch, requests)
+    figure = finite_run_output_tokens_per_s(spec, cluster, settings, plan.batch, requests, plan.step_time_s)
     return (figure, requests, "requests") if requests < plan.batch else (figure, plan.batch, plan.limited_by)
 
 
