@@ -38,3 +38,12 @@ def test_train_then_generate_end_to_end(tiny_config, tmp_path) -> None:
     generated = aiinfra("generate", tiny_config.run.dir, "--prompt", "def ", "--max-tokens", "20", cwd=tmp_path)
     assert generated.returncode == 0, generated.stderr
     assert generated.stdout.startswith("def ") and len(generated.stdout) > len("def \n")
+
+
+def test_a_config_mistake_is_named_before_torch_loads(tmp_path) -> None:
+    """The config and its --set items are checked first: a typo costs no torch import (seconds on a small machine)."""
+    probe = ("import sys\nfrom typer.testing import CliRunner\nfrom aiinfra.cli import app\n"
+             "result = CliRunner().invoke(app, ['train', '--set', 'train.lr=abc'])\n"
+             "print(result.exit_code, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.stdout.split() == ["2", "False"], result.stdout + result.stderr

@@ -35,12 +35,18 @@ def train_command(
     ] = None,
 ) -> None:
     """Train a model; with no arguments, the embedded default on this interpreter's standard library."""
-    from aiinfra.checkpoint.commit import CheckpointError
     from aiinfra.config import load_config
+
+    overrides = overrides or []
+    try:  # a mistake in the file or a --set item is named before torch loads, in a fraction of a second
+        load_config(config, overrides)
+    except ConfigError as error:
+        raise fail(str(error)) from None
+
+    from aiinfra.checkpoint.commit import CheckpointError
     from aiinfra.distributed.launch import auto_layout, launch_train
     from aiinfra.train import train
 
-    overrides = overrides or []
     try:
         inside_torchrun = "WORLD_SIZE" in os.environ
         if not inside_torchrun:

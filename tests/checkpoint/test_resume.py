@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -86,45 +87,59 @@ def launch(config_file: Path, overrides: list[str], max_restarts: int = 1) -> su
     )
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path, str], Path]:
+    """The never-killed 2-process run of a layout, trained once for the whole module: the runs of every test here
+    share one configuration (`config_file` differs only in where it lies), so one reference per layout serves all."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    done: dict[str, Path] = {}
+
+    def run(config_file: Path, layout: str) -> Path:
+        if layout not in done:
+            run_dir = root / layout.replace("=", "-")
+            job = launch(config_file, [layout, "train.micro_batch=4", f"run.dir={run_dir}"])
+            output = job.communicate(timeout=240)[0]
+            assert job.returncode == 0, output[-4000:]
+            done[layout] = run_dir
+        return done[layout]
+
+    return run
+
+
 @pytest.mark.parametrize("layout", ["parallel.dp_replicate=2", "parallel.dp_shard=2"], ids=["ddp", "fsdp"])
 def test_two_process_run_killed_and_restarted_by_torchrun_is_bitwise_identical(
-    layout: str, config_file: Path, tmp_path: Path
+    layout: str, config_file: Path, uninterrupted: Callable[[Path, str], Path], tmp_path: Path
 ) -> None:
-    common = [layout, "train.micro_batch=4"]
     # One job after the other: two torchruns at once can race for a port (each picks its workers' store port by
     # binding port 0 and closing it; the other can take it before the workers bind it: EADDRINUSE), and a restart
     # spent on that race would leave nothing to resume.
-    outputs = []
-    uninterrupted = launch(config_file, [*common, f"run.dir={tmp_path / 'uninterrupted'}"])
-    outputs.append(uninterrupted.communicate(timeout=240)[0])
-    killed = launch(config_file, [*common, f"run.dir={tmp_path / 'killed'}", "fault.kill_rank=1",
+    reference = uninterrupted(config_file, layout)
+    killed = launch(config_file, [layout, "train.micro_batch=4", f"run.dir={tmp_path / 'killed'}", "fault.kill_rank=1",
                                   f"fault.kill_step={KILL_STEP}"])
-    outputs.append(killed.communicate(timeout=240)[0])
-    assert [uninterrupted.returncode, killed.returncode] == [0, 0], "\n".join(out[-4000:] for out in outputs)
-    assert f"resumed {tmp_path / 'killed'} at step {EVERY}" in outputs[1], outputs[1][-4000:]
-    assert_same_run(tmp_path / "killed", tmp_path / "uninterrupted")
+    output = killed.communicate(timeout=240)[0]
+    assert killed.returncode == 0, output[-4000:]
+    assert f"resumed {tmp_path / 'killed'} at step {EVERY}" in output, output[-4000:]
+    assert_same_run(tmp_path / "killed", reference)
 
 
 def test_a_random_fault_schedule_kills_each_attempt_and_the_run_still_ends_bitwise_identical(
-    config_file: Path, tmp_path: Path
+    config_file: Path, uninterrupted: Callable[[Path, str], Path], tmp_path: Path
 ) -> None:
     """fault.random_kills=2: a random rank at a random step on attempts 0 and 1; attempt 2 finishes the run.
     Seed 11 draws rank 1 at step 4 (resumed from step 3), then rank 1 at step 7 (resumed from step 6)."""
-    common = ["parallel.dp_replicate=2", "train.micro_batch=4"]
-    uninterrupted = launch(config_file, [*common, f"run.dir={tmp_path / 'uninterrupted'}"])
-    want_output = uninterrupted.communicate(timeout=240)[0]
-    chaos = launch(config_file, [*common, f"run.dir={tmp_path / 'chaos'}", "fault.random_kills=2",
-                                 "fault.random_seed=11"], max_restarts=2)
+    reference = uninterrupted(config_file, "parallel.dp_replicate=2")
+    chaos = launch(config_file, ["parallel.dp_replicate=2", "train.micro_batch=4", f"run.dir={tmp_path / 'chaos'}",
+                                 "fault.random_kills=2", "fault.random_seed=11"], max_restarts=2)
     output = chaos.communicate(timeout=360)[0]
-    assert [uninterrupted.returncode, chaos.returncode] == [0, 0], want_output[-3000:] + output[-4000:]
+    assert chaos.returncode == 0, output[-4000:]
     assert output.count("fault injection: SIGKILL rank") == 2, output[-4000:]
-    got, want = records(tmp_path / "chaos"), records(tmp_path / "uninterrupted")
+    got, want = records(tmp_path / "chaos"), records(reference)
     assert f"resumed {tmp_path / 'chaos'} at step {EVERY}" in output and f"at step {2 * EVERY}" in output, output
     assert [r["step"] for r in got] == list(range(1, STEPS + 1)) and got[-1]["restarts"] == 2
     assert [r["loss"] for r in got] == [r["loss"] for r in want]
-    weights, reference = load_file(tmp_path / "chaos" / "model.safetensors"), load_file(
-        tmp_path / "uninterrupted" / "model.safetensors")
-    assert all(torch.equal(weights[name], reference[name]) for name in reference)
+    weights, want_weights = load_file(tmp_path / "chaos" / "model.safetensors"), load_file(
+        reference / "model.safetensors")
+    assert all(torch.equal(weights[name], want_weights[name]) for name in want_weights)
 
 
 def test_single_process_run_killed_then_started_again_resumes_bitwise(config_file: Path, tmp_path: Path) -> None:
@@ -146,7 +161,7 @@ def test_single_process_run_killed_then_started_again_resumes_bitwise(config_fil
 
 
 def test_node_local_checkpoints_resume_bitwise_and_a_missing_rank_file_is_an_error(
-    config_file: Path, tmp_path: Path
+    config_file: Path, uninterrupted: Callable[[Path, str], Path], tmp_path: Path
 ) -> None:
     """checkpoint.storage=local with a directory per rank (no rank sees the other's files): FSDP on 2 processes,
     SIGKILL at step 5, torchrun restarts, the run resumes from step 3 bitwise. Then a run killed with no restart
@@ -155,18 +170,16 @@ def test_node_local_checkpoints_resume_bitwise_and_a_missing_rank_file_is_an_err
         return ["parallel.dp_shard=2", "train.micro_batch=4", f"run.dir={tmp_path / name}",
                 "checkpoint.storage=local", f"checkpoint.dir={tmp_path / name}-disk{{rank}}"]
 
+    reference = uninterrupted(config_file, "parallel.dp_shard=2")  # where its checkpoints went changes no step
     outputs = []
-    for name, extra, restarts in [
-        ("uninterrupted", [], 1),
-        ("killed", ["fault.kill_rank=1", f"fault.kill_step={KILL_STEP}"], 1),
-        ("damaged", ["fault.kill_rank=1", f"fault.kill_step={KILL_STEP}"], 0),
-    ]:
-        job = launch(config_file, [*local(name), *extra], max_restarts=restarts)
+    for name, restarts in [("killed", 1), ("damaged", 0)]:
+        job = launch(config_file, [*local(name), "fault.kill_rank=1", f"fault.kill_step={KILL_STEP}"],
+                     max_restarts=restarts)
         outputs.append((job.communicate(timeout=240)[0], job.returncode))
-    assert [code for _, code in outputs] == [0, 0, 1], "\n".join(out[-3000:] for out, _ in outputs)
-    assert f"resumed {tmp_path / 'killed'} at step {EVERY}" in outputs[1][0], outputs[1][0][-4000:]
+    assert [code for _, code in outputs] == [0, 1], "\n".join(out[-3000:] for out, _ in outputs)
+    assert f"resumed {tmp_path / 'killed'} at step {EVERY}" in outputs[0][0], outputs[0][0][-4000:]
     assert not (tmp_path / "killed" / "checkpoints").exists()  # every file went to the per-rank directories
-    assert_same_run(tmp_path / "killed", tmp_path / "uninterrupted")
+    assert_same_run(tmp_path / "killed", reference)
 
     lost = tmp_path / "damaged-disk1" / f"step_{EVERY:09d}" / "__0_0.distcp"
     lost.unlink()

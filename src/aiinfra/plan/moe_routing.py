@@ -1,10 +1,11 @@
 """Mixture-of-experts routing arithmetic for the training step: the rows each local expert's GEMMs run on (balanced,
 capacity-padded, or with a tiled grouped GEMM's ragged-group waste) and the share of routed copies that cross the
-network under node-limited dispatch."""
+network under node-limited dispatch, and the expert-parallel all-to-all that carries them."""
 
 from __future__ import annotations
 
-from aiinfra.plan.layout import Layout
+from aiinfra.plan.cluster import Cluster, collective_time_s
+from aiinfra.plan.layout import Layout, TrainSettings
 from aiinfra.spec import ModelSpec
 
 # Transformer Engine's GroupedLinear (Megatron-Core's TEGroupedMLP under --moe-grouped-gemm) reads the per-expert token
@@ -30,6 +31,7 @@ def expert_tokens(spec: ModelSpec, layout: Layout, m: float, capacity_factor: fl
     share = m * spec.experts_per_token * layout.ep / spec.n_experts * layout.expert_tp / layout.tp
     return share * capacity_factor if capacity_factor > 0 else share
 
+
 def grouped_gemm_rows(rows_per_expert: float, local_experts: float, row_tile: int) -> float:
     """Rows each expert's share of a tiled grouped GEMM computes. A kernel that walks row tiles of `row_tile` rows
     over the experts' concatenated groups visits a tile that straddles two groups once for each (JAX Pallas megablox
@@ -39,6 +41,7 @@ def grouped_gemm_rows(rows_per_expert: float, local_experts: float, row_tile: in
         return rows_per_expert
     return rows_per_expert + row_tile * (local_experts - 1) / local_experts
 
+
 def expert_gemm_rows(spec: ModelSpec, layout: Layout, m: float, capacity_factor: float, row_tile: int) -> float:
     """Rows each local expert's GEMMs compute for m tokens: its capacity buffer when tokens are dropped (a dense
     batched GEMM), else its routed share plus what a tiled grouped GEMM wastes on ragged groups."""
@@ -46,6 +49,7 @@ def expert_gemm_rows(spec: ModelSpec, layout: Layout, m: float, capacity_factor:
     if capacity_factor > 0:
         return rows
     return grouped_gemm_rows(rows, spec.n_experts / layout.ep, row_tile)
+
 
 def moe_remote_share(experts_per_token: int, node_limit: int) -> float:
     """Share of a token's k routed copies that cross the network when its experts lie in at most `node_limit`
@@ -55,9 +59,36 @@ def moe_remote_share(experts_per_token: int, node_limit: int) -> float:
         return 1.0
     return node_limit / experts_per_token
 
+
 def split_gemm_overhead_s(local_experts: float, per_group_s: float) -> float:
     """Seconds one grouped expert GEMM call costs over a single GEMM of all its rows when it runs as one GEMM per
     local expert: (G - 1) x the cost of an extra GEMM (`TE_MULTI_STREAM_GEMM_PER_GROUP_S`); nothing for one expert."""
     if per_group_s <= 0 or local_experts <= 1:
         return 0.0
     return (local_experts - 1) * per_group_s
+
+
+def ep_comm_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster, m: float) -> float:
+    """Expert-parallel all-to-all (dispatch and combine) of one layer's forward for m tokens on one device."""
+    a = settings.activation_bytes
+    tp = layout.tp
+    h = spec.dim
+    precision = settings.gemm_precision
+    if spec.is_moe and layout.ep > 1:
+        # Dispatch sends each token to its k experts, in fp8 when the expert GEMMs take fp8 inputs (DeepSeek-V3
+        # 3.3.1; Megatron's fp8 dispatch); the combine returns bf16 outputs.
+        # Under sequence parallelism each tensor-parallel rank dispatches only its own S/TP x B tokens
+        # (Megatron-Core moe/token_dispatcher.py: num_local_tokens = S/TP*B, num_global_tokens =
+        # num_local_tokens*TP*EP); any expert-TP gather then runs inside the node.
+        # Folded over TP (expert TP 1, `Layout.expert_tp`), the expert group takes the TP ranks first (Megatron-Core
+        # parallel_state orders expert ranks ETP-EP-EDP), so its members are `expert_tp` = 1 rank apart and each
+        # sends its own m / tp shard.
+        folded = layout.experts_folded
+        sent = m / tp if layout.sequence_parallel or folded else m
+        stride = layout.expert_tp if folded else tp * layout.cp
+        dispatch_bytes = sent * spec.experts_per_token * h * (1 if precision in ("fp8", "fp4") else a)
+        combine_bytes = sent * spec.experts_per_token * h * a
+        share = moe_remote_share(spec.experts_per_token, settings.moe_node_limit)
+        return (collective_time_s(cluster, "all_to_all", dispatch_bytes, layout.ep, stride, remote_share=share)
+                + collective_time_s(cluster, "all_to_all", combine_bytes, layout.ep, stride, remote_share=share))
+    return 0.0

@@ -24,7 +24,7 @@ from aiinfra.plan.layout import (
 )
 from aiinfra.plan.memory import memory_breakdown, offloaded_layer_bytes
 from aiinfra.plan.memory import stored_layer_bytes as _stored_layer_bytes
-from aiinfra.plan.moe_routing import expert_gemm_rows, moe_remote_share, split_gemm_overhead_s
+from aiinfra.plan.moe_routing import ep_comm_s, expert_gemm_rows, split_gemm_overhead_s
 from aiinfra.spec import ModelSpec
 
 # Bytes moved per logit by a fused vocab-parallel cross-entropy (write bf16 logits, read them, write fp32
@@ -220,32 +220,6 @@ def _elementwise_bytes(spec: ModelSpec, settings: TrainSettings, layout: Layout,
     return replicated_bytes + activation_bytes + rotary_bytes + qk_norm_bytes
 
 
-def _ep_comm_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster, m: float) -> float:
-    """Expert-parallel all-to-all (dispatch and combine) of one layer's forward for m tokens on one device."""
-    a = settings.activation_bytes
-    tp = layout.tp
-    h = spec.dim
-    precision = settings.gemm_precision
-    if spec.is_moe and layout.ep > 1:
-        # Dispatch sends each token to its k experts, in fp8 when the expert GEMMs take fp8 inputs (DeepSeek-V3
-        # 3.3.1; Megatron's fp8 dispatch); the combine returns bf16 outputs.
-        # Under sequence parallelism each tensor-parallel rank dispatches only its own S/TP x B tokens
-        # (Megatron-Core moe/token_dispatcher.py: num_local_tokens = S/TP*B, num_global_tokens =
-        # num_local_tokens*TP*EP); any expert-TP gather then runs inside the node.
-        # Folded over TP (expert TP 1, `Layout.expert_tp`), the expert group takes the TP ranks first (Megatron-Core
-        # parallel_state orders expert ranks ETP-EP-EDP), so its members are `expert_tp` = 1 rank apart and each
-        # sends its own m / tp shard.
-        folded = layout.experts_folded
-        sent = m / tp if layout.sequence_parallel or folded else m
-        stride = layout.expert_tp if folded else tp * layout.cp
-        dispatch_bytes = sent * spec.experts_per_token * h * (1 if precision in ("fp8", "fp4") else a)
-        combine_bytes = sent * spec.experts_per_token * h * a
-        share = moe_remote_share(spec.experts_per_token, settings.moe_node_limit)
-        return (collective_time_s(cluster, "all_to_all", dispatch_bytes, layout.ep, stride, remote_share=share)
-                + collective_time_s(cluster, "all_to_all", combine_bytes, layout.ep, stride, remote_share=share))
-    return 0.0
-
-
 def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster) -> PassTimes:
     """Forward-pass costs of one transformer layer for one micro-batch on one device."""
     eff = cluster.efficiency
@@ -276,7 +250,7 @@ def layer_forward_times(spec: ModelSpec, settings: TrainSettings, layout: Layout
     tp_comm = tp_blocks * collective_time_s(cluster, "all_reduce", m * h * a, tp, 1)
     kv_bytes = layout.micro_batch * seq * 2 * kv_local * a
     cp_comm = collective_time_s(cluster, "all_gather", kv_bytes, layout.cp, tp)  # all-gather CP (Llama 3, 3.3.2)
-    ep_comm = _ep_comm_s(spec, settings, layout, cluster, m)
+    ep_comm = ep_comm_s(spec, settings, layout, cluster, m)
     return PassTimes(
         gemm_s=gemm,
         mlp_gemm_s=mlp_gemm,
