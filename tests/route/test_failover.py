@@ -27,18 +27,24 @@ SLACK_S = 1.5
 
 
 def reference_answers(backend: Process) -> tuple[dict[str, str], dict[str, str]]:
-    """What a healthy backend answers to each prompt, asked directly: completions and chat."""
-    client = OpenAI(base_url=f"{backend.url}/v1", api_key="unused", max_retries=0)
-    completions, chats = {}, {}
-    for prompt in PROMPTS:
-        completions[prompt] = client.completions.create(
+    """What a healthy backend answers to each prompt, asked directly: completions and chat, all at once (the
+    engine batches them, as it batches the load through the gateway)."""
+    client = OpenAI(base_url=f"{backend.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def completion(prompt: str) -> str:
+        return client.completions.create(
             model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True},
         ).choices[0].text
-        chats[prompt] = client.chat.completions.create(
+
+    def chat(prompt: str) -> str:
+        return client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=MAX_TOKENS, temperature=0,
             extra_body={"ignore_eos": True},
         ).choices[0].message.content
-    return completions, chats
+
+    with ThreadPoolExecutor(max_workers=2 * len(PROMPTS)) as pool:
+        completions, chats = pool.map(completion, PROMPTS), pool.map(chat, PROMPTS)  # both submitted at once
+        return dict(zip(PROMPTS, completions)), dict(zip(PROMPTS, chats))
 
 
 def stream_one(client: OpenAI, prompt: str, chat: bool) -> tuple[str, str | None]:
