@@ -40,10 +40,12 @@ def test_train_then_generate_end_to_end(tiny_config, tmp_path) -> None:
     assert generated.stdout.startswith("def ") and len(generated.stdout) > len("def \n")
 
 
-def test_a_config_mistake_is_named_before_torch_loads(tmp_path) -> None:
-    """The config and its --set items are checked first: a typo costs no torch import (seconds on a small machine)."""
+@pytest.mark.parametrize("args", [["train", "--set", "train.lr=abc"], ["generate", "no-such-run"]])
+def test_a_mistake_is_named_before_torch_loads(args, tmp_path) -> None:
+    """The config, its --set items and a run directory are checked first: a typo costs no torch import (seconds on
+    a small machine)."""
     probe = ("import sys\nfrom typer.testing import CliRunner\nfrom aiinfra.cli import app\n"
-             "result = CliRunner().invoke(app, ['train', '--set', 'train.lr=abc'])\n"
+             f"result = CliRunner().invoke(app, {args!r})\n"
              "print(result.exit_code, 'torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.stdout.split() == ["2", "False"], result.stdout + result.stderr

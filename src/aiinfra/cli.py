@@ -83,9 +83,12 @@ def generate_command(
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
 ) -> None:
     """Sample text from a trained run."""
-    from aiinfra.train.generate import generate
+    from aiinfra.checkpoint.run_files import check_run_dir
 
     try:
+        check_run_dir(run)  # a wrong directory is named before torch loads
+        from aiinfra.train.generate import generate
+
         typer.echo(generate(run, prompt, max_tokens, temperature, top_k, seed))
     except (ConfigError, ValueError) as error:
         raise fail(str(error)) from None

@@ -24,13 +24,10 @@ import torch
 from safetensors.torch import load_model, save_model
 from tokenizers import Tokenizer
 
-from aiinfra.config import Config, ConfigError, load_config
+from aiinfra.checkpoint.run_files import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, check_run_dir
+from aiinfra.config import Config, load_config
 from aiinfra.data.tokenizer import load_tokenizer
 from aiinfra.models import Transformer
-
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.toml"
-TOKENIZER_FILE = "tokenizer.json"
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -77,10 +74,7 @@ class LoadedRun:
 def load_run(run_dir: Path, device: str | torch.device = "cpu", weights: bool = True) -> LoadedRun:
     """Load a finished run directory; a missing or foreign directory gives a clear error. With `weights=False` the
     model is built on the meta device and the weights file is not read."""
-    run_dir = Path(run_dir)
-    missing = [name for name in (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE) if not (run_dir / name).is_file()]
-    if missing:
-        raise ConfigError(f"run directory {str(run_dir)!r} has no {', '.join(missing)}: is it a finished run?")
+    run_dir = check_run_dir(run_dir)
     config = load_config(run_dir / CONFIG_FILE)
     if not weights:
         with torch.device("meta"):
