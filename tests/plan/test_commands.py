@@ -83,6 +83,17 @@ def test_validate_ends_with_the_headline_json_line() -> None:
     assert result.output.index("leave-one-source-out") < result.output.index("In-sample")
 
 
+def test_validate_markdown_prints_only_the_tables_then_the_json_line() -> None:
+    """`--markdown` is for pasting: Markdown tables and the rows not run, no console tables, the JSON line last."""
+    result = runner.invoke(plan_app, ["validate", "--markdown"])
+    assert result.exit_code == 0, result.output
+    *body, last = result.output.strip().splitlines()
+    assert json.loads(last)["rows"] == 92
+    assert body[0].startswith("| run | gen | metric |") and any(line.startswith("| inference run |") for line in body)
+    assert not any(ch in result.output for ch in "│┃━─"), "console tables leaked into the Markdown"
+    assert sum(line.startswith("- ") for line in body) == 7  # the rows not run, each with its reason
+
+
 FOREIGN_CSV = """id,source,model,params_b,active_params_b,layers,hidden,heads,kv_heads,ffn,vocab,seq_len,\
 global_batch_seqs,micro_batch,hardware,n_devices,tp,pp,dp,cp,ep,vp,sharding,recompute,precision,framework,experts,\
 experts_per_token,metric,value,notes

@@ -120,6 +120,26 @@ def markdown_rows(report: FitReport, serving: list[InferenceValidationRow], not_
     return "\n".join(lines)
 
 
+def _print_console_report(console: Console, report: FitReport, serving: list[InferenceValidationRow],
+                          reasons: list[str], rows: int, held: tuple[float, float], in_sample: tuple[float, float],
+                          inference: tuple[float, float], together: tuple[float, float]) -> None:
+    """The report for a terminal: the headline sentence, the rows not run, and the rich tables."""
+    console.print(
+        f"[bold]leave-one-source-out[/] (each source predicted by a fit on all others): training MAPE "
+        f"{100 * held[0]:.1f}%, max {100 * held[1]:.1f}% over {rows} rows; training and inference "
+        f"together MAPE {100 * together[0]:.1f}%, max {100 * together[1]:.1f}%. In-sample (one fit on every row): "
+        f"MAPE {100 * in_sample[0]:.1f}%, max {100 * in_sample[1]:.1f}%. Inference (no value fitted to its rows): "
+        f"MAPE {100 * inference[0]:.1f}%, max {100 * inference[1]:.1f}% over {len(serving)} rows."
+    )
+    for line in reasons:
+        console.print(f"not run: {line}", markup=False)
+    console.print(_ceiling_table(report))
+    console.print(_source_table(report))
+    console.print(_training_table(report))
+    console.print(_inference_table(serving))
+    console.print(_memory_table())
+
+
 def run_validation(console: Console, runs: Path = TRAINING_RUNS_CSV, inference: Path = INFERENCE_RUNS_CSV,
                    markdown: bool = False) -> dict[str, Any]:
     """Print the validation report (or, with `markdown`, its per-row tables) and return the headline figures."""
@@ -131,24 +151,11 @@ def run_validation(console: Console, runs: Path = TRAINING_RUNS_CSV, inference: 
     inf_mape, inf_max = error_summary([s.error for s in serving])
     all_mape, all_max = error_summary([r.error for r in report.out_of_sample] + [s.error for s in serving])
     reasons = [f"{r.run_id}: {r.reason}" for r in not_run] + [f"{i}: {why}" for i, why in serving_not_run]
-    if markdown:
+    if markdown:  # the tables alone, ready to paste; the command still ends with the JSON line
         print(markdown_rows(report, serving, reasons))
-    console.print(
-        f"[bold]leave-one-source-out[/] (each source predicted by a fit on all others): training MAPE "
-        f"{100 * held_mape:.1f}%, max {100 * held_max:.1f}% over {len(prepared)} rows; training and inference "
-        f"together MAPE {100 * all_mape:.1f}%, max {100 * all_max:.1f}%. In-sample (one fit on every row): MAPE "
-        f"{100 * in_mape:.1f}%, max {100 * in_max:.1f}%. Inference (no value fitted to its rows): MAPE "
-        f"{100 * inf_mape:.1f}%, "
-        f"max {100 * inf_max:.1f}% over {len(serving)} rows."
-    )
-    for line in reasons:
-        console.print(f"not run: {line}", markup=False)
-    console.print(_ceiling_table(report))
-    console.print(_source_table(report))
-    if not markdown:
-        console.print(_training_table(report))
-        console.print(_inference_table(serving))
-        console.print(_memory_table())
+    else:
+        _print_console_report(console, report, serving, reasons, len(prepared), (held_mape, held_max),
+                              (in_mape, in_max), (inf_mape, inf_max), (all_mape, all_max))
     worst = max(report.out_of_sample, key=lambda r: abs(r.error), default=None)
     return {
         "validate_mape": round(held_mape, 4), "validate_max_ape": round(held_max, 4),
