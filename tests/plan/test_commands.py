@@ -5,6 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from aiinfra.plan.cluster import make_cluster
 from aiinfra.plan.commands import plan_app
 
 runner = CliRunner()
@@ -151,3 +152,38 @@ def test_plot_writes_png_and_svg(tmp_path) -> None:  # type: ignore[no-untyped-d
     assert result.exit_code == 0, result.output
     for name in ("llama-scaling.png", "llama-scaling.svg", "llama-frontier.png", "llama-frontier.svg"):
         assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_published_models_are_planned_as_validate_prices_them() -> None:
+    """`--model` takes the validation table's published configurations too, with their version's architecture:
+    DeepSeek-R1 serves from its 576-wide MLA latent (61 x 576 bytes a token in fp8), Qwen3 235B trains with EP."""
+    from aiinfra.plan.models import published_serving, resolve_model
+    from aiinfra.plan.serve_rows import serve_models
+
+    r1 = resolve_model("deepseek-r1")
+    assert r1.spec.num_params() == serve_models()["deepseek-r1"].spec.num_params()
+    assert published_serving(r1.published)["kv_dim_per_layer"] == 576 and r1.train_settings["moe_node_limit"] == 4
+    served = runner.invoke(plan_app, ["serve", "--model", "deepseek-r1", "--hardware", "h200", "--tp", "8",
+                                      "--attention-dp"])
+    assert served.exit_code == 0, served.output
+    assert f"{61 * 576 / 1e3:.0f} kB" in served.output
+    trained = runner.invoke(plan_app, ["train", "--model", "qwen3-235b-a22b", "--hardware", "b200", "--devices", "256",
+                                       "--pp", "8", "--ep", "8", "--seq-len", "4096", "--global-batch", "8192",
+                                       "--precision", "fp8"])
+    assert trained.exit_code == 0, trained.output
+    assert "235.2B parameters (22.2B active)" in trained.output and "EP8" in trained.output
+    unknown = runner.invoke(plan_app, ["train", "--model", "no-such-model"])
+    assert unknown.exit_code == 2 and "qwen3-235b-a22b" in unknown.output
+
+
+def test_the_layout_search_tries_expert_parallelism_for_mixture_of_experts_only() -> None:
+    from aiinfra.plan.layout import TrainSettings
+    from aiinfra.plan.models import resolve_model
+    from aiinfra.plan.training import MAX_SEARCHED_EP, candidate_layouts
+
+    cluster = make_cluster("h100-sxm-80gb", 64)
+    settings = TrainSettings(seq_len=4096, global_batch_seqs=512)
+    moe = {layout.ep for layout in candidate_layouts(resolve_model("qwen3-30b-a3b", 4096).spec, settings, cluster)}
+    dense = {layout.ep for layout in candidate_layouts(resolve_model("llama3-8b").spec, settings, cluster)}
+    assert dense == {1}
+    assert moe == {1, 2, 4, 8, 16, 32, 64} and max(moe) <= MAX_SEARCHED_EP

@@ -25,6 +25,7 @@ from aiinfra.plan.from_config import configured_run, load_run_config
 from aiinfra.plan.inference import ServeSettings, plan_serving
 from aiinfra.plan.layout import Layout, TrainSettings
 from aiinfra.plan.marks import generation_mark
+from aiinfra.plan.models import published_serving, resolve_model
 from aiinfra.plan.prices import parse_prices
 from aiinfra.plan.reliability import ReliabilitySettings
 from aiinfra.plan.serve_rows import INFERENCE_RUNS_CSV
@@ -38,12 +39,12 @@ from aiinfra.plan.training import (
 )
 from aiinfra.plan.validate_report import run_validation
 from aiinfra.plan.validation import TRAINING_RUNS_CSV
-from aiinfra.spec import PRESETS, ModelSpec, preset
 
 plan_app = typer.Typer(add_completion=False, no_args_is_help=True,
                        help="Plan clusters: memory, step time, MFU, days, cost, energy, goodput; serving fleets.")
 # Tables are wide; when stdout is not a terminal (pipes, files, tests) rich would fold them at 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 160)
+MODEL_HELP = "a preset, or a published model such as qwen3-235b-a22b or deepseek-r1 (the error lists all)"
 DEFAULT_COMPARE = "a100-sxm-80gb,h100-sxm-80gb,h200,b200,mi300x,tpu-v5p"
 
 
@@ -79,16 +80,6 @@ POSITIVE = 1e-12  # the minimum of a flag that must be strictly positive
 def fitted_cluster(hardware: str, n_devices: int) -> Cluster:
     """A catalog cluster with the GEMM ceilings fitted on the published runs (see `plan validate`)."""
     return calibrated(make_cluster(hardware, n_devices))
-
-
-def resolve_model(name: str, seq_len: int | None = None) -> ModelSpec:
-    """A preset by name (with max_seq_len raised to `seq_len` if needed), or PlanError listing the presets."""
-    if name not in PRESETS:
-        raise PlanError(f"unknown model {name!r}; known: {', '.join(PRESETS)}")
-    spec = preset(name)
-    if seq_len and seq_len > spec.max_seq_len:
-        spec = preset(name, max_seq_len=seq_len)
-    return spec
 
 
 def _gb(value: float) -> str:
@@ -142,7 +133,7 @@ def print_training_plan(plan: TrainingPlan) -> None:
 @plan_app.command()
 @_clear_errors
 def train(
-    model: str = typer.Option("llama3-70b", help="model preset"),
+    model: str = typer.Option("llama3-70b", help=MODEL_HELP),
     tokens: float = typer.Option(1e12, help="training tokens"),
     hardware: str = typer.Option("h100-sxm-80gb", help="hardware id from the catalog"),
     devices: int = typer.Option(1024, help="number of devices"),
@@ -186,10 +177,11 @@ def train(
         plan = plan_training(run.spec, fitted_cluster(hardware, run.n_devices), run.settings, run.layout,
                              run.tokens, costs, reliability)
     else:
-        spec = resolve_model(model, seq_len or None)
+        named = resolve_model(model, seq_len or None)
+        spec = named.spec
         seq = seq_len or spec.max_seq_len
         settings = TrainSettings(seq_len=seq, global_batch_seqs=global_batch or default_global_batch_seqs(seq),
-                                 precision=precision)  # type: ignore[arg-type]
+                                 precision=precision, **named.train_settings)  # type: ignore[arg-type]
         cluster = fitted_cluster(hardware, devices)
         if search:
             plan = search_layout(spec, cluster, settings, tokens, costs, reliability)
@@ -227,7 +219,7 @@ def _explicit_layout(devices: int, tp: int, pp: int, cp: int, ep: int, dp_replic
 @plan_app.command()
 @_clear_errors
 def compare(
-    model: str = typer.Option("llama3-70b", help="model preset"),
+    model: str = typer.Option("llama3-70b", help=MODEL_HELP),
     tokens: float = typer.Option(1e12, help="training tokens"),
     devices: int = typer.Option(1024, help="devices of each kind"),
     hardware: str = typer.Option(DEFAULT_COMPARE, help="comma-separated hardware ids"),
@@ -237,9 +229,11 @@ def compare(
 ) -> None:
     """Hardware side by side for one model: best layout, MFU, time, cost, energy and devices needed to fit."""
     check_flags(tokens=(tokens, POSITIVE), devices=(devices, 1), seq_len=(seq_len, 0), global_batch=(global_batch, 0))
-    spec = resolve_model(model, seq_len or None)
+    named = resolve_model(model, seq_len or None)
+    spec = named.spec
     seq = seq_len or spec.max_seq_len
-    settings = TrainSettings(seq_len=seq, global_batch_seqs=global_batch or default_global_batch_seqs(seq))
+    settings = TrainSettings(seq_len=seq, global_batch_seqs=global_batch or default_global_batch_seqs(seq),
+                             **named.train_settings)
     prices = parse_prices(price or [])
     table = Table(title=f"{model}, {tokens:.3g} tokens, {devices} devices each")
     for name in ("hardware", "layout", "MFU", "tokens/s", "days", "device-hours", "energy MWh", "cost",
@@ -271,7 +265,7 @@ def compare(
 @plan_app.command()
 @_clear_errors
 def serve(
-    model: str = typer.Option("llama3-8b", help="model preset"),
+    model: str = typer.Option("llama3-8b", help=MODEL_HELP),
     hardware: str = typer.Option("h100-sxm-80gb", help="hardware id from the catalog"),
     rps: float = typer.Option(10.0, help="requests per second to serve"),
     input_tokens: int = typer.Option(1000, help="prompt length"),
@@ -290,16 +284,15 @@ def serve(
     check_flags(rps=(rps, POSITIVE), input_tokens=(input_tokens, 1), output_tokens=(output_tokens, 1),
                 ttft_slo_ms=(ttft_slo_ms, 0), tpot_slo_ms=(tpot_slo_ms, 0), tp=(tp, 1), max_batch=(max_batch, 1),
                 price=(price, 0))
-    spec = resolve_model(model)
-    if spec.max_seq_len < input_tokens + output_tokens:
-        spec = preset(model, max_seq_len=input_tokens + output_tokens)
+    named = resolve_model(model, input_tokens + output_tokens)
+    spec = named.spec
     kv = kv_dtype or ("fp8" if quant in ("fp8", "fp4") else "bf16")
     if kv not in ("bf16", "fp8"):
         raise PlanError(f"--kv-dtype={kv!r}: expected bf16 or fp8")
     settings = ServeSettings(input_tokens=input_tokens, output_tokens=output_tokens, weight_dtype=quant,
                              kv_dtype=kv, tp=tp, max_batch=max_batch, requests_per_s=rps,
                              ttft_slo_s=ttft_slo_ms / 1e3 or None, tpot_slo_s=tpot_slo_ms / 1e3 or None,
-                             attention_dp=attention_dp)
+                             attention_dp=attention_dp, **published_serving(named.published))
     plan = plan_serving(spec, fitted_cluster(hardware, tp), settings)
     unit_price = price or parse_prices([]).get(hardware)
     table = Table(title=f"{model} on {hardware} x tp={tp}, {quant} weights, {kv} KV cache, "
@@ -335,7 +328,7 @@ def validate(
 @_clear_errors
 def plot(
     out: Annotated[Path, typer.Option(help="output prefix: writes OUT-scaling.png/.svg and OUT-frontier.png/.svg")],
-    model: str = typer.Option("llama3-70b", help="model preset"),
+    model: str = typer.Option("llama3-70b", help=MODEL_HELP),
     tokens: float = typer.Option(15e12, help="training tokens"),
     hardware: str = typer.Option("a100-sxm-80gb,h100-sxm-80gb,tpu-v5p", help="comma-separated hardware ids"),
     devices: str = typer.Option("256,512,1024,2048,4096,8192", help="comma-separated cluster sizes"),
@@ -345,14 +338,16 @@ def plot(
     from aiinfra.plan.plots import plot_frontier, plot_scaling, scaling_points
 
     check_flags(tokens=(tokens, POSITIVE))
-    spec = resolve_model(model)
+    named = resolve_model(model)
+    spec = named.spec
     try:
         counts = [int(d) for d in devices.split(",") if d.strip()]
     except ValueError:
         raise PlanError(f"--devices={devices!r}: expected comma-separated integers") from None
     if not counts or min(counts) < 1:
         raise PlanError(f"--devices={devices!r}: every cluster size must be >= 1")
-    settings = TrainSettings(seq_len=spec.max_seq_len, global_batch_seqs=default_global_batch_seqs(spec.max_seq_len))
+    settings = TrainSettings(seq_len=spec.max_seq_len, global_batch_seqs=default_global_batch_seqs(spec.max_seq_len),
+                             **named.train_settings)
     names = [h.strip() for h in hardware.split(",") if h.strip()]
     for name in names:
         make_cluster(name, 1)  # unknown hardware fails here with its one-line error

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -288,6 +289,17 @@ def _global_batch(row: dict[str, str]) -> int:
     return _int(row, "micro_batch") * _int(row, "dp")
 
 
+def architecture_settings(version: str) -> dict[str, Any]:
+    """The TrainSettings fields a model version's published architecture sets: attention head widths (MLA, Qwen3),
+    sliding-window layers, extra norms and node-limited routing (the tables above, each with its source)."""
+    qk_dim, v_dim = ATTENTION_HEAD_DIMS.get(version, (0, 0))
+    window, window_share = SLIDING_WINDOWS.get(version, (0, 0.0))
+    post_norms, qk_norm = EXTRA_NORMS.get(version, (0, False))
+    return {"qk_head_dim": qk_dim, "v_head_dim": v_dim, "attention_window": window,
+            "window_layer_share": window_share, "post_norms": post_norms, "qk_norm": qk_norm,
+            "moe_node_limit": NODE_LIMITED_ROUTING.get(version, 0)}
+
+
 def setup_from_row(row: dict[str, str]) -> RunSetup:
     """Translate one run-table row into a spec, settings, layout and cluster (RowNotRepresentable if it cannot)."""
     if row.get("metric") not in METRICS:
@@ -314,7 +326,7 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
         dp_bucket_params_per_rank=facts.dp_bucket_params_per_rank,
         zero3_bucket_params=facts.zero3_bucket_params, ep_overlap=facts.ep_overlap,
         grad_reduce_every_micro_batch=facts.grad_reduce_every_micro_batch,
-        moe_node_limit=NODE_LIMITED_ROUTING.get(version, 0), logit_bytes=facts.logit_bytes,
+        logit_bytes=facts.logit_bytes,
         fp8_amax_pass=facts.fp8_amax_pass, fp8_saved_inputs=facts.fp8_saved_inputs,
         grouped_gemm_row_tile=facts.grouped_gemm_row_tile, grouped_gemm_per_group_s=facts.grouped_gemm_per_group_s,
         selective_recomputes_alternate_mms=facts.selective_recomputes_alternate_mms,
@@ -325,12 +337,7 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
         fsdp_copy_out=facts.fsdp2_copy_out, attention_fa2=facts.attention_fa2,
         foreach_optimizer=facts.foreach_optimizer, fsdp_flat_grad=facts.fsdp1_flat_grad,
     )
-    qk_dim, v_dim = ATTENTION_HEAD_DIMS.get(version, (0, 0))
-    window, window_share = SLIDING_WINDOWS.get(version, (0, 0.0))
-    post_norms, qk_norm = EXTRA_NORMS.get(version, (0, False))
-    settings = replace(settings, qk_head_dim=qk_dim, v_head_dim=v_dim, moe_capacity_factor=_capacity_factor(row),
-                       attention_window=window, window_layer_share=window_share, post_norms=post_norms,
-                       qk_norm=qk_norm)
+    settings = replace(settings, moe_capacity_factor=_capacity_factor(row), **architecture_settings(version))
     settings = _with_weight_dtype(settings, row)
     try:
         cluster = make_cluster(row["hardware"].strip(), n_devices)

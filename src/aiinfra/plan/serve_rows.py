@@ -102,6 +102,7 @@ class ServeModel:
     shared_experts: int = 0  # always-active experts the shape folds in beyond the published routed experts
     prefill_qkv_head_width: int = 0  # q/k plus v head width of the prefill attention when not 2 x head_dim (MLA)
     moe_layers: int = 0  # layers with routed experts when not every layer (the optional `moe_layers` column)
+    version: str = ""  # the architecture version its family and shape give (`known_models.model_version`)
 
 
 def serve_models(path: Path = INFERENCE_MODELS_CSV) -> dict[str, ServeModel]:
@@ -115,10 +116,11 @@ def serve_models(path: Path = INFERENCE_MODELS_CSV) -> dict[str, ServeModel]:
             kv = row["kv_dim_per_layer"].strip()
             spec = spec_from_row(shaped)
             published = int(row["experts"]) if (row.get("experts") or "").strip() else spec.n_experts
-            qk_dim, v_dim = ATTENTION_HEAD_DIMS.get(row_version(shaped).version, (0, 0))
+            version = row_version(shaped).version
+            qk_dim, v_dim = ATTENTION_HEAD_DIMS.get(version, (0, 0))
             moe_layers = (row.get("moe_layers") or "").strip()
             models[row["model"]] = ServeModel(spec, int(kv) if kv else None, max(0, spec.n_experts - published),
-                                              qk_dim + v_dim, int(moe_layers) if moe_layers else 0)
+                                              qk_dim + v_dim, int(moe_layers) if moe_layers else 0, version)
     return models
 
 

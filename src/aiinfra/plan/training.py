@@ -97,13 +97,19 @@ def plan_training(spec: ModelSpec, cluster: Cluster, settings: TrainSettings, la
     )
 
 
+# The largest expert-parallel degree the search tries: a 64-GPU group keeps DeepSeek-V3's 256 experts at 4 a
+# device, the widest of the published runs (DeepSeek-V3 trained with EP64, arXiv 2412.19437 3.4.1).
+MAX_SEARCHED_EP = 64
+
+
 def _powers_of_two_dividing(n: int, limit: int) -> list[int]:
     return [d for d in (2**i for i in range(0, 20)) if d <= limit and n % d == 0]
 
 
 def candidate_layouts(spec: ModelSpec, settings: TrainSettings, cluster: Cluster) -> list[Layout]:
     """Every layout the search considers: TP within the scale-up domain, PP with its schedule, DP, ZeRO stage,
-    micro-batch and recomputation (context parallelism for sequences of 32K tokens and more)."""
+    micro-batch and recomputation (context parallelism for sequences of 32K tokens and more; for a
+    mixture-of-experts model, expert parallelism over dp x cp up to MAX_SEARCHED_EP)."""
     n = cluster.n_devices
     layouts = []
     tps = [t for t in _powers_of_two_dividing(n, cluster.scaleup_domain) if spec.n_heads % t == 0]
@@ -123,11 +129,14 @@ def candidate_layouts(spec: ModelSpec, settings: TrainSettings, cluster: Cluster
             if pp > 1:
                 schedules += [("interleaved_1f1b", v) for v in (2, 4) if stage_layers % v == 0]
             zeros = [0, 1, 3] if pp == 1 else [0, 1]
-            for b, (schedule, v), zero, recompute in itertools.product(
-                micro, schedules, zeros, ("none", "selective", "full")
+            eps = [1]
+            if spec.is_moe and spec.n_experts > 1:
+                eps = _powers_of_two_dividing(dp * cp, min(MAX_SEARCHED_EP, spec.n_experts))
+            for b, (schedule, v), zero, recompute, ep in itertools.product(
+                micro, schedules, zeros, ("none", "selective", "full"), eps
             ):
                 layouts.append(Layout(tp=tp, pp=pp, dp_replicate=1 if zero else dp, dp_shard=dp if zero else 1,
-                                      cp=cp, virtual_stages=v, pp_schedule=schedule,  # type: ignore[arg-type]
+                                      cp=cp, ep=ep, virtual_stages=v, pp_schedule=schedule,  # type: ignore[arg-type]
                                       zero_stage=zero, micro_batch=b, recompute=recompute,  # type: ignore[arg-type]
                                       sequence_parallel=tp > 1))
     return layouts
