@@ -56,7 +56,4 @@ def resolve_model(name: str, seq_len: int | None = None) -> NamedModel:
 def published_serving(published: ServeModel | None) -> dict[str, Any]:
     """The ServeSettings fields a published configuration sets (MLA's latent cache, shared experts, the prefill
     head width, interleaved MoE layers), as `plan validate` sets them for its rows; none for a preset."""
-    if published is None:
-        return {}
-    return {"kv_dim_per_layer": published.kv_dim_per_layer, "shared_experts": published.shared_experts,
-            "prefill_qkv_head_width": published.prefill_qkv_head_width, "moe_layers": published.moe_layers}
+    return published.settings_fields() if published else {}

@@ -11,6 +11,7 @@ import csv
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from aiinfra.plan.cluster import Cluster
 from aiinfra.plan.errors import PlanError
@@ -104,10 +105,16 @@ class ServeModel:
     moe_layers: int = 0  # layers with routed experts when not every layer (the optional `moe_layers` column)
     version: str = ""  # the architecture version its family and shape give (`known_models.model_version`)
 
+    def settings_fields(self) -> dict[str, Any]:
+        """The ServeSettings fields its published configuration sets: MLA's latent cache, folded shared experts, the
+        prefill head width and interleaved MoE layers."""
+        return {"kv_dim_per_layer": self.kv_dim_per_layer, "shared_experts": self.shared_experts,
+                "prefill_qkv_head_width": self.prefill_qkv_head_width, "moe_layers": self.moe_layers}
+
 
 def serve_models(path: Path = INFERENCE_MODELS_CSV) -> dict[str, ServeModel]:
     """Every named model of the inference table, shaped by the run schema's own row translation."""
-    from aiinfra.plan.runs import ATTENTION_HEAD_DIMS, row_version, spec_from_row
+    from aiinfra.plan.runs import architecture_settings, row_version, spec_from_row
 
     models = {}
     with open(path, newline="") as handle:
@@ -117,10 +124,11 @@ def serve_models(path: Path = INFERENCE_MODELS_CSV) -> dict[str, ServeModel]:
             spec = spec_from_row(shaped)
             published = int(row["experts"]) if (row.get("experts") or "").strip() else spec.n_experts
             version = row_version(shaped).version
-            qk_dim, v_dim = ATTENTION_HEAD_DIMS.get(version, (0, 0))
+            architecture = architecture_settings(version)
             moe_layers = (row.get("moe_layers") or "").strip()
             models[row["model"]] = ServeModel(spec, int(kv) if kv else None, max(0, spec.n_experts - published),
-                                              qk_dim + v_dim, int(moe_layers) if moe_layers else 0, version)
+                                              architecture["qk_head_dim"] + architecture["v_head_dim"],
+                                              int(moe_layers) if moe_layers else 0, version)
     return models
 
 
@@ -228,14 +236,13 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
     if attention_dp not in ("", "yes", "no"):
         raise RowNotRepresentable(f"attention_dp={attention_dp!r}: expected yes, no or empty")
     settings = ServeSettings(int(row["input_tokens"]), int(row["output_tokens"] or 1), weight_dtype=weight_dtype,
-                             kv_dtype=kv_dtype, tp=tp, kv_dim_per_layer=model.kv_dim_per_layer,
-                             max_batch=engine_max_batch(row), reserve_whole_sequence=tensorrt_llm,
+                             kv_dtype=kv_dtype, tp=tp, max_batch=engine_max_batch(row),
+                             reserve_whole_sequence=tensorrt_llm,
                              host_s_per_request=ENGINE_HOST_S_PER_REQUEST.get(engine, 0.0),
                              host_s_per_step=ENGINE_HOST_S_PER_STEP.get(engine, 0.0),
                              host_overlapped=engine not in ENGINES_WITH_SERIAL_HOST,
                              custom_all_reduce_max_bytes=ENGINE_CUSTOM_ALL_REDUCE_MAX_BYTES.get(engine, 0.0),
-                             attention_dp=attention_dp == "yes", shared_experts=model.shared_experts,
-                             prefill_qkv_head_width=model.prefill_qkv_head_width, moe_layers=model.moe_layers)
+                             attention_dp=attention_dp == "yes", **model.settings_fields())
     if tensorrt_llm and not (row.get("max_batch") or "").strip():
         max_batch, max_tokens = trtllm_bench_limits(model.spec, cluster.memory_bytes, tp, weight_dtype, kv_dtype,
                                                     settings.input_tokens, settings.output_tokens)
