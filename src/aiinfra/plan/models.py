@@ -1,7 +1,8 @@
 """The models a plan command can name: the trainer's presets, and every published configuration the validation
-table uses (`inference_models.csv`: Llama 3.x and 4, Qwen3 MoE, DeepSeek-V3/R1, PaLM), with the architecture
-facts its version carries, so that `plan train --model qwen3-235b-a22b` and `plan serve --model deepseek-r1` price
-the same model `plan validate` checks against published runs."""
+table uses and the other common open releases (`inference_models.csv`: Llama 2/3.x/4, Qwen3 and Qwen2.5, Mistral
+and Mixtral, GPT-OSS, DeepSeek-V3/R1, PaLM), found by the names their checkpoints carry (`serve_rows.find_model`),
+with the architecture facts its version carries, so that `plan train --model qwen3-235b-a22b` and `plan serve
+--model deepseek-r1` price the same model `plan validate` checks against published runs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 from aiinfra.plan.errors import PlanError
 from aiinfra.plan.runs import architecture_settings
-from aiinfra.plan.serve_rows import ServeModel, serve_models
+from aiinfra.plan.serve_rows import ServeModel, find_model, serve_models
 from aiinfra.spec import PRESETS, ModelSpec, preset
 
 # A published model's default sequence length for planning (its configurations allow 32K-128K; the presets of
@@ -46,9 +47,10 @@ def resolve_model(name: str, seq_len: int | None = None) -> NamedModel:
         if seq_len and seq_len > spec.max_seq_len:
             spec = preset(name, max_seq_len=seq_len)
         return NamedModel(spec)
-    published = _published().get(name)
-    if published is None:
+    found = find_model(name, _published())
+    if found is None:
         raise PlanError(f"unknown model {name!r}; known: {', '.join(known_model_names())}")
+    published = _published()[found]
     spec = ModelSpec(**{**published.spec.model_dump(), "max_seq_len": seq_len or PUBLISHED_SEQ_LEN})
     return NamedModel(spec, published, architecture_settings(published.version))
 

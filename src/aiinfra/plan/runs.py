@@ -43,10 +43,11 @@ NODE_LIMITED_ROUTING = {"deepseek-v3": 4}
 # wide query/key heads and mixes 128-wide value heads (DeepSeek-V3 config.json qk_nope_head_dim 128, qk_rope_head_dim
 # 64, v_head_dim 128; arXiv 2412.19437, 2.1.1), against hidden / heads = 56. The rows' own reported model TFLOP/s
 # (152.4 on v5p, 1292 on GB200) match these widths, not 56. Qwen3's MoE models set head_dim 128 apart from hidden /
-# heads (Qwen3-235B-A22B: 4096 / 64 = 64; Qwen3-30B-A3B: 2048 / 32 = 64; config.json head_dim 128).
+# heads (Qwen3-235B-A22B: 4096 / 64 = 64; Qwen3-30B-A3B: 2048 / 32 = 64; config.json head_dim 128), and so do the
+# dense ones (Qwen3-32B: 5120 / 64 = 80, head_dim 128; the smaller sizes already have 128 = hidden / heads).
 # DeepSeek-V2 uses the same MLA widths (arXiv 2405.04434, 2.1.2: d_h^R 64 beside 128-wide heads).
 ATTENTION_HEAD_DIMS = {"deepseek-v3": (192, 128), "deepseek-v2": (192, 128), "qwen3-moe": (128, 128),
-                       "gpt-oss": (64, 64)}
+                       "qwen3": (128, 128), "gpt-oss": (64, 64)}
 # Sliding-window attention: GPT-OSS alternates 128-token local layers with full-attention layers (config.json
 # sliding_window 128, layer_types sliding/full; OpenAI gpt-oss model card, 2025) and uses 64-wide heads (head_dim 64
 # against hidden / heads = 2880 / 64 = 45). Gemma 3 runs five 1024-token local layers for each global one and
@@ -57,13 +58,13 @@ ATTENTION_HEAD_DIMS = {"deepseek-v3": (192, 128), "deepseek-v2": (192, 128), "qw
 SLIDING_WINDOWS = {"gpt-oss": (128, 0.5), "gemma2": (4096, 0.5), "gemma3": (1024, 5 / 6)}
 # The same published head widths size the query, key, value and output projections (config.json head_dim: the
 # q projection is heads x head_dim wide, not hidden): Qwen3-235B-A22B 64 x 128 = 8192 against hidden 4096.
-PUBLISHED_HEAD_WIDTHS = {"qwen3-moe": 128, "gpt-oss": 64}
+PUBLISHED_HEAD_WIDTHS = {"qwen3-moe": 128, "qwen3": 128, "gpt-oss": 64}
 # Norms beyond the pre-norms: Gemma 3 adds a post-norm after attention and after the MLP and replaces Gemma 2's
 # soft-capping by QK-norm (Gemma 3 technical report, 2025, 2.1; config.json / modeling: post_attention_layernorm,
 # post_feedforward_layernorm, q_norm, k_norm); Qwen3 adds QK-norm (Qwen3 technical report, 2025, 2.1: QK-Norm in
 # place of QKV bias); Gemma 2 already normalizes each sub-layer's output (Gemma 2 technical report, 2: "post-norm and
 # pre-norm with RMSNorm"). (post-norms per layer, QK-norm).
-EXTRA_NORMS = {"gemma2": (2, False), "gemma3": (2, True), "qwen3-moe": (0, True)}
+EXTRA_NORMS = {"gemma2": (2, False), "gemma3": (2, True), "qwen3-moe": (0, True), "qwen3": (0, True)}
 
 
 class RowNotRepresentable(PlanError):
@@ -163,12 +164,14 @@ def spec_from_row(row: dict[str, str]) -> ModelSpec:
     matrices = 2 if family in TWO_MATRIX_FAMILIES else 3
     gpt = family in GPT_FAMILIES
     # A head width the rotary embedding cannot split (odd) keeps its cost but not its rotation: learned positions.
-    rope = not gpt and (hidden // heads) % 2 == 0
+    # The width is the published one where it is not hidden / heads (GPT-OSS: 64, against 2880 / 64 = 45).
+    head_width = _head_width(row)
+    rope = not gpt and (head_width or hidden // heads) % 2 == 0
     tied = row_version(row).version in TIED_FAMILIES
     arch = dict(mlp="gelu" if matrices == 2 else "swiglu", norm="layernorm" if gpt else "rmsnorm",
                 position="rope" if rope else "learned", bias=gpt, tie_embeddings=tied)
     common = dict(vocab_size=vocab, dim=hidden, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads,
-                  max_seq_len=seq, head_width=_head_width(row), **arch)
+                  max_seq_len=seq, head_width=head_width, **arch)
     try:
         if is_moe_row(row):
             dense = ModelSpec(**common, ffn_dim=1).num_params()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,41 @@ def serve_models(path: Path = INFERENCE_MODELS_CSV) -> dict[str, ServeModel]:
     return models
 
 
+# Words a published checkpoint's name carries that do not change its shape: the tuning (instruct, chat, base, it,
+# thinking), the
+# checkpoint's quantization (FP8, FP4, NVFP4, MXFP4, AWQ, GPTQ, INT4/INT8, W8A8, W4A16, "-KV" for a quantized cache,
+# "-Dynamic"), the Hugging Face format tag (hf), a dated revision (Qwen3-235B-A22B-Instruct-2507, DeepSeek-R1-0528)
+# and a v0.x release (Mixtral-8x7B-v0.1). "-v3" and the like stay: they name a model.
+_NAME_TAGS = re.compile(r"(-(instruct|chat|base|it|thinking|hf|fp8|fp4|nvfp4|mxfp4|awq|gptq|int4|int8|w8a8|w4a16|"
+                        r"kv|dynamic|\d{4}|v0\.\d+))+$")
+
+
+def model_key(name: str) -> str:
+    """A model name as the catalog spells it: lower case, hyphens for spaces and underscores, Meta's "Meta-Llama-3"
+    and the run-together "llama3.1" as "llama-3", and the shape-neutral tags (`_NAME_TAGS`) dropped."""
+    key = re.sub(r"[\s_]+", "-", name.strip().lower())
+    key = re.sub(r"^meta-llama-", "llama-", key)
+    key = re.sub(r"^llama(\d)", r"llama-\1", key)
+    return _NAME_TAGS.sub("", key)
+
+
+def find_model(name: str, models: dict[str, ServeModel]) -> str | None:
+    """The catalog name a row's or a user's model name means, or None: the exact name; else the name, or what follows
+    a Hugging Face organisation ("meta-llama/Llama-3.1-70B-Instruct"), by `model_key`; else the one catalog name it
+    begins ("qwen3-235b" for qwen3-235b-a22b, "llama-4-scout" for llama-4-scout-17b-16e). Several: None."""
+    if name in models:
+        return name
+    keys = {model_key(known): known for known in models}
+    for candidate in dict.fromkeys((name, name.split("/", 1)[-1])):
+        key = model_key(candidate)
+        if key in keys:
+            return keys[key]
+        longer = [known for known_key, known in keys.items() if known_key.startswith(key + "-")]
+        if len(longer) == 1:
+            return longer[0]
+    return None
+
+
 def _optional_count(row: dict[str, str], column: str) -> int | None:
     """An optional whole-number column of a row (None when empty); anything else is not representable."""
     from aiinfra.plan.runs import RowNotRepresentable
@@ -202,10 +238,11 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
     from aiinfra.plan.cluster import make_cluster
     from aiinfra.plan.runs import RowNotRepresentable
 
-    name = row.get("model", "").strip()
-    if name not in models:
-        raise RowNotRepresentable(f"model {name!r} has no published shape in inference_models.csv")
-    model = models[name]
+    found = find_model(row.get("model", "").strip(), models)
+    if found is None:
+        raise RowNotRepresentable(f"model {row.get('model', '').strip()!r} has no published shape in "
+                                  "inference_models.csv")
+    name, model = found, models[found]
     if row.get("metric") == "output_tokens_per_s" and not (row.get("output_tokens") or "").strip():
         raise RowNotRepresentable("output_tokens not stated (a decode-only share of a disaggregated deployment)")
     speculative = (row.get("speculative") or "").strip()
@@ -214,8 +251,12 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
         raise RowNotRepresentable(f"speculative decoding ({speculative}): the drafts accepted per step are not stated")
     n_devices = int(row["n_devices"])
     tp = int(row["tp"]) if (row.get("tp") or "").strip() else n_devices
-    if tp != n_devices:
-        raise RowNotRepresentable(f"tp={tp} on {n_devices} devices: only one tensor-parallel replica is modelled")
+    if tp < 1 or n_devices % tp:
+        raise RowNotRepresentable(f"tp={tp} on {n_devices} devices: expected a tensor-parallel size that divides them")
+    # Devices beyond one tensor-parallel group are independent replicas of it (data parallelism across engine
+    # instances or vLLM's --data-parallel-size): the group's figure is the replicas' sum, each serving an equal share
+    # of a finite run's requests; a batch-1 latency is one replica's.
+    replicas = n_devices // tp
     precision = row["precision"].strip()
     weight_dtype = {"int8-weights": "int8"}.get(precision, precision)
     if weight_dtype not in WEIGHT_BYTES:
@@ -254,10 +295,12 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
         # The row does not say: the published figure is the engine at its best, so try both (as a training row
         # without a layout gets the best layout that fits).
         options.append(replace(settings, attention_dp=True))
-    requests = benchmark_requests(row)
+    requests = math.ceil(benchmark_requests(row) / replicas)
     figures = [_serve_figure(row["metric"], model.spec, cluster, option, requests) for option in options]
     pick = min if row["metric"] == "ms_per_token_low_batch" else max
     predicted, batch, limited_by = pick(figures, key=lambda figure: figure[0])
+    if row["metric"] == "output_tokens_per_s":
+        predicted *= replicas
     return InferenceValidationRow(row["id"], row.get("source", ""), name, cluster.efficiency.generation,
                                   row["metric"], float(row["value"]), predicted, batch, limited_by)
 

@@ -1,0 +1,83 @@
+"""The published-model catalog, the names rows and users give its models, and serving rows over several replicas."""
+
+import csv
+
+import pytest
+
+from aiinfra.plan.models import resolve_model
+from aiinfra.plan.runs import RowNotRepresentable
+from aiinfra.plan.serve_rows import INFERENCE_MODELS_CSV, _predict_inference_row, find_model, serve_models
+
+ROW = {"id": "x", "system": "TensorRT-LLM max-throughput", "model": "llama-3.1-8b", "hardware": "h100-sxm-80gb",
+       "n_devices": "1", "tp": "1", "precision": "fp8", "input_tokens": "1000", "output_tokens": "1000",
+       "metric": "output_tokens_per_s", "value": "1"}
+
+
+@pytest.mark.parametrize(("name", "catalog"), [
+    ("llama-3.1-70b", "llama-3.1-70b"),
+    ("meta-llama/Llama-3.1-70B-Instruct", "llama-3.1-70b"),
+    ("amd/Llama-3.1-70B-Instruct-FP8-KV", "llama-3.1-70b"),
+    ("Meta-Llama-3-8B-Instruct", "llama-3-8b"),
+    ("llama3.1-8b", "llama-3.1-8b"),
+    ("Llama 3.3 70B", "llama-3.3-70b"),
+    ("qwen3-235b", "qwen3-235b-a22b"),
+    ("Qwen/Qwen3-235B-A22B-Instruct-2507-FP8", "qwen3-235b-a22b"),
+    ("nvidia/DeepSeek-R1-FP4", "deepseek-r1"),
+    ("deepseek-r1-0528", "deepseek-r1"),
+    ("deepseek-v3/r1", "deepseek-v3/r1"),
+    ("llama-4-scout", "llama-4-scout-17b-16e"),
+    ("mistralai/Mixtral-8x7B-Instruct-v0.1", "mixtral-8x7b"),
+    ("openai/gpt-oss-120b", "gpt-oss-120b"),
+])
+def test_a_published_name_finds_its_catalog_model(name: str, catalog: str) -> None:
+    assert find_model(name, serve_models()) == catalog
+
+
+@pytest.mark.parametrize("name", ["llama-3", "qwen3", "gpt-oss", "deepseek-v2", "llama-3.1-13b"])
+def test_an_ambiguous_or_unknown_name_finds_none(name: str) -> None:
+    # "llama-3" begins llama-3-8b and llama-3-70b; "qwen3" several Qwen3 models: guessing would price the wrong one.
+    assert find_model(name, serve_models()) is None
+
+
+def test_an_unknown_model_row_is_not_run_with_its_name() -> None:
+    with pytest.raises(RowNotRepresentable, match="'falcon-180b' has no published shape"):
+        _predict_inference_row({**ROW, "model": "falcon-180b"}, serve_models())
+
+
+def test_every_catalog_shape_has_its_published_parameter_count() -> None:
+    with INFERENCE_MODELS_CSV.open(newline="") as handle:
+        published = {row["model"]: float(row["params_b"]) for row in csv.DictReader(handle)}
+    models = serve_models()
+    # PaLM's heads are set to d_model / 256 so its multi-query cache is exact (its notes): its count is not kept.
+    for name, params_b in published.items():
+        if name == "palm-540b":
+            continue
+        assert models[name].spec.num_params() / 1e9 == pytest.approx(params_b, rel=0.015), name
+
+
+def test_published_configurations_keep_their_architecture() -> None:
+    models = serve_models()
+    gpt_oss = models["gpt-oss-120b"].spec
+    # 128 experts, top-4, each 2880 wide; 64-wide heads, so rotary positions (2880 / 64 = 45 would be odd).
+    assert (gpt_oss.n_experts, gpt_oss.experts_per_token, gpt_oss.ffn_dim) == (128, 4, 2880)
+    assert (gpt_oss.head_dim, gpt_oss.position) == (64, "rope")
+    mixtral = models["mixtral-8x22b"].spec
+    assert (mixtral.n_experts, mixtral.experts_per_token) == (8, 2)
+    qwen = resolve_model("qwen3-32b")  # 64 heads of 128 against hidden 5120, and QK-norm
+    assert qwen.spec.head_dim == 128 and qwen.train_settings["qk_norm"]
+    assert resolve_model("Qwen/Qwen3-32B").spec == qwen.spec
+
+
+def test_devices_beyond_one_tensor_parallel_group_are_replicas() -> None:
+    models = serve_models()
+    steady = {**ROW, "system": "TensorRT-LLM trtllm-bench"}  # no documented request count: the steady state
+    one = _predict_inference_row(steady, models).predicted
+    assert _predict_inference_row({**steady, "n_devices": "8"}, models).predicted == pytest.approx(8 * one)
+    # A finite run splits its requests: 3000 over 8 replicas is 375 each, fewer than one replica holds at once.
+    finite = _predict_inference_row({**ROW, "n_devices": "8"}, models)
+    assert finite.batch == 375 and finite.limited_by == "requests"
+    latency = {**ROW, "metric": "ms_per_token_low_batch"}
+    assert (_predict_inference_row({**latency, "n_devices": "8"}, models).predicted
+            == _predict_inference_row(latency, models).predicted)
+    with pytest.raises(RowNotRepresentable, match="tp=3 on 8 devices"):
+        _predict_inference_row({**ROW, "n_devices": "8", "tp": "3"}, models)
