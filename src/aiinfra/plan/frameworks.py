@@ -56,6 +56,7 @@ class FrameworkFacts:
     foreach_optimizer: bool = False  # torch.optim.AdamW's default foreach implementation (`eager`)
     fsdp1_flat_grad: bool = False  # FSDP1's FlatParameter: the backward concatenates (and casts) the flat gradient
     fsdp2_copy_out: bool = False  # FSDP2's per-parameter copy-out after every all-gather (`eager.fsdp_copy_out_s`)
+    default_sharding: str = "none"  # the `sharding` a row of this framework means when it leaves the column empty
 
 
 FRAMEWORKS: dict[str, FrameworkFacts] = {
@@ -71,8 +72,10 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         "overlapping it with another micro-batch is opt-in, and the published tables do not say it was on); TE "
         "fused attention; TE's fp8/fp4 linear layers save their quantized input for the weight gradient; "
         "--moe-grouped-gemm runs TE's GroupedLinear, one cuBLAS GEMM per local expert on a pool of streams "
-        "(`moe_routing.TE_MULTI_STREAM_GEMM_PER_GROUP_S`)",
+        "(`moe_routing.TE_MULTI_STREAM_GEMM_PER_GROUP_S`); NeMo's and Megatron-Bridge's recipes run the distributed "
+        "optimizer (ZeRO-1) unless Megatron-FSDP is named (the reference README: zero1 where the tables do not say)",
         dropout_families=("gpt",), tp_overlap=True, fp8_saved_inputs=True, interleaved_by_default=True,
+        default_sharding="zero1",
         dp_bucket_params=40e6, dp_bucket_params_per_rank=1e6, sequence_parallel=True, partial_recompute=True,
         layer_offload=True, grouped_gemm_per_group_s=TE_MULTI_STREAM_GEMM_PER_GROUP_S,
     ),
@@ -97,20 +100,23 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         "deepspeed",
         "DeepSpeed ZeRO config defaults: overlap_comm, reduce_bucket_size 5e8, stage3_prefetch_bucket_size 5e7 "
         "elements (ZeRO-3 gathers per prefetch bucket, so a large layer costs many small collectives), gradients "
-        "partitioned at every micro-step, fp32 reduction",
+        "partitioned at every micro-step, fp32 reduction; no ZeRO stage unless the config names one "
+        "(zero_optimization.stage defaults to 0)",
         dp_bucket_params=5e8, zero3_bucket_params=5e7, grad_reduce_every_micro_batch=True,
     ),
     "torchtitan": FrameworkFacts(
         "torchtitan",
         "torchtitan parallelize_llama: FSDP2 fully_shard per transformer block (one all-gather and one "
         "reduce-scatter per block, prefetched), mixed_precision_reduce float32, SDPA flash attention, no dropout, "
-        "sequence parallel with TP; Float8 training through torchao's default tensorwise dynamic scaling (each "
+        "sequence parallel with TP (data_parallel_shard_degree -1: FSDP over every data-parallel rank unless "
+        "replication is named); Float8 training through torchao's default tensorwise dynamic scaling (each "
         "input's amax computed before its cast); selective per-op activation checkpointing saves every compute op's "
         "output except every second matmul of a block, which runs again in the backward (_custom_policy); "
         "train_configs set compile = false and norm_type rmsnorm (eager RMSNorm, rotary and SwiGLU kernels); "
         "FSDP2 copies every all-gather's output into the parameters on the compute stream",
         sequence_parallel=True, fp8_amax_pass=True, selective_recomputes_alternate_mms=True,
         eager_by_default=True, fsdp2_copy_out=True, attention_fa2=True, foreach_optimizer=True,
+        default_sharding="fsdp",
     ),
     "pytorch-fsdp": FrameworkFacts(
         "pytorch-fsdp",
@@ -119,14 +125,14 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         "ShardingStrategy.HYBRID_SHARD (full shard inside a node, replicate across nodes); run eagerly "
         "(fms-fsdp scripts --use_torch_compile=False; the IBM/PyTorch blog lists torch.compile as future work)",
         grad_reduce_fp32=False, fsdp_like_is_hybrid=True, eager_by_default=True, attention_fa2=True,
-        foreach_optimizer=True, fsdp1_flat_grad=True,
+        foreach_optimizer=True, fsdp1_flat_grad=True, default_sharding="fsdp",
     ),
     "llm-foundry": FrameworkFacts(
         "llm-foundry",
         "llm-foundry/Composer FSDP FULL_SHARD wrapped per MPT block, mixed_precision DEFAULT (reduce in fp32), "
         "flash attention, no dropout in the benchmark configs; Composer wraps torch's FSDP1 FullyShardedDataParallel "
         "(FlatParameter per block)",
-        fsdp1_flat_grad=True,
+        fsdp1_flat_grad=True, default_sharding="fsdp",
     ),
     "jax": FrameworkFacts(
         "jax",
@@ -151,7 +157,7 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         tp_overlap=True, grad_reduce_fp32=False, param_bytes=4, gather_param_bytes=2, optimizer_bytes_per_param=8,
         sequence_parallel=True, shard_within_domain=True, mfu_causal_attention=True, activation_offload=True,
         logit_bytes=2, grouped_gemm_row_tile=512, recompute_drops_output_gemm=True, recompute_fuses_elementwise=True,
-        test_model_head_width=256, bf16_weights_when_needed=True,
+        test_model_head_width=256, bf16_weights_when_needed=True, default_sharding="fsdp",
     ),
     "in-house": FrameworkFacts(
         "in-house",
@@ -161,7 +167,7 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         "counting would put 131K-context attention at a higher efficiency than 8K's)",
         tp_overlap=True, interleaved_by_default=True, dp_bucket_params=40e6, dp_bucket_params_per_rank=1e6,
         sequence_parallel=True,
-        partial_recompute=True, mfu_causal_attention=True,
+        partial_recompute=True, mfu_causal_attention=True, default_sharding="fsdp-like",
     ),
 }
 

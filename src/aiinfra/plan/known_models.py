@@ -59,15 +59,32 @@ def _published_shapes() -> tuple[dict[str, str], ...]:
         return tuple(csv.DictReader(handle))
 
 
-def published_shape(family: str, params_b: float | None, moe: bool) -> dict[str, str] | None:
-    """The shape columns of the published configuration of this family with this parameter count (within 3%), or
-    None when there is none, or several that differ."""
-    if params_b is None:
+def published_shape(family: str, params_b: float | None, moe: bool,
+                    stated: dict[str, str] | None = None) -> dict[str, str] | None:
+    """The shape columns (and, for a mixture-of-experts model, `experts_per_token`) of the published configuration
+    of this family that agrees with every shape column the row states and, where the row gives one, its parameter
+    count (within 3%); None when there is none, or several that differ. With nothing stated but the count, the count
+    alone decides."""
+    stated = {k: v.strip() for k, v in (stated or {}).items() if v and v.strip()}
+    if params_b is None and not stated:
         return None
-    matches = [m for m in _published_shapes()
-               if m["family"] == family and bool((m.get("experts") or "").strip()) == moe
-               and abs(float(m["params_b"]) - params_b) <= 0.03 * params_b]
-    shapes = {tuple(m[column] for column in SHAPE_COLUMNS) for m in matches}
+    columns = SHAPE_COLUMNS + (("experts_per_token",) if moe else ())
+
+    def agrees(m: dict[str, str]) -> bool:
+        if m["family"] != family or bool((m.get("experts") or "").strip()) != moe:
+            return False
+        if params_b is not None and abs(float(m["params_b"]) - params_b) > 0.03 * params_b:
+            return False
+        return all(_same(m.get(k, ""), v) for k, v in stated.items() if k in columns + ("experts",))
+
+    shapes = {tuple(m.get(column, "") for column in columns) for m in _published_shapes() if agrees(m)}
     if len(shapes) != 1:
         return None
-    return dict(zip(SHAPE_COLUMNS, shapes.pop(), strict=True))
+    return dict(zip(columns, shapes.pop(), strict=True))
+
+
+def _same(published: str, stated: str) -> bool:
+    try:
+        return float(published) == float(stated)
+    except ValueError:
+        return published.strip() == stated

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from aiinfra.plan.cluster import Cluster, make_cluster
 from aiinfra.plan.errors import PlanError
 from aiinfra.plan.frameworks import FrameworkFacts, framework_facts
-from aiinfra.plan.known_models import Version, model_version, published_shape
+from aiinfra.plan.known_models import SHAPE_COLUMNS, Version, model_version, published_shape
 from aiinfra.plan.layout import Layout, TrainSettings
 from aiinfra.plan.step import StepBreakdown
 from aiinfra.spec import ModelSpec
@@ -126,11 +126,15 @@ def row_version(row: dict[str, str]) -> Version:
 
 
 def with_published_shape(row: dict[str, str]) -> dict[str, str]:
-    """The row with its blank shape cells taken from the published configuration of its family and parameter count
-    (known_models.published_shape), where the row states no shape and exactly one configuration matches."""
-    if any((row.get(column) or "").strip() for column in ("layers", "hidden")):
+    """The row with its blank shape cells (and a mixture-of-experts row's blank `experts_per_token`) taken from the
+    published configuration of its family that agrees with its parameter count and every shape cell it states
+    (known_models.published_shape), where exactly one does: Llama 2 7B's vocabulary from its 32 layers of 4096 and
+    6.7B parameters, not Llama 3 8B's."""
+    fillable = SHAPE_COLUMNS + (("experts_per_token",) if is_moe_row(row) else ())
+    if all((row.get(column) or "").strip() for column in fillable):
         return row
-    shape = published_shape(row.get("model", "").strip(), _float(row, "params_b"), is_moe_row(row))
+    stated = {k: row.get(k) or "" for k in (*fillable, "experts")}
+    shape = published_shape(row.get("model", "").strip(), _float(row, "params_b"), is_moe_row(row), stated)
     if shape is None:
         return row
     return {**row, **{k: v for k, v in shape.items() if not (row.get(k) or "").strip()}}
@@ -255,10 +259,23 @@ def within_domain(dp: int, ranks_per_domain: int) -> int:
     return max((d for d in range(1, dp + 1) if dp % d == 0 and d <= max(1, ranks_per_domain)), default=1)
 
 
+def _data_parallel(row: dict[str, str], tp: int, pp: int, cp: int) -> int:
+    """The `dp` column, or where it is empty the devices left over by the model-parallel degrees: n / (tp pp cp)."""
+    if (row.get("dp") or "").strip():
+        return _int(row, "dp")
+    n_devices = _int(row, "n_devices")
+    if n_devices % (tp * pp * cp):
+        raise RowNotRepresentable(f"dp not stated and tp x pp x cp = {tp * pp * cp} does not divide "
+                                  f"n_devices = {n_devices}")
+    return n_devices // (tp * pp * cp)
+
+
 def _layout(row: dict[str, str], facts: FrameworkFacts) -> tuple[Layout, bool, bool]:
-    tp, pp, dp = _int(row, "tp", 1), _int(row, "pp", 1), _int(row, "dp")
-    cp, ep, vp = _int(row, "cp", 1), _int(row, "ep", 1), _int(row, "vp", 1)
-    sharding = (row.get("sharding") or "").strip()
+    tp, pp, cp = _int(row, "tp", 1), _int(row, "pp", 1), _int(row, "cp", 1)
+    dp = _data_parallel(row, tp, pp, cp)
+    ep, vp = _int(row, "ep", 1), _int(row, "vp", 1)
+    # An empty column is the framework's documented default (`FrameworkFacts.default_sharding`).
+    sharding = (row.get("sharding") or "").strip() or facts.default_sharding
     stage = SHARDING_STAGES.get(sharding.split("-")[0] if sharding.startswith("fsdp-") and sharding != "fsdp-like"
                                 else sharding)
     if stage is None:
@@ -289,7 +306,7 @@ def _global_batch(row: dict[str, str]) -> int:
     parallel replica (no gradient accumulation stated, none assumed)."""
     if (row.get("global_batch_seqs") or "").strip() or not (row.get("micro_batch") or "").strip():
         return _int(row, "global_batch_seqs")
-    return _int(row, "micro_batch") * _int(row, "dp")
+    return _int(row, "micro_batch") * _data_parallel(row, _int(row, "tp", 1), _int(row, "pp", 1), _int(row, "cp", 1))
 
 
 def architecture_settings(version: str) -> dict[str, Any]:

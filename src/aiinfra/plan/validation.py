@@ -75,11 +75,19 @@ def _candidates(setup: RunSetup) -> list[Layout]:
 def fitted_setup(setup: RunSetup) -> tuple[RunSetup, Layout]:
     """The setup and the fastest layout that fits; where nothing fits with the framework's default fp32 weights and
     the row states no weight dtype, the framework's bf16-weights switch if it has one
-    (`FrameworkFacts.bf16_weights_when_needed`); RowNotRepresentable when nothing fits."""
+    (`FrameworkFacts.bf16_weights_when_needed`); where nothing fits with the framework's default sharding and the row
+    states none, the run sharded everything (ZeRO-3 / FSDP over its data-parallel ranks: it ran, so it fit);
+    RowNotRepresentable when nothing fits."""
     try:
         return setup, best_layout(setup)[0]
     except DoesNotFit:
+        unsharded = not (setup.row.get("sharding") or "").strip() and setup.layout.zero_stage < 3 \
+            and setup.layout.dp > 1
         stated = (setup.row.get("weight_dtype") or "").strip()
+        if unsharded:
+            layout = setup.layout
+            sharded = replace(setup, layout=replace(layout, dp_replicate=1, dp_shard=layout.dp, zero_stage=3))
+            return fitted_setup(sharded)
         if not setup.facts.bf16_weights_when_needed or stated or setup.settings.param_bytes == 2:
             raise
     bf16 = replace(setup, settings=bf16_weights(setup.settings))

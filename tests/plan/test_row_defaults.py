@@ -1,0 +1,62 @@
+"""What a training row of the shared schema means where it leaves a column empty: the data-parallel degree the
+other degrees leave, the framework's documented sharding, and the shape of the one published configuration that
+agrees with what the row does state."""
+
+import pytest
+
+from aiinfra.plan.frameworks import FRAMEWORKS
+from aiinfra.plan.runs import RowNotRepresentable, setup_from_row, spec_from_row
+from aiinfra.plan.validation import fitted_setup, load_training_runs
+
+
+def _row(run_id: str) -> dict[str, str]:
+    return next(row for row in load_training_runs() if row["id"] == run_id)
+
+
+def test_an_empty_dp_is_the_devices_the_model_parallel_degrees_leave() -> None:
+    row = _row("bridge2606-qwen3-235b-gb200x256-mxfp8")  # 256 GB200, TP1 PP8: dp 32
+    stated = setup_from_row(row).layout
+    derived = setup_from_row({**row, "dp": ""}).layout
+    assert derived.dp == stated.dp == 256 // (stated.tp * stated.pp * stated.cp)
+    with pytest.raises(RowNotRepresentable, match="tp x pp x cp = 24 does not divide n_devices = 256"):
+        setup_from_row({**row, "dp": "", "tp": "3"})
+
+
+@pytest.mark.parametrize(("framework", "stage"), [
+    ("megatron", 1), ("megatron-2021", 0), ("deepspeed", 0), ("torchtitan", 3), ("pytorch-fsdp", 3),
+    ("llm-foundry", 3), ("jax", 3),
+])
+def test_an_empty_sharding_is_the_frameworks_default(framework: str, stage: int) -> None:
+    row = {**_row("bridge2511-llama3-8b-h100x8-fsdp"), "framework": framework, "sharding": ""}
+    assert FRAMEWORKS[framework].default_sharding in ("none", "zero1", "fsdp")
+    assert setup_from_row(row).layout.zero_stage == stage
+
+
+def test_a_run_whose_default_sharding_cannot_fit_sharded_everything() -> None:
+    # Llama 3 70B on 64 GB200 under Megatron-FSDP: with the recipes' default ZeRO-1 it needs ~420 GiB a device.
+    row = {**_row("bridge2511-llama3-70b-gb200x64-fsdp"), "sharding": ""}
+    assert setup_from_row(row).layout.zero_stage == 1
+    _, layout = fitted_setup(setup_from_row(row))
+    assert layout.zero_stage == 3 and layout.dp_shard == layout.dp
+    # Stated, the sharding is kept: a stated ZeRO-1 that cannot fit is reported as not fitting.
+    with pytest.raises(RowNotRepresentable, match="does not fit"):
+        fitted_setup(setup_from_row({**row, "sharding": "zero1"}))
+
+
+def test_an_empty_shape_cell_comes_from_the_one_published_configuration_that_agrees() -> None:
+    row = _row("bridge2511-llama3-8b-h100x8-fsdp")  # llama, 8B, 32 layers of 4096, vocab 128256
+    assert spec_from_row({**row, "vocab": ""}).vocab_size == 128256
+    # 32 layers of 4096 at 6.74B is Llama 2 7B: its 32000-token vocabulary and 11008-wide MLP.
+    llama2 = {**row, "params_b": "6.74", "vocab": "", "ffn": "", "kv_heads": ""}
+    spec = spec_from_row(llama2)
+    assert (spec.vocab_size, spec.ffn_dim, spec.n_kv_heads) == (32000, 11008, 32)
+    # Llama 2 70B (vocab 32000) and Llama 3 70B (128256) share 80 layers of 8192 within 3% of each other's
+    # parameters: which one a row means is not guessed.
+    seventy = {**_row("bridge2511-llama3-70b-gb200x64-fsdp"), "vocab": ""}
+    with pytest.raises(RowNotRepresentable, match="vocab not stated"):
+        spec_from_row(seventy)
+
+
+def test_an_empty_experts_per_token_comes_from_the_published_configuration() -> None:
+    row = _row("bridge260401-qwen3-30b-b200x8-mxfp8")  # Qwen3 30B-A3B: 128 experts, top-8
+    assert spec_from_row({**row, "experts_per_token": ""}) == spec_from_row(row)
