@@ -81,3 +81,16 @@ def test_devices_beyond_one_tensor_parallel_group_are_replicas() -> None:
             == _predict_inference_row(latency, models).predicted)
     with pytest.raises(RowNotRepresentable, match="tp=3 on 8 devices"):
         _predict_inference_row({**ROW, "n_devices": "8", "tp": "3"}, models)
+
+
+@pytest.mark.parametrize(("column", "text", "message"), [
+    ("value", "", "value='': expected the published figure"),
+    ("value", "-5", "value='-5': expected the published figure"),
+    ("n_devices", "abc", "n_devices='abc': expected a whole number >= 1"),
+    ("tp", "0", "tp='0': expected a whole number >= 1"),
+    ("output_tokens", "0", "output_tokens='0': expected a whole number >= 1"),
+    ("input_tokens", "", "input_tokens not stated"),
+])
+def test_a_bad_serving_cell_is_a_row_not_run_with_its_column(column: str, text: str, message: str) -> None:
+    with pytest.raises(RowNotRepresentable, match=message):
+        _predict_inference_row({**ROW, column: text}, serve_models())

@@ -60,3 +60,9 @@ def test_an_empty_shape_cell_comes_from_the_one_published_configuration_that_agr
 def test_an_empty_experts_per_token_comes_from_the_published_configuration() -> None:
     row = _row("bridge260401-qwen3-30b-b200x8-mxfp8")  # Qwen3 30B-A3B: 128 experts, top-8
     assert spec_from_row({**row, "experts_per_token": ""}) == spec_from_row(row)
+
+
+@pytest.mark.parametrize("text", ["", "abc", "0", "-5", "inf"])
+def test_a_published_value_that_is_not_a_positive_number_is_not_run(text: str) -> None:
+    with pytest.raises(RowNotRepresentable, match=f"value={text!r}: expected the published figure"):
+        setup_from_row({**_row("bridge2511-llama3-8b-h100x8-fsdp"), "value": text})

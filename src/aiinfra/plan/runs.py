@@ -93,6 +93,18 @@ def _int(row: dict[str, str], key: str, default: int | None = None) -> int:
         raise RowNotRepresentable(f"{key}={text!r} is not a number") from None
 
 
+def published_value(row: dict[str, str]) -> float:
+    """The row's `value`: the published figure, a positive number (RowNotRepresentable otherwise)."""
+    text = (row.get("value") or "").strip()
+    try:
+        value = float(text)
+    except ValueError:
+        raise RowNotRepresentable(f"value={text!r}: expected the published figure, a positive number") from None
+    if not value > 0 or value == float("inf"):
+        raise RowNotRepresentable(f"value={text!r}: expected the published figure, a positive number")
+    return value
+
+
 def _float(row: dict[str, str], key: str) -> float | None:
     text = (row.get(key) or "").strip()
     return float(text) if text else None
@@ -326,6 +338,7 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
         raise RowNotRepresentable(f"metric={row.get('metric')!r}: expected one of {', '.join(METRICS)}")
     if row["metric"] == "gpu_hours_total":
         raise RowNotRepresentable("gpu_hours_total needs the run's token count, which the columns do not hold")
+    published_value(row)
     facts = framework_facts(row.get("framework") or "")
     row = with_published_shape(row)
     family = row.get("model", "").strip()

@@ -180,6 +180,18 @@ def _optional_count(row: dict[str, str], column: str) -> int | None:
     return int(text)
 
 
+def _count(row: dict[str, str], column: str, default: int | None = None) -> int:
+    """A whole-number column of a row, `default` when empty (RowNotRepresentable when empty without one)."""
+    from aiinfra.plan.runs import RowNotRepresentable
+
+    value = _optional_count(row, column)
+    if value is None:
+        if default is None:
+            raise RowNotRepresentable(f"{column} not stated")
+        return default
+    return value
+
+
 def engine_max_batch(row: dict[str, str]) -> int:
     """The row's `max_batch` (an optional column: sequences the engine schedules at once), else its engine's default."""
     stated = _optional_count(row, "max_batch")
@@ -198,7 +210,7 @@ def benchmark_requests(row: dict[str, str]) -> int:
         return VLLM_THROUGHPUT_DEFAULT_REQUESTS
     if system != TRTLLM_PERF_OVERVIEW_SYSTEM:
         return 0
-    lengths = (int(row["input_tokens"]), int(row["output_tokens"] or 0))
+    lengths = (_count(row, "input_tokens"), _count(row, "output_tokens", 0))
     return TRTLLM_PERF_OVERVIEW_REQUESTS.get(lengths, 0)
 
 
@@ -236,8 +248,9 @@ def _round_up_by_tier(value: float, tiers: tuple[tuple[int, int], ...], last_ste
 def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -> InferenceValidationRow:
     from aiinfra.plan.calibrated import calibrated
     from aiinfra.plan.cluster import make_cluster
-    from aiinfra.plan.runs import RowNotRepresentable
+    from aiinfra.plan.runs import RowNotRepresentable, published_value
 
+    published = published_value(row)
     found = find_model(row.get("model", "").strip(), models)
     if found is None:
         raise RowNotRepresentable(f"model {row.get('model', '').strip()!r} has no published shape in "
@@ -249,8 +262,8 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
     if speculative:
         # A draft-and-verify step emits a varying number of tokens: a token's time needs the drafts accepted per step.
         raise RowNotRepresentable(f"speculative decoding ({speculative}): the drafts accepted per step are not stated")
-    n_devices = int(row["n_devices"])
-    tp = int(row["tp"]) if (row.get("tp") or "").strip() else n_devices
+    n_devices = _count(row, "n_devices")
+    tp = _count(row, "tp", n_devices)
     if tp < 1 or n_devices % tp:
         raise RowNotRepresentable(f"tp={tp} on {n_devices} devices: expected a tensor-parallel size that divides them")
     # Devices beyond one tensor-parallel group are independent replicas of it (data parallelism across engine
@@ -276,7 +289,7 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
     attention_dp = (row.get("attention_dp") or "").strip().lower()
     if attention_dp not in ("", "yes", "no"):
         raise RowNotRepresentable(f"attention_dp={attention_dp!r}: expected yes, no or empty")
-    settings = ServeSettings(int(row["input_tokens"]), int(row["output_tokens"] or 1), weight_dtype=weight_dtype,
+    settings = ServeSettings(_count(row, "input_tokens"), _count(row, "output_tokens", 1), weight_dtype=weight_dtype,
                              kv_dtype=kv_dtype, tp=tp, max_batch=engine_max_batch(row),
                              reserve_whole_sequence=tensorrt_llm,
                              host_s_per_request=ENGINE_HOST_S_PER_REQUEST.get(engine, 0.0),
@@ -302,7 +315,7 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
     if row["metric"] == "output_tokens_per_s":
         predicted *= replicas
     return InferenceValidationRow(row["id"], row.get("source", ""), name, cluster.efficiency.generation,
-                                  row["metric"], float(row["value"]), predicted, batch, limited_by)
+                                  row["metric"], published, predicted, batch, limited_by)
 
 
 def _serve_figure(metric: str, spec: ModelSpec, cluster: Cluster, settings: ServeSettings,

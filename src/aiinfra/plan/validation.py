@@ -26,6 +26,7 @@ from aiinfra.plan.runs import (
     chunk_choices,
     micro_batch_choices,
     predicted_metric,
+    published_value,
     setup_from_row,
     stage_layers_of,
 )
@@ -180,7 +181,7 @@ def predict_prepared(item: PreparedRow, profile: EfficiencyProfile | None = None
     step = step_breakdown(setup.spec, setup.settings, item.layout, cluster)
     setup_used = setup if profile is None else replace(setup, cluster=cluster)
     return ValidationRow(setup.row.get("id", "?"), setup.row.get("source", ""), setup.cluster.efficiency.generation,
-                         setup.settings.precision, setup.row["metric"], float(setup.row["value"]),
+                         setup.settings.precision, setup.row["metric"], published_value(setup.row),
                          predicted_metric(setup_used, step), item.layout.describe(), step.step_time_s)
 
 
