@@ -66,3 +66,16 @@ def test_an_empty_experts_per_token_comes_from_the_published_configuration() -> 
 def test_a_published_value_that_is_not_a_positive_number_is_not_run(text: str) -> None:
     with pytest.raises(RowNotRepresentable, match=f"value={text!r}: expected the published figure"):
         setup_from_row({**_row("bridge2511-llama3-8b-h100x8-fsdp"), "value": text})
+
+
+@pytest.mark.parametrize(("column", "text", "message"), [
+    ("micro_batch", "0", "micro_batch='0': expected a whole number >= 1"),
+    ("ep", "0", "ep='0': expected a whole number >= 1"),
+    ("heads", "2.5", "heads='2.5': expected a whole number >= 1"),
+    ("hidden", "abc", "hidden='abc' is not a number"),
+    ("experts", "abc", "experts='abc' is not a number"),
+    ("params_b", "-8", "params_b='-8': expected a positive number"),
+])
+def test_a_bad_training_cell_is_a_row_not_run_with_its_column(column: str, text: str, message: str) -> None:
+    with pytest.raises(RowNotRepresentable, match=message):
+        fitted_setup(setup_from_row({**_row("bridge2511-llama3-8b-h100x8-fsdp"), column: text}))

@@ -77,20 +77,24 @@ class DoesNotFit(RowNotRepresentable):
 
 def is_moe_row(row: dict[str, str]) -> bool:
     """A mixture-of-experts row: more than one routed expert."""
-    text = (row.get("experts") or "").strip()
-    return bool(text) and int(float(text)) > 1
+    return _int(row, "experts", 0) > 1
 
 
 def _int(row: dict[str, str], key: str, default: int | None = None) -> int:
+    """A count column (every integer column of the schema is one: degrees, sizes, batches): a whole number >= 1,
+    `default` when empty (RowNotRepresentable when empty without one)."""
     text = (row.get(key) or "").strip()
     if not text:
         if default is None:
             raise RowNotRepresentable(f"{key} not stated")
         return default
     try:
-        return int(float(text))
+        value = float(text)
     except ValueError:
         raise RowNotRepresentable(f"{key}={text!r} is not a number") from None
+    if not (value >= 1 and value.is_integer()):
+        raise RowNotRepresentable(f"{key}={text!r}: expected a whole number >= 1")
+    return int(value)
 
 
 def published_value(row: dict[str, str]) -> float:
@@ -106,8 +110,17 @@ def published_value(row: dict[str, str]) -> float:
 
 
 def _float(row: dict[str, str], key: str) -> float | None:
+    """An optional positive number column (parameter counts, capacity factor); None when empty."""
     text = (row.get(key) or "").strip()
-    return float(text) if text else None
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise RowNotRepresentable(f"{key}={text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise RowNotRepresentable(f"{key}={text!r}: expected a positive number")
+    return value
 
 
 def moe_shape(row: dict[str, str], dense_params: float, layers: int, hidden: int,
@@ -131,10 +144,9 @@ def moe_shape(row: dict[str, str], dense_params: float, layers: int, hidden: int
 
 def row_version(row: dict[str, str]) -> Version:
     """The released configuration a row's family word and shape identify (known_models.model_version)."""
-    hidden = (row.get("hidden") or "").strip()
-    layers = (row.get("layers") or "").strip()
-    return model_version(row.get("model", "").strip(), int(float(hidden)) if hidden else None,
-                         int(float(layers)) if layers else None, is_moe_row(row))
+    hidden = _int(row, "hidden", 0) or None
+    layers = _int(row, "layers", 0) or None
+    return model_version(row.get("model", "").strip(), hidden, layers, is_moe_row(row))
 
 
 def with_published_shape(row: dict[str, str]) -> dict[str, str]:
