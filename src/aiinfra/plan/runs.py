@@ -351,6 +351,7 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
     if row["metric"] == "gpu_hours_total":
         raise RowNotRepresentable("gpu_hours_total needs the run's token count, which the columns do not hold")
     published_value(row)
+    _float(row, "params_b"), _float(row, "active_params_b")  # checked even where the shape columns decide
     facts = framework_facts(row.get("framework") or "")
     row = with_published_shape(row)
     family = row.get("model", "").strip()
