@@ -42,6 +42,8 @@ def test_an_ambiguous_or_unknown_name_finds_none(name: str) -> None:
 def test_an_unknown_model_row_is_not_run_with_its_name() -> None:
     with pytest.raises(RowNotRepresentable, match="'falcon-180b' has no published shape"):
         _predict_inference_row({**ROW, "model": "falcon-180b"}, serve_models())
+    with pytest.raises(RowNotRepresentable, match="'llama-3' is ambiguous: it begins llama-3-8b, llama-3-70b"):
+        _predict_inference_row({**ROW, "model": "llama-3"}, serve_models())
 
 
 def test_every_catalog_shape_has_its_published_parameter_count() -> None:

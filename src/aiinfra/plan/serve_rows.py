@@ -168,6 +168,15 @@ def find_model(name: str, models: dict[str, ServeModel]) -> str | None:
     return None
 
 
+def unknown_model_message(name: str, models: dict[str, ServeModel]) -> str:
+    """Why `find_model` found nothing: the catalog names the name begins, when it begins several."""
+    key = model_key(name.split("/", 1)[-1])
+    several = [known for known in models if model_key(known).startswith(key + "-")]
+    if len(several) > 1:
+        return f"model {name!r} is ambiguous: it begins {', '.join(several)}"
+    return f"model {name!r} has no published shape in inference_models.csv"
+
+
 def _optional_count(row: dict[str, str], column: str) -> int | None:
     """An optional whole-number column of a row (None when empty); anything else is not representable."""
     from aiinfra.plan.runs import RowNotRepresentable
@@ -253,8 +262,7 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
     published = published_value(row)
     found = find_model(row.get("model", "").strip(), models)
     if found is None:
-        raise RowNotRepresentable(f"model {row.get('model', '').strip()!r} has no published shape in "
-                                  "inference_models.csv")
+        raise RowNotRepresentable(unknown_model_message(row.get("model", "").strip(), models))
     name, model = found, models[found]
     if row.get("metric") == "output_tokens_per_s" and not (row.get("output_tokens") or "").strip():
         raise RowNotRepresentable("output_tokens not stated (a decode-only share of a disaggregated deployment)")
