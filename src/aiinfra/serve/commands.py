@@ -14,6 +14,8 @@ import typer
 from aiinfra.config import ConfigError
 
 if TYPE_CHECKING:
+    from aiinfra.serve.engine_core import EngineCore, EngineRecipe
+    from aiinfra.serve.loading import ServedModel
     from aiinfra.serve.tensor_parallel import TensorParallelConfig
 
 
@@ -102,6 +104,30 @@ def check_profile(profile: str, memory_mb: float | None, tp: int) -> None:
         raise ValueError(f"--profile edge runs one process: drop --tp {tp}")
 
 
+def _engine_core(recipe: EngineRecipe, profile: str, memory_mb: float | None,
+                 engine_process: bool) -> tuple[ServedModel, EngineCore]:
+    """(the served model, its engine core) for node 0: the edge profile's budgeted in-process engine, the engine in
+    a process of its own (this process then needs the tokenizer and the model's shapes, not its weights), or the
+    engine in this process."""
+    from aiinfra.serve.engine import LLMEngine
+    from aiinfra.serve.engine_core import ProcessEngineCore
+    from aiinfra.serve.loading import load_model
+    from aiinfra.serve.quantize import quantize_int8
+
+    if profile == "edge":
+        from aiinfra.serve.edge import load_edge_engine
+
+        served, core, plan = load_edge_engine(recipe.model_path, memory_mb, recipe.engine_config, recipe.dtype)
+        typer.echo(f"edge profile: int8 weights, 1 thread, 1 process; {plan.describe()}")
+        return served, core
+    if engine_process:
+        return load_model(recipe.model_path, weights=False, dtype=recipe.dtype), ProcessEngineCore(recipe)
+    served = load_model(recipe.model_path, dtype=recipe.dtype)
+    if recipe.int8:
+        quantize_int8(served.model)
+    return served, LLMEngine(served.model, recipe.engine_config, served.eos_token_id)
+
+
 def serve_command(
     model: Annotated[Path, typer.Argument(help="a run directory of ours or a Hugging Face Llama-format folder")],
     host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
@@ -149,10 +175,8 @@ def serve_command(
 
     from aiinfra.serve.api import ServerConfig, build_app
     from aiinfra.serve.async_engine import AsyncEngine
-    from aiinfra.serve.engine import EngineConfig, LLMEngine
-    from aiinfra.serve.engine_core import EngineRecipe, ProcessEngineCore, run_node_workers
-    from aiinfra.serve.loading import load_model
-    from aiinfra.serve.quantize import quantize_int8
+    from aiinfra.serve.engine import EngineConfig
+    from aiinfra.serve.engine_core import EngineRecipe, run_node_workers
 
     if threads:
         torch.set_num_threads(threads)
@@ -174,21 +198,8 @@ def serve_command(
             typer.echo(f"node {node_rank}: tensor-parallel ranks {list(tensor_parallel.ranks_of_this_node())} of "
                        f"{tp}, meeting at {tensor_parallel.endpoint}")
             raise typer.Exit(run_node_workers(recipe))
-        if profile == "edge":
-            from aiinfra.serve.edge import load_edge_engine
-
-            served, core, plan = load_edge_engine(model, memory_mb, engine_config, dtype)
-            typer.echo(f"edge profile: int8 weights, 1 thread, 1 process; {plan.describe()}")
-        elif engine_process:
-            # This process needs the tokenizer and the model's shapes, not its weights.
-            served = load_model(model, weights=False, dtype=dtype)
-            recipe = EngineRecipe(model, engine_config, int8, dtype, threads, tensor_parallel, cpus)
-            core = ProcessEngineCore(recipe)
-        else:
-            served = load_model(model, dtype=dtype)
-            if int8:
-                quantize_int8(served.model)
-            core = LLMEngine(served.model, engine_config, served.eos_token_id)
+        recipe = EngineRecipe(model, engine_config, int8, dtype, threads, tensor_parallel, cpus)
+        served, core = _engine_core(recipe, profile, memory_mb, engine_process)
         if served_model_name:
             served.name = served_model_name
     except (ConfigError, ValueError, OSError) as error:
