@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from aiinfra.plan.attention_span import causal_pairs, mean_keys
 from aiinfra.plan.cluster import Cluster, collective_time_s, mesh_peer_all_reduce_s
 from aiinfra.plan.errors import PlanError
 from aiinfra.plan.expert_load import (
@@ -74,6 +75,14 @@ class ServeSettings:
     # DeepSeek's first 3 are dense); 0: every layer. The shape folds the rest into an average layer; what a MoE layer
     # pays whatever its tokens (module latency, routing, attention DP's gather and scatter) is counted on these only.
     moe_layers: int = 0
+    # Local attention layers (`runs.SLIDING_WINDOWS`, `runs.CHUNKED_ATTENTION`): their queries read only the last
+    # `attention_window` keys, or those of their own `attention_chunk`, on this share of the layers. Only the
+    # attention's reads and FLOPs shrink: the KV cache is sized as if every layer kept the whole context (whether
+    # an engine frees the blocks a local layer no longer reads differs by engine and version).
+    attention_window: int = 0
+    window_layer_share: float = 0.0
+    attention_chunk: int = 0
+    chunk_layer_share: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -270,14 +279,15 @@ def decode_step_parts(
     head_flops = 2 * batch * h * spec.vocab_size / tp
     head = max(head_flops / (cluster.peak_flops("bf16") * eff.gemm_efficiency(batch, h, spec.vocab_size / tp)),
                h * spec.vocab_size * 2 / tp / bandwidth)
-    # Decode attention streams each sequence's whole KV cache; prefill attention is compute-bound (causal half).
-    context = settings.input_tokens + (settings.output_tokens / 2 if prefill else 0.0)
+    # Decode attention streams each sequence's KV cache, the whole context on a global layer and the window or the
+    # chunk on a local one (`attended_context`); prefill attention is compute-bound (causal half, or less).
+    context = attended_context(settings, prefill)
     # The decode-attention kernel streams the cache at its own measured share of HBM (efficiency.csv).
     kv_bytes = (batch * context * kv_bytes_per_token(spec, settings.kv_dtype, settings.kv_dim_per_layer)
                 * kv_replication(spec, settings) / tp)
     kv_read = kv_bytes / (cluster.memory_bw_bytes_per_s * eff.kv_read_bw_efficiency)
     pair_width = spec.n_heads * settings.prefill_qkv_head_width if settings.prefill_qkv_head_width else 2 * q
-    prefill_attention_flops = rank_prompts * 2 * pair_width * spec.n_layers * settings.input_tokens ** 2 / 2
+    prefill_attention_flops = rank_prompts * 2 * pair_width * spec.n_layers * prompt_pairs(settings)
     # With fp8 weights and KV cache, TensorRT-LLM runs the context (prefill) attention in fp8 too
     # (use_fp8_context_fmha); otherwise it runs at the 16-bit peak.
     attention_peak = cluster.peak_flops("fp8" if settings.kv_dtype == "fp8" else "bf16")
@@ -317,6 +327,32 @@ def decode_step_parts(
     routing = moe_layers * (MOE_ROUTING_S_PER_LAYER + MOE_MODULE_FIXED_S_PER_LAYER)
     return {"gemm": gemm, "head": head, "attention": attention, "elementwise": elementwise, "tp_comm": tp_comm,
             "routing": routing}
+
+
+def attended_context(settings: ServeSettings, prefill: bool = True) -> float:
+    """Keys a decode step's query reads, averaged over the layers and over the output positions (the first output
+    position alone for a batch-1 latency, `prefill` False): input + output / 2 on a global layer, at most the window
+    on a sliding one, the position's offset in its chunk on a chunked one (`attention_span.mean_keys`)."""
+    start = settings.input_tokens
+    stop = start + (settings.output_tokens if prefill else 1)
+    whole = settings.input_tokens + (settings.output_tokens / 2 if prefill else 0.0)
+    local_share = settings.window_layer_share if settings.attention_window else 0.0
+    chunk_share = settings.chunk_layer_share if settings.attention_chunk else 0.0
+    windowed = min(whole, mean_keys(start, stop, window=settings.attention_window)) if local_share else 0.0
+    chunked = mean_keys(start, stop, chunk=settings.attention_chunk) if chunk_share else 0.0
+    return (1 - local_share - chunk_share) * whole + local_share * windowed + chunk_share * chunked
+
+
+def prompt_pairs(settings: ServeSettings) -> float:
+    """(query, key) pairs one prompt's prefill scores, averaged over the layers: n^2 / 2 on a global layer, fewer on
+    a sliding-window or chunked one (`attention_span.causal_pairs`)."""
+    n = settings.input_tokens
+    local_share = settings.window_layer_share if settings.attention_window else 0.0
+    chunk_share = settings.chunk_layer_share if settings.attention_chunk else 0.0
+    whole = n * n / 2
+    windowed = min(whole, causal_pairs(n, window=settings.attention_window)) if local_share else 0.0
+    chunked = min(whole, causal_pairs(n, chunk=settings.attention_chunk)) if chunk_share else 0.0
+    return (1 - local_share - chunk_share) * whole + local_share * windowed + chunk_share * chunked
 
 
 def tp_all_reduce_s(cluster: Cluster, settings: ServeSettings, size_bytes: float) -> float:

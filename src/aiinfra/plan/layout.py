@@ -143,6 +143,8 @@ class TrainSettings:
     recompute_fuses_elementwise: bool = False  # a recomputed layer's norms and MLP activation live inside fusions
     attention_window: int = 0  # sliding-window width of the local attention layers (0: none)
     window_layer_share: float = 0.0  # share of the layers that attend within the window only
+    attention_chunk: int = 0  # chunk of the chunked local attention layers: a query sees its own chunk (0: none)
+    chunk_layer_share: float = 0.0  # share of the layers that attend within their chunk only (Llama 4: 3 of 4)
     post_norms: int = 0  # extra RMSNorms per layer on the attention and MLP outputs (Gemma 3's post-norms)
     qk_norm: bool = False  # RMSNorm over each query and key head before the scores (Gemma 3, Qwen3)
     qk_head_dim: int = 0  # width of a query/key head in the score product when not hidden / heads (MLA); 0: that

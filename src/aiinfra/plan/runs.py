@@ -56,6 +56,10 @@ ATTENTION_HEAD_DIMS = {"deepseek-v3": (192, 128), "deepseek-v2": (192, 128), "qw
 # (Gemma 2 technical report, 2024, 2: "sliding window size of 4096 tokens" on every other layer). Gemma head widths
 # per release are in known_models.GEMMA_VERSIONS. (window, share of the layers).
 SLIDING_WINDOWS = {"gpt-oss": (128, 0.5), "gemma2": (4096, 0.5), "gemma3": (1024, 5 / 6)}
+# Chunked local attention: Llama 4's rotary layers attend only within their 8192-token chunk and every fourth layer
+# is a global one without positions (iRoPE; config.json attention_chunk_size 8192, no_rope_layer_interval 4, so
+# layer_types are chunked_attention except layers 3, 7, 11, ...). (chunk, share of the layers).
+CHUNKED_ATTENTION = {"llama4": (8192, 0.75)}
 # The same published head widths size the query, key, value and output projections (config.json head_dim: the
 # q projection is heads x head_dim wide, not hidden): Qwen3-235B-A22B 64 x 128 = 8192 against hidden 4096.
 PUBLISHED_HEAD_WIDTHS = {"qwen3-moe": 128, "qwen3": 128, "gpt-oss": 64}
@@ -335,13 +339,15 @@ def _global_batch(row: dict[str, str]) -> int:
 
 def architecture_settings(version: str) -> dict[str, Any]:
     """The TrainSettings fields a model version's published architecture sets: attention head widths (MLA, Qwen3),
-    sliding-window layers, extra norms and node-limited routing (the tables above, each with its source)."""
+    sliding-window and chunked layers, extra norms and node-limited routing (the tables above, each with its
+    source)."""
     qk_dim, v_dim = ATTENTION_HEAD_DIMS.get(version, (0, 0))
     window, window_share = SLIDING_WINDOWS.get(version, (0, 0.0))
+    chunk, chunk_share = CHUNKED_ATTENTION.get(version, (0, 0.0))
     post_norms, qk_norm = EXTRA_NORMS.get(version, (0, False))
     return {"qk_head_dim": qk_dim, "v_head_dim": v_dim, "attention_window": window,
-            "window_layer_share": window_share, "post_norms": post_norms, "qk_norm": qk_norm,
-            "moe_node_limit": NODE_LIMITED_ROUTING.get(version, 0)}
+            "window_layer_share": window_share, "attention_chunk": chunk, "chunk_layer_share": chunk_share,
+            "post_norms": post_norms, "qk_norm": qk_norm, "moe_node_limit": NODE_LIMITED_ROUTING.get(version, 0)}
 
 
 def setup_from_row(row: dict[str, str]) -> RunSetup:

@@ -108,9 +108,13 @@ class ServeModel:
 
     def settings_fields(self) -> dict[str, Any]:
         """The ServeSettings fields its published configuration sets: MLA's latent cache, folded shared experts, the
-        prefill head width and interleaved MoE layers."""
+        prefill head width, interleaved MoE layers, and its version's sliding-window and chunked layers."""
+        from aiinfra.plan.runs import architecture_settings
+
+        local = {key: value for key, value in architecture_settings(self.version).items()
+                 if key in ("attention_window", "window_layer_share", "attention_chunk", "chunk_layer_share")}
         return {"kv_dim_per_layer": self.kv_dim_per_layer, "shared_experts": self.shared_experts,
-                "prefill_qkv_head_width": self.prefill_qkv_head_width, "moe_layers": self.moe_layers}
+                "prefill_qkv_head_width": self.prefill_qkv_head_width, "moe_layers": self.moe_layers, **local}
 
 
 def serve_models(path: Path = INFERENCE_MODELS_CSV) -> dict[str, ServeModel]:

@@ -120,13 +120,19 @@ def flash_tile_fraction(settings: TrainSettings) -> float:
     """Share of the full score square a fused causal kernel computes, averaged over layers: tiles above the diagonal
     are skipped, 0.5 (1 + B / s); a sliding-window layer of width w computes only the tiles its window reaches,
     (w + B) / s (FlashAttention-2's window_size; the local layers of GPT-OSS, config.json sliding_window 128 on every
-    second layer, `runs.SLIDING_WINDOWS`)."""
+    second layer, `runs.SLIDING_WINDOWS`); a chunked layer the causal tiles of its own chunks, 0.5 (1 + B / c) c / s
+    for chunks of c < s (Llama 4's chunked layers, `runs.CHUNKED_ATTENTION`)."""
     seq = settings.seq_len
     causal = 0.5 * (1 + FLASH_BLOCK / seq) if seq > FLASH_BLOCK else 1.0
-    if settings.window_layer_share <= 0 or settings.attention_window <= 0:
-        return causal
-    windowed = min(causal, (settings.attention_window + FLASH_BLOCK) / seq)
-    return (1 - settings.window_layer_share) * causal + settings.window_layer_share * windowed
+    fraction = causal
+    if settings.window_layer_share > 0 and settings.attention_window > 0:
+        windowed = min(causal, (settings.attention_window + FLASH_BLOCK) / seq)
+        fraction -= settings.window_layer_share * (causal - windowed)
+    chunk = settings.attention_chunk
+    if settings.chunk_layer_share > 0 and 0 < chunk < seq:
+        chunked = min(causal, 0.5 * (1 + FLASH_BLOCK / chunk) * chunk / seq)
+        fraction -= settings.chunk_layer_share * (causal - chunked)
+    return fraction
 
 
 def alternate_mm_shapes(spec: ModelSpec, layout: Layout) -> list[tuple[float, float]]:
