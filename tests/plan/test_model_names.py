@@ -96,3 +96,15 @@ def test_devices_beyond_one_tensor_parallel_group_are_replicas() -> None:
 def test_a_bad_serving_cell_is_a_row_not_run_with_its_column(column: str, text: str, message: str) -> None:
     with pytest.raises(RowNotRepresentable, match=message):
         _predict_inference_row({**ROW, column: text}, serve_models())
+
+
+def test_a_precision_spelled_by_its_recipe_is_the_schemas_word() -> None:
+    models = serve_models()
+    blackwell = {**ROW, "hardware": "b200"}
+    fp4 = _predict_inference_row({**blackwell, "precision": "fp4"}, models).predicted
+    assert _predict_inference_row({**blackwell, "precision": "NVFP4"}, models).predicted == fp4
+    # An empty cell serves the checkpoint's 16-bit weights.
+    assert (_predict_inference_row({**blackwell, "precision": ""}, models).predicted
+            == _predict_inference_row({**blackwell, "precision": "bf16"}, models).predicted)
+    with pytest.raises(RowNotRepresentable, match="precision='w9': expected one of"):
+        _predict_inference_row({**blackwell, "precision": "w9"}, models)

@@ -79,3 +79,9 @@ def test_a_published_value_that_is_not_a_positive_number_is_not_run(text: str) -
 def test_a_bad_training_cell_is_a_row_not_run_with_its_column(column: str, text: str, message: str) -> None:
     with pytest.raises(RowNotRepresentable, match=message):
         fitted_setup(setup_from_row({**_row("bridge2511-llama3-8b-h100x8-fsdp"), column: text}))
+
+
+def test_mxfp8_and_nvfp4_are_the_schemas_fp8_and_fp4() -> None:
+    row = _row("bridge260401-qwen3-30b-b200x8-mxfp8")
+    assert setup_from_row({**row, "precision": "MXFP8"}).settings == setup_from_row(row).settings
+    assert setup_from_row({**row, "precision": "nvfp4"}).settings.precision == "fp4"

@@ -101,6 +101,18 @@ def _int(row: dict[str, str], key: str, default: int | None = None) -> int:
     return int(value)
 
 
+# Spellings of a precision that name its scaling recipe: MXFP8 and FP8 with current or block scaling are fp8 in the
+# schema (the reference README: "fp8 (includes MXFP8)"), NVFP4 and MXFP4 fp4.
+PRECISION_ALIASES = {"mxfp8": "fp8", "fp8-cs": "fp8", "fp8-mx": "fp8", "fp8-blockwise": "fp8", "nvfp4": "fp4",
+                     "mxfp4": "fp4"}
+
+
+def row_precision(row: dict[str, str], default: str = "bf16") -> str:
+    """The `precision` cell in the schema's words (lower case, `PRECISION_ALIASES`); `default` when empty."""
+    text = (row.get("precision") or "").strip().lower()
+    return PRECISION_ALIASES.get(text, text) or default
+
+
 def published_value(row: dict[str, str]) -> float:
     """The row's `value`: the published figure, a positive number (RowNotRepresentable otherwise)."""
     text = (row.get("value") or "").strip()
@@ -364,7 +376,7 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
     version = row_version(row).version
     spec = spec_from_row(row)
     n_devices = _int(row, "n_devices")
-    precision = (row.get("precision") or "").strip() or "bf16"
+    precision = row_precision(row)
     if precision not in ("bf16", "fp16", "fp8", "fp4"):
         raise RowNotRepresentable(f"precision={precision!r}: expected bf16, fp16, fp8 or fp4")
     settings = TrainSettings(

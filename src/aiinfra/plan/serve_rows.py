@@ -261,7 +261,7 @@ def _round_up_by_tier(value: float, tiers: tuple[tuple[int, int], ...], last_ste
 def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -> InferenceValidationRow:
     from aiinfra.plan.calibrated import calibrated
     from aiinfra.plan.cluster import make_cluster
-    from aiinfra.plan.runs import RowNotRepresentable, published_value
+    from aiinfra.plan.runs import RowNotRepresentable, published_value, row_precision
 
     published = published_value(row)
     found = find_model(row.get("model", "").strip(), models)
@@ -282,10 +282,12 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
     # instances or vLLM's --data-parallel-size): the group's figure is the replicas' sum, each serving an equal share
     # of a finite run's requests; a batch-1 latency is one replica's.
     replicas = n_devices // tp
-    precision = row["precision"].strip()
-    weight_dtype = {"int8-weights": "int8"}.get(precision, precision)
+    # Weight-only int8/int4 keep 16-bit activations; an empty cell is the checkpoint's own 16 bits.
+    precision = row_precision(row, default="bf16")
+    weight_dtype = {"int8-weights": "int8", "int4-weights": "int4"}.get(precision, precision)
     if weight_dtype not in WEIGHT_BYTES:
-        raise RowNotRepresentable(f"precision={precision!r}")
+        raise RowNotRepresentable(f"precision={row.get('precision', '').strip()!r}: expected one of "
+                                  f"{', '.join(WEIGHT_BYTES)}, int8-weights or int4-weights")
     # fp8 and fp4 checkpoints serve with an fp8 KV cache (TensorRT-LLM, vLLM); int8 weight-only keeps bf16 KV. A row
     # may say otherwise in its optional `kv_dtype` column (a checkpoint whose quantization config leaves the KV cache
     # in 16 bits, such as DeepSeek's own FP8 release, serves with a bf16 cache unless the engine is told).
