@@ -9,6 +9,7 @@ planner for everything.
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -93,12 +94,29 @@ def load_catalog(extra_csv: Path | None = None) -> dict[str, Accelerator]:
     return catalog
 
 
+# Other spellings of catalog parts, after lower-casing and hyphenating: the bare part where the catalog holds one
+# form of it (H100 SXM 80 GB; A100 has two, so "a100" stays unknown), NVL72 racks by their GPU, TPUs without the
+# "tpu-" and Trillium by its version.
+HARDWARE_ALIASES = {
+    "h100": "h100-sxm-80gb", "h100-sxm": "h100-sxm-80gb", "h100-sxm5": "h100-sxm-80gb", "h100-80gb": "h100-sxm-80gb",
+    "a100-80gb": "a100-sxm-80gb", "a100-40gb": "a100-sxm-40gb", "h200-sxm": "h200", "b200-sxm": "b200",
+    "gb200-nvl72": "gb200", "gb300-nvl72": "gb300", "mi300": "mi300x", "trillium": "tpu-v6e",
+    **{version: f"tpu-{version}" for version in ("v4", "v5e", "v5p", "v6e")},
+    **{f"tpu{version}": f"tpu-{version}" for version in ("v4", "v5e", "v5p", "v6e")},
+}
+
+
 def get_accelerator(name: str, extra_csv: Path | None = None) -> Accelerator:
-    """Look up one accelerator by id, with an error that lists the known ids."""
+    """Look up one accelerator by id (or a spelling in `HARDWARE_ALIASES`, any case), with an error that lists the
+    known ids."""
     catalog = load_catalog(extra_csv)
-    if name not in catalog:
+    if name in catalog:
+        return catalog[name]
+    key = re.sub(r"[\s_]+", "-", name.strip().lower())
+    key = HARDWARE_ALIASES.get(key, key)
+    if key not in catalog:
         raise KeyError(f"unknown hardware {name!r}; known: {', '.join(sorted(catalog))}")
-    return catalog[name]
+    return catalog[key]
 
 
 # torch.cuda.get_device_name() substrings -> catalog ids, most specific first.
