@@ -4,7 +4,8 @@ agrees with what the row does state."""
 
 import pytest
 
-from aiinfra.plan.frameworks import FRAMEWORKS
+from aiinfra.plan.errors import PlanError
+from aiinfra.plan.frameworks import FRAMEWORKS, framework_facts
 from aiinfra.plan.runs import RowNotRepresentable, setup_from_row, spec_from_row
 from aiinfra.plan.validation import fitted_setup, load_training_runs
 
@@ -85,3 +86,16 @@ def test_mxfp8_and_nvfp4_are_the_schemas_fp8_and_fp4() -> None:
     row = _row("bridge260401-qwen3-30b-b200x8-mxfp8")
     assert setup_from_row({**row, "precision": "MXFP8"}).settings == setup_from_row(row).settings
     assert setup_from_row({**row, "precision": "nvfp4"}).settings.precision == "fp4"
+
+
+@pytest.mark.parametrize(("name", "word"), [
+    ("NeMo", "megatron"), ("Megatron-Bridge", "megatron"), ("Megatron-LM", "megatron"), ("MaxText", "jax"),
+    ("Composer", "llm-foundry"), ("torchtitan", "torchtitan"), ("", "in-house"),
+])
+def test_a_framework_is_named_by_a_product_it_covers(name: str, word: str) -> None:
+    assert FRAMEWORKS[word] is framework_facts(name)
+
+
+def test_an_unknown_framework_names_the_words() -> None:
+    with pytest.raises(PlanError, match="framework='colossalai': expected one of megatron"):
+        framework_facts("colossalai")

@@ -172,9 +172,20 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
 }
 
 
+# The products each schema word covers (the reference README's `framework` row), any case: NeMo and Megatron-Bridge
+# run Megatron-Core, MaxText and Pax run on JAX, Composer is llm-foundry's trainer.
+FRAMEWORK_ALIASES = {
+    "megatron-lm": "megatron", "megatron-core": "megatron", "mcore": "megatron", "nemo": "megatron",
+    "megatron-bridge": "megatron", "maxtext": "jax", "pax": "jax", "paxml": "jax", "composer": "llm-foundry",
+    "fsdp": "pytorch-fsdp", "pytorch-fsdp2": "pytorch-fsdp",
+}
+
+
 def framework_facts(name: str) -> FrameworkFacts:
-    """The facts of a framework named as in the run table's `framework` column (empty: in-house)."""
-    key = name.strip() or "in-house"
+    """The facts of a framework named as in the run table's `framework` column, or by a product it covers
+    (`FRAMEWORK_ALIASES`, any case); empty: in-house."""
+    key = name.strip().lower().replace(" ", "-").replace("_", "-") or "in-house"
+    key = FRAMEWORK_ALIASES.get(key, key)
     if key not in FRAMEWORKS:
         raise PlanError(f"framework={name!r}: expected one of {', '.join(FRAMEWORKS)}")
     return FRAMEWORKS[key]
