@@ -187,3 +187,11 @@ def test_the_layout_search_tries_expert_parallelism_for_mixture_of_experts_only(
     dense = {layout.ep for layout in candidate_layouts(resolve_model("llama3-8b").spec, settings, cluster)}
     assert dense == {1}
     assert moe == {1, 2, 4, 8, 16, 32, 64} and max(moe) <= MAX_SEARCHED_EP
+
+
+def test_a_hardware_spelling_finds_its_listed_price() -> None:
+    from aiinfra.plan.prices import parse_prices, price_for
+
+    prices = parse_prices(["TPU v5p=3.5"])
+    assert price_for(prices, "H100") == price_for(prices, "h100-sxm-80gb") is not None
+    assert price_for(prices, "tpu-v5p") == 3.5

@@ -26,7 +26,7 @@ from aiinfra.plan.inference import ServeSettings, plan_serving
 from aiinfra.plan.layout import Layout, TrainSettings
 from aiinfra.plan.marks import generation_mark
 from aiinfra.plan.models import published_serving, resolve_model
-from aiinfra.plan.prices import parse_prices
+from aiinfra.plan.prices import parse_prices, price_for
 from aiinfra.plan.reliability import ReliabilitySettings
 from aiinfra.plan.serve_rows import INFERENCE_RUNS_CSV
 from aiinfra.plan.training import (
@@ -170,7 +170,7 @@ def train(
         raise PlanError(f"--precision={precision!r}: expected bf16, fp16, fp8 or fp4")
     if recompute not in ("none", "selective", "full"):
         raise PlanError(f"--recompute={recompute!r}: expected none, selective or full")
-    costs = CostSettings(price_per_device_hour=price or parse_prices([]).get(hardware), pue=pue)
+    costs = CostSettings(price_per_device_hour=price or price_for(parse_prices([]), hardware), pue=pue)
     reliability = ReliabilitySettings(async_checkpoint=async_checkpoint)
     if config is not None:
         run = configured_run(load_run_config(config))
@@ -249,7 +249,8 @@ def compare(
             continue
         fewest = min_devices_to_fit(spec, cluster, settings)
         try:
-            plan = search_layout(spec, cluster, settings, tokens, CostSettings(price_per_device_hour=prices.get(hw)))
+            costs = CostSettings(price_per_device_hour=price_for(prices, hw))
+            plan = search_layout(spec, cluster, settings, tokens, costs)
         except PlanError:
             table.add_row(hw, "does not fit", *["-"] * 6, str(fewest or "-"))
             continue
@@ -294,7 +295,7 @@ def serve(
                              ttft_slo_s=ttft_slo_ms / 1e3 or None, tpot_slo_s=tpot_slo_ms / 1e3 or None,
                              attention_dp=attention_dp, **published_serving(named.published))
     plan = plan_serving(spec, fitted_cluster(hardware, tp), settings)
-    unit_price = price or parse_prices([]).get(hardware)
+    unit_price = price or price_for(parse_prices([]), hardware)
     table = Table(title=f"{model} on {hardware} x tp={tp}, {quant} weights, {kv} KV cache, "
                         f"{input_tokens} in / {output_tokens} out, {rps:g} req/s")
     for name in ("batch (bound)", "weights/device", "KV cache/device", "KV/token", "TTFT", "TPOT",

@@ -9,6 +9,7 @@ from aiinfra.plan.calibrated import calibrated
 from aiinfra.plan.cluster import make_cluster
 from aiinfra.plan.errors import PlanError
 from aiinfra.plan.layout import TrainSettings
+from aiinfra.plan.prices import price_for
 from aiinfra.plan.training import CostSettings, TrainingPlan, search_layout
 from aiinfra.spec import ModelSpec
 
@@ -29,7 +30,7 @@ def scaling_points(spec: ModelSpec, hardware: list[str], device_counts: list[int
     for hw in hardware:
         for n in device_counts:
             cluster = calibrated(make_cluster(hw, n))
-            costs = CostSettings(price_per_device_hour=prices.get(hw))
+            costs = CostSettings(price_per_device_hour=price_for(prices, hw))
             try:
                 plan: TrainingPlan | None = search_layout(spec, cluster, settings, tokens, costs)
             except PlanError:

@@ -6,6 +6,7 @@ import csv
 from functools import cache
 from pathlib import Path
 
+from aiinfra.hardware import get_accelerator
 from aiinfra.plan.errors import PlanError
 
 PRICES_CSV = Path(__file__).with_name("prices.csv")
@@ -24,9 +25,22 @@ def parse_prices(items: list[str]) -> dict[str, float]:
     for item in items:
         name, sep, value = item.partition("=")
         try:
-            prices[name.strip()] = float(value)
+            prices[catalog_id(name.strip())] = float(value)
         except ValueError:
             sep = ""
         if not sep:
             raise PlanError(f"--price {item!r}: expected HARDWARE=USD_PER_DEVICE_HOUR, e.g. h100-sxm-80gb=2.5")
     return prices
+
+
+def catalog_id(hardware: str) -> str:
+    """The catalog id a hardware name spells (`hardware.HARDWARE_ALIASES`), or the name itself when unknown."""
+    try:
+        return get_accelerator(hardware).id
+    except KeyError:
+        return hardware
+
+
+def price_for(prices: dict[str, float], hardware: str) -> float | None:
+    """The price per device-hour of a hardware name, by its catalog id; None when none is listed."""
+    return prices.get(catalog_id(hardware))
