@@ -53,3 +53,24 @@ def test_local_attention_never_slows_a_step() -> None:
         for batch in (1, 64, 512):
             assert decode_step_time_s(model.spec, cluster, local, batch) <= decode_step_time_s(
                 model.spec, cluster, global_only, batch)
+
+
+def test_an_engine_that_frees_local_blocks_holds_more_sequences() -> None:
+    from aiinfra.plan.inference import held_kv_tokens
+
+    window = ServeSettings(20000, 2000, attention_window=128, window_layer_share=0.5, trims_window_kv=True)
+    assert held_kv_tokens(window) == pytest.approx(0.5 * 21000 + 0.5 * 128)
+    assert held_kv_tokens(replace(window, trims_window_kv=False)) == 21000
+    chunk = ServeSettings(20000, 2000, attention_chunk=8192, chunk_layer_share=0.75, trims_chunk_kv=True)
+    assert held_kv_tokens(chunk) == pytest.approx(0.25 * 21000 + 0.75 * 8192)
+
+    from aiinfra.plan.serve_rows import _predict_inference_row
+
+    row = {"id": "x", "system": "vLLM", "model": "gpt-oss-20b", "hardware": "h100-sxm-80gb", "n_devices": "1",
+           "tp": "1", "precision": "fp8", "input_tokens": "8000", "output_tokens": "8000", "max_batch": "4096",
+           "metric": "output_tokens_per_s", "value": "1"}
+    models = serve_models()
+    vllm = _predict_inference_row(row, models)  # the hybrid KV cache manager frees what sliding layers left behind
+    other = _predict_inference_row({**row, "system": "SomeEngine"}, models)
+    assert vllm.limited_by == other.limited_by == "kv-cache"
+    assert vllm.batch > 1.8 * other.batch

@@ -76,13 +76,15 @@ class ServeSettings:
     # pays whatever its tokens (module latency, routing, attention DP's gather and scatter) is counted on these only.
     moe_layers: int = 0
     # Local attention layers (`runs.SLIDING_WINDOWS`, `runs.CHUNKED_ATTENTION`): their queries read only the last
-    # `attention_window` keys, or those of their own `attention_chunk`, on this share of the layers. Only the
-    # attention's reads and FLOPs shrink: the KV cache is sized as if every layer kept the whole context (whether
-    # an engine frees the blocks a local layer no longer reads differs by engine and version).
+    # `attention_window` keys, or those of their own `attention_chunk`, on this share of the layers.
     attention_window: int = 0
     window_layer_share: float = 0.0
     attention_chunk: int = 0
     chunk_layer_share: float = 0.0
+    # Whether the engine's KV cache keeps only what a local layer still reads (at most the window, or the current
+    # chunk) rather than every token on every layer; engine-specific (`serve_rows.ENGINE_LOCAL_KV`).
+    trims_window_kv: bool = False
+    trims_chunk_kv: bool = False
 
 
 @dataclass(frozen=True)
@@ -329,6 +331,17 @@ def decode_step_parts(
             "routing": routing}
 
 
+def held_kv_tokens(settings: ServeSettings) -> float:
+    """Tokens of KV cache a sequence holds, averaged over the layers: its prompt and half its output on average (or
+    its whole output where the scheduler reserves it), and on a local layer whose blocks the engine frees no more
+    than the window or the chunk."""
+    held = settings.input_tokens + settings.output_tokens * (1.0 if settings.reserve_whole_sequence else 0.5)
+    window_share = settings.window_layer_share if settings.attention_window and settings.trims_window_kv else 0.0
+    chunk_share = settings.chunk_layer_share if settings.attention_chunk and settings.trims_chunk_kv else 0.0
+    return ((1 - window_share - chunk_share) * held + window_share * min(held, settings.attention_window)
+            + chunk_share * min(held, settings.attention_chunk))
+
+
 def attended_context(settings: ServeSettings, prefill: bool = True) -> float:
     """Keys a decode step's query reads, averaged over the layers and over the output positions (the first output
     position alone for a batch-1 latency, `prefill` False): input + output / 2 on a global layer, at most the window
@@ -400,7 +413,7 @@ def plan_serving(spec: ModelSpec, cluster: Cluster, settings: ServeSettings) -> 
             f"{cluster.memory_bytes / 1e9:.0f} GB; raise --tp or quantize"
         )
     kv_cache = settings.kv_memory_fraction * free
-    held = settings.input_tokens + settings.output_tokens * (1.0 if settings.reserve_whole_sequence else 0.5)
+    held = held_kv_tokens(settings)
     # Under attention data parallelism every rank runs its own scheduler, each with the engine's limits
     # (trtllm-bench --max_batch_size is "max batch size in each rank", TensorRT-LLM's DeepSeek-R1 perf blog).
     schedulers = tp if settings.attention_dp else 1

@@ -48,6 +48,12 @@ ENGINE_HOST_S_PER_REQUEST = {"TensorRT-LLM": 45.11e-3 / 1536}
 # --async-scheduling flag (vLLM PR #19970, June 2025), off by default. We take the profiled 4 ms.
 ENGINE_HOST_S_PER_STEP = {"vLLM": 4e-3}
 ENGINES_WITH_SERIAL_HOST = frozenset({"vLLM"})
+# Which local layers' KV blocks an engine frees, by the first word of `system` (window, chunk): vLLM's hybrid KV cache
+# manager reserves "slots only for the most recent sliding_window_size tokens" on sliding-window layers and manages
+# Llama 4's local chunked layers the same way (docs.vllm.ai, design/hybrid_kv_cache_manager); TensorRT-LLM keeps a
+# separate pool per attention window size (its KV Cache System docs: variable attention window sizes), which covers
+# sliding windows but says nothing of chunks. Other engines: neither.
+ENGINE_LOCAL_KV = {"vLLM": (True, True), "TensorRT-LLM": (True, False)}
 # All-reduces smaller than this run on the engine's own peer-to-peer kernels, larger ones on NCCL/RCCL: vLLM's
 # CustomAllreduce(max_size=8192 * 1024) in vllm/distributed/device_communicators/custom_all_reduce.py, on MI300X in
 # the ROCm fork since ROCm/vllm PR #27 (May 2024) and upstream since vLLM PR #14125 (March 2025). It matters only
@@ -311,6 +317,8 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
                              host_overlapped=engine not in ENGINES_WITH_SERIAL_HOST,
                              custom_all_reduce_max_bytes=ENGINE_CUSTOM_ALL_REDUCE_MAX_BYTES.get(engine, 0.0),
                              attention_dp=attention_dp == "yes", **model.settings_fields())
+    trims_window, trims_chunk = ENGINE_LOCAL_KV.get(engine, (False, False))
+    settings = replace(settings, trims_window_kv=trims_window, trims_chunk_kv=trims_chunk)
     if tensorrt_llm and not (row.get("max_batch") or "").strip():
         max_batch, max_tokens = trtllm_bench_limits(model.spec, cluster.memory_bytes, tp, weight_dtype, kv_dtype,
                                                     settings.input_tokens, settings.output_tokens)
