@@ -243,11 +243,13 @@ class RunSetup:
 
 
 def _recompute(text: str) -> tuple[str, bool]:
-    """(none/selective/full, sequence parallel stated) from the recompute column."""
-    text = text.strip()
+    """(none/selective/full, sequence parallel stated) from the recompute column (any case; "remat",
+    "rematerialization" and "activation checkpointing" unqualified mean the whole layer, as MaxText's remat_policy
+    full and torch.utils.checkpoint per block do)."""
+    text = text.strip().lower()
     if text.startswith("selective"):
         return "selective", "+sp" in text
-    if text in ("full", "rematerialization"):
+    if text in ("full", "remat", "rematerialization", "activation checkpointing", "activation-checkpointing"):
         return "full", False
     if text in ("", "none"):
         return "none", False
