@@ -108,3 +108,10 @@ def test_a_precision_spelled_by_its_recipe_is_the_schemas_word() -> None:
             == _predict_inference_row({**blackwell, "precision": "bf16"}, models).predicted)
     with pytest.raises(RowNotRepresentable, match="precision='w9': expected one of"):
         _predict_inference_row({**blackwell, "precision": "w9"}, models)
+
+
+def test_an_engine_is_named_in_any_spelling() -> None:
+    from aiinfra.plan.serve_rows import row_engine
+
+    assert [row_engine({"system": text}) for text in ("vllm 0.6.3", "TRT-LLM", "trtllm-bench", "SGLang v0.4", "")] \
+        == ["vLLM", "TensorRT-LLM", "TensorRT-LLM", "SGLang", ""]

@@ -77,9 +77,17 @@ VLLM_THROUGHPUT_SCRIPT = "benchmark_throughput.py"
 VLLM_THROUGHPUT_DEFAULT_REQUESTS = 1000
 
 
+# The engines' other spellings, lower case: TensorRT-LLM as TRT-LLM or by its benchmark tool, vLLM and SGLang in
+# any case.
+ENGINE_NAMES = {"tensorrt-llm": "TensorRT-LLM", "trt-llm": "TensorRT-LLM", "trtllm": "TensorRT-LLM",
+                "trtllm-bench": "TensorRT-LLM", "vllm": "vLLM", "sglang": "SGLang"}
+
+
 def row_engine(row: dict[str, str]) -> str:
-    """The serving engine a row names: the first word of its `system` column ('' when empty)."""
-    return ((row.get("system") or "").split() or [""])[0]
+    """The serving engine a row names: the first word of its `system` column in the engine's own spelling
+    (`ENGINE_NAMES`), '' when empty."""
+    first = ((row.get("system") or "").split() or [""])[0]
+    return ENGINE_NAMES.get(first.lower().rstrip(",;:"), first)
 
 
 @dataclass(frozen=True)
