@@ -55,7 +55,8 @@ BAD_INPUTS = [
     (["serve", "--tp", "3"], "--tp=3"),
     (["serve", "--input-tokens", "0"], "--input-tokens=0"),
     (["serve", "--output-tokens", "-1"], "--output-tokens=-1"),
-    (["serve", "--max-batch", "0"], "--max-batch=0"),
+    (["serve", "--max-batch", "-1"], "--max-batch=-1"),
+    (["serve", "--engine", "tgi"], "--engine='tgi'"),
     (["serve", "--tpot-slo-ms", "-1"], "--tpot-slo-ms=-1"),
     (["compare", "--devices", "0"], "--devices=0"),
     (["compare", "--tokens", "-1"], "--tokens=-1"),
@@ -195,3 +196,12 @@ def test_a_hardware_spelling_finds_its_listed_price() -> None:
     prices = parse_prices(["TPU v5p=3.5"])
     assert price_for(prices, "H100") == price_for(prices, "h100-sxm-80gb") is not None
     assert price_for(prices, "tpu-v5p") == 3.5
+
+
+def test_serve_applies_the_named_engines_documented_behaviour() -> None:
+    args = ["serve", "--model", "gpt-oss-20b", "--tp", "1", "--input-tokens", "8000", "--output-tokens", "8000"]
+    plain = runner.invoke(plan_app, args, env={"COLUMNS": "220"})
+    vllm = runner.invoke(plan_app, [*args, "--engine", "vLLM"], env={"COLUMNS": "220"})
+    assert plain.exit_code == vllm.exit_code == 0, plain.output + vllm.output
+    assert "(kv-cache)" in plain.output
+    assert "256 (max-batch)" in vllm.output  # vLLM's max_num_seqs default; its freed sliding-window blocks leave room

@@ -28,7 +28,7 @@ from aiinfra.plan.marks import generation_mark
 from aiinfra.plan.models import published_serving, resolve_model
 from aiinfra.plan.prices import parse_prices, price_for
 from aiinfra.plan.reliability import ReliabilitySettings
-from aiinfra.plan.serve_rows import INFERENCE_RUNS_CSV
+from aiinfra.plan.serve_rows import ENGINE_NAMES, INFERENCE_RUNS_CSV, engine_settings
 from aiinfra.plan.training import (
     CostSettings,
     TrainingPlan,
@@ -276,22 +276,30 @@ def serve(
     quant: str = typer.Option("fp8", help="weights: bf16, fp8, fp4, int8 or int4"),
     kv_dtype: str = typer.Option("", help="KV cache: bf16 or fp8 (default: fp8 with fp8 weights, else bf16)"),
     tp: int = typer.Option(1, help="tensor parallel degree of a replica"),
-    max_batch: int = typer.Option(2048, help="engine's maximum batch (per rank under --attention-dp)"),
+    max_batch: int = typer.Option(0, help="engine's maximum batch (per rank under --attention-dp; 0: the "
+                                  "engine's default, 2048 without --engine)"),
+    engine: str = typer.Option("", help="apply this engine's documented behaviour: vllm, tensorrt-llm or sglang "
+                               "(host work a step, default batch, which local-attention KV it frees; empty: none)"),
     attention_dp: bool = typer.Option(False, "--attention-dp", help="attention data-parallel across the tp ranks "
                                       "(each rank keeps its own sequences' KV cache and the whole attention weights)"),
     price: float = typer.Option(0.0, help="USD per device-hour (default: prices.csv, if listed)"),
 ) -> None:
     """Size an inference fleet: batch, KV cache, tokens/s, TTFT/TPOT, replicas and cost per million tokens."""
     check_flags(rps=(rps, POSITIVE), input_tokens=(input_tokens, 1), output_tokens=(output_tokens, 1),
-                ttft_slo_ms=(ttft_slo_ms, 0), tpot_slo_ms=(tpot_slo_ms, 0), tp=(tp, 1), max_batch=(max_batch, 1),
+                ttft_slo_ms=(ttft_slo_ms, 0), tpot_slo_ms=(tpot_slo_ms, 0), tp=(tp, 1), max_batch=(max_batch, 0),
                 price=(price, 0))
     named = resolve_model(model, input_tokens + output_tokens)
     spec = named.spec
     kv = kv_dtype or ("fp8" if quant in ("fp8", "fp4") else "bf16")
     if kv not in ("bf16", "fp8"):
         raise PlanError(f"--kv-dtype={kv!r}: expected bf16 or fp8")
+    engine_name = ENGINE_NAMES.get(engine.strip().lower(), "") if engine.strip() else ""
+    if engine.strip() and not engine_name:
+        raise PlanError(f"--engine={engine!r}: expected vllm, tensorrt-llm or sglang (or empty)")
+    behaviour = engine_settings(engine_name)
+    behaviour["max_batch"] = max_batch or behaviour["max_batch"]
     settings = ServeSettings(input_tokens=input_tokens, output_tokens=output_tokens, weight_dtype=quant,
-                             kv_dtype=kv, tp=tp, max_batch=max_batch, requests_per_s=rps,
+                             kv_dtype=kv, tp=tp, requests_per_s=rps, **behaviour,
                              ttft_slo_s=ttft_slo_ms / 1e3 or None, tpot_slo_s=tpot_slo_ms / 1e3 or None,
                              attention_dp=attention_dp, **published_serving(named.published))
     plan = plan_serving(spec, fitted_cluster(hardware, tp), settings)

@@ -207,6 +207,21 @@ def _optional_count(row: dict[str, str], column: str) -> int | None:
     return int(text)
 
 
+def engine_settings(engine: str) -> dict[str, Any]:
+    """The ServeSettings fields an engine's documented behaviour sets (by its name as `row_engine` gives it; any
+    other name, none): its default batch limit, its host work a step and whether it overlaps the GPU, its
+    peer-to-peer all-reduce limit, TensorRT-LLM's whole-sequence reservation, and which local layers' old KV blocks it
+    frees."""
+    trims_window, trims_chunk = ENGINE_LOCAL_KV.get(engine, (False, False))
+    return {"max_batch": ENGINE_MAX_BATCH.get(engine, ENGINE_MAX_BATCH["TensorRT-LLM"]),
+            "reserve_whole_sequence": engine == "TensorRT-LLM",
+            "host_s_per_request": ENGINE_HOST_S_PER_REQUEST.get(engine, 0.0),
+            "host_s_per_step": ENGINE_HOST_S_PER_STEP.get(engine, 0.0),
+            "host_overlapped": engine not in ENGINES_WITH_SERIAL_HOST,
+            "custom_all_reduce_max_bytes": ENGINE_CUSTOM_ALL_REDUCE_MAX_BYTES.get(engine, 0.0),
+            "trims_window_kv": trims_window, "trims_chunk_kv": trims_chunk}
+
+
 def _count(row: dict[str, str], column: str, default: int | None = None) -> int:
     """A whole-number column of a row, `default` when empty (RowNotRepresentable when empty without one)."""
     from aiinfra.plan.runs import RowNotRepresentable
@@ -318,15 +333,9 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
     if attention_dp not in ("", "yes", "no"):
         raise RowNotRepresentable(f"attention_dp={attention_dp!r}: expected yes, no or empty")
     settings = ServeSettings(_count(row, "input_tokens"), _count(row, "output_tokens", 1), weight_dtype=weight_dtype,
-                             kv_dtype=kv_dtype, tp=tp, max_batch=engine_max_batch(row),
-                             reserve_whole_sequence=tensorrt_llm,
-                             host_s_per_request=ENGINE_HOST_S_PER_REQUEST.get(engine, 0.0),
-                             host_s_per_step=ENGINE_HOST_S_PER_STEP.get(engine, 0.0),
-                             host_overlapped=engine not in ENGINES_WITH_SERIAL_HOST,
-                             custom_all_reduce_max_bytes=ENGINE_CUSTOM_ALL_REDUCE_MAX_BYTES.get(engine, 0.0),
-                             attention_dp=attention_dp == "yes", **model.settings_fields())
-    trims_window, trims_chunk = ENGINE_LOCAL_KV.get(engine, (False, False))
-    settings = replace(settings, trims_window_kv=trims_window, trims_chunk_kv=trims_chunk)
+                             kv_dtype=kv_dtype, tp=tp, attention_dp=attention_dp == "yes",
+                             **{**engine_settings(engine), "max_batch": engine_max_batch(row)},
+                             **model.settings_fields())
     if tensorrt_llm and not (row.get("max_batch") or "").strip():
         max_batch, max_tokens = trtllm_bench_limits(model.spec, cluster.memory_bytes, tp, weight_dtype, kv_dtype,
                                                     settings.input_tokens, settings.output_tokens)
