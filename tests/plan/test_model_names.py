@@ -28,12 +28,15 @@ ROW = {"id": "x", "system": "TensorRT-LLM max-throughput", "model": "llama-3.1-8
     ("llama-4-scout", "llama-4-scout-17b-16e"),
     ("mistralai/Mixtral-8x7B-Instruct-v0.1", "mixtral-8x7b"),
     ("openai/gpt-oss-120b", "gpt-oss-120b"),
+    ("deepseek-ai/DeepSeek-V2-Lite-Chat", "deepseek-v2-lite"),
+    ("deepseek-v2", "deepseek-v2"),
+    ("meta-llama/Llama-3.2-1B-Instruct", "llama-3.2-1b"),
 ])
 def test_a_published_name_finds_its_catalog_model(name: str, catalog: str) -> None:
     assert find_model(name, serve_models()) == catalog
 
 
-@pytest.mark.parametrize("name", ["llama-3", "qwen3", "gpt-oss", "deepseek-v2", "llama-3.1-13b"])
+@pytest.mark.parametrize("name", ["llama-3", "qwen3", "gpt-oss", "deepseek", "llama-3.1-13b"])
 def test_an_ambiguous_or_unknown_name_finds_none(name: str) -> None:
     # "llama-3" begins llama-3-8b and llama-3-70b; "qwen3" several Qwen3 models: guessing would price the wrong one.
     assert find_model(name, serve_models()) is None
@@ -68,6 +71,9 @@ def test_published_configurations_keep_their_architecture() -> None:
     qwen = resolve_model("qwen3-32b")  # 64 heads of 128 against hidden 5120, and QK-norm
     assert qwen.spec.head_dim == 128 and qwen.train_settings["qk_norm"]
     assert resolve_model("Qwen/Qwen3-32B").spec == qwen.spec
+    # Llama 3.2's small models tie the head to the embedding; Llama 3.1 8B does not.
+    assert models["llama-3.2-1b"].spec.tie_embeddings and not models["llama-3.1-8b"].spec.tie_embeddings
+    assert models["deepseek-v2-lite"].kv_dim_per_layer == 512 + 64  # MLA's latent and rotary key
 
 
 def test_devices_beyond_one_tensor_parallel_group_are_replicas() -> None:

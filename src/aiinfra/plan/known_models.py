@@ -44,8 +44,16 @@ GEMMA_VERSIONS = {
 DEEPSEEK_V3_HIDDEN = 7168
 
 
+# Llama 3.2's small text models tie the output head to the embedding (config.json tie_word_embeddings true;
+# meta-llama/Llama-3.2-1B: hidden 2048, 16 layers, head_dim 64; Llama-3.2-3B: hidden 3072, 28 layers); the other
+# Llama releases do not.
+LLAMA_TIED_SHAPES = {(2048, 16): Version("llama3.2", 64), (3072, 28): Version("llama3.2", 128)}
+
+
 def model_version(family: str, hidden: int | None, layers: int | None, moe: bool) -> Version:
     """The version key of a family and shape; the family itself where the family has one architecture."""
+    if family == "llama" and (hidden, layers) in LLAMA_TIED_SHAPES:
+        return LLAMA_TIED_SHAPES[(hidden, layers)]
     if family == "gemma" and hidden and layers:
         return GEMMA_VERSIONS.get((hidden, layers), Version("gemma", 256))
     if family == "deepseek" and moe:

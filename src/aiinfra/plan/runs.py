@@ -34,7 +34,7 @@ SHARDING_STAGES = {"none": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3, "fs
 # rotary positions). GPT's vocabulary is GPT-2's BPE when a row does not give one (Brown et al. 2020).
 GPT_FAMILIES = ("gpt",)
 TWO_MATRIX_FAMILIES = ("gpt", "nemotron")
-TIED_FAMILIES = ("gpt", "palm", "gemma", "gemma2", "gemma3")
+TIED_FAMILIES = ("gpt", "palm", "gemma", "gemma2", "gemma3", "llama3.2")
 DEFAULT_VOCAB = {"gpt": 50257}
 # Node-limited routing in the model's own router: DeepSeek-V3 config.json n_group 8, topk_group 4 (each token's 8
 # experts come from at most 4 of 8 groups, one group per node in the authors' EP64 layout; arXiv 2412.19437, 3.2.2).
