@@ -121,3 +121,22 @@ def test_an_engine_is_named_in_any_spelling() -> None:
 
     assert [row_engine({"system": text}) for text in ("vllm 0.6.3", "TRT-LLM", "trtllm-bench", "SGLang v0.4", "")] \
         == ["vLLM", "TensorRT-LLM", "TensorRT-LLM", "SGLang", ""]
+
+
+def test_no_corrupted_serving_cell_escapes_as_anything_but_a_row_not_run() -> None:
+    from aiinfra.plan.errors import PlanError
+    from aiinfra.plan.serve_rows import INFERENCE_RUNS_CSV
+
+    with INFERENCE_RUNS_CSV.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))[::4]
+    models = serve_models()
+    ran = refused = 0
+    for row in rows:
+        for column in [c for c in row if c not in ("id", "source", "notes")]:
+            for text in ("0", "2.5", "-1", "abc", ""):
+                try:
+                    assert _predict_inference_row({**row, column: text}, models).predicted > 0
+                    ran += 1
+                except PlanError:
+                    refused += 1
+    assert ran and refused

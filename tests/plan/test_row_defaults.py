@@ -99,3 +99,25 @@ def test_a_framework_is_named_by_a_product_it_covers(name: str, word: str) -> No
 def test_an_unknown_framework_names_the_words() -> None:
     with pytest.raises(PlanError, match="framework='colossalai': expected one of megatron"):
         framework_facts("colossalai")
+
+
+def test_no_corrupted_cell_escapes_as_anything_but_a_row_not_run() -> None:
+    """Every column of a sample of rows, set to zero, a fraction, a negative, a word and empty: the row either runs
+    or raises PlanError (one line, not run), never another exception."""
+    from aiinfra.plan.runs import predicted_metric
+    from aiinfra.plan.step import step_breakdown
+
+    rows = load_training_runs()[::12]
+    columns = [c for c in rows[0] if c not in ("id", "source", "notes")]
+    ran = refused = 0
+    for row in rows:
+        for column in columns:
+            for text in ("0", "2.5", "-1", "abc", ""):
+                try:
+                    setup = setup_from_row({**row, column: text})
+                    step = step_breakdown(setup.spec, setup.settings, setup.layout, setup.cluster)
+                    assert predicted_metric(setup, step) > 0
+                    ran += 1
+                except PlanError:
+                    refused += 1
+    assert ran and refused
