@@ -121,3 +121,23 @@ def test_no_corrupted_cell_escapes_as_anything_but_a_row_not_run() -> None:
                 except PlanError:
                     refused += 1
     assert ran and refused
+
+
+def test_a_csv_without_a_column_runs_its_rows_or_says_why(tmp_path) -> None:
+    import csv
+
+    from aiinfra.plan.validation import TRAINING_RUNS_CSV, validate_training
+
+    rows = load_training_runs()
+    for missing in ("hardware", "framework", "vp"):
+        path = tmp_path / f"without-{missing}.csv"
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=[c for c in rows[0] if c != missing], extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        ran, not_run = validate_training(path)
+        assert len(ran) + len(not_run) == len(rows)
+        if missing == "hardware":
+            # Every row that got as far as its hardware says so (the three table rows not run stop earlier).
+            assert not ran and sum("unknown hardware ''" in item.reason for item in not_run) >= len(rows) - 3
+    assert TRAINING_RUNS_CSV.exists()

@@ -79,6 +79,19 @@ class DoesNotFit(RowNotRepresentable):
     """No layout of the row's searched knobs fits in device memory."""
 
 
+class RunRow(dict[str, str]):
+    """A run-table row whose absent columns read as empty cells, so a CSV without an optional column (or a
+    required one) gets the empty cell's meaning or a not-run line naming it, never a KeyError."""
+
+    def __missing__(self, key: str) -> str:
+        return ""
+
+
+def run_row(row: dict[str, str | None]) -> RunRow:
+    """A csv.DictReader row as a RunRow: None (a short line's missing cells) as empty."""
+    return RunRow({key: value or "" for key, value in row.items() if key is not None})
+
+
 def is_moe_row(row: dict[str, str]) -> bool:
     """A mixture-of-experts row: more than one routed expert."""
     return _int(row, "experts", 0) > 1
@@ -331,8 +344,8 @@ def _layout(row: dict[str, str], facts: FrameworkFacts) -> tuple[Layout, bool, b
         stage, within = 3, True
     shard = dp if stage else 1
     if within:
-        shard = within_domain(dp, make_cluster(row["hardware"].strip(), _int(row, "n_devices")).scaleup_domain
-                              // (tp * cp))
+        domain = make_cluster((row.get("hardware") or "").strip(), _int(row, "n_devices")).scaleup_domain
+        shard = within_domain(dp, domain // (tp * cp))
     layout = Layout(
         tp=tp, pp=pp, dp_replicate=dp // shard, dp_shard=shard, cp=cp, ep=ep,
         virtual_stages=vp, pp_schedule="interleaved_1f1b" if interleaved else "1f1b", zero_stage=stage,
@@ -368,7 +381,7 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
     """Translate one run-table row into a spec, settings, layout and cluster (RowNotRepresentable if it cannot)."""
     if row.get("metric") not in METRICS:
         raise RowNotRepresentable(f"metric={row.get('metric')!r}: expected one of {', '.join(METRICS)}")
-    if row["metric"] == "gpu_hours_total":
+    if row.get("metric", "") == "gpu_hours_total":
         raise RowNotRepresentable("gpu_hours_total needs the run's token count, which the columns do not hold")
     published_value(row)
     _float(row, "params_b"), _float(row, "active_params_b")  # checked even where the shape columns decide
@@ -406,7 +419,7 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
     settings = replace(settings, moe_capacity_factor=_capacity_factor(row), **architecture_settings(version))
     settings = _with_weight_dtype(settings, row)
     try:
-        cluster = make_cluster(row["hardware"].strip(), n_devices)
+        cluster = make_cluster((row.get("hardware") or "").strip(), n_devices)
         cluster.peak_flops(settings.gemm_precision)
     except PlanError as error:
         raise RowNotRepresentable(str(error)) from None
@@ -428,7 +441,7 @@ def mfu_flops_per_token(spec: ModelSpec, seq_len: int, causal: bool) -> float:
 
 def predicted_metric(setup: RunSetup, step: StepBreakdown) -> float:
     """The row's metric from a predicted step, in the row's own convention."""
-    metric = setup.row["metric"]
+    metric = setup.row.get("metric", "")
     n = setup.cluster.n_devices
     tokens_per_s_per_device = setup.settings.tokens_per_step / step.step_time_s / n
     if metric == "mfu":

@@ -324,7 +324,7 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
     if kv_dtype not in ("fp8", "bf16"):
         raise RowNotRepresentable(f"kv_dtype={kv_dtype!r}: expected fp8, bf16 or empty")
     # GEMM ceilings fitted on the training runs only: no value is fitted to an inference row.
-    cluster = calibrated(make_cluster(row["hardware"].strip(), tp))
+    cluster = calibrated(make_cluster((row.get("hardware") or "").strip(), tp))
     # TensorRT-LLM's published figures come from trtllm-bench: its scheduler reserves each request's whole
     # sequence, and where a run does not state its limits the tool sets them from the memory (trtllm_bench_limits).
     engine = row_engine(row)
@@ -340,7 +340,7 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
         max_batch, max_tokens = trtllm_bench_limits(model.spec, cluster.memory_bytes, tp, weight_dtype, kv_dtype,
                                                     settings.input_tokens, settings.output_tokens)
         settings = replace(settings, max_batch=max_batch, max_tokens_per_step=max_tokens)
-    if row["metric"] not in ("output_tokens_per_s", "ms_per_token_low_batch"):
+    if row.get("metric", "") not in ("output_tokens_per_s", "ms_per_token_low_batch"):
         raise RowNotRepresentable(f"metric={row['metric']!r}: expected output_tokens_per_s or ms_per_token_low_batch")
     options = [settings]
     if not attention_dp and model.spec.is_moe and engine in ATTENTION_DP_ENGINES:
@@ -348,13 +348,13 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
         # without a layout gets the best layout that fits).
         options.append(replace(settings, attention_dp=True))
     requests = math.ceil(benchmark_requests(row) / replicas)
-    figures = [_serve_figure(row["metric"], model.spec, cluster, option, requests) for option in options]
-    pick = min if row["metric"] == "ms_per_token_low_batch" else max
+    figures = [_serve_figure(row.get("metric", ""), model.spec, cluster, option, requests) for option in options]
+    pick = min if row.get("metric", "") == "ms_per_token_low_batch" else max
     predicted, batch, limited_by = pick(figures, key=lambda figure: figure[0])
-    if row["metric"] == "output_tokens_per_s":
+    if row.get("metric", "") == "output_tokens_per_s":
         predicted *= replicas
-    return InferenceValidationRow(row["id"], row.get("source", ""), name, cluster.efficiency.generation,
-                                  row["metric"], published, predicted, batch, limited_by)
+    return InferenceValidationRow(row.get("id", "?"), row.get("source", ""), name, cluster.efficiency.generation,
+                                  row.get("metric", ""), published, predicted, batch, limited_by)
 
 
 def _serve_figure(metric: str, spec: ModelSpec, cluster: Cluster, settings: ServeSettings,
@@ -374,8 +374,10 @@ def validate_inference(path: Path = INFERENCE_RUNS_CSV) -> tuple[list[InferenceV
     """Predict every row of an inference-runs CSV: rows run, and (id, reason) for rows not run."""
     models = serve_models()
     results, not_run = [], []
+    from aiinfra.plan.runs import run_row
+
     with open(path, newline="") as handle:
-        for row in csv.DictReader(handle):
+        for row in map(run_row, csv.DictReader(handle)):
             try:
                 results.append(_predict_inference_row(row, models))
             except PlanError as error:

@@ -27,6 +27,7 @@ from aiinfra.plan.runs import (
     micro_batch_choices,
     predicted_metric,
     published_value,
+    run_row,
     setup_from_row,
     stage_layers_of,
 )
@@ -157,7 +158,7 @@ class PreparedRow:
 def load_training_runs(path: Path = TRAINING_RUNS_CSV) -> list[dict[str, str]]:
     """The rows of a training-runs CSV of the shared schema."""
     with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+        return [run_row(row) for row in csv.DictReader(handle)]
 
 
 def prepare_training(path: Path = TRAINING_RUNS_CSV) -> tuple[list[PreparedRow], list[NotRun]]:
@@ -181,7 +182,7 @@ def predict_prepared(item: PreparedRow, profile: EfficiencyProfile | None = None
     step = step_breakdown(setup.spec, setup.settings, item.layout, cluster)
     setup_used = setup if profile is None else replace(setup, cluster=cluster)
     return ValidationRow(setup.row.get("id", "?"), setup.row.get("source", ""), setup.cluster.efficiency.generation,
-                         setup.settings.precision, setup.row["metric"], published_value(setup.row),
+                         setup.settings.precision, setup.row.get("metric", ""), published_value(setup.row),
                          predicted_metric(setup_used, step), item.layout.describe(), step.step_time_s)
 
 
