@@ -31,6 +31,7 @@ ROW = {"id": "x", "system": "TensorRT-LLM max-throughput", "model": "llama-3.1-8
     ("deepseek-ai/DeepSeek-V2-Lite-Chat", "deepseek-v2-lite"),
     ("deepseek-v2", "deepseek-v2"),
     ("meta-llama/Llama-3.2-1B-Instruct", "llama-3.2-1b"),
+    ("deepseek-ai/DeepSeek-R1-Distill-Llama-70B", "deepseek-r1-distill-llama-70b"),
 ])
 def test_a_published_name_finds_its_catalog_model(name: str, catalog: str) -> None:
     assert find_model(name, serve_models()) == catalog
