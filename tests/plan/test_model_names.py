@@ -95,7 +95,7 @@ def test_devices_beyond_one_tensor_parallel_group_are_replicas() -> None:
 @pytest.mark.parametrize(("column", "text", "message"), [
     ("value", "", "value='': expected the published figure"),
     ("value", "-5", "value='-5': expected the published figure"),
-    ("n_devices", "abc", "n_devices='abc': expected a whole number >= 1"),
+    ("n_devices", "abc", "n_devices='abc' is not a number"),
     ("tp", "0", "tp='0': expected a whole number >= 1"),
     ("output_tokens", "0", "output_tokens='0': expected a whole number >= 1"),
     ("input_tokens", "", "input_tokens not stated"),

@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from aiinfra.plan.cells import RowNotRepresentable, count, positive, published_value, row_precision
 from aiinfra.plan.cluster import Cluster, make_cluster
 from aiinfra.plan.errors import PlanError
 from aiinfra.plan.frameworks import FrameworkFacts, framework_facts
@@ -71,85 +72,13 @@ PUBLISHED_HEAD_WIDTHS = {"qwen3-moe": 128, "qwen3": 128, "gpt-oss": 64}
 EXTRA_NORMS = {"gemma2": (2, False), "gemma3": (2, True), "qwen3-moe": (0, True), "qwen3": (0, True)}
 
 
-class RowNotRepresentable(PlanError):
-    """A run the planner cannot express; the message says why in one line."""
-
-
 class DoesNotFit(RowNotRepresentable):
     """No layout of the row's searched knobs fits in device memory."""
 
 
-class RunRow(dict[str, str]):
-    """A run-table row whose absent columns read as empty cells, so a CSV without an optional column (or a
-    required one) gets the empty cell's meaning or a not-run line naming it, never a KeyError."""
-
-    def __missing__(self, key: str) -> str:
-        return ""
-
-
-def run_row(row: dict[str, str | None]) -> RunRow:
-    """A csv.DictReader row as a RunRow: None (a short line's missing cells) as empty."""
-    return RunRow({key: value or "" for key, value in row.items() if key is not None})
-
-
 def is_moe_row(row: dict[str, str]) -> bool:
     """A mixture-of-experts row: more than one routed expert."""
-    return _int(row, "experts", 0) > 1
-
-
-def _int(row: dict[str, str], key: str, default: int | None = None) -> int:
-    """A count column (every integer column of the schema is one: degrees, sizes, batches): a whole number >= 1,
-    `default` when empty (RowNotRepresentable when empty without one)."""
-    text = (row.get(key) or "").strip()
-    if not text:
-        if default is None:
-            raise RowNotRepresentable(f"{key} not stated")
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        raise RowNotRepresentable(f"{key}={text!r} is not a number") from None
-    if not (value >= 1 and value.is_integer()):
-        raise RowNotRepresentable(f"{key}={text!r}: expected a whole number >= 1")
-    return int(value)
-
-
-# Spellings of a precision that name its scaling recipe: MXFP8 and FP8 with current or block scaling are fp8 in the
-# schema (the reference README: "fp8 (includes MXFP8)"), NVFP4 and MXFP4 fp4.
-PRECISION_ALIASES = {"mxfp8": "fp8", "fp8-cs": "fp8", "fp8-mx": "fp8", "fp8-blockwise": "fp8", "nvfp4": "fp4",
-                     "mxfp4": "fp4"}
-
-
-def row_precision(row: dict[str, str], default: str = "bf16") -> str:
-    """The `precision` cell in the schema's words (lower case, `PRECISION_ALIASES`); `default` when empty."""
-    text = (row.get("precision") or "").strip().lower()
-    return PRECISION_ALIASES.get(text, text) or default
-
-
-def published_value(row: dict[str, str]) -> float:
-    """The row's `value`: the published figure, a positive number (RowNotRepresentable otherwise)."""
-    text = (row.get("value") or "").strip()
-    try:
-        value = float(text)
-    except ValueError:
-        raise RowNotRepresentable(f"value={text!r}: expected the published figure, a positive number") from None
-    if not value > 0 or value == float("inf"):
-        raise RowNotRepresentable(f"value={text!r}: expected the published figure, a positive number")
-    return value
-
-
-def _float(row: dict[str, str], key: str) -> float | None:
-    """An optional positive number column (parameter counts, capacity factor); None when empty."""
-    text = (row.get(key) or "").strip()
-    if not text:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise RowNotRepresentable(f"{key}={text!r} is not a number") from None
-    if not 0 < value < float("inf"):
-        raise RowNotRepresentable(f"{key}={text!r}: expected a positive number")
-    return value
+    return count(row, "experts", 0) > 1
 
 
 def moe_shape(row: dict[str, str], dense_params: float, layers: int, hidden: int,
@@ -160,10 +89,10 @@ def moe_shape(row: dict[str, str], dense_params: float, layers: int, hidden: int
     count then gives the experts every token uses, routed plus shared: (active - dense) / (L P_e). Shared experts
     and dense first layers, which the columns do not carry, come out as extra always-active experts.
     """
-    experts, top_k = _int(row, "experts"), _int(row, "experts_per_token")
-    total, active = _float(row, "params_b"), _float(row, "active_params_b")
+    experts, top_k = count(row, "experts"), count(row, "experts_per_token")
+    total, active = positive(row, "params_b"), positive(row, "active_params_b")
     if total is None or active is None or experts <= top_k:
-        return _int(row, "ffn"), experts, top_k
+        return count(row, "ffn"), experts, top_k
     expert_params = (total - active) * 1e9 / (layers * (experts - top_k))
     width = max(1, round(expert_params / (matrices * hidden)))
     used = max(top_k, round((active * 1e9 - dense_params) / (layers * expert_params)))
@@ -173,8 +102,8 @@ def moe_shape(row: dict[str, str], dense_params: float, layers: int, hidden: int
 
 def row_version(row: dict[str, str]) -> Version:
     """The released configuration a row's family word and shape identify (known_models.model_version)."""
-    hidden = _int(row, "hidden", 0) or None
-    layers = _int(row, "layers", 0) or None
+    hidden = count(row, "hidden", 0) or None
+    layers = count(row, "layers", 0) or None
     return model_version(row.get("model", "").strip(), hidden, layers, is_moe_row(row))
 
 
@@ -187,7 +116,7 @@ def with_published_shape(row: dict[str, str]) -> dict[str, str]:
     if all((row.get(column) or "").strip() for column in fillable):
         return row
     stated = {k: row.get(k) or "" for k in (*fillable, "experts")}
-    shape = published_shape(row.get("model", "").strip(), _float(row, "params_b"), is_moe_row(row), stated)
+    shape = published_shape(row.get("model", "").strip(), positive(row, "params_b"), is_moe_row(row), stated)
     if shape is None:
         return row
     return {**row, **{k: v for k, v in shape.items() if not (row.get(k) or "").strip()}}
@@ -204,7 +133,7 @@ def _head_width(row: dict[str, str]) -> int:
         if not width and family in GPT_FAMILIES:
             width = framework_facts(row.get("framework") or "").test_model_head_width
         return width
-    width = _int(row, "head_dim")
+    width = count(row, "head_dim")
     if width < 1:
         raise RowNotRepresentable(f"head_dim={text!r}: expected a positive width")
     return width
@@ -214,10 +143,10 @@ def spec_from_row(row: dict[str, str]) -> ModelSpec:
     """A ModelSpec from the run table's shape columns; mixture-of-experts from `experts` and the parameter counts."""
     row = with_published_shape(row)
     family = row.get("model", "").strip()
-    hidden, layers, heads = _int(row, "hidden"), _int(row, "layers"), _int(row, "heads")
-    kv_heads = _int(row, "kv_heads", heads)
-    vocab = _int(row, "vocab", DEFAULT_VOCAB.get(family))
-    seq = _int(row, "seq_len")
+    hidden, layers, heads = count(row, "hidden"), count(row, "layers"), count(row, "heads")
+    kv_heads = count(row, "kv_heads", heads)
+    vocab = count(row, "vocab", DEFAULT_VOCAB.get(family))
+    seq = count(row, "seq_len")
     matrices = 2 if family in TWO_MATRIX_FAMILIES else 3
     gpt = family in GPT_FAMILIES
     # A head width the rotary embedding cannot split (odd) keeps its cost but not its rotation: learned positions.
@@ -234,7 +163,7 @@ def spec_from_row(row: dict[str, str]) -> ModelSpec:
             dense = ModelSpec(**common, ffn_dim=1).num_params()
             width, experts, top_k = moe_shape(row, dense, layers, hidden, matrices)
             return ModelSpec(**common, ffn_dim=width, n_experts=experts, experts_per_token=top_k)
-        ffn = _int(row, "ffn", 4 * hidden if matrices == 2 else None)
+        ffn = count(row, "ffn", 4 * hidden if matrices == 2 else None)
         return ModelSpec(**common, ffn_dim=ffn)
     except ValidationError as error:
         raise RowNotRepresentable(f"shape: {error.errors()[0]['msg']}") from None
@@ -301,7 +230,7 @@ def bf16_weights(settings: TrainSettings) -> TrainSettings:
 def _capacity_factor(row: dict[str, str]) -> float:
     """The optional `capacity_factor` column: a token-dropping MoE's expert capacity factor where the source states
     one (MaxText's capacity_factor); empty: dropless routing, each expert computing the tokens routed to it."""
-    value = _float(row, "capacity_factor")
+    value = positive(row, "capacity_factor")
     if value is None:
         return 0.0
     if value < 1.0:
@@ -317,8 +246,8 @@ def within_domain(dp: int, ranks_per_domain: int) -> int:
 def _data_parallel(row: dict[str, str], tp: int, pp: int, cp: int) -> int:
     """The `dp` column, or where it is empty the devices left over by the model-parallel degrees: n / (tp pp cp)."""
     if (row.get("dp") or "").strip():
-        return _int(row, "dp")
-    n_devices = _int(row, "n_devices")
+        return count(row, "dp")
+    n_devices = count(row, "n_devices")
     if n_devices % (tp * pp * cp):
         raise RowNotRepresentable(f"dp not stated and tp x pp x cp = {tp * pp * cp} does not divide "
                                   f"n_devices = {n_devices}")
@@ -326,9 +255,9 @@ def _data_parallel(row: dict[str, str], tp: int, pp: int, cp: int) -> int:
 
 
 def _layout(row: dict[str, str], facts: FrameworkFacts) -> tuple[Layout, bool, bool]:
-    tp, pp, cp = _int(row, "tp", 1), _int(row, "pp", 1), _int(row, "cp", 1)
+    tp, pp, cp = count(row, "tp", 1), count(row, "pp", 1), count(row, "cp", 1)
     dp = _data_parallel(row, tp, pp, cp)
-    ep, vp = _int(row, "ep", 1), _int(row, "vp", 1)
+    ep, vp = count(row, "ep", 1), count(row, "vp", 1)
     # An empty column is the framework's documented default (`FrameworkFacts.default_sharding`).
     sharding = (row.get("sharding") or "").strip() or facts.default_sharding
     stage = SHARDING_STAGES.get(sharding.split("-")[0] if sharding.startswith("fsdp-") and sharding != "fsdp-like"
@@ -344,12 +273,12 @@ def _layout(row: dict[str, str], facts: FrameworkFacts) -> tuple[Layout, bool, b
         stage, within = 3, True
     shard = dp if stage else 1
     if within:
-        domain = make_cluster((row.get("hardware") or "").strip(), _int(row, "n_devices")).scaleup_domain
+        domain = make_cluster((row.get("hardware") or "").strip(), count(row, "n_devices")).scaleup_domain
         shard = within_domain(dp, domain // (tp * cp))
     layout = Layout(
         tp=tp, pp=pp, dp_replicate=dp // shard, dp_shard=shard, cp=cp, ep=ep,
         virtual_stages=vp, pp_schedule="interleaved_1f1b" if interleaved else "1f1b", zero_stage=stage,
-        micro_batch=_int(row, "micro_batch", 1), recompute=recompute,  # type: ignore[arg-type]
+        micro_batch=count(row, "micro_batch", 1), recompute=recompute,  # type: ignore[arg-type]
         sequence_parallel=tp > 1 and (stated_sp or facts.sequence_parallel),
     )
     search_vp = interleaved and not (row.get("vp") or "").strip()
@@ -360,8 +289,9 @@ def _global_batch(row: dict[str, str]) -> int:
     """Sequences per optimizer step; where a row states only the per-device micro-batch, one micro-batch per data-
     parallel replica (no gradient accumulation stated, none assumed)."""
     if (row.get("global_batch_seqs") or "").strip() or not (row.get("micro_batch") or "").strip():
-        return _int(row, "global_batch_seqs")
-    return _int(row, "micro_batch") * _data_parallel(row, _int(row, "tp", 1), _int(row, "pp", 1), _int(row, "cp", 1))
+        return count(row, "global_batch_seqs")
+    degrees = count(row, "tp", 1), count(row, "pp", 1), count(row, "cp", 1)
+    return count(row, "micro_batch") * _data_parallel(row, *degrees)
 
 
 def architecture_settings(version: str) -> dict[str, Any]:
@@ -384,13 +314,13 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
     if row.get("metric", "") == "gpu_hours_total":
         raise RowNotRepresentable("gpu_hours_total needs the run's token count, which the columns do not hold")
     published_value(row)
-    _float(row, "params_b"), _float(row, "active_params_b")  # checked even where the shape columns decide
+    positive(row, "params_b"), positive(row, "active_params_b")  # checked even where the shape columns decide
     facts = framework_facts(row.get("framework") or "")
     row = with_published_shape(row)
     family = row.get("model", "").strip()
     version = row_version(row).version
     spec = spec_from_row(row)
-    n_devices = _int(row, "n_devices")
+    n_devices = count(row, "n_devices")
     precision = row_precision(row)
     if precision not in ("bf16", "fp16", "fp8", "fp4"):
         raise RowNotRepresentable(f"precision={precision!r}: expected bf16, fp16, fp8 or fp4")

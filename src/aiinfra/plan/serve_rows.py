@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from aiinfra.plan.cells import count, optional_count
 from aiinfra.plan.cluster import Cluster
 from aiinfra.plan.errors import PlanError
 from aiinfra.plan.inference import (
@@ -152,10 +153,9 @@ def serve_models(path: Path = INFERENCE_MODELS_CSV) -> dict[str, ServeModel]:
 
 
 # Words a published checkpoint's name carries that do not change its shape: the tuning (instruct, chat, base, it,
-# thinking), the
-# checkpoint's quantization (FP8, FP4, NVFP4, MXFP4, AWQ, GPTQ, INT4/INT8, W8A8, W4A16, "-KV" for a quantized cache,
-# "-Dynamic"), the Hugging Face format tag (hf), a dated revision (Qwen3-235B-A22B-Instruct-2507, DeepSeek-R1-0528)
-# and a v0.x release (Mixtral-8x7B-v0.1). "-v3" and the like stay: they name a model.
+# thinking), the checkpoint's quantization (FP8, FP4, NVFP4, MXFP4, AWQ, GPTQ, INT4/INT8, W8A8, W4A16, "-KV" for a
+# quantized cache, "-Dynamic"), the Hugging Face format tag (hf), a dated revision (Qwen3-235B-A22B-Instruct-2507,
+# DeepSeek-R1-0528) and a v0.x release (Mixtral-8x7B-v0.1). "-v3" and the like stay: they name a model.
 _NAME_TAGS = re.compile(r"(-(instruct|chat|base|it|thinking|hf|fp8|fp4|nvfp4|mxfp4|awq|gptq|int4|int8|w8a8|w4a16|"
                         r"kv|dynamic|\d{4}|v0\.\d+))+$")
 
@@ -195,18 +195,6 @@ def unknown_model_message(name: str, models: dict[str, ServeModel]) -> str:
     return f"model {name!r} has no published shape in inference_models.csv"
 
 
-def _optional_count(row: dict[str, str], column: str) -> int | None:
-    """An optional whole-number column of a row (None when empty); anything else is not representable."""
-    from aiinfra.plan.runs import RowNotRepresentable
-
-    text = (row.get(column) or "").strip()
-    if not text:
-        return None
-    if not text.isdigit() or int(text) < 1:
-        raise RowNotRepresentable(f"{column}={text!r}: expected a whole number >= 1")
-    return int(text)
-
-
 def engine_settings(engine: str) -> dict[str, Any]:
     """The ServeSettings fields an engine's documented behaviour sets (by its name as `row_engine` gives it; any
     other name, none): its default batch limit, its host work a step and whether it overlaps the GPU, its
@@ -222,21 +210,9 @@ def engine_settings(engine: str) -> dict[str, Any]:
             "trims_window_kv": trims_window, "trims_chunk_kv": trims_chunk}
 
 
-def _count(row: dict[str, str], column: str, default: int | None = None) -> int:
-    """A whole-number column of a row, `default` when empty (RowNotRepresentable when empty without one)."""
-    from aiinfra.plan.runs import RowNotRepresentable
-
-    value = _optional_count(row, column)
-    if value is None:
-        if default is None:
-            raise RowNotRepresentable(f"{column} not stated")
-        return default
-    return value
-
-
 def engine_max_batch(row: dict[str, str]) -> int:
     """The row's `max_batch` (an optional column: sequences the engine schedules at once), else its engine's default."""
-    stated = _optional_count(row, "max_batch")
+    stated = optional_count(row, "max_batch")
     return stated or ENGINE_MAX_BATCH.get(row_engine(row), ENGINE_MAX_BATCH["TensorRT-LLM"])
 
 
@@ -244,7 +220,7 @@ def benchmark_requests(row: dict[str, str]) -> int:
     """Requests the row's offline benchmark queued: its optional `requests` column, else the count its benchmark
     procedure documents (TensorRT-LLM's perf-overview table, vLLM's throughput script default), else 0 (an
     unbounded stream: the steady state)."""
-    stated = _optional_count(row, "requests")
+    stated = optional_count(row, "requests")
     if stated:
         return stated
     system = (row.get("system") or "").strip()
@@ -252,7 +228,7 @@ def benchmark_requests(row: dict[str, str]) -> int:
         return VLLM_THROUGHPUT_DEFAULT_REQUESTS
     if system != TRTLLM_PERF_OVERVIEW_SYSTEM:
         return 0
-    lengths = (_count(row, "input_tokens"), _count(row, "output_tokens", 0))
+    lengths = (count(row, "input_tokens"), count(row, "output_tokens", 0))
     return TRTLLM_PERF_OVERVIEW_REQUESTS.get(lengths, 0)
 
 
@@ -289,8 +265,8 @@ def _round_up_by_tier(value: float, tiers: tuple[tuple[int, int], ...], last_ste
 
 def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -> InferenceValidationRow:
     from aiinfra.plan.calibrated import calibrated
+    from aiinfra.plan.cells import RowNotRepresentable, published_value, row_precision
     from aiinfra.plan.cluster import make_cluster
-    from aiinfra.plan.runs import RowNotRepresentable, published_value, row_precision
 
     published = published_value(row)
     found = find_model(row.get("model", "").strip(), models)
@@ -303,8 +279,8 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
     if speculative:
         # A draft-and-verify step emits a varying number of tokens: a token's time needs the drafts accepted per step.
         raise RowNotRepresentable(f"speculative decoding ({speculative}): the drafts accepted per step are not stated")
-    n_devices = _count(row, "n_devices")
-    tp = _count(row, "tp", n_devices)
+    n_devices = count(row, "n_devices")
+    tp = count(row, "tp", n_devices)
     if tp < 1 or n_devices % tp:
         raise RowNotRepresentable(f"tp={tp} on {n_devices} devices: expected a tensor-parallel size that divides them")
     # Devices beyond one tensor-parallel group are independent replicas of it (data parallelism across engine
@@ -332,7 +308,7 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
     attention_dp = (row.get("attention_dp") or "").strip().lower()
     if attention_dp not in ("", "yes", "no"):
         raise RowNotRepresentable(f"attention_dp={attention_dp!r}: expected yes, no or empty")
-    settings = ServeSettings(_count(row, "input_tokens"), _count(row, "output_tokens", 1), weight_dtype=weight_dtype,
+    settings = ServeSettings(count(row, "input_tokens"), count(row, "output_tokens", 1), weight_dtype=weight_dtype,
                              kv_dtype=kv_dtype, tp=tp, attention_dp=attention_dp == "yes",
                              **{**engine_settings(engine), "max_batch": engine_max_batch(row)},
                              **model.settings_fields())
@@ -374,7 +350,7 @@ def validate_inference(path: Path = INFERENCE_RUNS_CSV) -> tuple[list[InferenceV
     """Predict every row of an inference-runs CSV: rows run, and (id, reason) for rows not run."""
     models = serve_models()
     results, not_run = [], []
-    from aiinfra.plan.runs import run_row
+    from aiinfra.plan.cells import run_row
 
     with open(path, newline="") as handle:
         for row in map(run_row, csv.DictReader(handle)):

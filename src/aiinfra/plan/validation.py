@@ -13,6 +13,7 @@ import itertools
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from aiinfra.plan.cells import published_value, run_row
 from aiinfra.plan.cluster import Cluster, with_efficiency
 from aiinfra.plan.efficiency import EfficiencyProfile
 from aiinfra.plan.errors import PlanError
@@ -26,8 +27,6 @@ from aiinfra.plan.runs import (
     chunk_choices,
     micro_batch_choices,
     predicted_metric,
-    published_value,
-    run_row,
     setup_from_row,
     stage_layers_of,
 )
