@@ -317,7 +317,8 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
                                                     settings.input_tokens, settings.output_tokens)
         settings = replace(settings, max_batch=max_batch, max_tokens_per_step=max_tokens)
     if row.get("metric", "") not in ("output_tokens_per_s", "ms_per_token_low_batch"):
-        raise RowNotRepresentable(f"metric={row['metric']!r}: expected output_tokens_per_s or ms_per_token_low_batch")
+        raise RowNotRepresentable(f"metric={row.get('metric', '')!r}: expected output_tokens_per_s or "
+                                  "ms_per_token_low_batch")
     options = [settings]
     if not attention_dp and model.spec.is_moe and engine in ATTENTION_DP_ENGINES:
         # The row does not say: the published figure is the engine at its best, so try both (as a training row
