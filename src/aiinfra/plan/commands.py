@@ -28,7 +28,7 @@ from aiinfra.plan.marks import generation_mark
 from aiinfra.plan.models import published_serving, resolve_model
 from aiinfra.plan.prices import parse_prices, price_for
 from aiinfra.plan.reliability import ReliabilitySettings
-from aiinfra.plan.serve_rows import ENGINE_NAMES, INFERENCE_RUNS_CSV, engine_settings
+from aiinfra.plan.serve_rows import ENGINE_NAMES, INFERENCE_RUNS_CSV, engine_name, engine_settings
 from aiinfra.plan.training import (
     CostSettings,
     TrainingPlan,
@@ -293,10 +293,10 @@ def serve(
     kv = kv_dtype or ("fp8" if quant in ("fp8", "fp4") else "bf16")
     if kv not in ("bf16", "fp8"):
         raise PlanError(f"--kv-dtype={kv!r}: expected bf16 or fp8")
-    engine_name = ENGINE_NAMES.get(engine.strip().lower(), "") if engine.strip() else ""
-    if engine.strip() and not engine_name:
+    named_engine = engine_name(engine)
+    if named_engine not in ("", *ENGINE_NAMES.values()):
         raise PlanError(f"--engine={engine!r}: expected vllm, tensorrt-llm or sglang (or empty)")
-    behaviour = engine_settings(engine_name)
+    behaviour = engine_settings(named_engine)
     behaviour["max_batch"] = max_batch or behaviour["max_batch"]
     settings = ServeSettings(input_tokens=input_tokens, output_tokens=output_tokens, weight_dtype=quant,
                              kv_dtype=kv, tp=tp, requests_per_s=rps, **behaviour,

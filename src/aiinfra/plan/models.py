@@ -12,7 +12,7 @@ from typing import Any
 
 from aiinfra.plan.errors import PlanError
 from aiinfra.plan.runs import architecture_settings
-from aiinfra.plan.serve_rows import ServeModel, find_model, serve_models, unknown_model_message
+from aiinfra.plan.serve_rows import ServeModel, find_model, models_begun, serve_models, unknown_model_message
 from aiinfra.spec import PRESETS, ModelSpec, preset
 
 # A published model's default sequence length for planning (its configurations allow 32K-128K; the presets of
@@ -49,9 +49,8 @@ def resolve_model(name: str, seq_len: int | None = None) -> NamedModel:
         return NamedModel(spec)
     found = find_model(name, _published())
     if found is None:
-        reason = unknown_model_message(name, _published())
-        if "ambiguous" in reason:
-            raise PlanError(reason)
+        if len(models_begun(name, _published())) > 1:
+            raise PlanError(unknown_model_message(name, _published()))
         raise PlanError(f"unknown model {name!r}; known: {', '.join(known_model_names())}")
     published = _published()[found]
     spec = ModelSpec(**{**published.spec.model_dump(), "max_seq_len": seq_len or PUBLISHED_SEQ_LEN})

@@ -133,10 +133,7 @@ def _head_width(row: dict[str, str]) -> int:
         if not width and family in GPT_FAMILIES:
             width = framework_facts(row.get("framework") or "").test_model_head_width
         return width
-    width = count(row, "head_dim")
-    if width < 1:
-        raise RowNotRepresentable(f"head_dim={text!r}: expected a positive width")
-    return width
+    return count(row, "head_dim")
 
 
 def spec_from_row(row: dict[str, str]) -> ModelSpec:
@@ -314,7 +311,8 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
     if row.get("metric", "") == "gpu_hours_total":
         raise RowNotRepresentable("gpu_hours_total needs the run's token count, which the columns do not hold")
     published_value(row)
-    positive(row, "params_b"), positive(row, "active_params_b")  # checked even where the shape columns decide
+    for column in ("params_b", "active_params_b"):  # checked even where the shape columns decide the model
+        positive(row, column)
     facts = framework_facts(row.get("framework") or "")
     row = with_published_shape(row)
     family = row.get("model", "").strip()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from aiinfra.plan.cells import count, optional_count
+from aiinfra.plan.cells import RowNotRepresentable, count, optional_count, published_value, row_precision, run_row
 from aiinfra.plan.cluster import Cluster
 from aiinfra.plan.errors import PlanError
 from aiinfra.plan.inference import (
@@ -84,11 +84,16 @@ ENGINE_NAMES = {"tensorrt-llm": "TensorRT-LLM", "trt-llm": "TensorRT-LLM", "trtl
                 "trtllm-bench": "TensorRT-LLM", "vllm": "vLLM", "sglang": "SGLang"}
 
 
-def row_engine(row: dict[str, str]) -> str:
-    """The serving engine a row names: the first word of its `system` column in the engine's own spelling
-    (`ENGINE_NAMES`), '' when empty."""
-    first = ((row.get("system") or "").split() or [""])[0]
+def engine_name(text: str) -> str:
+    """An engine's own spelling of the first word of `text` (`ENGINE_NAMES`); that word as given when it is not one
+    of theirs, '' when empty."""
+    first = (text.split() or [""])[0]
     return ENGINE_NAMES.get(first.lower().rstrip(",;:"), first)
+
+
+def row_engine(row: dict[str, str]) -> str:
+    """The serving engine a row names: the first word of its `system` column (`engine_name`)."""
+    return engine_name(row.get("system") or "")
 
 
 @dataclass(frozen=True)
@@ -186,10 +191,15 @@ def find_model(name: str, models: dict[str, ServeModel]) -> str | None:
     return None
 
 
+def models_begun(name: str, models: dict[str, ServeModel]) -> list[str]:
+    """The catalog names a model name (without its organisation) begins, by `model_key`."""
+    key = model_key(name.split("/", 1)[-1])
+    return [known for known in models if model_key(known).startswith(key + "-")]
+
+
 def unknown_model_message(name: str, models: dict[str, ServeModel]) -> str:
     """Why `find_model` found nothing: the catalog names the name begins, when it begins several."""
-    key = model_key(name.split("/", 1)[-1])
-    several = [known for known in models if model_key(known).startswith(key + "-")]
+    several = models_begun(name, models)
     if len(several) > 1:
         return f"model {name!r} is ambiguous: it begins {', '.join(several)}"
     return f"model {name!r} has no published shape in inference_models.csv"
@@ -212,8 +222,7 @@ def engine_settings(engine: str) -> dict[str, Any]:
 
 def engine_max_batch(row: dict[str, str]) -> int:
     """The row's `max_batch` (an optional column: sequences the engine schedules at once), else its engine's default."""
-    stated = optional_count(row, "max_batch")
-    return stated or ENGINE_MAX_BATCH.get(row_engine(row), ENGINE_MAX_BATCH["TensorRT-LLM"])
+    return optional_count(row, "max_batch") or engine_settings(row_engine(row))["max_batch"]
 
 
 def benchmark_requests(row: dict[str, str]) -> int:
@@ -265,15 +274,15 @@ def _round_up_by_tier(value: float, tiers: tuple[tuple[int, int], ...], last_ste
 
 def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -> InferenceValidationRow:
     from aiinfra.plan.calibrated import calibrated
-    from aiinfra.plan.cells import RowNotRepresentable, published_value, row_precision
     from aiinfra.plan.cluster import make_cluster
 
     published = published_value(row)
+    metric = row.get("metric", "")
     found = find_model(row.get("model", "").strip(), models)
     if found is None:
         raise RowNotRepresentable(unknown_model_message(row.get("model", "").strip(), models))
     name, model = found, models[found]
-    if row.get("metric") == "output_tokens_per_s" and not (row.get("output_tokens") or "").strip():
+    if metric == "output_tokens_per_s" and not (row.get("output_tokens") or "").strip():
         raise RowNotRepresentable("output_tokens not stated (a decode-only share of a disaggregated deployment)")
     speculative = (row.get("speculative") or "").strip()
     if speculative:
@@ -281,7 +290,7 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
         raise RowNotRepresentable(f"speculative decoding ({speculative}): the drafts accepted per step are not stated")
     n_devices = count(row, "n_devices")
     tp = count(row, "tp", n_devices)
-    if tp < 1 or n_devices % tp:
+    if n_devices % tp:
         raise RowNotRepresentable(f"tp={tp} on {n_devices} devices: expected a tensor-parallel size that divides them")
     # Devices beyond one tensor-parallel group are independent replicas of it (data parallelism across engine
     # instances or vLLM's --data-parallel-size): the group's figure is the replicas' sum, each serving an equal share
@@ -316,22 +325,21 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
         max_batch, max_tokens = trtllm_bench_limits(model.spec, cluster.memory_bytes, tp, weight_dtype, kv_dtype,
                                                     settings.input_tokens, settings.output_tokens)
         settings = replace(settings, max_batch=max_batch, max_tokens_per_step=max_tokens)
-    if row.get("metric", "") not in ("output_tokens_per_s", "ms_per_token_low_batch"):
-        raise RowNotRepresentable(f"metric={row.get('metric', '')!r}: expected output_tokens_per_s or "
-                                  "ms_per_token_low_batch")
+    if metric not in ("output_tokens_per_s", "ms_per_token_low_batch"):
+        raise RowNotRepresentable(f"metric={metric!r}: expected output_tokens_per_s or ms_per_token_low_batch")
     options = [settings]
     if not attention_dp and model.spec.is_moe and engine in ATTENTION_DP_ENGINES:
         # The row does not say: the published figure is the engine at its best, so try both (as a training row
         # without a layout gets the best layout that fits).
         options.append(replace(settings, attention_dp=True))
     requests = math.ceil(benchmark_requests(row) / replicas)
-    figures = [_serve_figure(row.get("metric", ""), model.spec, cluster, option, requests) for option in options]
-    pick = min if row.get("metric", "") == "ms_per_token_low_batch" else max
+    figures = [_serve_figure(metric, model.spec, cluster, option, requests) for option in options]
+    pick = min if metric == "ms_per_token_low_batch" else max
     predicted, batch, limited_by = pick(figures, key=lambda figure: figure[0])
-    if row.get("metric", "") == "output_tokens_per_s":
+    if metric == "output_tokens_per_s":
         predicted *= replicas
     return InferenceValidationRow(row.get("id", "?"), row.get("source", ""), name, cluster.efficiency.generation,
-                                  row.get("metric", ""), published, predicted, batch, limited_by)
+                                  metric, published, predicted, batch, limited_by)
 
 
 def _serve_figure(metric: str, spec: ModelSpec, cluster: Cluster, settings: ServeSettings,
@@ -351,8 +359,6 @@ def validate_inference(path: Path = INFERENCE_RUNS_CSV) -> tuple[list[InferenceV
     """Predict every row of an inference-runs CSV: rows run, and (id, reason) for rows not run."""
     models = serve_models()
     results, not_run = [], []
-    from aiinfra.plan.cells import run_row
-
     with open(path, newline="") as handle:
         for row in map(run_row, csv.DictReader(handle)):
             try:
