@@ -32,6 +32,13 @@ ROW = {"id": "x", "system": "TensorRT-LLM max-throughput", "model": "llama-3.1-8
     ("deepseek-v2", "deepseek-v2"),
     ("meta-llama/Llama-3.2-1B-Instruct", "llama-3.2-1b"),
     ("deepseek-ai/DeepSeek-R1-Distill-Llama-70B", "deepseek-r1-distill-llama-70b"),
+    ("google/gemma-2-27b-it", "gemma-2-27b"),
+    ("mistralai/Mistral-Nemo-Instruct-2407", "mistral-nemo-12b"),
+    ("microsoft/Phi-3-mini-4k-instruct", "phi-3-mini"),
+    ("CohereForAI/c4ai-command-r-08-2024", "command-r"),
+    ("CohereForAI/c4ai-command-r-plus", "command-r-plus"),
+    ("moonshotai/Kimi-K2-Instruct", "kimi-k2"),
+    ("Qwen/Qwen3-Coder-480B-A35B-Instruct-FP8", "qwen3-coder-480b-a35b"),
 ])
 def test_a_published_name_finds_its_catalog_model(name: str, catalog: str) -> None:
     assert find_model(name, serve_models()) == catalog
@@ -75,6 +82,20 @@ def test_published_configurations_keep_their_architecture() -> None:
     # Llama 3.2's small models tie the head to the embedding; Llama 3.1 8B does not.
     assert models["llama-3.2-1b"].spec.tie_embeddings and not models["llama-3.1-8b"].spec.tie_embeddings
     assert models["deepseek-v2-lite"].kv_dim_per_layer == 512 + 64  # MLA's latent and rotary key
+    # Gemma's versions follow from (hidden, layers): Gemma 2 alternates 4096-token windows with global layers, Gemma 3
+    # has five 1024-token local layers to each global one; both tie the head; 27B's heads are 128 wide, 9B's 256.
+    gemma2, gemma3 = models["gemma-2-9b"], models["gemma-3-27b"]
+    assert (gemma2.version, gemma2.spec.head_dim, gemma2.spec.tie_embeddings) == ("gemma2", 256, True)
+    assert gemma2.settings_fields()["attention_window"] == 4096
+    assert gemma2.settings_fields()["window_layer_share"] == pytest.approx(0.5)
+    assert (gemma3.version, gemma3.spec.head_dim) == ("gemma3", 128)
+    assert gemma3.settings_fields()["window_layer_share"] == pytest.approx(5 / 6)
+    # Mistral NeMo keeps 128-wide heads at hidden 5120 (q width 4096); Mistral Large 2's are hidden / heads.
+    assert models["mistral-nemo-12b"].spec.head_dim == 128 and models["mistral-large-123b"].spec.head_dim == 128
+    assert models["command-r"].spec.tie_embeddings and not models["phi-4"].spec.tie_embeddings
+    assert models["nemotron-4-340b"].spec.mlp == "gelu"  # two matrices (squared ReLU), not SwiGLU's three
+    kimi = models["kimi-k2"]  # DeepSeek-V3's architecture with 384 routed experts and 64 MLA heads
+    assert (kimi.spec.n_experts, kimi.kv_dim_per_layer, kimi.moe_layers) == (384, 576, 60)
 
 
 def test_devices_beyond_one_tensor_parallel_group_are_replicas() -> None:

@@ -50,8 +50,16 @@ DEEPSEEK_V3_HIDDEN = 7168
 LLAMA_TIED_SHAPES = {(2048, 16): Version("llama3.2", 64), (3072, 28): Version("llama3.2", 128)}
 
 
+# Mistral NeMo 12B and Mistral Small 3 (24B) keep 32 query heads of head_dim 128 at hidden 5120
+# (mistralai/Mistral-Nemo-Base-2407, Mistral-Small-24B-Base-2501 config.json: head_dim 128, 40 layers); Mistral 7B,
+# Codestral 22B and Mistral Large 2 have hidden / heads = 128.
+MISTRAL_VERSIONS = {(5120, 40): Version("mistral", 128)}
+
+
 def model_version(family: str, hidden: int | None, layers: int | None, moe: bool) -> Version:
     """The version key of a family and shape; the family itself where the family has one architecture."""
+    if family == "mistral" and (hidden, layers) in MISTRAL_VERSIONS:
+        return MISTRAL_VERSIONS[(hidden, layers)]
     if family == "llama" and (hidden, layers) in LLAMA_TIED_SHAPES:
         return LLAMA_TIED_SHAPES[(hidden, layers)]
     if family == "gemma" and hidden and layers:

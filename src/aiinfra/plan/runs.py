@@ -32,10 +32,12 @@ METRICS = ("tflops_per_device_hw", "mfu", "step_time_s", "tokens_per_s_per_devic
 SHARDING_STAGES = {"none": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3, "fsdp-like": 2}
 # Families whose published models use a 2-matrix MLP, LayerNorm, learned positions and biases (GPT-2/3, MPT, the
 # MaxText test models), or a 2-matrix squared-ReLU MLP (Nemotron-4); all others are Llama-style (SwiGLU, RMSNorm,
-# rotary positions). GPT's vocabulary is GPT-2's BPE when a row does not give one (Brown et al. 2020).
+# rotary positions). GPT's vocabulary is GPT-2's BPE when a row does not give one (Brown et al. 2020). Tied input
+# and output embeddings: GPT, PaLM, every Gemma, Llama 3.2's small models and Cohere's Command R and R+
+# (CohereForAI/c4ai-command-r-v01 config.json tie_word_embeddings true).
 GPT_FAMILIES = ("gpt",)
 TWO_MATRIX_FAMILIES = ("gpt", "nemotron")
-TIED_FAMILIES = ("gpt", "palm", "gemma", "gemma2", "gemma3", "llama3.2")
+TIED_FAMILIES = ("gpt", "palm", "gemma", "gemma2", "gemma3", "llama3.2", "cohere")
 DEFAULT_VOCAB = {"gpt": 50257}
 # Node-limited routing in the model's own router: DeepSeek-V3 config.json n_group 8, topk_group 4 (each token's 8
 # experts come from at most 4 of 8 groups, one group per node in the authors' EP64 layout; arXiv 2412.19437, 3.2.2).

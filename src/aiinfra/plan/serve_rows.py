@@ -159,10 +159,12 @@ def serve_models(path: Path = INFERENCE_MODELS_CSV) -> dict[str, ServeModel]:
 
 # Words a published checkpoint's name carries that do not change its shape: the tuning (instruct, chat, base, it,
 # thinking), the checkpoint's quantization (FP8, FP4, NVFP4, MXFP4, AWQ, GPTQ, INT4/INT8, W8A8, W4A16, "-KV" for a
-# quantized cache, "-Dynamic"), the Hugging Face format tag (hf), a dated revision (Qwen3-235B-A22B-Instruct-2507,
-# DeepSeek-R1-0528) and a v0.x release (Mixtral-8x7B-v0.1). "-v3" and the like stay: they name a model.
+# quantized cache, "-Dynamic"), the Hugging Face format tag (hf), a context-length variant of one shape
+# (Phi-3-mini-4k-instruct, -128k), a dated revision (Qwen3-235B-A22B-Instruct-2507,
+# DeepSeek-R1-0528, Cohere's c4ai-command-r-08-2024) and a v0.x or v01 release (Mixtral-8x7B-v0.1,
+# c4ai-command-r-v01). "-v3" and the like stay: they name a model.
 _NAME_TAGS = re.compile(r"(-(instruct|chat|base|it|thinking|hf|fp8|fp4|nvfp4|mxfp4|awq|gptq|int4|int8|w8a8|w4a16|"
-                        r"kv|dynamic|\d{4}|v0\.\d+))+$")
+                        r"kv|dynamic|\d+k|\d{2}-\d{4}|\d{4}|v0\.\d+|v01))+$")
 
 
 def model_key(name: str) -> str:
@@ -170,6 +172,7 @@ def model_key(name: str) -> str:
     and the run-together "llama3.1" as "llama-3", and the shape-neutral tags (`_NAME_TAGS`) dropped."""
     key = re.sub(r"[\s_]+", "-", name.strip().lower())
     key = re.sub(r"^meta-llama-", "llama-", key)
+    key = re.sub(r"^c4ai-", "", key)  # Cohere For AI's checkpoints: c4ai-command-r-plus
     key = re.sub(r"^llama(\d)", r"llama-\1", key)
     return _NAME_TAGS.sub("", key)
 
