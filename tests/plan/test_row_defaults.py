@@ -6,6 +6,7 @@ import pytest
 
 from aiinfra.plan.errors import PlanError
 from aiinfra.plan.frameworks import FRAMEWORKS, framework_facts
+from aiinfra.plan.known_models import named_model
 from aiinfra.plan.runs import RowNotRepresentable, setup_from_row, spec_from_row
 from aiinfra.plan.validation import fitted_setup, load_training_runs
 
@@ -141,3 +142,33 @@ def test_a_csv_without_a_column_runs_its_rows_or_says_why(tmp_path) -> None:
             # Every row that got as far as its hardware says so (the three table rows not run stop earlier).
             assert not ran and sum("unknown hardware ''" in item.reason for item in not_run) >= len(rows) - 3
     assert TRAINING_RUNS_CSV.exists()
+
+
+SHAPE_AND_COUNTS = ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "params_b", "active_params_b", "experts",
+                    "experts_per_token")
+
+
+@pytest.mark.parametrize(("run_id", "checkpoint", "kept"), [
+    ("titan-llama2-70b-a100x64", "meta-llama/Llama-2-70b-hf", ()),
+    ("bridge260401-qwen3-30b-b200x8-mxfp8", "Qwen/Qwen3-30B-A3B", ()),
+    ("bridge2509-dsv3-h100x1024", "deepseek-ai/DeepSeek-V3", ()),
+    # The row gives the tokenizer's 262144 entries; config.json pads the embedding to 262208. A stated cell wins.
+    ("tpurec-v6e-gemma3-12b-256-32k", "google/gemma-3-12b-pt", ("vocab",)),
+])
+def test_a_checkpoint_name_in_the_model_cell_is_its_family_and_shape(run_id: str, checkpoint: str,
+                                                                     kept: tuple[str, ...]) -> None:
+    row = _row(run_id)
+    named = {**row, "model": checkpoint, **dict.fromkeys(set(SHAPE_AND_COUNTS) - set(kept), "")}
+    stated, by_name = setup_from_row(row), setup_from_row(named)
+    assert by_name.spec == stated.spec
+    assert (by_name.settings, by_name.layout) == (stated.settings, stated.layout)
+
+
+def test_a_family_word_never_stands_for_the_one_checkpoint_it_begins() -> None:
+    # "nemotron" begins only nemotron-4-340b in the catalog; as a family word it keeps the 15B row's own shape, and a
+    # blank vocabulary stays unknown rather than becoming the 340B's.
+    assert named_model("nemotron") is None and named_model("nemotron-4-340b")["family"] == "nemotron"
+    row = _row("nemo2502-nemotron4-15b-b200x64")
+    assert setup_from_row(row).spec.num_params() < 20e9
+    with pytest.raises(RowNotRepresentable, match="vocab not stated"):
+        setup_from_row({**row, "vocab": ""})

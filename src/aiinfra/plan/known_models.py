@@ -1,7 +1,9 @@
 """Published model configurations behind a run-table row: which version of a family a shape is, and the shape a
 row leaves blank.
 
-A row names only a family word (`gemma`, `deepseek`, `llama`) and, usually, its shape. Architecture facts that differ
+A row names a family word (`gemma`, `deepseek`, `llama`) and, usually, its shape; a row that names a published
+checkpoint instead ("meta-llama/Llama-2-70b-hf") takes that checkpoint's family and shape (`named_model`), by the
+name rules serving rows and `--model` share (`find_model`). Architecture facts that differ
 between versions of one family (Gemma 2's 1:1 sliding windows against Gemma 3's 5:1; DeepSeek-V3's node-limited
 router) follow from the version, and the version from the family and the published
 (hidden, layers) of each released configuration. Where a row gives the family and the parameter count but no shape,
@@ -12,6 +14,8 @@ config.json). Nothing here reads a row's `source` or `id`.
 from __future__ import annotations
 
 import csv
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -104,3 +108,62 @@ def _same(published: str, stated: str) -> bool:
         return float(published) == float(stated)
     except ValueError:
         return published.strip() == stated
+
+
+# Words a published checkpoint's name carries that do not change its shape: the tuning (instruct, chat, base, pt, it,
+# thinking), the checkpoint's quantization (FP8, FP4, NVFP4, MXFP4, AWQ, GPTQ, INT4/INT8, W8A8, W4A16, "-KV" for a
+# quantized cache, "-Dynamic"), the Hugging Face format tag (hf), a context-length variant of one shape
+# (Phi-3-mini-4k-instruct, -128k), a dated revision (Qwen3-235B-A22B-Instruct-2507,
+# DeepSeek-R1-0528, Cohere's c4ai-command-r-08-2024) and a v0.x or v01 release (Mixtral-8x7B-v0.1,
+# c4ai-command-r-v01). "-v3" and the like stay: they name a model.
+_NAME_TAGS = re.compile(r"(-(instruct|chat|base|pt|it|thinking|hf|fp8|fp4|nvfp4|mxfp4|awq|gptq|int4|int8|w8a8|w4a16|"
+                        r"kv|dynamic|\d+k|\d{2}-\d{4}|\d{4}|v0\.\d+|v01))+$")
+
+
+def model_key(name: str) -> str:
+    """A model name as the catalog spells it: lower case, hyphens for spaces and underscores, Meta's "Meta-Llama-3"
+    and the run-together "llama3.1" as "llama-3", and the shape-neutral tags (`_NAME_TAGS`) dropped."""
+    key = re.sub(r"[\s_]+", "-", name.strip().lower())
+    key = re.sub(r"^meta-llama-", "llama-", key)
+    key = re.sub(r"^c4ai-", "", key)  # Cohere For AI's checkpoints: c4ai-command-r-plus
+    key = re.sub(r"^llama(\d)", r"llama-\1", key)
+    return _NAME_TAGS.sub("", key)
+
+
+def find_model(name: str, models: Iterable[str], prefix: bool = True) -> str | None:
+    """The catalog name a row's or a user's model name means, or None: the exact name; else the name, or what follows
+    a Hugging Face organisation ("meta-llama/Llama-3.1-70B-Instruct"), by `model_key`; else the one catalog name it
+    begins ("qwen3-235b" for qwen3-235b-a22b, "llama-4-scout" for llama-4-scout-17b-16e), unless `prefix` is off.
+    Several: None."""
+    names = list(models)
+    if name in names:
+        return name
+    keys = {model_key(known): known for known in names}
+    for candidate in dict.fromkeys((name, name.split("/", 1)[-1])):
+        key = model_key(candidate)
+        if key in keys:
+            return keys[key]
+        longer = [known for known_key, known in keys.items() if prefix and known_key.startswith(key + "-")]
+        if len(longer) == 1:
+            return longer[0]
+    return None
+
+
+def models_begun(name: str, models: Iterable[str]) -> list[str]:
+    """The catalog names a model name (without its organisation) begins, by `model_key`."""
+    key = model_key(name.split("/", 1)[-1])
+    return [known for known in models if model_key(known).startswith(key + "-")]
+
+
+NAMED_COLUMNS = SHAPE_COLUMNS + ("params_b", "active_params_b", "experts", "experts_per_token")
+
+
+def named_model(name: str) -> dict[str, str] | None:
+    """The catalog row of a training row whose `model` cell names a published checkpoint ("Llama-2-70b-hf",
+    "Qwen/Qwen3-30B-A3B") rather than a family word, by its whole name (`find_model` without prefixes, so a family
+    word such as "nemotron" never stands for the one catalog model it begins); None for a family word."""
+    shapes = _published_shapes()
+    if name in {m["family"] for m in shapes}:
+        return None
+    found = find_model(name, [m["model"] for m in shapes], prefix=False)
+    return next((m for m in shapes if m["model"] == found), None) if found else None

@@ -1,6 +1,6 @@
 """The models a plan command can name: the trainer's presets, and every published configuration the validation
 table uses and the other common open releases (`inference_models.csv`: Llama 2/3.x/4, Qwen3 and Qwen2.5, Mistral
-and Mixtral, GPT-OSS, DeepSeek-V3/R1, PaLM), found by the names their checkpoints carry (`serve_rows.find_model`),
+and Mixtral, GPT-OSS, DeepSeek-V3/R1, PaLM), found by the names their checkpoints carry (`known_models.find_model`),
 with the architecture facts its version carries, so that `plan train --model qwen3-235b-a22b` and `plan serve
 --model deepseek-r1` price the same model `plan validate` checks against published runs."""
 

@@ -20,7 +20,7 @@ from aiinfra.plan.cells import RowNotRepresentable, count, positive, published_v
 from aiinfra.plan.cluster import Cluster, make_cluster
 from aiinfra.plan.errors import PlanError
 from aiinfra.plan.frameworks import FrameworkFacts, framework_facts
-from aiinfra.plan.known_models import SHAPE_COLUMNS, Version, model_version, published_shape
+from aiinfra.plan.known_models import NAMED_COLUMNS, SHAPE_COLUMNS, Version, model_version, named_model, published_shape
 from aiinfra.plan.layout import Layout, TrainSettings
 from aiinfra.plan.step import StepBreakdown
 from aiinfra.spec import ModelSpec
@@ -113,7 +113,12 @@ def with_published_shape(row: dict[str, str]) -> dict[str, str]:
     """The row with its blank shape cells (and a mixture-of-experts row's blank `experts_per_token`) taken from the
     published configuration of its family that agrees with its parameter count and every shape cell it states
     (known_models.published_shape), where exactly one does: Llama 2 7B's vocabulary from its 32 layers of 4096 and
-    6.7B parameters, not Llama 3 8B's."""
+    6.7B parameters, not Llama 3 8B's. A `model` cell that names a catalog checkpoint rather than a family word
+    (known_models.named_model) becomes that checkpoint's family, its blank shape cells that checkpoint's."""
+    named = named_model(row.get("model", "").strip())
+    if named is not None:  # a checkpoint's name: its family word, and its published shape where the row is blank
+        row = {**row, "model": named["family"],
+               **{k: named[k] for k in NAMED_COLUMNS if named.get(k) and not (row.get(k) or "").strip()}}
     fillable = SHAPE_COLUMNS + (("experts_per_token",) if is_moe_row(row) else ())
     if all((row.get(column) or "").strip() for column in fillable):
         return row

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import math
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from aiinfra.plan.inference import (
     finite_run_output_tokens_per_s,
     plan_serving,
 )
+from aiinfra.plan.known_models import find_model, models_begun
 from aiinfra.spec import ModelSpec
 
 INFERENCE_RUNS_CSV = Path(__file__).with_name("published_inference_runs.csv")
@@ -155,49 +155,6 @@ def serve_models(path: Path = INFERENCE_MODELS_CSV) -> dict[str, ServeModel]:
                                               architecture["qk_head_dim"] + architecture["v_head_dim"],
                                               int(moe_layers) if moe_layers else 0, version)
     return models
-
-
-# Words a published checkpoint's name carries that do not change its shape: the tuning (instruct, chat, base, it,
-# thinking), the checkpoint's quantization (FP8, FP4, NVFP4, MXFP4, AWQ, GPTQ, INT4/INT8, W8A8, W4A16, "-KV" for a
-# quantized cache, "-Dynamic"), the Hugging Face format tag (hf), a context-length variant of one shape
-# (Phi-3-mini-4k-instruct, -128k), a dated revision (Qwen3-235B-A22B-Instruct-2507,
-# DeepSeek-R1-0528, Cohere's c4ai-command-r-08-2024) and a v0.x or v01 release (Mixtral-8x7B-v0.1,
-# c4ai-command-r-v01). "-v3" and the like stay: they name a model.
-_NAME_TAGS = re.compile(r"(-(instruct|chat|base|it|thinking|hf|fp8|fp4|nvfp4|mxfp4|awq|gptq|int4|int8|w8a8|w4a16|"
-                        r"kv|dynamic|\d+k|\d{2}-\d{4}|\d{4}|v0\.\d+|v01))+$")
-
-
-def model_key(name: str) -> str:
-    """A model name as the catalog spells it: lower case, hyphens for spaces and underscores, Meta's "Meta-Llama-3"
-    and the run-together "llama3.1" as "llama-3", and the shape-neutral tags (`_NAME_TAGS`) dropped."""
-    key = re.sub(r"[\s_]+", "-", name.strip().lower())
-    key = re.sub(r"^meta-llama-", "llama-", key)
-    key = re.sub(r"^c4ai-", "", key)  # Cohere For AI's checkpoints: c4ai-command-r-plus
-    key = re.sub(r"^llama(\d)", r"llama-\1", key)
-    return _NAME_TAGS.sub("", key)
-
-
-def find_model(name: str, models: dict[str, ServeModel]) -> str | None:
-    """The catalog name a row's or a user's model name means, or None: the exact name; else the name, or what follows
-    a Hugging Face organisation ("meta-llama/Llama-3.1-70B-Instruct"), by `model_key`; else the one catalog name it
-    begins ("qwen3-235b" for qwen3-235b-a22b, "llama-4-scout" for llama-4-scout-17b-16e). Several: None."""
-    if name in models:
-        return name
-    keys = {model_key(known): known for known in models}
-    for candidate in dict.fromkeys((name, name.split("/", 1)[-1])):
-        key = model_key(candidate)
-        if key in keys:
-            return keys[key]
-        longer = [known for known_key, known in keys.items() if known_key.startswith(key + "-")]
-        if len(longer) == 1:
-            return longer[0]
-    return None
-
-
-def models_begun(name: str, models: dict[str, ServeModel]) -> list[str]:
-    """The catalog names a model name (without its organisation) begins, by `model_key`."""
-    key = model_key(name.split("/", 1)[-1])
-    return [known for known in models if model_key(known).startswith(key + "-")]
 
 
 def unknown_model_message(name: str, models: dict[str, ServeModel]) -> str:
