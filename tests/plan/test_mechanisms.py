@@ -308,10 +308,13 @@ def test_a_family_word_and_a_shape_name_the_release() -> None:
     assert model_version("deepseek", 5120, 60, moe=True).version == "deepseek-v2"
     assert model_version("deepseek", 8192, 95, moe=False).version == "deepseek"  # the dense 67B
     # A blank shape comes from the one published configuration of that family and size (Code Llama 34B's for
-    # Llama 2 34B); 70B matches Llama 2 70B and Llama 3.x 70B, which differ: no guess.
+    # Llama 2 34B); 70B is 1.4% from Llama 2 70B (69.0B) and 0.9% from Llama 3.x 70B (70.6B), which differ: no
+    # guess. 69B is Llama 2 70B's own count and 2.3% from the other: clearly the nearest.
     assert published_shape("llama", 34.0, moe=False) == {"layers": "48", "hidden": "8192", "heads": "64",
                                                           "kv_heads": "8", "ffn": "22016", "vocab": "32000"}
     assert published_shape("llama", 70.0, moe=False) is None
+    assert published_shape("llama", 69.0, moe=False)["vocab"] == "32000"
+    assert published_shape("llama", 70.6, moe=False)["vocab"] == "128256"
 
 
 def test_unstated_global_batch_is_one_micro_batch_per_replica_and_bf16_weights_only_when_needed() -> None:

@@ -83,8 +83,8 @@ def published_shape(family: str, params_b: float | None, moe: bool,
                     stated: dict[str, str] | None = None) -> dict[str, str] | None:
     """The shape columns (and, for a mixture-of-experts model, `experts_per_token`) of the published configuration
     of this family that agrees with every shape column the row states and, where the row gives one, its parameter
-    count (within 3%); None when there is none, or several that differ. With nothing stated but the count, the count
-    alone decides."""
+    count (within 3%); where several differ, the one whose count is clearly nearest (`_clearly_nearest`), else None.
+    With nothing stated but the count, the count alone decides."""
     stated = {k: v.strip() for k, v in (stated or {}).items() if v and v.strip()}
     if params_b is None and not stated:
         return None
@@ -97,10 +97,24 @@ def published_shape(family: str, params_b: float | None, moe: bool,
             return False
         return all(_same(m.get(k, ""), v) for k, v in stated.items() if k in columns + ("experts",))
 
-    shapes = {tuple(m.get(column, "") for column in columns) for m in _published_shapes() if agrees(m)}
-    if len(shapes) != 1:
+    # Each agreeing shape with how far its published count is from the row's (0 without a count).
+    distance: dict[tuple[str, ...], float] = {}
+    for m in _published_shapes():
+        if agrees(m):
+            shape = tuple(m.get(column, "") for column in columns)
+            gap = abs(float(m["params_b"]) - params_b) / params_b if params_b is not None else 0.0
+            distance[shape] = min(gap, distance.get(shape, gap))
+    ranked = sorted(distance, key=distance.get)
+    if not ranked or (len(ranked) > 1 and not _clearly_nearest(distance[ranked[0]], distance[ranked[1]])):
         return None
-    return dict(zip(columns, shapes.pop(), strict=True))
+    return dict(zip(columns, ranked[0], strict=True))
+
+
+def _clearly_nearest(best: float, second: float) -> bool:
+    """Whether a count `best` (relative distance) away names its shape over another `second` away: within 1% and
+    less than half as far (Llama 2 70B's 69.0B for a row of 69, not Llama 3 70B's 70.6B; a row of 70 is 1.4% from
+    one and 0.9% from the other, and names neither)."""
+    return best <= 0.01 and best < second / 2
 
 
 def _same(published: str, stated: str) -> bool:
