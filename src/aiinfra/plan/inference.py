@@ -337,16 +337,21 @@ def local_layer_shares(settings: ServeSettings) -> tuple[float, float]:
             settings.chunk_layer_share if settings.attention_chunk else 0.0)
 
 
+def layer_mean(shares: tuple[float, float], global_value: float, window_value: float, chunk_value: float) -> float:
+    """A per-layer quantity averaged over the layers: `global_value` on the global layers, `window_value` and
+    `chunk_value` on the (window, chunk) `shares` of local ones."""
+    window_share, chunk_share = shares
+    return (1 - window_share - chunk_share) * global_value + window_share * window_value + chunk_share * chunk_value
+
+
 def held_kv_tokens(settings: ServeSettings) -> float:
     """Tokens of KV cache a sequence holds, averaged over the layers: its prompt and half its output on average (or
     its whole output where the scheduler reserves it), and on a local layer whose blocks the engine frees no more
     than the window or the chunk."""
     held = settings.input_tokens + settings.output_tokens * (1.0 if settings.reserve_whole_sequence else 0.5)
     window_share, chunk_share = local_layer_shares(settings)
-    window_share *= settings.trims_window_kv
-    chunk_share *= settings.trims_chunk_kv
-    return ((1 - window_share - chunk_share) * held + window_share * min(held, settings.attention_window)
-            + chunk_share * min(held, settings.attention_chunk))
+    trimmed = (window_share * settings.trims_window_kv, chunk_share * settings.trims_chunk_kv)
+    return layer_mean(trimmed, held, min(held, settings.attention_window), min(held, settings.attention_chunk))
 
 
 def attended_context(settings: ServeSettings, prefill: bool = True) -> float:
@@ -356,21 +361,21 @@ def attended_context(settings: ServeSettings, prefill: bool = True) -> float:
     start = settings.input_tokens
     stop = start + (settings.output_tokens if prefill else 1)
     whole = settings.input_tokens + (settings.output_tokens / 2 if prefill else 0.0)
-    local_share, chunk_share = local_layer_shares(settings)
-    windowed = min(whole, mean_keys(start, stop, window=settings.attention_window)) if local_share else 0.0
-    chunked = mean_keys(start, stop, chunk=settings.attention_chunk) if chunk_share else 0.0
-    return (1 - local_share - chunk_share) * whole + local_share * windowed + chunk_share * chunked
+    shares = local_layer_shares(settings)
+    windowed = min(whole, mean_keys(start, stop, window=settings.attention_window)) if shares[0] else 0.0
+    chunked = mean_keys(start, stop, chunk=settings.attention_chunk) if shares[1] else 0.0
+    return layer_mean(shares, whole, windowed, chunked)
 
 
 def prompt_pairs(settings: ServeSettings) -> float:
     """(query, key) pairs one prompt's prefill scores, averaged over the layers: n^2 / 2 on a global layer, fewer on
     a sliding-window or chunked one (`attention_span.causal_pairs`)."""
     n = settings.input_tokens
-    local_share, chunk_share = local_layer_shares(settings)
+    shares = local_layer_shares(settings)
     whole = n * n / 2
-    windowed = min(whole, causal_pairs(n, window=settings.attention_window)) if local_share else 0.0
-    chunked = min(whole, causal_pairs(n, chunk=settings.attention_chunk)) if chunk_share else 0.0
-    return (1 - local_share - chunk_share) * whole + local_share * windowed + chunk_share * chunked
+    windowed = min(whole, causal_pairs(n, window=settings.attention_window)) if shares[0] else 0.0
+    chunked = min(whole, causal_pairs(n, chunk=settings.attention_chunk)) if shares[1] else 0.0
+    return layer_mean(shares, whole, windowed, chunked)
 
 
 def tp_all_reduce_s(cluster: Cluster, settings: ServeSettings, size_bytes: float) -> float:

@@ -60,14 +60,17 @@ LLAMA_TIED_SHAPES = {(2048, 16): Version("llama3.2", 64), (3072, 28): Version("l
 MISTRAL_VERSIONS = {(5120, 40): Version("mistral", 128)}
 
 
+# Each family's releases told apart by (hidden, layers); a shape not listed is the family's own architecture.
+SHAPE_VERSIONS = {"gemma": GEMMA_VERSIONS, "llama": LLAMA_TIED_SHAPES, "mistral": MISTRAL_VERSIONS}
+
+
 def model_version(family: str, hidden: int | None, layers: int | None, moe: bool) -> Version:
     """The version key of a family and shape; the family itself where the family has one architecture."""
-    if family == "mistral" and (hidden, layers) in MISTRAL_VERSIONS:
-        return MISTRAL_VERSIONS[(hidden, layers)]
-    if family == "llama" and (hidden, layers) in LLAMA_TIED_SHAPES:
-        return LLAMA_TIED_SHAPES[(hidden, layers)]
+    released = SHAPE_VERSIONS.get(family, {}).get((hidden, layers))
+    if released is not None:
+        return released
     if family == "gemma" and hidden and layers:
-        return GEMMA_VERSIONS.get((hidden, layers), Version("gemma", 256))
+        return Version("gemma", 256)  # an unlisted Gemma shape: Gemma 1's 256-wide heads
     if family == "deepseek" and moe:
         return Version("deepseek-v3" if hidden == DEEPSEEK_V3_HIDDEN else "deepseek-v2")
     return Version(family)
@@ -90,20 +93,16 @@ def published_shape(family: str, params_b: float | None, moe: bool,
         return None
     columns = SHAPE_COLUMNS + (("experts_per_token",) if moe else ())
 
-    def agrees(m: dict[str, str]) -> bool:
-        if m["family"] != family or bool((m.get("experts") or "").strip()) != moe:
-            return False
-        if params_b is not None and abs(float(m["params_b"]) - params_b) > 0.03 * params_b:
-            return False
-        return all(_same(m.get(k, ""), v) for k, v in stated.items() if k in columns + ("experts",))
-
     # Each agreeing shape with how far its published count is from the row's (0 without a count).
     distance: dict[tuple[str, ...], float] = {}
     for m in _published_shapes():
-        if agrees(m):
-            shape = tuple(m.get(column, "") for column in columns)
-            gap = abs(float(m["params_b"]) - params_b) / params_b if params_b is not None else 0.0
-            distance[shape] = min(gap, distance.get(shape, gap))
+        if m["family"] != family or bool((m.get("experts") or "").strip()) != moe:
+            continue
+        gap = abs(float(m["params_b"]) - params_b) / params_b if params_b is not None else 0.0
+        if gap > 0.03 or not all(_same(m.get(k, ""), v) for k, v in stated.items() if k in columns + ("experts",)):
+            continue
+        shape = tuple(m.get(column, "") for column in columns)
+        distance[shape] = min(gap, distance.get(shape, gap))
     ranked = sorted(distance, key=distance.get)
     if not ranked or (len(ranked) > 1 and not _clearly_nearest(distance[ranked[0]], distance[ranked[1]])):
         return None
@@ -134,6 +133,7 @@ _NAME_TAGS = re.compile(r"(-(instruct|chat|base|pt|it|thinking|hf|fp8|fp4|nvfp4|
                         r"kv|dynamic|\d+k|\d{2}-\d{4}|\d{4}|v0\.\d+|v01))+$")
 
 
+@lru_cache(maxsize=4096)
 def model_key(name: str) -> str:
     """A model name as the catalog spells it: lower case, hyphens for spaces and underscores, Meta's "Meta-Llama-3"
     and the run-together "llama3.1" as "llama-3", and the shape-neutral tags (`_NAME_TAGS`) dropped."""
@@ -172,10 +172,12 @@ def models_begun(name: str, models: Iterable[str]) -> list[str]:
 NAMED_COLUMNS = SHAPE_COLUMNS + ("params_b", "active_params_b", "experts", "experts_per_token")
 
 
+@lru_cache(maxsize=1024)
 def named_model(name: str) -> dict[str, str] | None:
     """The catalog row of a training row whose `model` cell names a published checkpoint ("Llama-2-70b-hf",
     "Qwen/Qwen3-30B-A3B") rather than a family word, by its whole name (`find_model` without prefixes, so a family
-    word such as "nemotron" never stands for the one catalog model it begins); None for a family word."""
+    word such as "nemotron" never stands for the one catalog model it begins); None for a family word. The row is
+    the catalog's own (cached): read it, do not change it."""
     shapes = _published_shapes()
     if name in {m["family"] for m in shapes}:
         return None

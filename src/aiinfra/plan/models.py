@@ -47,12 +47,13 @@ def resolve_model(name: str, seq_len: int | None = None) -> NamedModel:
         if seq_len and seq_len > spec.max_seq_len:
             spec = preset(name, max_seq_len=seq_len)
         return NamedModel(spec)
-    found = find_model(name, _published())
+    catalog = _published()
+    found = find_model(name, catalog)
     if found is None:
-        if len(models_begun(name, _published())) > 1:
-            raise PlanError(unknown_model_message(name, _published()))
+        if len(models_begun(name, catalog)) > 1:
+            raise PlanError(unknown_model_message(name, catalog))
         raise PlanError(f"unknown model {name!r}; known: {', '.join(known_model_names())}")
-    published = _published()[found]
+    published = catalog[found]
     spec = ModelSpec(**{**published.spec.model_dump(), "max_seq_len": seq_len or PUBLISHED_SEQ_LEN})
     return NamedModel(spec, published, architecture_settings(published.version))
 
