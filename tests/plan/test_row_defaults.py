@@ -172,3 +172,50 @@ def test_a_family_word_never_stands_for_the_one_checkpoint_it_begins() -> None:
     assert setup_from_row(row).spec.num_params() < 20e9
     with pytest.raises(RowNotRepresentable, match="vocab not stated"):
         setup_from_row({**row, "vocab": ""})
+
+
+MOE_CELLS = {"experts": "", "experts_per_token": "", "active_params_b": ""}
+
+
+@pytest.mark.parametrize("run_id", [
+    "bridge2606-qwen3-235b-gb200x256-mxfp8",  # EP 32 says sparse
+    "tpurec-v5p-dsv3-671b-512",  # no EP: DeepSeek's only published 671B configurations are sparse
+])
+def test_a_sparse_row_with_its_expert_cells_empty_takes_the_published_experts(run_id: str) -> None:
+    row = _row(run_id)
+    stated = spec_from_row(row)
+    blank = spec_from_row({**row, **MOE_CELLS})
+    assert blank.n_experts > 1
+    assert (blank.n_experts, blank.experts_per_token, blank.ffn_dim) == (
+        stated.n_experts, stated.experts_per_token, stated.ffn_dim)
+    assert blank.num_params(active_only=True) == stated.num_params(active_only=True)
+
+
+def test_a_dense_count_of_a_family_with_sparse_releases_stays_dense() -> None:
+    row = _row("deepseek67b-gpuh-per-T")  # DeepSeek LLM 67B: dense, beside the sparse V2 and V3
+    assert spec_from_row(row).n_experts in (0, 1)
+    assert spec_from_row({**row, "layers": "", "hidden": ""}).n_layers == 95
+
+
+def test_a_row_that_is_sparse_by_its_counts_but_names_no_experts_says_so() -> None:
+    row = {**_row("bridge2606-qwen3-235b-gb200x256-mxfp8"), **MOE_CELLS, "model": "newmoe", "active_params_b": "22"}
+    with pytest.raises(RowNotRepresentable, match="experts not stated for a mixture-of-experts row"):
+        spec_from_row(row)
+
+
+@pytest.mark.parametrize("column", ["tp", "pp"])
+def test_the_one_empty_model_parallel_degree_is_what_the_devices_leave(column: str) -> None:
+    row = _row("bridge260401-llama3-70b-gb200x64-nvfp4")  # 64 GB200: TP2 PP4 DP8
+    stated = setup_from_row(row).layout
+    derived = setup_from_row({**row, column: ""}).layout
+    assert (derived.tp, derived.pp, derived.dp) == (stated.tp, stated.pp, stated.dp) == (2, 4, 8)
+    # With both empty the split of the 64 devices over tp and pp is not guessed.
+    with pytest.raises(RowNotRepresentable, match="tp x pp x dp x cp = 8 but n_devices = 64"):
+        setup_from_row({**row, "tp": "", "pp": ""})
+
+
+def test_an_empty_device_count_is_the_product_of_the_stated_degrees() -> None:
+    row = _row("bridge2606-qwen3-235b-gb200x256-mxfp8")
+    assert setup_from_row({**row, "n_devices": ""}).cluster.n_devices == 256
+    with pytest.raises(RowNotRepresentable, match="n_devices not stated"):
+        setup_from_row({**row, "n_devices": "", "dp": ""})

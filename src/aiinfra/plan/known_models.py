@@ -82,31 +82,45 @@ def _published_shapes() -> tuple[dict[str, str], ...]:
         return tuple(csv.DictReader(handle))
 
 
+@lru_cache(maxsize=256)
+def sparse_in_catalog(family: str, params_b: float | None) -> bool:
+    """Whether every published configuration of a family in the catalog with this parameter count (within 3%; any
+    count where none is given) is a mixture of experts, and there is one: DeepSeek at 671B (V3, R1), not at 67B."""
+    kinds = {bool((m.get("experts") or "").strip()) for m in _published_shapes() if m["family"] == family
+             and (params_b is None or abs(float(m["params_b"]) - params_b) <= 0.03 * params_b)}
+    return kinds == {True}
+
+
 def published_shape(family: str, params_b: float | None, moe: bool,
                     stated: dict[str, str] | None = None) -> dict[str, str] | None:
-    """The shape columns (and, for a mixture-of-experts model, `experts_per_token`) of the published configuration
-    of this family that agrees with every shape column the row states and, where the row gives one, its parameter
-    count (within 3%); where several differ, the one whose count is clearly nearest (`_clearly_nearest`), else None.
-    With nothing stated but the count, the count alone decides."""
+    """The shape columns (and, for a mixture-of-experts model, `experts`, `experts_per_token` and the active count
+    `active_params_b`) of the published configuration of this family that agrees with every shape column the row
+    states and, where the row gives one, its parameter count (within 3%); where several differ, the one whose count
+    is clearly nearest (`_clearly_nearest`), else None. With nothing stated but the count, the count alone decides."""
     stated = {k: v.strip() for k, v in (stated or {}).items() if v and v.strip()}
+    if moe:  # a sparse row's `ffn` may be its dense layers' width or an expert's: the schema does not say which
+        stated.pop("ffn", None)
     if params_b is None and not stated:
         return None
-    columns = SHAPE_COLUMNS + (("experts_per_token",) if moe else ())
+    columns = SHAPE_COLUMNS + (("experts", "experts_per_token") if moe else ())
 
-    # Each agreeing shape with how far its published count is from the row's (0 without a count).
+    # Each agreeing shape with how far its published count is from the row's (0 without a count), and its active count.
     distance: dict[tuple[str, ...], float] = {}
+    active: dict[tuple[str, ...], str] = {}
     for m in _published_shapes():
         if m["family"] != family or bool((m.get("experts") or "").strip()) != moe:
             continue
         gap = abs(float(m["params_b"]) - params_b) / params_b if params_b is not None else 0.0
-        if gap > 0.03 or not all(_same(m.get(k, ""), v) for k, v in stated.items() if k in columns + ("experts",)):
+        if gap > 0.03 or not all(_same(m.get(k, ""), v) for k, v in stated.items() if k in columns):
             continue
         shape = tuple(m.get(column, "") for column in columns)
         distance[shape] = min(gap, distance.get(shape, gap))
+        active.setdefault(shape, (m.get("active_params_b") or "").strip())
     ranked = sorted(distance, key=distance.get)
     if not ranked or (len(ranked) > 1 and not _clearly_nearest(distance[ranked[0]], distance[ranked[1]])):
         return None
-    return dict(zip(columns, ranked[0], strict=True))
+    shape = dict(zip(columns, ranked[0], strict=True))
+    return {**shape, "active_params_b": active[ranked[0]]} if moe and active[ranked[0]] else shape
 
 
 def _clearly_nearest(best: float, second: float) -> bool:

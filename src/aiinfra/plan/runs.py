@@ -20,7 +20,15 @@ from aiinfra.plan.cells import RowNotRepresentable, count, positive, published_v
 from aiinfra.plan.cluster import Cluster, make_cluster
 from aiinfra.plan.errors import PlanError
 from aiinfra.plan.frameworks import FrameworkFacts, framework_facts
-from aiinfra.plan.known_models import NAMED_COLUMNS, SHAPE_COLUMNS, Version, model_version, named_model, published_shape
+from aiinfra.plan.known_models import (
+    NAMED_COLUMNS,
+    SHAPE_COLUMNS,
+    Version,
+    model_version,
+    named_model,
+    published_shape,
+    sparse_in_catalog,
+)
 from aiinfra.plan.layout import Layout, TrainSettings
 from aiinfra.plan.step import StepBreakdown
 from aiinfra.spec import ModelSpec
@@ -83,6 +91,23 @@ def is_moe_row(row: dict[str, str]) -> bool:
     return count(row, "experts", 0) > 1
 
 
+# A row whose active parameters are below this share of its total is sparse whatever its `experts` cell says (the
+# sparsest dense-looking gap, untied embeddings left out of an "active" count, is a few percent; MoE rows run 4-22%).
+MOE_ACTIVE_SHARE = 0.9
+
+
+def moe_evident(row: dict[str, str]) -> bool:
+    """A row that states a mixture-of-experts model by other cells than `experts`: active parameters clearly below
+    the total (`MOE_ACTIVE_SHARE`), experts per token, expert parallelism, or a family and count whose every
+    published configuration is one (`known_models.sparse_in_catalog`)."""
+    total, active = positive(row, "params_b"), positive(row, "active_params_b")
+    if sparse_in_catalog(row.get("model", "").strip(), total):
+        return True
+    if total is not None and active is not None and active < MOE_ACTIVE_SHARE * total:
+        return True
+    return count(row, "experts_per_token", 0) > 0 or count(row, "ep", 1) > 1
+
+
 def moe_shape(row: dict[str, str], dense_params: float, layers: int, hidden: int,
               matrices: int) -> tuple[int, int, int]:
     """Expert width, experts and experts per token from the published total and active parameter counts.
@@ -119,11 +144,12 @@ def with_published_shape(row: dict[str, str]) -> dict[str, str]:
     if named is not None:  # a checkpoint's name: its family word, and its published shape where the row is blank
         row = {**row, "model": named["family"],
                **{k: named[k] for k in NAMED_COLUMNS if named.get(k) and not (row.get(k) or "").strip()}}
-    fillable = SHAPE_COLUMNS + (("experts_per_token",) if is_moe_row(row) else ())
+    moe = is_moe_row(row) or moe_evident(row)  # a sparse row with `experts` blank takes its experts too
+    fillable = SHAPE_COLUMNS + (("experts", "experts_per_token") if moe else ())
     if all((row.get(column) or "").strip() for column in fillable):
         return row
     stated = {k: row.get(k) or "" for k in (*fillable, "experts")}
-    shape = published_shape(row.get("model", "").strip(), positive(row, "params_b"), is_moe_row(row), stated)
+    shape = published_shape(row.get("model", "").strip(), positive(row, "params_b"), moe, stated)
     if shape is None:
         return row
     return {**row, **{k: v for k, v in shape.items() if not (row.get(k) or "").strip()}}
@@ -162,6 +188,10 @@ def spec_from_row(row: dict[str, str]) -> ModelSpec:
                 position="rope" if rope else "learned", bias=gpt, tie_embeddings=tied)
     common = dict(vocab_size=vocab, dim=hidden, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads,
                   max_seq_len=seq, head_width=head_width, **arch)
+    if not is_moe_row(row) and moe_evident(row):
+        raise RowNotRepresentable("experts not stated for a mixture-of-experts row (active_params_b below params_b, "
+                                  "experts_per_token or ep > 1), and no published configuration of the family "
+                                  "matches: expected the number of routed experts")
     try:
         if is_moe_row(row):
             dense = ModelSpec(**common, ffn_dim=1).num_params()
@@ -258,9 +288,25 @@ def _data_parallel(row: dict[str, str], tp: int, pp: int, cp: int) -> int:
     return n_devices // (tp * pp * cp)
 
 
-def _layout(row: dict[str, str], facts: FrameworkFacts) -> tuple[Layout, bool, bool]:
+def parallel_degrees(row: dict[str, str]) -> tuple[int, int, int, int]:
+    """(tp, pp, cp, dp): each stated degree, an empty one 1, and an empty `dp` what the others leave of n_devices.
+    Where `dp` is stated and the product falls short of n_devices, the one empty degree of `tp` and `pp` is what
+    the devices leave (a row of 64 devices stating pp 4 and dp 8 runs tp 2), and with both empty nothing is guessed."""
     tp, pp, cp = count(row, "tp", 1), count(row, "pp", 1), count(row, "cp", 1)
     dp = _data_parallel(row, tp, pp, cp)
+    n_devices = count(row, "n_devices", 0)
+    empty = [column for column in ("tp", "pp") if not (row.get(column) or "").strip()]
+    others = tp * pp * cp * dp
+    if len(empty) == 1 and n_devices > others and n_devices % others == 0:
+        if empty[0] == "tp":
+            tp = n_devices // others
+        else:
+            pp = n_devices // others
+    return tp, pp, cp, dp
+
+
+def _layout(row: dict[str, str], facts: FrameworkFacts) -> tuple[Layout, bool, bool]:
+    tp, pp, cp, dp = parallel_degrees(row)
     ep, vp = count(row, "ep", 1), count(row, "vp", 1)
     # An empty column is the framework's documented default (`FrameworkFacts.default_sharding`).
     sharding = (row.get("sharding") or "").strip() or facts.default_sharding
@@ -294,8 +340,7 @@ def _global_batch(row: dict[str, str]) -> int:
     parallel replica (no gradient accumulation stated, none assumed)."""
     if (row.get("global_batch_seqs") or "").strip() or not (row.get("micro_batch") or "").strip():
         return count(row, "global_batch_seqs")
-    degrees = count(row, "tp", 1), count(row, "pp", 1), count(row, "cp", 1)
-    return count(row, "micro_batch") * _data_parallel(row, *degrees)
+    return count(row, "micro_batch") * parallel_degrees(row)[3]
 
 
 def architecture_settings(version: str) -> dict[str, Any]:
@@ -311,6 +356,15 @@ def architecture_settings(version: str) -> dict[str, Any]:
             "post_norms": post_norms, "qk_norm": qk_norm, "moe_node_limit": NODE_LIMITED_ROUTING.get(version, 0)}
 
 
+def with_device_count(row: dict[str, str]) -> dict[str, str]:
+    """The row with an empty `n_devices` the product of its degrees where it states `dp` (tp, pp and cp empty: 1),
+    so a fully stated layout needs no device count; without `dp` the count stays unstated."""
+    if (row.get("n_devices") or "").strip() or not (row.get("dp") or "").strip():
+        return row
+    degrees = (count(row, column, 1) for column in ("tp", "pp", "cp", "dp"))
+    return {**row, "n_devices": str(math.prod(degrees))}
+
+
 def setup_from_row(row: dict[str, str]) -> RunSetup:
     """Translate one run-table row into a spec, settings, layout and cluster (RowNotRepresentable if it cannot)."""
     if row.get("metric") not in METRICS:
@@ -321,7 +375,7 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
     for column in ("params_b", "active_params_b"):  # checked even where the shape columns decide the model
         positive(row, column)
     facts = framework_facts(row.get("framework") or "")
-    row = with_published_shape(row)
+    row = with_device_count(with_published_shape(row))
     family = row.get("model", "").strip()
     version = row_version(row).version
     spec = spec_from_row(row)
