@@ -189,6 +189,10 @@ def test_a_sparse_row_with_its_expert_cells_empty_takes_the_published_experts(ru
     assert (blank.n_experts, blank.experts_per_token, blank.ffn_dim) == (
         stated.n_experts, stated.experts_per_token, stated.ffn_dim)
     assert blank.num_params(active_only=True) == stated.num_params(active_only=True)
+    # Without its parameter counts either, the shape it states (with its experts per token, which say it is sparse)
+    # names the configuration, and its counts with it.
+    uncounted = spec_from_row({**row, **MOE_CELLS, "experts_per_token": row["experts_per_token"], "params_b": ""})
+    assert uncounted.num_params() == stated.num_params()
 
 
 def test_a_dense_count_of_a_family_with_sparse_releases_stays_dense() -> None:

@@ -93,10 +93,11 @@ def sparse_in_catalog(family: str, params_b: float | None) -> bool:
 
 def published_shape(family: str, params_b: float | None, moe: bool,
                     stated: dict[str, str] | None = None) -> dict[str, str] | None:
-    """The shape columns (and, for a mixture-of-experts model, `experts`, `experts_per_token` and the active count
-    `active_params_b`) of the published configuration of this family that agrees with every shape column the row
-    states and, where the row gives one, its parameter count (within 3%); where several differ, the one whose count
-    is clearly nearest (`_clearly_nearest`), else None. With nothing stated but the count, the count alone decides."""
+    """The shape columns (and, for a mixture-of-experts model, `experts`, `experts_per_token` and the counts
+    `params_b` and `active_params_b`, which its expert width comes from) of the published configuration of this
+    family that agrees with every shape column the row states and, where the row gives one, its parameter count
+    (within 3%); where several differ, the one whose count is clearly nearest (`_clearly_nearest`), else None. With
+    nothing stated but the count, the count alone decides."""
     stated = {k: v.strip() for k, v in (stated or {}).items() if v and v.strip()}
     if moe:  # a sparse row's `ffn` may be its dense layers' width or an expert's: the schema does not say which
         stated.pop("ffn", None)
@@ -104,9 +105,9 @@ def published_shape(family: str, params_b: float | None, moe: bool,
         return None
     columns = SHAPE_COLUMNS + (("experts", "experts_per_token") if moe else ())
 
-    # Each agreeing shape with how far its published count is from the row's (0 without a count), and its active count.
+    # Each agreeing shape with how far its published count is from the row's (0 without a count), and its counts.
     distance: dict[tuple[str, ...], float] = {}
-    active: dict[tuple[str, ...], str] = {}
+    counts: dict[tuple[str, ...], dict[str, str]] = {}
     for m in _published_shapes():
         if m["family"] != family or bool((m.get("experts") or "").strip()) != moe:
             continue
@@ -115,12 +116,12 @@ def published_shape(family: str, params_b: float | None, moe: bool,
             continue
         shape = tuple(m.get(column, "") for column in columns)
         distance[shape] = min(gap, distance.get(shape, gap))
-        active.setdefault(shape, (m.get("active_params_b") or "").strip())
+        counts.setdefault(shape, {k: (m.get(k) or "").strip() for k in ("params_b", "active_params_b")})
     ranked = sorted(distance, key=distance.get)
     if not ranked or (len(ranked) > 1 and not _clearly_nearest(distance[ranked[0]], distance[ranked[1]])):
         return None
     shape = dict(zip(columns, ranked[0], strict=True))
-    return {**shape, "active_params_b": active[ranked[0]]} if moe and active[ranked[0]] else shape
+    return {**shape, **{k: v for k, v in counts[ranked[0]].items() if v}} if moe else shape
 
 
 def _clearly_nearest(best: float, second: float) -> bool:

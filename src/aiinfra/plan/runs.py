@@ -145,10 +145,10 @@ def with_published_shape(row: dict[str, str]) -> dict[str, str]:
         row = {**row, "model": named["family"],
                **{k: named[k] for k in NAMED_COLUMNS if named.get(k) and not (row.get(k) or "").strip()}}
     moe = is_moe_row(row) or moe_evident(row)  # a sparse row with `experts` blank takes its experts too
-    fillable = SHAPE_COLUMNS + (("experts", "experts_per_token") if moe else ())
+    fillable = SHAPE_COLUMNS + (("experts", "experts_per_token", "params_b", "active_params_b") if moe else ())
     if all((row.get(column) or "").strip() for column in fillable):
         return row
-    stated = {k: row.get(k) or "" for k in (*fillable, "experts")}
+    stated = {k: row.get(k) or "" for k in (*fillable, "experts") if k not in ("params_b", "active_params_b")}
     shape = published_shape(row.get("model", "").strip(), positive(row, "params_b"), moe, stated)
     if shape is None:
         return row
@@ -189,9 +189,9 @@ def spec_from_row(row: dict[str, str]) -> ModelSpec:
     common = dict(vocab_size=vocab, dim=hidden, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads,
                   max_seq_len=seq, head_width=head_width, **arch)
     if not is_moe_row(row) and moe_evident(row):
-        raise RowNotRepresentable("experts not stated for a mixture-of-experts row (active_params_b below params_b, "
-                                  "experts_per_token or ep > 1), and no published configuration of the family "
-                                  "matches: expected the number of routed experts")
+        raise RowNotRepresentable("experts not stated for a mixture-of-experts row (sparse by its parameter counts, "
+                                  "experts_per_token, ep or family), and no single published configuration of the "
+                                  "family matches: expected the number of routed experts")
     try:
         if is_moe_row(row):
             dense = ModelSpec(**common, ffn_dim=1).num_params()
