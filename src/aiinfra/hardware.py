@@ -100,20 +100,41 @@ def load_catalog(extra_csv: Path | None = None) -> dict[str, Accelerator]:
 HARDWARE_ALIASES = {
     "h100": "h100-sxm-80gb", "h100-sxm": "h100-sxm-80gb", "h100-sxm5": "h100-sxm-80gb", "h100-80gb": "h100-sxm-80gb",
     "a100-80gb": "a100-sxm-80gb", "a100-40gb": "a100-sxm-40gb", "h200-sxm": "h200", "b200-sxm": "b200",
-    "gb200-nvl72": "gb200", "gb300-nvl72": "gb300", "mi300": "mi300x", "trillium": "tpu-v6e",
+    "gb200-nvl72": "gb200", "gb300-nvl72": "gb300", "mi300": "mi300x", "trillium": "tpu-v6e", "h800-sxm": "h800",
     **{version: f"tpu-{version}" for version in ("v4", "v5e", "v5p", "v6e")},
     **{f"tpu{version}": f"tpu-{version}" for version in ("v4", "v5e", "v5p", "v6e")},
 }
 
 
+# Words a published table puts around a part's name that do not change the part, removed in turn: the vendor
+# ("NVIDIA H100", "AMD Instinct MI300X", "Google TPU"), the system it ships in (HGX/DGX B200), the memory type
+# (H100 80GB HBM3), the SXM generation (A100-SXM4, H100 SXM5: the catalog's "sxm"), H200's only capacity, and a TPU
+# slice's chip or core count (v5p-1024, tpu-v5e-256; "v5litepod" is v5e). A PCIe or NVL card stays unknown.
+_HARDWARE_WORDS = (
+    (r"^(nvidia|amd|google|cloud)-", ""), (r"^instinct-", ""), (r"^(hgx|dgx)-|-(hgx|dgx)$", ""), (r"-hbm3e?$", ""),
+    (r"-sxm[45]", "-sxm"), (r"^(h200(-sxm)?)-141gb$", r"\1"), (r"^(tpu-)?v5-?lite(-?pod)?", r"\1v5e"),
+    (r"^((tpu-)?v(4|5e|5p|6e))-\d+$", r"\1"),
+)
+
+
+def hardware_key(name: str) -> str:
+    """A hardware cell as the catalog spells it: lower case, hyphens for spaces and underscores, the words in
+    `_HARDWARE_WORDS` removed, then `HARDWARE_ALIASES`."""
+    key = re.sub(r"[\s_]+", "-", name.strip().lower())
+    if key in HARDWARE_ALIASES:
+        return HARDWARE_ALIASES[key]
+    for pattern, replacement in _HARDWARE_WORDS:
+        key = re.sub(pattern, replacement, key)
+    return HARDWARE_ALIASES.get(key, key)
+
+
 def get_accelerator(name: str, extra_csv: Path | None = None) -> Accelerator:
-    """Look up one accelerator by id (or a spelling in `HARDWARE_ALIASES`, any case), with an error that lists the
+    """Look up one accelerator by id (or a spelling `hardware_key` reads, any case), with an error that lists the
     known ids."""
     catalog = load_catalog(extra_csv)
     if name in catalog:
         return catalog[name]
-    key = re.sub(r"[\s_]+", "-", name.strip().lower())
-    key = HARDWARE_ALIASES.get(key, key)
+    key = hardware_key(name)
     if key not in catalog:
         raise KeyError(f"unknown hardware {name!r}; known: {', '.join(sorted(catalog))}")
     return catalog[key]
