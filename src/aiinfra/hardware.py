@@ -77,7 +77,7 @@ def _row_to_accelerator(row: dict[str, str]) -> Accelerator:
 
 def read_csv(path: Path) -> dict[str, Accelerator]:
     """Parse one catalog CSV into accelerators keyed by id."""
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:  # a spreadsheet's byte-order mark is not the id
         return {acc.id: acc for acc in map(_row_to_accelerator, csv.DictReader(handle))}
 
 

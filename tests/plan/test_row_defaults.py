@@ -8,7 +8,7 @@ from aiinfra.plan.errors import PlanError
 from aiinfra.plan.frameworks import FRAMEWORKS, framework_facts
 from aiinfra.plan.known_models import named_model
 from aiinfra.plan.runs import RowNotRepresentable, setup_from_row, spec_from_row
-from aiinfra.plan.validation import fitted_setup, load_training_runs
+from aiinfra.plan.validation import fitted_setup, load_training_runs, validate_training
 
 
 def _row(run_id: str) -> dict[str, str]:
@@ -223,3 +223,36 @@ def test_an_empty_device_count_is_the_product_of_the_stated_degrees() -> None:
     assert setup_from_row({**row, "n_devices": ""}).cluster.n_devices == 256
     with pytest.raises(RowNotRepresentable, match="n_devices not stated"):
         setup_from_row({**row, "n_devices": "", "dp": ""})
+
+
+def test_a_spreadsheet_export_reads_as_the_table_does(tmp_path) -> None:
+    """A byte-order mark, CRLF line ends, spaces around header names, thousands separators and an mfu written as a
+    percentage are how spreadsheets and published tables write the cells: every row keeps its id and figure."""
+    rows = [row for row in load_training_runs() if row["metric"] == "mfu"][:4]
+    header = [f" {name} " if name == "value" else name for name in rows[0]]
+    lines = [",".join(header)]
+    for row in rows:
+        cells = dict(row)
+        cells["value"] = f"{100 * float(row['value']):g}%"
+        cells["global_batch_seqs"] = f'"{int(row["global_batch_seqs"]):,}"' if row["global_batch_seqs"] else ""
+        lines.append(",".join(cells[name] if name in ("value", "global_batch_seqs") else
+                              '"' + cells[name].replace('"', '""') + '"' for name in rows[0]))
+    exported = tmp_path / "export.csv"
+    exported.write_bytes(("\ufeff" + "\r\n".join(lines) + "\r\n").encode())
+    plain, _ = validate_training()
+    read, not_run = validate_training(exported)
+    assert not not_run
+    expected = {row.run_id: row for row in plain}
+    for row in read:
+        assert row.run_id in expected
+        assert row.published == pytest.approx(expected[row.run_id].published)
+        assert row.predicted == pytest.approx(expected[row.run_id].predicted)
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("46.2", "an mfu is a fraction of the peak, at most 1"), ("1,5", "is not a number|expected the published"),
+])
+def test_an_mfu_above_one_or_a_decimal_comma_is_not_guessed(value: str, message: str) -> None:
+    row = {**next(row for row in load_training_runs() if row["metric"] == "mfu"), "value": value}
+    with pytest.raises(RowNotRepresentable, match=message):
+        setup_from_row(row)

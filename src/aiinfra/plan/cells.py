@@ -4,6 +4,8 @@ with RowNotRepresentable naming the column, so that a row from anywhere runs or 
 
 from __future__ import annotations
 
+import re
+
 from aiinfra.plan.errors import PlanError
 
 
@@ -20,8 +22,24 @@ class RunRow(dict[str, str]):
 
 
 def run_row(row: dict[str, str | None]) -> RunRow:
-    """A csv.DictReader row as a RunRow: None (a short line's missing cells) as empty."""
-    return RunRow({key: value or "" for key, value in row.items() if key is not None})
+    """A csv.DictReader row as a RunRow: None (a short line's missing cells) as empty, header names stripped of
+    the spaces a hand-edited header leaves."""
+    return RunRow({key.strip(): value or "" for key, value in row.items() if key is not None})
+
+
+# A CSV saved by a spreadsheet starts with a byte-order mark, which would otherwise become part of the first column's
+# name ("\ufeffid"): every run table is read with this encoding.
+CSV_ENCODING = "utf-8-sig"
+_THOUSANDS = re.compile(r"^[+-]?\d{1,3}(,\d{3})+(\.\d*)?$")
+
+
+def number(text: str) -> float:
+    """A numeric cell: a plain or scientific number, or one with thousands separators as tables print them
+    ("1,280"; a comma anywhere else is not read as a decimal point). ValueError otherwise."""
+    text = text.strip()
+    if _THOUSANDS.match(text):
+        text = text.replace(",", "")
+    return float(text)
 
 
 def count(row: dict[str, str], key: str, default: int | None = None) -> int:
@@ -33,7 +51,7 @@ def count(row: dict[str, str], key: str, default: int | None = None) -> int:
             raise RowNotRepresentable(f"{key} not stated")
         return default
     try:
-        value = float(text)
+        value = number(text)
     except ValueError:
         raise RowNotRepresentable(f"{key}={text!r} is not a number") from None
     if not (value >= 1 and value.is_integer()):
@@ -52,7 +70,7 @@ def positive(row: dict[str, str], key: str) -> float | None:
     if not text:
         return None
     try:
-        value = float(text)
+        value = number(text)
     except ValueError:
         raise RowNotRepresentable(f"{key}={text!r} is not a number") from None
     if not 0 < value < float("inf"):
@@ -73,12 +91,18 @@ def row_precision(row: dict[str, str], default: str = "bf16") -> str:
 
 
 def published_value(row: dict[str, str]) -> float:
-    """The row's `value`: the published figure, a positive number (RowNotRepresentable otherwise)."""
+    """The row's `value`: the published figure, a positive number (RowNotRepresentable otherwise); an `mfu` may be
+    written as a percentage ("46.2%"), and as a fraction it is at most 1."""
     text = (row.get("value") or "").strip()
+    mfu = (row.get("metric") or "").strip() == "mfu"
+    percent = mfu and text.endswith("%")
     try:
-        value = float(text)
+        value = number(text[:-1] if percent else text) / (100 if percent else 1)
     except ValueError:
         raise RowNotRepresentable(f"value={text!r}: expected the published figure, a positive number") from None
     if not value > 0 or value == float("inf"):
         raise RowNotRepresentable(f"value={text!r}: expected the published figure, a positive number")
+    if mfu and value > 1:
+        raise RowNotRepresentable(f"value={text!r}: an mfu is a fraction of the peak, at most 1 (or a percentage "
+                                  f"written with %, such as {value:g}%)")
     return value

@@ -13,7 +13,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from aiinfra.plan.cells import RowNotRepresentable, count, optional_count, published_value, row_precision, run_row
+from aiinfra.plan.cells import (
+    CSV_ENCODING,
+    RowNotRepresentable,
+    count,
+    optional_count,
+    published_value,
+    row_precision,
+    run_row,
+)
 from aiinfra.plan.cluster import Cluster
 from aiinfra.plan.errors import PlanError
 from aiinfra.plan.inference import (
@@ -319,7 +327,7 @@ def validate_inference(path: Path = INFERENCE_RUNS_CSV) -> tuple[list[InferenceV
     """Predict every row of an inference-runs CSV: rows run, and (id, reason) for rows not run."""
     models = serve_models()
     results, not_run = [], []
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding=CSV_ENCODING) as handle:
         for row in map(run_row, csv.DictReader(handle)):
             try:
                 results.append(_predict_inference_row(row, models))

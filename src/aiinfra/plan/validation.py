@@ -13,7 +13,7 @@ import itertools
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from aiinfra.plan.cells import published_value, run_row
+from aiinfra.plan.cells import CSV_ENCODING, published_value, run_row
 from aiinfra.plan.cluster import Cluster, with_efficiency
 from aiinfra.plan.efficiency import EfficiencyProfile
 from aiinfra.plan.errors import PlanError
@@ -156,7 +156,7 @@ class PreparedRow:
 
 def load_training_runs(path: Path = TRAINING_RUNS_CSV) -> list[dict[str, str]]:
     """The rows of a training-runs CSV of the shared schema."""
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding=CSV_ENCODING) as handle:
         return [run_row(row) for row in csv.DictReader(handle)]
 
 
