@@ -28,6 +28,18 @@ def test_train_explicit_layout() -> None:
     assert "hopper: training validated on" in result.output
 
 
+def test_train_with_no_flags_plans_its_defaults_and_says_when_they_do_not_fit() -> None:
+    # 70B on 1024 H100 at TP1: the default 4M-token batch (512 sequences) is rounded up to one per replica, and the
+    # replicated model states cannot fit: the report says so on its last line, with what to try.
+    result = runner.invoke(plan_app, ["train"])
+    assert result.exit_code == 0, result.output
+    assert "1024 x 8192 tokens per step" in result.output
+    ending = " ".join(result.output.split()).rsplit("validated on", 1)[1]
+    assert "does not fit: TP1 DP1024" in ending and "--search finds the fastest layout that fits" in ending
+    fitting = runner.invoke(plan_app, ["train", "--devices", "64", "--tp", "8", "--pp", "2", "--recompute", "full"])
+    assert "does not fit" not in fitting.output
+
+
 BAD_INPUTS = [
     (["train", "--model", "gpt5"], "unknown model"),
     (["train", "--hardware", "h900"], "unknown hardware"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any
@@ -138,7 +139,8 @@ def train(
     hardware: str = typer.Option("h100-sxm-80gb", help="hardware id from the catalog"),
     devices: int = typer.Option(1024, help="number of devices"),
     seq_len: int = typer.Option(0, help="sequence length (0: the model's)"),
-    global_batch: int = typer.Option(0, help="sequences per step (0: about 4M tokens)"),
+    global_batch: int = typer.Option(0, help="sequences per step (0: about 4M tokens, rounded up to a micro-batch "
+                                     "on every data-parallel replica)"),
     precision: str = typer.Option("bf16", help="bf16, fp16, fp8 or fp4"),
     search: bool = typer.Option(False, "--search", help="find the fastest layout that fits"),
     config: Annotated[Path | None, typer.Option(help="a training TOML or run directory: predict that run")] = None,
@@ -188,9 +190,18 @@ def train(
         else:
             layout = _explicit_layout(devices, tp, pp, cp, ep, dp_replicate, dp_shard, vp, pp_schedule, zero,
                                       micro_batch, recompute, sp)
+            if not global_batch:  # the default batch, rounded up to whole micro-batches on every replica
+                per_step = layout.dp * layout.micro_batch
+                settings = replace(settings, global_batch_seqs=-(-settings.global_batch_seqs // per_step) * per_step)
             plan = plan_training(spec, cluster, settings, layout, tokens, costs, reliability)
     print_training_plan(plan)
     console.print(generation_mark(plan.cluster.accelerator.id))
+    if not plan.fits:  # the figures above are for a run that could not start: say so where the eye ends
+        console.print(f"[bold red]does not fit[/]: {plan.layout.describe()} needs "
+                      f"{plan.memory.total_bytes / 2**30:.1f} GiB per device, "
+                      f"{plan.cluster.usable_memory_bytes / 2**30:.1f} GiB usable of "
+                      f"{plan.cluster.memory_bytes / 2**30:.1f} GiB; the figures above are for a run that cannot "
+                      "start (--search finds the fastest layout that fits, or raise --tp, --pp or --zero)")
     if json_out:
         print(json.dumps({"layout": plan.layout.describe(), "step_time_s": round(plan.step.step_time_s, 4),
                           "mfu": round(plan.mfu, 4), "memory_per_device_gb": round(plan.memory.total_bytes / 1e9, 2),
