@@ -129,6 +129,27 @@ def test_validate_reads_any_csv_of_the_shared_schema(tmp_path) -> None:  # type:
     assert "not run: x-3: unknown hardware 'nohw'" in result.output
 
 
+@pytest.mark.parametrize(("content", "message"), [
+    ("", "not a run table of the shared schema (no column metric, value, hardware"),
+    ("a,b\n1,2\n", "not a run table of the shared schema"),
+    (FOREIGN_CSV.splitlines()[0] + "\n", "no rows to validate"),
+])
+def test_validate_refuses_a_file_that_is_no_run_table(tmp_path, content: str, message: str) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "runs.csv"
+    path.write_text(content)
+    result = runner.invoke(plan_app, ["validate", "--runs", str(path)])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_validate_reports_no_error_figure_when_no_row_ran(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "runs.csv"
+    path.write_text("\n".join(FOREIGN_CSV.splitlines()[:1] + [FOREIGN_CSV.splitlines()[-1]]) + "\n")  # nohw only
+    result = runner.invoke(plan_app, ["validate", "--runs", str(path)])
+    headline = json.loads(result.output.strip().splitlines()[-1])
+    assert (headline["rows"], headline["rows_not_run"]) == (0, 1)
+    assert headline["validate_mape"] is None and headline["validate_max_ape"] is None
+
+
 def test_train_predicts_the_run_a_config_describes(tmp_path) -> None:  # type: ignore[no-untyped-def]
     toml = tmp_path / "run.toml"
     toml.write_text('[model]\npreset = "small"\n[parallel]\ndp_shard = 4\ntp = 2\n')

@@ -6,6 +6,7 @@ hardware, an impossible layout) prints one line naming it and exits with code 2.
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from aiinfra.plan.calibrated import calibrated
+from aiinfra.plan.cells import CSV_ENCODING
 from aiinfra.plan.cluster import Cluster, make_cluster
 from aiinfra.plan.errors import PlanError
 from aiinfra.plan.from_config import configured_run, load_run_config
@@ -329,6 +331,32 @@ def serve(
     console.print(generation_mark(hardware))
 
 
+# The columns without which no row of a run table can be predicted (the reference README's schema).
+RUN_TABLE_COLUMNS = {"--runs": ("metric", "value", "hardware"),
+                     "--inference": ("metric", "value", "hardware", "model", "n_devices")}
+
+
+def check_run_table(option: str, path: Path, required: tuple[str, ...]) -> None:
+    """A user's run table is a CSV of the shared schema with at least one row: PlanError naming the flag otherwise
+    (not a report of zero rows, whose 0% error could not fail)."""
+    if not path.is_file():
+        raise PlanError(f"{option}={str(path)!r}: no such file")
+    try:
+        with open(path, newline="", encoding=CSV_ENCODING) as handle:
+            reader = csv.DictReader(handle)
+            header = [name.strip() for name in reader.fieldnames or []]
+            has_rows = next(reader, None) is not None
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise PlanError(f"{option}={str(path)!r}: not a readable CSV ({error})") from None
+    missing = [name for name in required if name not in header]
+    if missing:
+        raise PlanError(f"{option}={str(path)!r}: not a run table of the shared schema (no column "
+                        f"{', '.join(missing)}; the packaged published_training_runs.csv and "
+                        "published_inference_runs.csv under aiinfra/plan/ show every column)")
+    if not has_rows:
+        raise PlanError(f"{option}={str(path)!r}: no rows to validate")
+
+
 @plan_app.command()
 @_clear_errors
 def validate(
@@ -338,8 +366,8 @@ def validate(
 ) -> None:
     """Predict every published run, out of sample first; print the error per row; end with one JSON line."""
     for option, path in (("--runs", runs), ("--inference", inference)):
-        if path is not None and not path.is_file():
-            raise PlanError(f"{option}={str(path)!r}: no such file")
+        if path is not None:
+            check_run_table(option, path, RUN_TABLE_COLUMNS[option])
     headline = run_validation(console, runs or TRAINING_RUNS_CSV, inference or INFERENCE_RUNS_CSV, markdown)
     print(json.dumps(headline))
 

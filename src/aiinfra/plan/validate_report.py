@@ -157,13 +157,19 @@ def run_validation(console: Console, runs: Path = TRAINING_RUNS_CSV, inference: 
         _print_console_report(console, report, serving, reasons, len(prepared), (held_mape, held_max),
                               (in_mape, in_max), (inf_mape, inf_max), (all_mape, all_max))
     worst = max(report.out_of_sample, key=lambda r: abs(r.error), default=None)
+
+    def figure(value: float, rows: int) -> float | None:  # no row run: no error to report (not a 0% that cannot fail)
+        return round(value, 4) if rows else None
+
+    trained, served = len(prepared), len(serving)
     return {
-        "validate_mape": round(held_mape, 4), "validate_max_ape": round(held_max, 4),
-        "rows": len(prepared), "rows_not_run": len(not_run),
-        "in_sample_mape": round(in_mape, 4), "in_sample_max_ape": round(in_max, 4),
+        "validate_mape": figure(held_mape, trained), "validate_max_ape": figure(held_max, trained),
+        "rows": trained, "rows_not_run": len(not_run),
+        "in_sample_mape": figure(in_mape, trained), "in_sample_max_ape": figure(in_max, trained),
         "worst_row": worst.run_id if worst else None,
-        "inference_mape": round(inf_mape, 4), "inference_max_ape": round(inf_max, 4),
-        "inference_rows": len(serving), "inference_rows_not_run": len(serving_not_run),
-        "all_rows_out_of_sample_mape": round(all_mape, 4), "all_rows_out_of_sample_max_ape": round(all_max, 4),
+        "inference_mape": figure(inf_mape, served), "inference_max_ape": figure(inf_max, served),
+        "inference_rows": served, "inference_rows_not_run": len(serving_not_run),
+        "all_rows_out_of_sample_mape": figure(all_mape, trained + served),
+        "all_rows_out_of_sample_max_ape": figure(all_max, trained + served),
     }
 
