@@ -97,9 +97,29 @@ def test_a_framework_is_named_by_a_product_it_covers(name: str, word: str) -> No
     assert FRAMEWORKS[word] is framework_facts(name)
 
 
+@pytest.mark.parametrize(("spelling", "framework"), [
+    ("NVIDIA NeMo 2.0", "megatron"), ("Megatron-LM v0.9", "megatron"), ("JAX/MaxText", "jax"),
+    ("MaxText (JAX)", "jax"), ("torchtitan (FSDP2)", "torchtitan"), ("FSDP2", "pytorch-fsdp"),
+    ("MosaicML Composer", "llm-foundry"), ("DeepSpeed ZeRO-3", "deepspeed"), ("megatron-2021", "megatron-2021"),
+    ("Megatron-DeepSpeed", "megatron-deepspeed"), ("", "in-house"),
+])
+def test_a_framework_as_tables_print_it_is_the_schema_word(spelling: str, framework: str) -> None:
+    assert framework_facts(spelling).name == framework
+
+
+def test_a_zero_stage_named_with_the_framework_is_the_sharding_an_empty_cell_means() -> None:
+    row = {**_row("bridge2511-llama3-8b-h100x8-fsdp"), "sharding": ""}
+    assert setup_from_row({**row, "framework": "DeepSpeed ZeRO-3"}).layout.zero_stage == 3
+    assert setup_from_row({**row, "framework": "DeepSpeed ZeRO stage 2"}).layout.zero_stage == 2
+    assert setup_from_row({**row, "framework": "DeepSpeed"}).layout.zero_stage == 0
+    # A stated sharding wins over the framework cell's words.
+    assert setup_from_row({**row, "framework": "DeepSpeed ZeRO-3", "sharding": "zero1"}).layout.zero_stage == 1
+
+
 def test_an_unknown_framework_names_the_words() -> None:
-    with pytest.raises(PlanError, match="framework='colossalai': expected one of megatron"):
-        framework_facts("colossalai")
+    for name in ("colossalai", "pytorch", "Megatron/DeepSpeed"):  # unknown, or two frameworks at once
+        with pytest.raises(PlanError, match=f"framework={name!r}: expected one of megatron"):
+            framework_facts(name)
 
 
 def test_no_corrupted_cell_escapes_as_anything_but_a_row_not_run() -> None:

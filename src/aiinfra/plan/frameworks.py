@@ -8,6 +8,7 @@ documented.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from aiinfra.plan.errors import PlanError
@@ -177,15 +178,51 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
 FRAMEWORK_ALIASES = {
     "megatron-lm": "megatron", "megatron-core": "megatron", "mcore": "megatron", "nemo": "megatron",
     "megatron-bridge": "megatron", "maxtext": "jax", "pax": "jax", "paxml": "jax", "composer": "llm-foundry",
-    "fsdp": "pytorch-fsdp", "pytorch-fsdp2": "pytorch-fsdp",
+    "fsdp": "pytorch-fsdp", "pytorch-fsdp2": "pytorch-fsdp", "fsdp2": "pytorch-fsdp", "fsdp1": "pytorch-fsdp",
 }
+
+
+# Words around a framework's name in published tables that do not change it: the vendor (NVIDIA NeMo, MosaicML
+# Composer), a version (NeMo 2.0, Megatron-LM v0.9) and the ZeRO stage DeepSpeed is named with (that is `sharding`).
+_VENDOR = re.compile(r"^(nvidia|mosaicml|mosaic|google|microsoft|meta|databricks|ibm)-")
+_VERSION = re.compile(r"-(v?\d+(\.\d+)*|zero(-stage)?(-?[0-3])?|stage-?[0-3])$")
+
+
+def _spelled(text: str) -> str:
+    key = re.sub(r"[\s_]+", "-", text.strip().lower()).strip("-")
+    return FRAMEWORK_ALIASES.get(key, key)
+
+
+def _framework_key(text: str) -> str | None:
+    """The FRAMEWORKS key a spelling names: as written (`FRAMEWORK_ALIASES`), else without its vendor and version
+    words; None if neither is one."""
+    key = _spelled(text)
+    if key in FRAMEWORKS:
+        return key
+    bare = _VENDOR.sub("", key)
+    while _VERSION.search(bare):
+        bare = _VERSION.sub("", bare)
+    bare = FRAMEWORK_ALIASES.get(bare, bare)
+    return bare if bare in FRAMEWORKS else None
 
 
 def framework_facts(name: str) -> FrameworkFacts:
     """The facts of a framework named as in the run table's `framework` column, or by a product it covers
-    (`FRAMEWORK_ALIASES`, any case); empty: in-house."""
-    key = name.strip().lower().replace(" ", "-").replace("_", "-") or "in-house"
-    key = FRAMEWORK_ALIASES.get(key, key)
-    if key not in FRAMEWORKS:
+    (`FRAMEWORK_ALIASES`, any case, with a vendor, a version or a ZeRO stage around it: "NVIDIA NeMo 2.0",
+    "DeepSpeed ZeRO-3"; a parenthesis is detail, "torchtitan (FSDP2)"; "JAX/MaxText" by either part where both name
+    one framework); empty: in-house."""
+    if not name.strip():
+        return FRAMEWORKS["in-house"]
+    key = _framework_key(name) or _framework_key(re.sub(r"\(.*?\)", " ", name))
+    if key is None:
+        parts = {_framework_key(part) for part in re.split(r"[/()+,]", name) if part.strip()} - {None}
+        key = parts.pop() if len(parts) == 1 else None
+    if key is None:
         raise PlanError(f"framework={name!r}: expected one of {', '.join(FRAMEWORKS)}")
     return FRAMEWORKS[key]
+
+
+def named_sharding(name: str) -> str:
+    """The ZeRO stage a `framework` cell names ("DeepSpeed ZeRO-3", "ZeRO stage 2": zero3, zero2), or ""."""
+    found = re.search(r"zero[\s_-]*(stage[\s_-]*)?([1-3])", name.lower())
+    return f"zero{found.group(2)}" if found else ""

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from aiinfra.plan.cells import RowNotRepresentable, count, positive, published_value, row_precision
 from aiinfra.plan.cluster import Cluster, make_cluster
 from aiinfra.plan.errors import PlanError
-from aiinfra.plan.frameworks import FrameworkFacts, framework_facts
+from aiinfra.plan.frameworks import FrameworkFacts, framework_facts, named_sharding
 from aiinfra.plan.known_models import (
     NAMED_COLUMNS,
     SHAPE_COLUMNS,
@@ -308,8 +308,10 @@ def parallel_degrees(row: dict[str, str]) -> tuple[int, int, int, int]:
 def _layout(row: dict[str, str], facts: FrameworkFacts) -> tuple[Layout, bool, bool]:
     tp, pp, cp, dp = parallel_degrees(row)
     ep, vp = count(row, "ep", 1), count(row, "vp", 1)
-    # An empty column is the framework's documented default (`FrameworkFacts.default_sharding`).
-    sharding = (row.get("sharding") or "").strip() or facts.default_sharding
+    # An empty column is the stage the framework cell names ("DeepSpeed ZeRO-3"), else the framework's documented
+    # default (`FrameworkFacts.default_sharding`).
+    sharding = ((row.get("sharding") or "").strip() or named_sharding(row.get("framework") or "")
+                or facts.default_sharding)
     stage = SHARDING_STAGES.get(sharding.split("-")[0] if sharding.startswith("fsdp-") and sharding != "fsdp-like"
                                 else sharding)
     if stage is None:
