@@ -276,3 +276,15 @@ def test_an_mfu_above_one_or_a_decimal_comma_is_not_guessed(value: str, message:
     row = {**next(row for row in load_training_runs() if row["metric"] == "mfu"), "value": value}
     with pytest.raises(RowNotRepresentable, match=message):
         setup_from_row(row)
+
+
+@pytest.mark.parametrize(("spelling", "precision"), [
+    ("BF16", "bf16"), ("bfloat16", "bf16"), ("bf16-mixed", "bf16"), ("AMP bf16", "bf16"), ("float16", "fp16"),
+    ("MXFP8", "fp8"), ("FP8 (delayed scaling)", "fp8"), ("fp8_e4m3", "fp8"), ("FP8 current scaling", "fp8"),
+    ("NVFP4", "fp4"), ("MXFP4", "fp4"), ("W4A16", "int4-weights"), ("INT4 AWQ", "int4-weights"),
+    ("int8 weight-only", "int8-weights"), ("", "bf16"), ("tf32", "tf32"),
+])
+def test_a_precision_as_tables_print_it_is_the_schema_word(spelling: str, precision: str) -> None:
+    from aiinfra.plan.cells import row_precision
+
+    assert row_precision({"precision": spelling}) == precision

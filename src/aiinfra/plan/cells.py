@@ -78,16 +78,33 @@ def positive(row: dict[str, str], key: str) -> float | None:
     return value
 
 
-# Spellings of a precision that name its scaling recipe: MXFP8 and FP8 with current or block scaling are fp8 in the
-# schema (the reference README: "fp8 (includes MXFP8)"), NVFP4 and MXFP4 fp4.
+# Spellings of a precision that name its scaling recipe: MXFP8 and FP8 with current, delayed or block scaling are fp8
+# in the schema (the reference README: "fp8 (includes MXFP8)"), NVFP4 and MXFP4 fp4; PyTorch's dtype names and mixed-
+# precision labels are the 16-bit words; AWQ/GPTQ and W4A16/W8A16 are weight-only int4/int8.
 PRECISION_ALIASES = {"mxfp8": "fp8", "fp8-cs": "fp8", "fp8-mx": "fp8", "fp8-blockwise": "fp8", "nvfp4": "fp4",
-                     "mxfp4": "fp4"}
+                     "mxfp4": "fp4", "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "w4a16": "int4-weights",
+                     "w8a16": "int8-weights", "awq": "int4-weights", "gptq": "int4-weights"}
+_PRECISION_FAMILIES = (("fp8", ("fp8", "mxfp8", "float8", "e4m3", "e5m2")),
+                       ("fp4", ("fp4", "nvfp4", "mxfp4", "float4")),
+                       ("int4-weights", ("int4-awq", "int4-gptq", "int4-weight", "awq", "gptq")),
+                       ("int8-weights", ("int8-weight",)))
+_MIXED = re.compile(r"^(amp|mixed|autocast)-|-(mixed|amp)$")
 
 
 def row_precision(row: dict[str, str], default: str = "bf16") -> str:
-    """The `precision` cell in the schema's words (lower case, `PRECISION_ALIASES`); `default` when empty."""
-    text = (row.get("precision") or "").strip().lower()
-    return PRECISION_ALIASES.get(text, text) or default
+    """The `precision` cell in the schema's words (lower case, `PRECISION_ALIASES`, a scaling recipe or format
+    after the word: "FP8 (delayed scaling)", "fp8_e4m3", "bf16-mixed", "INT4 AWQ"); `default` when empty."""
+    text = re.sub(r"\(.*?\)", " ", (row.get("precision") or "").lower())
+    text = re.sub(r"[\s_]+", "-", text.strip()).strip("-")
+    text = _MIXED.sub("", text)
+    if not text:
+        return default
+    if text in PRECISION_ALIASES:
+        return PRECISION_ALIASES[text]
+    for word, prefixes in _PRECISION_FAMILIES:
+        if text.startswith(prefixes):
+            return word
+    return text
 
 
 def published_value(row: dict[str, str]) -> float:
