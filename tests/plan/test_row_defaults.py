@@ -288,3 +288,16 @@ def test_a_precision_as_tables_print_it_is_the_schema_word(spelling: str, precis
     from aiinfra.plan.cells import row_precision
 
     assert row_precision({"precision": spelling}) == precision
+
+
+@pytest.mark.parametrize(("spelling", "stage", "hybrid"), [
+    ("FSDP", 3, False), ("ZeRO-3", 3, False), ("ZeRO stage 2", 2, False), ("FULL_SHARD", 3, False),
+    ("SHARD_GRAD_OP", 2, False), ("NO_SHARD", 0, False), ("DDP", 0, False), ("distributed optimizer", 1, False),
+    ("ZeRO-1 (distributed optimizer)", 1, False), ("HYBRID_SHARD", 3, True), ("HSDP", 3, True),
+])
+def test_a_sharding_as_frameworks_name_it_is_the_schema_word(spelling: str, stage: int, hybrid: bool) -> None:
+    row = _row("bridge2511-llama3-8b-h100x8-fsdp") | {"n_devices": "64", "dp": "64"}
+    layout = setup_from_row({**row, "sharding": spelling}).layout
+    assert layout.zero_stage == stage
+    # HYBRID_SHARD shards inside the 8-GPU NVLink domain and replicates across the 8 nodes.
+    assert (layout.dp_shard, layout.dp_replicate) == ((8, 8) if hybrid else (64, 1) if stage else (1, 64))

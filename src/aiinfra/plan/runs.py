@@ -11,6 +11,7 @@ the planner cannot represent raises `RowNotRepresentable` with the reason.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -305,23 +306,40 @@ def parallel_degrees(row: dict[str, str]) -> tuple[int, int, int, int]:
     return tp, pp, cp, dp
 
 
+# Other spellings of a sharding scheme, after lower-casing, hyphenating and dropping parentheses: ZeRO stages with a
+# hyphen or "stage", PyTorch FSDP's ShardingStrategy names (FULL_SHARD is ZeRO-3, SHARD_GRAD_OP ZeRO-2, NO_SHARD
+# and DDP none, HYBRID_SHARD / HSDP ZeRO-3 inside a node and replicas across: Zhao et al. 2023, 3.2.1) and
+# Megatron's distributed optimizer (ZeRO-1).
+HYBRID_SHARD = "fsdp-hybrid-shard"
+SHARDING_ALIASES = {"full-shard": "fsdp", "fsdp-full-shard": "fsdp", "shard-grad-op": "zero2", "no-shard": "none",
+                    "ddp": "none", "hybrid-shard": HYBRID_SHARD, "hsdp": HYBRID_SHARD, "fsdp-hybrid": HYBRID_SHARD,
+                    "distributed-optimizer": "zero1", "dist-opt": "zero1"}
+
+
+def sharding_word(text: str) -> str:
+    """A `sharding` cell in the schema's words (`SHARDING_ALIASES`; "ZeRO-3", "ZeRO stage 3": zero3)."""
+    key = re.sub(r"[\s_]+", "-", re.sub(r"\(.*?\)", " ", text).strip().lower()).strip("-")
+    key = re.sub(r"^zero-?(stage-?)?([0-3])$", r"zero\2", key)
+    return "none" if key == "zero0" else SHARDING_ALIASES.get(key, key)
+
+
 def _layout(row: dict[str, str], facts: FrameworkFacts) -> tuple[Layout, bool, bool]:
     tp, pp, cp, dp = parallel_degrees(row)
     ep, vp = count(row, "ep", 1), count(row, "vp", 1)
     # An empty column is the stage the framework cell names ("DeepSpeed ZeRO-3"), else the framework's documented
     # default (`FrameworkFacts.default_sharding`).
-    sharding = ((row.get("sharding") or "").strip() or named_sharding(row.get("framework") or "")
-                or facts.default_sharding)
+    stated = (row.get("sharding") or "").strip()
+    sharding = sharding_word(stated) if stated else named_sharding(row.get("framework") or "") or facts.default_sharding
     stage = SHARDING_STAGES.get(sharding.split("-")[0] if sharding.startswith("fsdp-") and sharding != "fsdp-like"
                                 else sharding)
     if stage is None:
-        raise RowNotRepresentable(f"sharding={sharding!r}: expected one of {', '.join(SHARDING_STAGES)}")
+        raise RowNotRepresentable(f"sharding={stated!r}: expected one of {', '.join(SHARDING_STAGES)}")
     recompute, stated_sp = _recompute(row.get("recompute") or "")
     interleaved = pp > 1 and (bool((row.get("vp") or "").strip()) or facts.interleaved_by_default)
     if interleaved and vp == 1 and (row.get("vp") or "").strip():
         interleaved = False
     within = stage and facts.shard_within_domain
-    if sharding == "fsdp-like" and facts.fsdp_like_is_hybrid:
+    if (sharding == "fsdp-like" and facts.fsdp_like_is_hybrid) or sharding == HYBRID_SHARD:
         stage, within = 3, True
     shard = dp if stage else 1
     if within:
