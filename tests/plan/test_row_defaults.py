@@ -301,3 +301,15 @@ def test_a_sharding_as_frameworks_name_it_is_the_schema_word(spelling: str, stag
     assert layout.zero_stage == stage
     # HYBRID_SHARD shards inside the 8-GPU NVLink domain and replicates across the 8 nodes.
     assert (layout.dp_shard, layout.dp_replicate) == ((8, 8) if hybrid else (64, 1) if stage else (1, 64))
+
+
+@pytest.mark.parametrize(("spelling", "recompute"), [
+    ("FULL", "full"), ("full activation checkpointing", "full"), ("gradient checkpointing", "full"),
+    ("nothing_saveable", "full"), ("SAC", "selective"), ("per-op SAC", "selective"), ("core_attn", "selective"),
+    ("save_dot_except_mlp", "selective"), ("minimal_offloaded", "selective"), ("off", "none"), ("false", "none"),
+])
+def test_a_recompute_as_frameworks_name_it_is_the_schema_word(spelling: str, recompute: str) -> None:
+    row = _row("bridge2511-llama3-8b-h100x8-fsdp")
+    assert setup_from_row({**row, "recompute": spelling}).layout.recompute == recompute
+    with pytest.raises(RowNotRepresentable, match="recompute='fullish': expected none, selective or full"):
+        setup_from_row({**row, "recompute": "fullish"})

@@ -219,18 +219,31 @@ class RunSetup:
     search_recompute: bool
 
 
+# Other spellings of the recompute column, after lower-casing, hyphenating and dropping parentheses. Whole-layer:
+# activation or gradient checkpointing unqualified (torch.utils.checkpoint per block), remat (MaxText remat_policy
+# full, jax.checkpoint's nothing_saveable), "full" with a qualifier. Selective: selective activation checkpointing
+# (SAC, per-op), Megatron's --recompute-modules (core_attn, moe_act, layernorm, mla_up_proj) and MaxText's policies
+# that save some matmul outputs (minimal, save_*, *_offloaded, qkv_proj). None: off, no, false, disabled.
+FULL_RECOMPUTE = ("full", "remat", "rematerialization", "full-remat", "activation-checkpointing",
+                  "gradient-checkpointing", "full-activation-checkpointing", "nothing-saveable", "block", "true",
+                  "yes", "on")
+SELECTIVE_RECOMPUTE = ("selective", "sac", "per-op", "op-level", "core-attn", "moe-act", "layernorm", "mla-up-proj",
+                       "minimal", "save-", "qkv-proj")
+NO_RECOMPUTE = ("", "none", "no", "off", "false", "disabled", "0")
+
+
 def _recompute(text: str) -> tuple[str, bool]:
-    """(none/selective/full, sequence parallel stated) from the recompute column (any case; "remat",
-    "rematerialization" and "activation checkpointing" unqualified mean the whole layer, as MaxText's remat_policy
-    full and torch.utils.checkpoint per block do)."""
-    text = text.strip().lower()
-    if text.startswith("selective"):
-        return "selective", "+sp" in text
-    if text in ("full", "remat", "rematerialization", "activation checkpointing", "activation-checkpointing"):
+    """(none/selective/full, sequence parallel stated) from the recompute column (any case, `FULL_RECOMPUTE`,
+    `SELECTIVE_RECOMPUTE`, `NO_RECOMPUTE`; "selective+sp" states sequence parallelism)."""
+    raw = text.strip().lower()
+    key = re.sub(r"[\s_]+", "-", re.sub(r"\(.*?\)", " ", raw).strip()).strip("-")
+    if key.startswith(SELECTIVE_RECOMPUTE) or key.endswith("-offloaded") or "selective" in key:
+        return "selective", "+sp" in key
+    if key in FULL_RECOMPUTE or key.startswith("full-"):
         return "full", False
-    if text in ("", "none"):
+    if key in NO_RECOMPUTE:
         return "none", False
-    raise RowNotRepresentable(f"recompute={text!r}: expected none, selective or full")
+    raise RowNotRepresentable(f"recompute={text.strip()!r}: expected none, selective or full")
 
 
 def _attention(row: dict[str, str]) -> str:
