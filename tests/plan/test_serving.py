@@ -485,3 +485,14 @@ def test_a_row_names_its_request_count_or_gets_its_benchmark_procedures() -> Non
     small = _predict_inference_row({**row, "requests": "64"}, serve_models())
     assert (small.batch, small.limited_by) == (64, "requests")
     assert small.predicted < _predict_inference_row(row, serve_models()).predicted
+
+
+@pytest.mark.parametrize(("system", "engine"), [
+    ("NVIDIA TensorRT-LLM", "TensorRT-LLM"), ("TensorRT LLM v0.17", "TensorRT-LLM"), ("tensorrt_llm", "TensorRT-LLM"),
+    ("TRT-LLM max-throughput", "TensorRT-LLM"), ("trtllm-bench", "TensorRT-LLM"), ("vllm (ROCm)", "vLLM"),
+    ("AMD vLLM 0.9", "vLLM"), ("SGLang v0.4.6", "SGLang"), ("TGI", "TGI"), ("", ""),
+])
+def test_an_engine_as_tables_name_it_is_its_own_spelling(system: str, engine: str) -> None:
+    from aiinfra.plan.serve_rows import engine_name
+
+    assert engine_name(system) == engine

@@ -92,10 +92,19 @@ ENGINE_NAMES = {"tensorrt-llm": "TensorRT-LLM", "trt-llm": "TensorRT-LLM", "trtl
                 "trtllm-bench": "TensorRT-LLM", "vllm": "vLLM", "sglang": "SGLang"}
 
 
+ENGINE_VENDORS = ("nvidia", "amd")
+
+
 def engine_name(text: str) -> str:
-    """An engine's own spelling of the first word of `text` (`ENGINE_NAMES`); that word as given when it is not one
-    of theirs, '' when empty."""
-    first = (text.split() or [""])[0]
+    """An engine's own spelling of the first word of `text` (`ENGINE_NAMES`, after a vendor word: "NVIDIA
+    TensorRT-LLM"; "TensorRT LLM" and "tensorrt_llm" as TensorRT-LLM); that word as given when it is not one of
+    theirs, '' when empty."""
+    words = text.replace("_", "-").split()
+    if len(words) > 1 and words[0].lower() in ENGINE_VENDORS:
+        words = words[1:]
+    if len(words) > 1 and words[0].lower() == "tensorrt" and words[1].lower().startswith("llm"):
+        words = ["tensorrt-llm", *words[2:]]
+    first = (words or [""])[0]
     return ENGINE_NAMES.get(first.lower().rstrip(",;:"), first)
 
 
