@@ -496,3 +496,22 @@ def test_an_engine_as_tables_name_it_is_its_own_spelling(system: str, engine: st
     from aiinfra.plan.serve_rows import engine_name
 
     assert engine_name(system) == engine
+
+
+def test_an_empty_precision_is_what_the_checkpoint_name_says() -> None:
+    import csv
+
+    from aiinfra.plan.serve_rows import INFERENCE_RUNS_CSV, _predict_inference_row, name_precision
+
+    assert (name_precision("Qwen/Qwen3-235B-A22B-FP8"), name_precision("nvidia/Llama-3.1-405B-Instruct-FP4"),
+            name_precision("TheBloke/Llama-2-70B-Chat-AWQ"), name_precision("llama-3.1-70b")) == (
+        "fp8", "fp4", "int4-weights", "")
+    models = serve_models()
+    with open(INFERENCE_RUNS_CSV, newline="") as handle:
+        row = next(r for r in csv.DictReader(handle) if r["id"] == "trtllm-qwen3-235b-h200x8-fp8-1000")
+    stated = _predict_inference_row(row, models)
+    named = _predict_inference_row({**row, "model": "Qwen/Qwen3-235B-A22B-FP8", "precision": ""}, models)
+    assert named.predicted == stated.predicted
+    # A stated precision wins over the name.
+    bf16 = _predict_inference_row({**row, "model": "Qwen/Qwen3-235B-A22B-FP8", "precision": "bf16"}, models)
+    assert bf16.predicted != stated.predicted

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -249,6 +250,18 @@ def _round_up_by_tier(value: float, tiers: tuple[tuple[int, int], ...], last_ste
     return step * math.ceil(value / step)
 
 
+# A checkpoint name's quantization tag and the precision it means (the tags `known_models` strips from a name).
+NAME_PRECISIONS = {"fp8": "fp8", "fp4": "fp4", "nvfp4": "fp4", "mxfp4": "fp4", "int4": "int4-weights",
+                   "awq": "int4-weights", "gptq": "int4-weights", "w4a16": "int4-weights", "w8a16": "int8-weights",
+                   "int8": "int8", "w8a8": "int8"}
+
+
+def name_precision(model: str) -> str:
+    """The precision a checkpoint's name carries ("...-Instruct-FP8", "-AWQ"), or '' when it names none."""
+    tags = [tag for tag in re.split(r"[-_/\s.]+", model.lower()) if tag in NAME_PRECISIONS]
+    return NAME_PRECISIONS[tags[-1]] if tags else ""
+
+
 def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -> InferenceValidationRow:
     from aiinfra.plan.calibrated import calibrated
     from aiinfra.plan.cluster import make_cluster
@@ -273,8 +286,9 @@ def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -
     # instances or vLLM's --data-parallel-size): the group's figure is the replicas' sum, each serving an equal share
     # of a finite run's requests; a batch-1 latency is one replica's.
     replicas = n_devices // tp
-    # Weight-only int8/int4 keep 16-bit activations; an empty cell is the checkpoint's own 16 bits.
-    precision = row_precision(row, default="bf16")
+    # Weight-only int8/int4 keep 16-bit activations; an empty cell is what the checkpoint's name says it was
+    # quantized to (Qwen3-235B-A22B-FP8, nvidia/Llama-3.1-405B-Instruct-FP4, ...-AWQ), else its own 16 bits.
+    precision = row_precision(row, default=name_precision(row.get("model", "")) or "bf16")
     weight_dtype = {"int8-weights": "int8", "int4-weights": "int4"}.get(precision, precision)
     if weight_dtype not in WEIGHT_BYTES:
         raise RowNotRepresentable(f"precision={row.get('precision', '').strip()!r}: expected one of "
