@@ -21,6 +21,22 @@ from aiinfra.spec import ModelSpec
 TE_MULTI_STREAM_GEMM_PER_GROUP_S = (2 * 8 * 4096 * 768 * 2048) * (1 / 553.945e12 - 1 / 627.903e12) / 8
 
 
+# The same path's floor per expert GEMM where each GEMM is tiny: TE PR #3134's SM100 benchmark
+# (benchmarks/linear/benchmark_grouped_linear.py --compare-nvfp4-grouped-gemm, TN fprop, 8 experts x 128 tokens,
+# N = K = 2048) times the multi-stream cuBLASLt path at 0.267 ms kernel-vs-kernel ("pure": operands pre-swizzled, so
+# only the GEMMs) against 0.069 ms for one CUTLASS grouped launch of the same work: 33.4 us per expert GEMM however
+# little it computes. Measured on SM100 (Blackwell) only; no such floor is taken for other generations (TE PR #2045's
+# H100 figure bounds Hopper's below 186.08 / 16 = 11.6 us, a bound, not a measurement).
+TE_MULTI_STREAM_GEMM_FLOOR_S = {"blackwell": 0.267e-3 / 8}
+
+
+def grouped_call_s(gemms_s: float, local_experts: float, per_group_s: float, floor_s: float) -> float:
+    """Seconds of one grouped expert GEMM call on TE's multi-stream path: its GEMMs' roofline time plus the extra
+    GEMMs' cost (`split_gemm_overhead_s`), and never less than the path's floor per expert GEMM
+    (`TE_MULTI_STREAM_GEMM_FLOOR_S`) once per local expert."""
+    return max(gemms_s + split_gemm_overhead_s(local_experts, per_group_s), floor_s * local_experts)
+
+
 def expert_tokens(spec: ModelSpec, layout: Layout, m: float, capacity_factor: float = 0.0) -> float:
     """Rows each local expert's GEMMs run on for m tokens per device: the balanced share m k ep / E, or, when
     tokens are dropped at a capacity factor, the whole capacity buffer cf x m k ep / E, padding included (GShard,
