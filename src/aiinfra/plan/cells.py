@@ -123,3 +123,51 @@ def published_value(row: dict[str, str]) -> float:
         raise RowNotRepresentable(f"value={text!r}: an mfu is a fraction of the peak, at most 1 (or a percentage "
                                   f"written with %, such as {value:g}%)")
     return value
+
+
+# The `sharding` words of the schema and the ZeRO stage each means.
+SHARDING_STAGES = {"none": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3, "fsdp-like": 2}
+
+
+# Other spellings of a sharding scheme, after lower-casing, hyphenating and dropping parentheses: ZeRO stages with a
+# hyphen or "stage", PyTorch FSDP's ShardingStrategy names (FULL_SHARD is ZeRO-3, SHARD_GRAD_OP ZeRO-2, NO_SHARD
+# and DDP none, HYBRID_SHARD / HSDP ZeRO-3 inside a node and replicas across: Zhao et al. 2023, 3.2.1) and
+# Megatron's distributed optimizer (ZeRO-1).
+HYBRID_SHARD = "fsdp-hybrid-shard"
+SHARDING_ALIASES = {"full-shard": "fsdp", "fsdp-full-shard": "fsdp", "shard-grad-op": "zero2", "no-shard": "none",
+                    "ddp": "none", "hybrid-shard": HYBRID_SHARD, "hsdp": HYBRID_SHARD, "fsdp-hybrid": HYBRID_SHARD,
+                    "distributed-optimizer": "zero1", "dist-opt": "zero1"}
+
+
+def sharding_word(text: str) -> str:
+    """A `sharding` cell in the schema's words (`SHARDING_ALIASES`; "ZeRO-3", "ZeRO stage 3": zero3)."""
+    key = re.sub(r"[\s_]+", "-", re.sub(r"\(.*?\)", " ", text).strip().lower()).strip("-")
+    key = re.sub(r"^zero-?(stage-?)?([0-3])$", r"zero\2", key)
+    return "none" if key == "zero0" else SHARDING_ALIASES.get(key, key)
+
+
+# Other spellings of the recompute column, after lower-casing, hyphenating and dropping parentheses. Whole-layer:
+# activation or gradient checkpointing unqualified (torch.utils.checkpoint per block), remat (MaxText remat_policy
+# full, jax.checkpoint's nothing_saveable), "full" with a qualifier. Selective: selective activation checkpointing
+# (SAC, per-op), Megatron's --recompute-modules (core_attn, moe_act, layernorm, mla_up_proj) and MaxText's policies
+# that save some matmul outputs (minimal, save_*, *_offloaded, qkv_proj). None: off, no, false, disabled.
+FULL_RECOMPUTE = ("full", "remat", "rematerialization", "full-remat", "activation-checkpointing",
+                  "gradient-checkpointing", "full-activation-checkpointing", "nothing-saveable", "block", "true",
+                  "yes", "on")
+SELECTIVE_RECOMPUTE = ("selective", "sac", "per-op", "op-level", "core-attn", "moe-act", "layernorm", "mla-up-proj",
+                       "minimal", "save-", "qkv-proj")
+NO_RECOMPUTE = ("", "none", "no", "off", "false", "disabled", "0")
+
+
+def recompute_word(text: str) -> tuple[str, bool]:
+    """(none/selective/full, sequence parallel stated) from the recompute column (any case, `FULL_RECOMPUTE`,
+    `SELECTIVE_RECOMPUTE`, `NO_RECOMPUTE`; "selective+sp" states sequence parallelism)."""
+    raw = text.strip().lower()
+    key = re.sub(r"[\s_]+", "-", re.sub(r"\(.*?\)", " ", raw).strip()).strip("-")
+    if key.startswith(SELECTIVE_RECOMPUTE) or key.endswith("-offloaded") or "selective" in key:
+        return "selective", "+sp" in key
+    if key in FULL_RECOMPUTE or key.startswith("full-"):
+        return "full", False
+    if key in NO_RECOMPUTE:
+        return "none", False
+    raise RowNotRepresentable(f"recompute={text.strip()!r}: expected none, selective or full")

@@ -37,6 +37,12 @@ def grouped_call_s(gemms_s: float, local_experts: float, per_group_s: float, flo
     return max(gemms_s + split_gemm_overhead_s(local_experts, per_group_s), floor_s * local_experts)
 
 
+def multi_stream_floor_s(cluster: Cluster, per_group_s: float) -> float:
+    """The per-expert-GEMM floor of TE's multi-stream grouped path (`TE_MULTI_STREAM_GEMM_FLOOR_S`) on
+    this generation, for a framework that runs that path (one with a per-group cost); 0 otherwise."""
+    return TE_MULTI_STREAM_GEMM_FLOOR_S.get(cluster.efficiency.generation, 0.0) if per_group_s > 0 else 0.0
+
+
 def expert_tokens(spec: ModelSpec, layout: Layout, m: float, capacity_factor: float = 0.0) -> float:
     """Rows each local expert's GEMMs run on for m tokens per device: the balanced share m k ep / E, or, when
     tokens are dropped at a capacity factor, the whole capacity buffer cf x m k ep / E, padding included (GShard,

@@ -11,13 +11,22 @@ the planner cannot represent raises `RowNotRepresentable` with the reason.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, replace
 from typing import Any
 
 from pydantic import ValidationError
 
-from aiinfra.plan.cells import RowNotRepresentable, count, positive, published_value, row_precision
+from aiinfra.plan.cells import (
+    HYBRID_SHARD,
+    SHARDING_STAGES,
+    RowNotRepresentable,
+    count,
+    positive,
+    published_value,
+    recompute_word,
+    row_precision,
+    sharding_word,
+)
 from aiinfra.plan.cluster import Cluster, make_cluster
 from aiinfra.plan.errors import PlanError
 from aiinfra.plan.frameworks import FrameworkFacts, framework_facts, named_sharding
@@ -38,7 +47,6 @@ METRICS = ("tflops_per_device_hw", "mfu", "step_time_s", "tokens_per_s_per_devic
            "gpu_hours_total")
 # fsdp-like: sharded optimizer and gradients with weights kept between passes (Llama 3, 3.3.2), a ZeRO-2 pattern;
 # under PyTorch FSDP it names HYBRID_SHARD (`FrameworkFacts.fsdp_like_is_hybrid`).
-SHARDING_STAGES = {"none": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3, "fsdp-like": 2}
 # Families whose published models use a 2-matrix MLP, LayerNorm, learned positions and biases (GPT-2/3, MPT, the
 # MaxText test models), or a 2-matrix squared-ReLU MLP (Nemotron-4); all others are Llama-style (SwiGLU, RMSNorm,
 # rotary positions). GPT's vocabulary is GPT-2's BPE when a row does not give one (Brown et al. 2020). Tied input
@@ -219,33 +227,6 @@ class RunSetup:
     search_recompute: bool
 
 
-# Other spellings of the recompute column, after lower-casing, hyphenating and dropping parentheses. Whole-layer:
-# activation or gradient checkpointing unqualified (torch.utils.checkpoint per block), remat (MaxText remat_policy
-# full, jax.checkpoint's nothing_saveable), "full" with a qualifier. Selective: selective activation checkpointing
-# (SAC, per-op), Megatron's --recompute-modules (core_attn, moe_act, layernorm, mla_up_proj) and MaxText's policies
-# that save some matmul outputs (minimal, save_*, *_offloaded, qkv_proj). None: off, no, false, disabled.
-FULL_RECOMPUTE = ("full", "remat", "rematerialization", "full-remat", "activation-checkpointing",
-                  "gradient-checkpointing", "full-activation-checkpointing", "nothing-saveable", "block", "true",
-                  "yes", "on")
-SELECTIVE_RECOMPUTE = ("selective", "sac", "per-op", "op-level", "core-attn", "moe-act", "layernorm", "mla-up-proj",
-                       "minimal", "save-", "qkv-proj")
-NO_RECOMPUTE = ("", "none", "no", "off", "false", "disabled", "0")
-
-
-def _recompute(text: str) -> tuple[str, bool]:
-    """(none/selective/full, sequence parallel stated) from the recompute column (any case, `FULL_RECOMPUTE`,
-    `SELECTIVE_RECOMPUTE`, `NO_RECOMPUTE`; "selective+sp" states sequence parallelism)."""
-    raw = text.strip().lower()
-    key = re.sub(r"[\s_]+", "-", re.sub(r"\(.*?\)", " ", raw).strip()).strip("-")
-    if key.startswith(SELECTIVE_RECOMPUTE) or key.endswith("-offloaded") or "selective" in key:
-        return "selective", "+sp" in key
-    if key in FULL_RECOMPUTE or key.startswith("full-"):
-        return "full", False
-    if key in NO_RECOMPUTE:
-        return "none", False
-    raise RowNotRepresentable(f"recompute={text.strip()!r}: expected none, selective or full")
-
-
 def _attention(row: dict[str, str]) -> str:
     """The attention kernel: the row's `attention` column (an optional extension of the schema: flash or
     materialized) or, when empty, fused flash-style attention, every framework's default since 2023."""
@@ -319,23 +300,6 @@ def parallel_degrees(row: dict[str, str]) -> tuple[int, int, int, int]:
     return tp, pp, cp, dp
 
 
-# Other spellings of a sharding scheme, after lower-casing, hyphenating and dropping parentheses: ZeRO stages with a
-# hyphen or "stage", PyTorch FSDP's ShardingStrategy names (FULL_SHARD is ZeRO-3, SHARD_GRAD_OP ZeRO-2, NO_SHARD
-# and DDP none, HYBRID_SHARD / HSDP ZeRO-3 inside a node and replicas across: Zhao et al. 2023, 3.2.1) and
-# Megatron's distributed optimizer (ZeRO-1).
-HYBRID_SHARD = "fsdp-hybrid-shard"
-SHARDING_ALIASES = {"full-shard": "fsdp", "fsdp-full-shard": "fsdp", "shard-grad-op": "zero2", "no-shard": "none",
-                    "ddp": "none", "hybrid-shard": HYBRID_SHARD, "hsdp": HYBRID_SHARD, "fsdp-hybrid": HYBRID_SHARD,
-                    "distributed-optimizer": "zero1", "dist-opt": "zero1"}
-
-
-def sharding_word(text: str) -> str:
-    """A `sharding` cell in the schema's words (`SHARDING_ALIASES`; "ZeRO-3", "ZeRO stage 3": zero3)."""
-    key = re.sub(r"[\s_]+", "-", re.sub(r"\(.*?\)", " ", text).strip().lower()).strip("-")
-    key = re.sub(r"^zero-?(stage-?)?([0-3])$", r"zero\2", key)
-    return "none" if key == "zero0" else SHARDING_ALIASES.get(key, key)
-
-
 def _layout(row: dict[str, str], facts: FrameworkFacts) -> tuple[Layout, bool, bool]:
     tp, pp, cp, dp = parallel_degrees(row)
     ep, vp = count(row, "ep", 1), count(row, "vp", 1)
@@ -347,7 +311,7 @@ def _layout(row: dict[str, str], facts: FrameworkFacts) -> tuple[Layout, bool, b
                                 else sharding)
     if stage is None:
         raise RowNotRepresentable(f"sharding={stated!r}: expected one of {', '.join(SHARDING_STAGES)}")
-    recompute, stated_sp = _recompute(row.get("recompute") or "")
+    recompute, stated_sp = recompute_word(row.get("recompute") or "")
     interleaved = pp > 1 and (bool((row.get("vp") or "").strip()) or facts.interleaved_by_default)
     if interleaved and vp == 1 and (row.get("vp") or "").strip():
         interleaved = False

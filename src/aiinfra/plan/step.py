@@ -24,7 +24,7 @@ from aiinfra.plan.layout import (
 )
 from aiinfra.plan.memory import memory_breakdown, offloaded_layer_bytes
 from aiinfra.plan.memory import stored_layer_bytes as _stored_layer_bytes
-from aiinfra.plan.moe_routing import TE_MULTI_STREAM_GEMM_FLOOR_S, ep_comm_s, expert_gemm_rows, grouped_call_s
+from aiinfra.plan.moe_routing import ep_comm_s, expert_gemm_rows, grouped_call_s, multi_stream_floor_s
 from aiinfra.spec import ModelSpec
 
 # Bytes moved per logit by a fused vocab-parallel cross-entropy (write bf16 logits, read them, write fp32
@@ -94,12 +94,6 @@ def _mlp_gemm_s(spec: ModelSpec, layout: Layout, cluster: Cluster, precision: st
     down = _gemm_time_s(cluster, precision, tokens_per_expert, ffn_local, h, local_experts)
     return (gemm + grouped_call_s(up, local_experts, per_group_s, floor)
             + grouped_call_s(down, local_experts, per_group_s, floor))
-
-
-def multi_stream_floor_s(cluster: Cluster, per_group_s: float) -> float:
-    """The per-expert-GEMM floor of TE's multi-stream grouped path (`moe_routing.TE_MULTI_STREAM_GEMM_FLOOR_S`) on
-    this generation, for a framework that runs that path (one with a per-group cost); 0 otherwise."""
-    return TE_MULTI_STREAM_GEMM_FLOOR_S.get(cluster.efficiency.generation, 0.0) if per_group_s > 0 else 0.0
 
 
 def mlp_down_projection_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster) -> float:
