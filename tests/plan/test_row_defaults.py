@@ -246,10 +246,11 @@ def test_an_empty_device_count_is_the_product_of_the_stated_degrees() -> None:
 
 
 def test_a_spreadsheet_export_reads_as_the_table_does(tmp_path) -> None:
-    """A byte-order mark, CRLF line ends, spaces around header names, thousands separators and an mfu written as a
-    percentage are how spreadsheets and published tables write the cells: every row keeps its id and figure."""
+    """A byte-order mark, CRLF line ends, spaces and capitals in header names, thousands separators and an mfu
+    written as a percentage are how spreadsheets and published tables write the cells: every row keeps its id and
+    figure."""
     rows = [row for row in load_training_runs() if row["metric"] == "mfu"][:4]
-    header = [f" {name} " if name == "value" else name for name in rows[0]]
+    header = [f" {name} " if name == "value" else name.title() if name == "hardware" else name for name in rows[0]]
     lines = [",".join(header)]
     for row in rows:
         cells = dict(row)

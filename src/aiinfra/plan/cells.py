@@ -22,9 +22,9 @@ class RunRow(dict[str, str]):
 
 
 def run_row(row: dict[str, str | None]) -> RunRow:
-    """A csv.DictReader row as a RunRow: None (a short line's missing cells) as empty, header names stripped of
-    the spaces a hand-edited header leaves."""
-    return RunRow({key.strip(): value or "" for key, value in row.items() if key is not None})
+    """A csv.DictReader row as a RunRow: None (a short line's missing cells) as empty, header names in the
+    schema's lower case without the spaces a hand-edited header leaves ("Hardware ", "N_Devices")."""
+    return RunRow({key.strip().lower(): value or "" for key, value in row.items() if key is not None})
 
 
 # A CSV saved by a spreadsheet starts with a byte-order mark, which would otherwise become part of the first column's

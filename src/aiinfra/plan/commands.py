@@ -344,7 +344,7 @@ def check_run_table(option: str, path: Path, required: tuple[str, ...]) -> None:
     try:
         with open(path, newline="", encoding=CSV_ENCODING) as handle:
             reader = csv.DictReader(handle)
-            header = [name.strip() for name in reader.fieldnames or []]
+            header = [name.strip().lower() for name in reader.fieldnames or []]
             has_rows = next(reader, None) is not None
     except (UnicodeDecodeError, csv.Error) as error:
         raise PlanError(f"{option}={str(path)!r}: not a readable CSV ({error})") from None
