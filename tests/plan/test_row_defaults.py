@@ -314,3 +314,20 @@ def test_a_recompute_as_frameworks_name_it_is_the_schema_word(spelling: str, rec
     assert setup_from_row({**row, "recompute": spelling}).layout.recompute == recompute
     with pytest.raises(RowNotRepresentable, match="recompute='fullish': expected none, selective or full"):
         setup_from_row({**row, "recompute": "fullish"})
+
+
+def test_a_hardware_cell_that_counts_its_parts_gives_the_device_count() -> None:
+    from aiinfra.plan.cells import with_counted_hardware
+
+    assert with_counted_hardware({"hardware": "8x H100", "n_devices": ""}) == {"hardware": "H100", "n_devices": "8"}
+    assert with_counted_hardware({"hardware": "H200 x 8", "n_devices": ""})["n_devices"] == "8"
+    # A stated count wins: "8xH100" then names the node type of a larger run.
+    assert with_counted_hardware({"hardware": "8xH100", "n_devices": "64"}) == {"hardware": "H100", "n_devices": "64"}
+    for part in ("h100-sxm-80gb", "MI300X", "v5p-1024", "GB200 NVL72"):  # no count, or a slice size
+        assert with_counted_hardware({"hardware": part, "n_devices": ""})["hardware"] == part
+    row = _row("bridge2511-llama3-8b-h100x8-fsdp")
+    counted = setup_from_row({**row, "hardware": "8x H100", "n_devices": "", "dp": ""})
+    assert counted.cluster.n_devices == 8 and counted.cluster.accelerator.id == "h100-sxm-80gb"
+    # With dp stated, the degrees give the count and the hardware cell's count names a node.
+    staged = setup_from_row({**_row("bridge2606-qwen3-235b-gb200x256-mxfp8"), "hardware": "4x GB200", "n_devices": ""})
+    assert staged.cluster.n_devices == 256

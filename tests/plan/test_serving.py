@@ -515,3 +515,16 @@ def test_an_empty_precision_is_what_the_checkpoint_name_says() -> None:
     # A stated precision wins over the name.
     bf16 = _predict_inference_row({**row, "model": "Qwen/Qwen3-235B-A22B-FP8", "precision": "bf16"}, models)
     assert bf16.predicted != stated.predicted
+
+
+def test_an_inference_row_whose_hardware_counts_its_parts_needs_no_device_count() -> None:
+    import csv
+
+    from aiinfra.plan.serve_rows import INFERENCE_RUNS_CSV, _predict_inference_row
+
+    models = serve_models()
+    with open(INFERENCE_RUNS_CSV, newline="") as handle:
+        row = next(r for r in csv.DictReader(handle) if r["id"] == "trtllm-qwen3-235b-h200x8-fp8-1000")
+    stated = _predict_inference_row(row, models)
+    counted = _predict_inference_row({**row, "hardware": "8x H200", "n_devices": ""}, models)
+    assert counted.predicted == stated.predicted

@@ -33,6 +33,21 @@ CSV_ENCODING = "utf-8-sig"
 _THOUSANDS = re.compile(r"^[+-]?\d{1,3}(,\d{3})+(\.\d*)?$")
 
 
+_COUNTED_PART = re.compile(r"^\s*(\d+)\s*[x×*]\s*(\S.*?)\s*$|^\s*(\S.*?)\s*[x×*]\s*(\d+)\s*$", re.IGNORECASE)
+
+
+def with_counted_hardware(row: dict[str, str]) -> dict[str, str]:
+    """The row with a `hardware` cell that counts its parts ("8x H100", "H200 x 8") split into the part and, where
+    `n_devices` is empty, the count; a stated `n_devices` wins (the count then names a node: "8xH100" over 64)."""
+    text = row.get("hardware") or ""
+    found = _COUNTED_PART.match(text)
+    if not found:
+        return row
+    parts = found.group(1) or found.group(4)
+    name = (found.group(2) or found.group(3)).strip()
+    return {**row, "hardware": name, "n_devices": (row.get("n_devices") or "").strip() or parts}
+
+
 def number(text: str) -> float:
     """A numeric cell: a plain or scientific number, or one with thousands separators as tables print them
     ("1,280"; a comma anywhere else is not read as a decimal point). ValueError otherwise."""

@@ -26,6 +26,7 @@ from aiinfra.plan.cells import (
     recompute_word,
     row_precision,
     sharding_word,
+    with_counted_hardware,
 )
 from aiinfra.plan.cluster import Cluster, make_cluster
 from aiinfra.plan.errors import PlanError
@@ -355,11 +356,12 @@ def architecture_settings(version: str) -> dict[str, Any]:
 
 def with_device_count(row: dict[str, str]) -> dict[str, str]:
     """The row with an empty `n_devices` the product of its degrees where it states `dp` (tp, pp and cp empty: 1),
-    so a fully stated layout needs no device count; without `dp` the count stays unstated."""
-    if (row.get("n_devices") or "").strip() or not (row.get("dp") or "").strip():
-        return row
-    degrees = (count(row, column, 1) for column in ("tp", "pp", "cp", "dp"))
-    return {**row, "n_devices": str(math.prod(degrees))}
+    else the count its hardware cell gives ("8x H100": `cells.with_counted_hardware`, which also leaves the part
+    alone in the cell), so a fully stated layout needs no device count; without either the count stays unstated."""
+    stated = (row.get("n_devices") or "").strip()
+    if not stated and (row.get("dp") or "").strip():
+        stated = str(math.prod(count(row, column, 1) for column in ("tp", "pp", "cp", "dp")))
+    return with_counted_hardware({**row, "n_devices": stated})
 
 
 def setup_from_row(row: dict[str, str]) -> RunSetup:

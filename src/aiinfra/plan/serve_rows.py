@@ -22,6 +22,7 @@ from aiinfra.plan.cells import (
     published_value,
     row_precision,
     run_row,
+    with_counted_hardware,
 )
 from aiinfra.plan.cluster import Cluster
 from aiinfra.plan.errors import PlanError
@@ -265,6 +266,8 @@ def name_precision(model: str) -> str:
 def _predict_inference_row(row: dict[str, str], models: dict[str, ServeModel]) -> InferenceValidationRow:
     from aiinfra.plan.calibrated import calibrated
     from aiinfra.plan.cluster import make_cluster
+
+    row = with_counted_hardware(row)  # "8x H200": the part, and the count where n_devices is empty
 
     published = published_value(row)
     metric = row.get("metric", "")
