@@ -528,3 +528,42 @@ def test_an_inference_row_whose_hardware_counts_its_parts_needs_no_device_count(
     stated = _predict_inference_row(row, models)
     counted = _predict_inference_row({**row, "hardware": "8x H200", "n_devices": ""}, models)
     assert counted.predicted == stated.predicted
+
+
+def test_mi300x_streams_skinny_gemm_weights_at_hipblaslts_measured_rate() -> None:
+    # HF/AMD blog (huggingface/blog mi300kernels.md): torch's hipBLASLt FP8 GEMMs at M = 1 on Llama 3.1 405B's TP8
+    # shapes: QKV 2304 x 16384 in 14.938 us, gate/up 13312 x 16384 in 77.636 us, down 16384 x 6656 in 31.066 us.
+    weights = 2304 * 16384 + 13312 * 16384 + 16384 * 6656
+    assert weights == pytest.approx(365.0e6, rel=1e-3)
+    rate = weights / (14.938e-6 + 77.636e-6 + 31.066e-6)
+    mi300x = make_cluster("mi300x", 8)
+    assert mi300x.efficiency.weight_stream_bw_efficiency == pytest.approx(rate / 5.3e12, abs=5e-4) == 0.557
+    assert mi300x.efficiency.gemm_bw_efficiency == 0.557 < mi300x.efficiency.memory_bw_efficiency
+    # A batch-1 decode step reads every weight once: the linear layers take their bytes at that rate.
+    spec = preset("llama3-8b")
+    settings = ServeSettings(input_tokens=1, output_tokens=128, weight_dtype="fp8", kv_dtype="fp8")
+    from aiinfra.plan.inference import linear_layers_s
+
+    one = linear_layers_s(spec, make_cluster("mi300x", 1), settings, 1, 1)
+    h, q, kv, f = 4096, 4096, 1024, 14336
+    assert one == pytest.approx((h * (q + 2 * kv) + q * h + h * 2 * f + f * h) / (5.3e12 * 0.557), rel=1e-6)
+    # Generations without a measured figure stream at their elementwise share.
+    assert make_cluster("h100-sxm-80gb", 1).efficiency.gemm_bw_efficiency == \
+        make_cluster("h100-sxm-80gb", 1).efficiency.memory_bw_efficiency
+
+
+def test_a_layers_norm_and_activation_kernels_take_their_measured_floor_at_tiny_batches() -> None:
+    # The same blog: vLLM's fused add + RMSNorm kernel takes 5.5145 us at one row of 16384, its SwiGLU 3.84116 us.
+    floor = 2 * 5.5145e-6 + 3.84116e-6
+    mi300x = make_cluster("mi300x", 1)
+    assert mi300x.efficiency.layer_elementwise_floor_s == pytest.approx(floor, rel=1e-3)
+    spec = preset("llama3-8b")
+    settings = ServeSettings(input_tokens=1, output_tokens=128, weight_dtype="fp8", kv_dtype="fp8")
+    one = decode_step_parts(spec, mi300x, settings, 1, prefill=False)["elementwise"]
+    assert one == pytest.approx(spec.n_layers * mi300x.efficiency.layer_elementwise_floor_s)
+    # At a serving batch the bytes take longer than the floor, and a generation without one is unchanged.
+    many = decode_step_parts(spec, mi300x, settings, 4096, prefill=False)["elementwise"]
+    assert many > spec.n_layers * floor
+    h100 = make_cluster("h100-sxm-80gb", 1)
+    assert h100.efficiency.layer_elementwise_floor_s == 0.0
+    assert decode_step_parts(spec, h100, settings, 1, prefill=False)["elementwise"] < spec.n_layers * 1e-6

@@ -39,6 +39,17 @@ class EfficiencyProfile:
     # Share of peak FlashAttention-2 reaches where it trails the generation's best fused attention kernel (Hopper:
     # FA2 lacks the warp-specialized TMA pipeline of cuDNN's and FA3's kernels); blank means `attention_efficiency`.
     fa2_attention_efficiency: float | None = None
+    # Share of HBM bandwidth at which a bandwidth-bound GEMM streams its operands (decode's skinny GEMMs), where
+    # measured and lower than the elementwise kernels' share; blank means `memory_bw_efficiency` (basis column).
+    weight_stream_bw_efficiency: float | None = None
+    # Seconds a layer's two norm kernels and its activation kernel take at least, however few tokens they see (each a
+    # launch with a fixed cost), where measured; blank: none, they take their bytes at `memory_bw_efficiency`.
+    layer_elementwise_floor_s: float = 0.0
+
+    @property
+    def gemm_bw_efficiency(self) -> float:
+        """Share of HBM bandwidth at which a memory-bound GEMM moves its operands."""
+        return self.weight_stream_bw_efficiency or self.memory_bw_efficiency
 
     def flash_efficiency(self, fa2: bool) -> float:
         """Share of peak of the fused attention kernel a run uses: FlashAttention-2's where `fa2`, else the best."""
@@ -88,6 +99,8 @@ def _row_to_profile(row: dict[str, str]) -> EfficiencyProfile:
         fp4_gemm_half_dim=_optional_float(row, "fp4_gemm_half_dim"),
         decode_attention_bw_efficiency=_optional_float(row, "decode_attention_bw_efficiency"),
         fa2_attention_efficiency=_optional_float(row, "fa2_attention_efficiency"),
+        weight_stream_bw_efficiency=_optional_float(row, "weight_stream_bw_efficiency"),
+        layer_elementwise_floor_s=_optional_float(row, "layer_elementwise_floor_s") or 0.0,
     )
 
 

@@ -228,7 +228,7 @@ def linear_layers_s(spec: ModelSpec, cluster: Cluster, settings: ServeSettings, 
     eff, tp = cluster.efficiency, settings.tp
     dtype = _compute_dtype(settings.weight_dtype)
     peak = cluster.peak_flops(dtype)
-    bandwidth = cluster.memory_bw_bytes_per_s * eff.memory_bw_efficiency
+    bandwidth = cluster.memory_bw_bytes_per_s * eff.gemm_bw_efficiency  # the weights, as a skinny GEMM streams them
     h, q, kv = spec.dim, spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
     mlp_in = (2 if spec.mlp == "swiglu" else 1) * spec.ffn_dim
     adp = settings.attention_dp and tp > 1
@@ -307,7 +307,10 @@ def decode_step_parts(
     # reduce-scatters them back after it). The activation function runs on a 1/tp share of the routed copies either
     # way (a 1/tp slice of every expert's width under TP, the copies routed to its E/tp experts under EP).
     norm_tokens = rank_tokens if settings.attention_dp and tp > 1 else tokens
-    elementwise = spec.n_layers * 2 * (norm_tokens * 10 * h + tokens * 3 * spec.ffn_dim * experts / tp) / bandwidth
+    # However few the tokens, the norm and activation kernels take their launch-bound floor where one is measured
+    # (`EfficiencyProfile.layer_elementwise_floor_s`).
+    per_layer = 2 * (norm_tokens * 10 * h + tokens * 3 * spec.ffn_dim * experts / tp) / bandwidth
+    elementwise = spec.n_layers * max(per_layer, eff.layer_elementwise_floor_s)
     if spec.is_moe and spec.n_experts > 1:
         # Token permutation to the experts and back: the expand kernel writes every routed copy once and the
         # finalize kernel reads every expert output once to sum them (TensorRT-LLM's expandInputRows and

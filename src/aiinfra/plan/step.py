@@ -71,7 +71,7 @@ def _gemm_time_s(cluster: Cluster, precision: str, m: float, k: float, n: float,
     compute = flops / (cluster.peak_flops(precision) * cluster.efficiency.gemm_efficiency(m, k, n, precision))
     operand_bytes = GEMM_INPUT_BYTES.get(precision, 2.0)
     traffic = ((m * k + k * n) * operand_bytes + m * n * 2.0) * count
-    return max(compute, traffic / (cluster.memory_bw_bytes_per_s * cluster.efficiency.memory_bw_efficiency))
+    return max(compute, traffic / (cluster.memory_bw_bytes_per_s * cluster.efficiency.gemm_bw_efficiency))
 
 
 def _mlp_gemm_s(spec: ModelSpec, layout: Layout, cluster: Cluster, precision: str, m: float,
