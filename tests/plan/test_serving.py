@@ -1,5 +1,6 @@
 """The serving engines' documented limits, against hand computations."""
 
+import csv
 import math
 from dataclasses import replace
 
@@ -498,17 +499,22 @@ def test_an_engine_as_tables_name_it_is_its_own_spelling(system: str, engine: st
     assert engine_name(system) == engine
 
 
-def test_an_empty_precision_is_what_the_checkpoint_name_says() -> None:
-    import csv
+def _qwen3_235b_h200_row() -> dict[str, str]:
+    """The table's Qwen3-235B row on 8 H200 (fp8), as the CSV gives it."""
+    from aiinfra.plan.serve_rows import INFERENCE_RUNS_CSV
 
-    from aiinfra.plan.serve_rows import INFERENCE_RUNS_CSV, _predict_inference_row, name_precision
+    with open(INFERENCE_RUNS_CSV, newline="") as handle:
+        return next(r for r in csv.DictReader(handle) if r["id"] == "trtllm-qwen3-235b-h200x8-fp8-1000")
+
+
+def test_an_empty_precision_is_what_the_checkpoint_name_says() -> None:
+    from aiinfra.plan.serve_rows import _predict_inference_row, name_precision
 
     assert (name_precision("Qwen/Qwen3-235B-A22B-FP8"), name_precision("nvidia/Llama-3.1-405B-Instruct-FP4"),
             name_precision("TheBloke/Llama-2-70B-Chat-AWQ"), name_precision("llama-3.1-70b")) == (
         "fp8", "fp4", "int4-weights", "")
     models = serve_models()
-    with open(INFERENCE_RUNS_CSV, newline="") as handle:
-        row = next(r for r in csv.DictReader(handle) if r["id"] == "trtllm-qwen3-235b-h200x8-fp8-1000")
+    row = _qwen3_235b_h200_row()
     stated = _predict_inference_row(row, models)
     named = _predict_inference_row({**row, "model": "Qwen/Qwen3-235B-A22B-FP8", "precision": ""}, models)
     assert named.predicted == stated.predicted
@@ -518,13 +524,10 @@ def test_an_empty_precision_is_what_the_checkpoint_name_says() -> None:
 
 
 def test_an_inference_row_whose_hardware_counts_its_parts_needs_no_device_count() -> None:
-    import csv
-
-    from aiinfra.plan.serve_rows import INFERENCE_RUNS_CSV, _predict_inference_row
+    from aiinfra.plan.serve_rows import _predict_inference_row
 
     models = serve_models()
-    with open(INFERENCE_RUNS_CSV, newline="") as handle:
-        row = next(r for r in csv.DictReader(handle) if r["id"] == "trtllm-qwen3-235b-h200x8-fp8-1000")
+    row = _qwen3_235b_h200_row()
     stated = _predict_inference_row(row, models)
     counted = _predict_inference_row({**row, "hardware": "8x H200", "n_devices": ""}, models)
     assert counted.predicted == stated.predicted

@@ -27,6 +27,15 @@ def run_row(row: dict[str, str | None]) -> RunRow:
     return RunRow({key.strip().lower(): value or "" for key, value in row.items() if key is not None})
 
 
+def cell_key(text: str, drop_parentheses: bool = False) -> str:
+    """A word cell as the vocabularies below spell it: lower case, hyphens for spaces and underscores, no hyphen at
+    either end, and where asked without parenthesised detail ("FP8 (delayed scaling)" is "fp8")."""
+    text = text.lower()
+    if drop_parentheses:
+        text = re.sub(r"\(.*?\)", " ", text)
+    return re.sub(r"[\s_]+", "-", text.strip()).strip("-")
+
+
 # A CSV saved by a spreadsheet starts with a byte-order mark, which would otherwise become part of the first column's
 # name ("\ufeffid"): every run table is read with this encoding.
 CSV_ENCODING = "utf-8-sig"
@@ -109,9 +118,7 @@ _MIXED = re.compile(r"^(amp|mixed|autocast)-|-(mixed|amp)$")
 def row_precision(row: dict[str, str], default: str = "bf16") -> str:
     """The `precision` cell in the schema's words (lower case, `PRECISION_ALIASES`, a scaling recipe or format
     after the word: "FP8 (delayed scaling)", "fp8_e4m3", "bf16-mixed", "INT4 AWQ"); `default` when empty."""
-    text = re.sub(r"\(.*?\)", " ", (row.get("precision") or "").lower())
-    text = re.sub(r"[\s_]+", "-", text.strip()).strip("-")
-    text = _MIXED.sub("", text)
+    text = _MIXED.sub("", cell_key(row.get("precision") or "", drop_parentheses=True))
     if not text:
         return default
     if text in PRECISION_ALIASES:
@@ -156,8 +163,7 @@ SHARDING_ALIASES = {"full-shard": "fsdp", "fsdp-full-shard": "fsdp", "shard-grad
 
 def sharding_word(text: str) -> str:
     """A `sharding` cell in the schema's words (`SHARDING_ALIASES`; "ZeRO-3", "ZeRO stage 3": zero3)."""
-    key = re.sub(r"[\s_]+", "-", re.sub(r"\(.*?\)", " ", text).strip().lower()).strip("-")
-    key = re.sub(r"^zero-?(stage-?)?([0-3])$", r"zero\2", key)
+    key = re.sub(r"^zero-?(stage-?)?([0-3])$", r"zero\2", cell_key(text, drop_parentheses=True))
     return "none" if key == "zero0" else SHARDING_ALIASES.get(key, key)
 
 
@@ -177,8 +183,7 @@ NO_RECOMPUTE = ("", "none", "no", "off", "false", "disabled", "0")
 def recompute_word(text: str) -> tuple[str, bool]:
     """(none/selective/full, sequence parallel stated) from the recompute column (any case, `FULL_RECOMPUTE`,
     `SELECTIVE_RECOMPUTE`, `NO_RECOMPUTE`; "selective+sp" states sequence parallelism)."""
-    raw = text.strip().lower()
-    key = re.sub(r"[\s_]+", "-", re.sub(r"\(.*?\)", " ", raw).strip()).strip("-")
+    key = cell_key(text, drop_parentheses=True)
     if key.startswith(SELECTIVE_RECOMPUTE) or key.endswith("-offloaded") or "selective" in key:
         return "selective", "+sp" in key
     if key in FULL_RECOMPUTE or key.startswith("full-"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from aiinfra.plan.cells import cell_key
 from aiinfra.plan.errors import PlanError
 from aiinfra.plan.moe_routing import TE_MULTI_STREAM_GEMM_PER_GROUP_S
 
@@ -189,7 +190,7 @@ _VERSION = re.compile(r"-(v?\d+(\.\d+)*|zero(-stage)?(-?[0-3])?|stage-?[0-3])$")
 
 
 def _spelled(text: str) -> str:
-    key = re.sub(r"[\s_]+", "-", text.strip().lower()).strip("-")
+    key = cell_key(text)
     return FRAMEWORK_ALIASES.get(key, key)
 
 
