@@ -95,12 +95,15 @@ def load_catalog(extra_csv: Path | None = None) -> dict[str, Accelerator]:
 
 
 # Other spellings of catalog parts, after lower-casing and hyphenating: the bare part where the catalog holds one
-# form of it (H100 SXM 80 GB; A100 has two, so "a100" stays unknown), NVL72 racks by their GPU, TPUs without the
-# "tpu-" and Trillium by its version.
+# form of it (H100 SXM 80 GB; A100 has four, so "a100" and "a100-pcie" stay unknown), PCIe and NVL cards with their
+# capacity written either side, NVL72 racks by their GPU, TPUs without the "tpu-" and Trillium by its version.
 HARDWARE_ALIASES = {
     "h100": "h100-sxm-80gb", "h100-sxm": "h100-sxm-80gb", "h100-sxm5": "h100-sxm-80gb", "h100-80gb": "h100-sxm-80gb",
     "a100-80gb": "a100-sxm-80gb", "a100-40gb": "a100-sxm-40gb", "h200-sxm": "h200", "b200-sxm": "b200",
     "gb200-nvl72": "gb200", "gb300-nvl72": "gb300", "mi300": "mi300x", "trillium": "tpu-v6e", "h800-sxm": "h800",
+    "h100-pcie-80gb": "h100-pcie", "h100-80gb-pcie": "h100-pcie", "h100-nvl-94gb": "h100-nvl",
+    "h100-94gb-nvl": "h100-nvl", "a100-80gb-pcie": "a100-pcie-80gb", "a100-40gb-pcie": "a100-pcie-40gb",
+    "h20-96gb": "h20", "l40s-48gb": "l40s", "mi325": "mi325x", "mi350": "mi350x", "mi355": "mi355x",
     **{version: f"tpu-{version}" for version in ("v4", "v5e", "v5p", "v6e")},
     **{f"tpu{version}": f"tpu-{version}" for version in ("v4", "v5e", "v5p", "v6e")},
 }
@@ -109,7 +112,8 @@ HARDWARE_ALIASES = {
 # Words a published table puts around a part's name that do not change the part, removed in turn: the vendor
 # ("NVIDIA H100", "AMD Instinct MI300X", "Google TPU"), the system it ships in (HGX/DGX B200), the memory type
 # (H100 80GB HBM3), the SXM generation (A100-SXM4, H100 SXM5: the catalog's "sxm"), H200's only capacity, and a TPU
-# slice's chip or core count (v5p-1024, tpu-v5e-256; "v5litepod" is v5e). A PCIe or NVL card stays unknown.
+# slice's chip or core count (v5p-1024, tpu-v5e-256; "v5litepod" is v5e). PCIe and NVL cards keep their word: they
+# are parts of their own (`HARDWARE_ALIASES`).
 _HARDWARE_WORDS = (
     (r"^(nvidia|amd|google|cloud)-", ""), (r"^instinct-", ""), (r"^(hgx|dgx)-|-(hgx|dgx)$", ""), (r"-hbm3e?$", ""),
     (r"-sxm[45]", "-sxm"), (r"^(h200(-sxm)?)-141gb$", r"\1"), (r"^(tpu-)?v5-?lite(-?pod)?", r"\1v5e"),
@@ -146,12 +150,22 @@ _CUDA_NAMES = [
     ("B300", "b300"),
     ("GB200", "gb200"),
     ("B200", "b200"),
+    ("GH200", "h200"),  # Grace Hopper's GPU: H100's tensor rates (the trainer's MFU denominator) beside HBM3e
     ("H200", "h200"),
+    ("H20", "h20"),  # after H200, which contains it
     ("H800", "h800"),
+    ("H100 PCIe", "h100-pcie"),
+    ("H100 NVL", "h100-nvl"),
     ("H100", "h100-sxm-80gb"),
     ("A100-SXM4-40GB", "a100-sxm-40gb"),
+    ("A100-PCIE-40GB", "a100-pcie-40gb"),
+    ("A100 80GB PCIe", "a100-pcie-80gb"),
     ("A100", "a100-sxm-80gb"),
+    ("L40S", "l40s"),
     ("MI300X", "mi300x"),
+    ("MI325X", "mi325x"),
+    ("MI350X", "mi350x"),
+    ("MI355X", "mi355x"),
 ]
 
 

@@ -26,8 +26,10 @@ USABLE_MEMORY_FRACTION = 0.96
 USABLE_MEMORY_FRACTION_TPU = 0.97
 # Accelerators whose scale-up domain is a full mesh of point-to-point links, with no switch between them: "each AMD
 # Instinct MI300X system GPU is connected to its seven peer GPUs via xGMI links, forming a fully connected mesh"
-# (AMD ROCm blog, "Understanding RCCL Bandwidth and xGMI Performance on AMD Instinct MI300X", March 2025).
-MESH_ACCELERATORS = frozenset({"mi300x"})
+# (AMD ROCm blog, "Understanding RCCL Bandwidth and xGMI Performance on AMD Instinct MI300X", March 2025); MI325X
+# boards are the same platform, and MI350 Series boards join their eight GPUs by seven Infinity Fabric links each the
+# same way.
+MESH_ACCELERATORS = frozenset({"mi300x", "mi325x", "mi350x", "mi355x"})
 
 
 @dataclass(frozen=True)
