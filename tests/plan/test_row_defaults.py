@@ -331,3 +331,21 @@ def test_a_hardware_cell_that_counts_its_parts_gives_the_device_count() -> None:
     # With dp stated, the degrees give the count and the hardware cell's count names a node.
     staged = setup_from_row({**_row("bridge2606-qwen3-235b-gb200x256-mxfp8"), "hardware": "4x GB200", "n_devices": ""})
     assert staged.cluster.n_devices == 256
+
+
+@pytest.mark.parametrize(("family", "rope", "bias", "tied", "vocab"), [
+    ("mpt", False, False, True, 50432), ("bloom", False, True, True, 250880), ("opt", False, True, True, 50272),
+    ("falcon", True, False, False, 65024), ("gpt-j", True, True, False, 50400), ("gpt-neox", True, True, False, 0),
+])
+def test_a_pre_llama_family_word_is_its_published_architecture(family: str, rope: bool, bias: bool, tied: bool,
+                                                                vocab: int) -> None:
+    """MPT, BLOOM, OPT, Falcon, GPT-J and GPT-NeoX rows are 2-matrix LayerNorm models with a 4 x hidden MLP when the
+    row leaves `ffn` empty, not Llama-style SwiGLU ones; positions, biases, tying and vocabulary as each publishes."""
+    row = {"model": family, "layers": "32", "hidden": "4096", "heads": "32", "seq_len": "2048",
+           "vocab": "" if vocab else "50432"}
+    spec = spec_from_row(row)
+    assert (spec.mlp, spec.norm, spec.ffn_dim) == ("gelu", "layernorm", 4 * 4096)
+    assert (spec.position == "rope", spec.bias, spec.tie_embeddings) == (rope, bias, tied)
+    assert spec.vocab_size == (vocab or 50432)
+    llama = spec_from_row({**row, "model": "llama", "ffn": str(4 * 4096), "vocab": "50432"})
+    assert spec.num_params() < llama.num_params()  # two matrices of 4h, not three

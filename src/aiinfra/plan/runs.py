@@ -48,15 +48,29 @@ METRICS = ("tflops_per_device_hw", "mfu", "step_time_s", "tokens_per_s_per_devic
            "gpu_hours_total")
 # fsdp-like: sharded optimizer and gradients with weights kept between passes (Llama 3, 3.3.2), a ZeRO-2 pattern;
 # under PyTorch FSDP it names HYBRID_SHARD (`FrameworkFacts.fsdp_like_is_hybrid`).
-# Families whose published models use a 2-matrix MLP, LayerNorm, learned positions and biases (GPT-2/3, MPT, the
+# Families whose published models use a 2-matrix MLP, LayerNorm, learned positions and biases (GPT-2/3, the
 # MaxText test models), or a 2-matrix squared-ReLU MLP (Nemotron-4); all others are Llama-style (SwiGLU, RMSNorm,
 # rotary positions). GPT's vocabulary is GPT-2's BPE when a row does not give one (Brown et al. 2020). Tied input
 # and output embeddings: GPT, PaLM, every Gemma, Llama 3.2's small models and Cohere's Command R and R+
 # (CohereForAI/c4ai-command-r-v01 config.json tie_word_embeddings true).
+# The pre-Llama open families, each from its Hugging Face configuration and modelling code, all with a 2-matrix
+# MLP of GELU (ReLU for OPT) and LayerNorm: MPT (mosaicml/mpt-7b configuration_mpt.py: no_bias true, ALiBi, tied,
+# vocab 50432) and BLOOM (bigscience/bloom: ALiBi, biases, tied, vocab 250880) have no rotary positions (ALiBi's
+# bias on the scores is counted as learned positions: no rotation, and max_seq_len x hidden parameters, 0.1% of a 7B
+# model); OPT (facebook/opt-*: learned positions, biases, tied, vocab 50272); Falcon (tiiuae/falcon-*: rotary,
+# no biases, vocab 65024); GPT-J (EleutherAI/gpt-j-6b: rotary, biases, vocab 50400); GPT-NeoX and Pythia
+# (EleutherAI/gpt-neox-20b, pythia-*: rotary, biases); StarCoder (bigcode/starcoder, gpt_bigcode: learned
+# positions, biases, vocab 49152) and StarCoder2 (rotary, biases, vocab 49152).
 GPT_FAMILIES = ("gpt",)
-TWO_MATRIX_FAMILIES = ("gpt", "nemotron")
-TIED_FAMILIES = ("gpt", "palm", "gemma", "gemma2", "gemma3", "llama3.2", "cohere")
-DEFAULT_VOCAB = {"gpt": 50257}
+TWO_MATRIX_FAMILIES = ("gpt", "nemotron", "mpt", "bloom", "opt", "falcon", "gpt-j", "gpt-neox", "pythia",
+                       "starcoder", "starcoder2")
+LAYERNORM_FAMILIES = ("gpt", "mpt", "bloom", "opt", "falcon", "gpt-j", "gpt-neox", "pythia", "starcoder",
+                      "starcoder2")
+UNROTATED_FAMILIES = ("gpt", "mpt", "bloom", "opt", "starcoder")  # learned or ALiBi positions
+BIAS_FAMILIES = ("gpt", "bloom", "opt", "gpt-j", "gpt-neox", "pythia", "starcoder", "starcoder2")
+TIED_FAMILIES = ("gpt", "palm", "gemma", "gemma2", "gemma3", "llama3.2", "cohere", "mpt", "bloom", "opt")
+DEFAULT_VOCAB = {"gpt": 50257, "mpt": 50432, "bloom": 250880, "opt": 50272, "falcon": 65024, "gpt-j": 50400,
+                 "starcoder": 49152, "starcoder2": 49152}
 # Node-limited routing in the model's own router: DeepSeek-V3 config.json n_group 8, topk_group 4 (each token's 8
 # experts come from at most 4 of 8 groups, one group per node in the authors' EP64 layout; arXiv 2412.19437, 3.2.2).
 NODE_LIMITED_ROUTING = {"deepseek-v3": 4}
@@ -188,14 +202,14 @@ def spec_from_row(row: dict[str, str]) -> ModelSpec:
     vocab = count(row, "vocab", DEFAULT_VOCAB.get(family))
     seq = count(row, "seq_len")
     matrices = 2 if family in TWO_MATRIX_FAMILIES else 3
-    gpt = family in GPT_FAMILIES
     # A head width the rotary embedding cannot split (odd) keeps its cost but not its rotation: learned positions.
     # The width is the published one where it is not hidden / heads (GPT-OSS: 64, against 2880 / 64 = 45).
     head_width = _head_width(row)
-    rope = not gpt and (head_width or hidden // heads) % 2 == 0
+    rope = family not in UNROTATED_FAMILIES and (head_width or hidden // heads) % 2 == 0
     tied = row_version(row).version in TIED_FAMILIES
-    arch = dict(mlp="gelu" if matrices == 2 else "swiglu", norm="layernorm" if gpt else "rmsnorm",
-                position="rope" if rope else "learned", bias=gpt, tie_embeddings=tied)
+    arch = dict(mlp="gelu" if matrices == 2 else "swiglu",
+                norm="layernorm" if family in LAYERNORM_FAMILIES else "rmsnorm",
+                position="rope" if rope else "learned", bias=family in BIAS_FAMILIES, tie_embeddings=tied)
     common = dict(vocab_size=vocab, dim=hidden, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads,
                   max_seq_len=seq, head_width=head_width, **arch)
     if not is_moe_row(row) and moe_evident(row):
