@@ -39,6 +39,9 @@ ROW = {"id": "x", "system": "TensorRT-LLM max-throughput", "model": "llama-3.1-8
     ("CohereForAI/c4ai-command-r-plus", "command-r-plus"),
     ("moonshotai/Kimi-K2-Instruct", "kimi-k2"),
     ("Qwen/Qwen3-Coder-480B-A35B-Instruct-FP8", "qwen3-coder-480b-a35b"),
+    ("zai-org/GLM-4.5-FP8", "glm-4.5"),
+    ("zai-org/GLM-4.5-Air", "glm-4.5-air"),
+    ("MiniMaxAI/MiniMax-M2", "minimax-m2"),
 ])
 def test_a_published_name_finds_its_catalog_model(name: str, catalog: str) -> None:
     assert find_model(name, serve_models()) == catalog
@@ -96,6 +99,12 @@ def test_published_configurations_keep_their_architecture() -> None:
     assert models["nemotron-4-340b"].spec.mlp == "gelu"  # two matrices (squared ReLU), not SwiGLU's three
     kimi = models["kimi-k2"]  # DeepSeek-V3's architecture with 384 routed experts and 64 MLA heads
     assert (kimi.spec.n_experts, kimi.kv_dim_per_layer, kimi.moe_layers) == (384, 576, 60)
+    # GLM-4.5 and MiniMax-M2: 128-wide heads apart from hidden / heads, experts within 3% of the published
+    # moe_intermediate_size (1536) from the model cards' counts, GLM's dense first layers outside the MoE count.
+    glm, minimax = models["glm-4.5"], models["minimax-m2"]
+    assert (glm.spec.head_dim, glm.spec.n_experts, glm.spec.experts_per_token, glm.moe_layers) == (128, 160, 8, 89)
+    assert (minimax.spec.head_dim, minimax.spec.n_experts, minimax.version) == (128, 256, "minimax-m2")
+    assert glm.spec.ffn_dim == pytest.approx(1536, rel=0.03) and minimax.spec.ffn_dim == pytest.approx(1536, rel=0.03)
 
 
 def test_devices_beyond_one_tensor_parallel_group_are_replicas() -> None:

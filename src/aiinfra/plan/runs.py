@@ -81,8 +81,10 @@ NODE_LIMITED_ROUTING = {"deepseek-v3": 4}
 # heads (Qwen3-235B-A22B: 4096 / 64 = 64; Qwen3-30B-A3B: 2048 / 32 = 64; config.json head_dim 128), and so do the
 # dense ones (Qwen3-32B: 5120 / 64 = 80, head_dim 128; the smaller sizes already have 128 = hidden / heads).
 # DeepSeek-V2 uses the same MLA widths (arXiv 2405.04434, 2.1.2: d_h^R 64 beside 128-wide heads).
+# GLM-4.5 and GLM-4.5-Air (zai-org config.json head_dim 128: 96 heads against 5120 / 96 and 4096 / 96) and
+# MiniMax-M2 (MiniMaxAI/MiniMax-M2 config.json head_dim 128 against 3072 / 48 = 64) do the same.
 ATTENTION_HEAD_DIMS = {"deepseek-v3": (192, 128), "deepseek-v2": (192, 128), "qwen3-moe": (128, 128),
-                       "qwen3": (128, 128), "gpt-oss": (64, 64)}
+                       "qwen3": (128, 128), "gpt-oss": (64, 64), "glm4-moe": (128, 128), "minimax-m2": (128, 128)}
 # Sliding-window attention: GPT-OSS alternates 128-token local layers with full-attention layers (config.json
 # sliding_window 128, layer_types sliding/full; OpenAI gpt-oss model card, 2025) and uses 64-wide heads (head_dim 64
 # against hidden / heads = 2880 / 64 = 45). Gemma 3 runs five 1024-token local layers for each global one and
@@ -97,13 +99,15 @@ SLIDING_WINDOWS = {"gpt-oss": (128, 0.5), "gemma2": (4096, 0.5), "gemma3": (1024
 CHUNKED_ATTENTION = {"llama4": (8192, 0.75)}
 # The same published head widths size the query, key, value and output projections (config.json head_dim: the
 # q projection is heads x head_dim wide, not hidden): Qwen3-235B-A22B 64 x 128 = 8192 against hidden 4096.
-PUBLISHED_HEAD_WIDTHS = {"qwen3-moe": 128, "qwen3": 128, "gpt-oss": 64}
+PUBLISHED_HEAD_WIDTHS = {"qwen3-moe": 128, "qwen3": 128, "gpt-oss": 64, "glm4-moe": 128, "minimax-m2": 128}
 # Norms beyond the pre-norms: Gemma 3 adds a post-norm after attention and after the MLP and replaces Gemma 2's
 # soft-capping by QK-norm (Gemma 3 technical report, 2025, 2.1; config.json / modeling: post_attention_layernorm,
 # post_feedforward_layernorm, q_norm, k_norm); Qwen3 adds QK-norm (Qwen3 technical report, 2025, 2.1: QK-Norm in
 # place of QKV bias); Gemma 2 already normalizes each sub-layer's output (Gemma 2 technical report, 2: "post-norm and
-# pre-norm with RMSNorm"). (post-norms per layer, QK-norm).
-EXTRA_NORMS = {"gemma2": (2, False), "gemma3": (2, True), "qwen3-moe": (0, True), "qwen3": (0, True)}
+# pre-norm with RMSNorm"). MiniMax-M2 adds QK-norm (config.json use_qk_norm); GLM-4.5 does but GLM-4.5-Air does not
+# (use_qk_norm true and false), and the family word keeps Air's. (post-norms per layer, QK-norm).
+EXTRA_NORMS = {"gemma2": (2, False), "gemma3": (2, True), "qwen3-moe": (0, True), "qwen3": (0, True),
+               "minimax-m2": (0, True)}
 
 
 class DoesNotFit(RowNotRepresentable):
