@@ -42,6 +42,8 @@ ROW = {"id": "x", "system": "TensorRT-LLM max-throughput", "model": "llama-3.1-8
     ("zai-org/GLM-4.5-FP8", "glm-4.5"),
     ("zai-org/GLM-4.5-Air", "glm-4.5-air"),
     ("MiniMaxAI/MiniMax-M2", "minimax-m2"),
+    ("EleutherAI/gpt-j-6b", "gpt-j-6b"),
+    ("tiiuae/falcon-180B-chat", "falcon-180b"),
 ])
 def test_a_published_name_finds_its_catalog_model(name: str, catalog: str) -> None:
     assert find_model(name, serve_models()) == catalog
@@ -54,8 +56,8 @@ def test_an_ambiguous_or_unknown_name_finds_none(name: str) -> None:
 
 
 def test_an_unknown_model_row_is_not_run_with_its_name() -> None:
-    with pytest.raises(RowNotRepresentable, match="'falcon-180b' has no published shape"):
-        _predict_inference_row({**ROW, "model": "falcon-180b"}, serve_models())
+    with pytest.raises(RowNotRepresentable, match="'jamba-1.5-large' has no published shape"):
+        _predict_inference_row({**ROW, "model": "jamba-1.5-large"}, serve_models())
     with pytest.raises(RowNotRepresentable, match="'llama-3' is ambiguous: it begins llama-3-8b, llama-3-70b"):
         _predict_inference_row({**ROW, "model": "llama-3"}, serve_models())
 
@@ -104,6 +106,9 @@ def test_published_configurations_keep_their_architecture() -> None:
     glm, minimax = models["glm-4.5"], models["minimax-m2"]
     assert (glm.spec.head_dim, glm.spec.n_experts, glm.spec.experts_per_token, glm.moe_layers) == (128, 160, 8, 89)
     assert (minimax.spec.head_dim, minimax.spec.n_experts, minimax.version) == (128, 256, "minimax-m2")
+    falcon = models["falcon-180b"].spec  # a 2-matrix LayerNorm model with rotary positions, 64-wide heads
+    assert (falcon.mlp, falcon.norm, falcon.position, falcon.head_dim, falcon.ffn_dim) == (
+        "gelu", "layernorm", "rope", 64, 4 * 14848)
     assert glm.spec.ffn_dim == pytest.approx(1536, rel=0.03) and minimax.spec.ffn_dim == pytest.approx(1536, rel=0.03)
 
 
