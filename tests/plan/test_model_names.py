@@ -44,6 +44,8 @@ ROW = {"id": "x", "system": "TensorRT-LLM max-throughput", "model": "llama-3.1-8
     ("MiniMaxAI/MiniMax-M2", "minimax-m2"),
     ("EleutherAI/gpt-j-6b", "gpt-j-6b"),
     ("tiiuae/falcon-180B-chat", "falcon-180b"),
+    ("Qwen/Qwen3-4B-Instruct-2507", "qwen3-4b"),
+    ("Qwen/Qwen2.5-1.5B-Instruct", "qwen2.5-1.5b"),
 ])
 def test_a_published_name_finds_its_catalog_model(name: str, catalog: str) -> None:
     assert find_model(name, serve_models()) == catalog
@@ -106,6 +108,10 @@ def test_published_configurations_keep_their_architecture() -> None:
     glm, minimax = models["glm-4.5"], models["minimax-m2"]
     assert (glm.spec.head_dim, glm.spec.n_experts, glm.spec.experts_per_token, glm.moe_layers) == (128, 160, 8, 89)
     assert (minimax.spec.head_dim, minimax.spec.n_experts, minimax.version) == (128, 256, "minimax-m2")
+    # Qwen's small releases tie their output head; the same family's larger ones do not.
+    assert models["qwen3-4b"].spec.tie_embeddings and models["qwen2.5-1.5b"].spec.tie_embeddings
+    assert not models["qwen3-8b"].spec.tie_embeddings and not models["qwen2.5-7b"].spec.tie_embeddings
+    assert models["qwen3-4b"].spec.head_dim == 128  # 2560 / 32 = 80: the published head_dim
     falcon = models["falcon-180b"].spec  # a 2-matrix LayerNorm model with rotary positions, 64-wide heads
     assert (falcon.mlp, falcon.norm, falcon.position, falcon.head_dim, falcon.ffn_dim) == (
         "gelu", "layernorm", "rope", 64, 4 * 14848)

@@ -30,6 +30,7 @@ class Version:
 
     version: str
     head_width: int = 0  # config.json head_dim where it is not hidden / heads (0: hidden / heads)
+    tied: bool = False  # this release ties its output head to the input embedding where its family does not
 
 
 # (family word, hidden, layers) -> version, from each release's config.json (google/gemma-2b, gemma-7b, gemma-2-2b,
@@ -60,8 +61,17 @@ LLAMA_TIED_SHAPES = {(2048, 16): Version("llama3.2", 64), (3072, 28): Version("l
 MISTRAL_VERSIONS = {(5120, 40): Version("mistral", 128)}
 
 
+# Qwen's small releases tie the output head to the embedding (config.json tie_word_embeddings true), the larger
+# ones do not: Qwen3-0.6B (hidden 1024, 28 layers), 1.7B (2048, 28), 4B (2560, 36), all with head_dim 128;
+# Qwen2.5-0.5B (896, 24), 1.5B (1536, 28), 3B (2048, 36), with hidden / heads = 64 or 128.
+QWEN3_VERSIONS = {(1024, 28): Version("qwen3", 128, tied=True), (2048, 28): Version("qwen3", 128, tied=True),
+                  (2560, 36): Version("qwen3", 128, tied=True)}
+QWEN2_VERSIONS = {(896, 24): Version("qwen2", tied=True), (1536, 28): Version("qwen2", tied=True),
+                  (2048, 36): Version("qwen2", tied=True)}
+
 # Each family's releases told apart by (hidden, layers); a shape not listed is the family's own architecture.
-SHAPE_VERSIONS = {"gemma": GEMMA_VERSIONS, "llama": LLAMA_TIED_SHAPES, "mistral": MISTRAL_VERSIONS}
+SHAPE_VERSIONS = {"gemma": GEMMA_VERSIONS, "llama": LLAMA_TIED_SHAPES, "mistral": MISTRAL_VERSIONS,
+                  "qwen3": QWEN3_VERSIONS, "qwen2": QWEN2_VERSIONS}
 
 
 def model_version(family: str, hidden: int | None, layers: int | None, moe: bool) -> Version:

@@ -210,7 +210,8 @@ def spec_from_row(row: dict[str, str]) -> ModelSpec:
     # The width is the published one where it is not hidden / heads (GPT-OSS: 64, against 2880 / 64 = 45).
     head_width = _head_width(row)
     rope = family not in UNROTATED_FAMILIES and (head_width or hidden // heads) % 2 == 0
-    tied = row_version(row).version in TIED_FAMILIES
+    version = row_version(row)
+    tied = version.tied or version.version in TIED_FAMILIES
     arch = dict(mlp="gelu" if matrices == 2 else "swiglu",
                 norm="layernorm" if family in LAYERNORM_FAMILIES else "rmsnorm",
                 position="rope" if rope else "learned", bias=family in BIAS_FAMILIES, tie_embeddings=tied)
