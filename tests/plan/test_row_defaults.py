@@ -101,7 +101,9 @@ def test_a_framework_is_named_by_a_product_it_covers(name: str, word: str) -> No
     ("NVIDIA NeMo 2.0", "megatron"), ("Megatron-LM v0.9", "megatron"), ("JAX/MaxText", "jax"),
     ("MaxText (JAX)", "jax"), ("torchtitan (FSDP2)", "torchtitan"), ("FSDP2", "pytorch-fsdp"),
     ("MosaicML Composer", "llm-foundry"), ("DeepSpeed ZeRO-3", "deepspeed"), ("megatron-2021", "megatron-2021"),
-    ("Megatron-DeepSpeed", "megatron-deepspeed"), ("", "in-house"),
+    ("Megatron-DeepSpeed", "megatron-deepspeed"), ("", "in-house"), ("NeMo Megatron", "megatron"),
+    ("DeepSpeed-Megatron", "megatron-deepspeed"), ("Primus-Megatron", "megatron"),
+    ("AMD Primus (Megatron)", "megatron"), ("Primus-Torchtitan", "torchtitan"), ("fms-fsdp", "pytorch-fsdp"),
 ])
 def test_a_framework_as_tables_print_it_is_the_schema_word(spelling: str, framework: str) -> None:
     assert framework_facts(spelling).name == framework

@@ -175,17 +175,23 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
 
 
 # The products each schema word covers (the reference README's `framework` row), any case: NeMo and Megatron-Bridge
-# run Megatron-Core, MaxText and Pax run on JAX, Composer is llm-foundry's trainer.
+# run Megatron-Core, MaxText and Pax run on JAX, Composer is llm-foundry's trainer. NeMo Megatron is NeMo's earlier
+# name for the same stack; AMD's Primus-Megatron and Primus-Torchtitan run those two trainers on ROCm; IBM's
+# fms-fsdp is the PyTorch FSDP trainer the pytorch-fsdp facts cite. AXLearn, Levanter and T5X also run on JAX but
+# with their own defaults (weight dtypes, remat), so they are not taken to be MaxText's and stay unknown.
 FRAMEWORK_ALIASES = {
     "megatron-lm": "megatron", "megatron-core": "megatron", "mcore": "megatron", "nemo": "megatron",
-    "megatron-bridge": "megatron", "maxtext": "jax", "pax": "jax", "paxml": "jax", "composer": "llm-foundry",
+    "megatron-bridge": "megatron", "nemo-megatron": "megatron", "primus-megatron": "megatron",
+    "maxtext": "jax", "pax": "jax", "paxml": "jax", "composer": "llm-foundry",
+    "deepspeed-megatron": "megatron-deepspeed", "primus-torchtitan": "torchtitan",
     "fsdp": "pytorch-fsdp", "pytorch-fsdp2": "pytorch-fsdp", "fsdp2": "pytorch-fsdp", "fsdp1": "pytorch-fsdp",
+    "fms-fsdp": "pytorch-fsdp",
 }
 
 
 # Words around a framework's name in published tables that do not change it: the vendor (NVIDIA NeMo, MosaicML
 # Composer), a version (NeMo 2.0, Megatron-LM v0.9) and the ZeRO stage DeepSpeed is named with (that is `sharding`).
-_VENDOR = re.compile(r"^(nvidia|mosaicml|mosaic|google|microsoft|meta|databricks|ibm)-")
+_VENDOR = re.compile(r"^(nvidia|amd|mosaicml|mosaic|google|microsoft|meta|databricks|ibm)-")
 _VERSION = re.compile(r"-(v?\d+(\.\d+)*|zero(-stage)?(-?[0-3])?|stage-?[0-3])$")
 
 
