@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from aiinfra.plan.cells import cell_key
 from aiinfra.plan.errors import PlanError
-from aiinfra.plan.moe_routing import TE_MULTI_STREAM_GEMM_PER_GROUP_S
+from aiinfra.plan.moe_routing import HOST_OP_S, TE_MULTI_STREAM_GEMM_PER_GROUP_S
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class FrameworkFacts:
     fp8_amax_pass: bool = False  # fp8 scales from each tensor's current amax, one extra read per cast (tensorwise)
     grouped_gemm_row_tile: int = 0  # dropless experts' grouped GEMM walks row tiles of this size (0: untiled)
     grouped_gemm_per_group_s: float = 0.0  # a grouped expert GEMM runs one GEMM per expert, each extra one costing this
+    expert_host_op_s: float = 0.0  # host seconds per per-expert op the MoE dispatcher's host sync exposes (0: none)
     selective_recomputes_alternate_mms: bool = False  # per-op selective checkpointing reruns every second matmul
     layer_offload: bool = False  # can keep whole layers' activations in host memory (a searched knob when unstated)
     recompute_drops_output_gemm: bool = False  # full recompute leaves out the layer's last GEMM (dead code under XLA)
@@ -74,12 +75,14 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         "overlapping it with another micro-batch is opt-in, and the published tables do not say it was on); TE "
         "fused attention; TE's fp8/fp4 linear layers save their quantized input for the weight gradient; "
         "--moe-grouped-gemm runs TE's GroupedLinear, one cuBLAS GEMM per local expert on a pool of streams "
-        "(`moe_routing.TE_MULTI_STREAM_GEMM_PER_GROUP_S`); NeMo's and Megatron-Bridge's recipes run the distributed "
+        "(`moe_routing.TE_MULTI_STREAM_GEMM_PER_GROUP_S`); the all-to-all dispatcher reads the token counts on "
+        "the host before the expert all-to-all, exposing each extra local expert's host ops "
+        "(`moe_routing.HOST_OP_S`); NeMo's and Megatron-Bridge's recipes run the distributed "
         "optimizer (ZeRO-1) unless Megatron-FSDP is named (the reference README: zero1 where the tables do not say)",
         dropout_families=("gpt",), tp_overlap=True, fp8_saved_inputs=True, interleaved_by_default=True,
         default_sharding="zero1",
         dp_bucket_params=40e6, dp_bucket_params_per_rank=1e6, sequence_parallel=True, partial_recompute=True,
-        layer_offload=True, grouped_gemm_per_group_s=TE_MULTI_STREAM_GEMM_PER_GROUP_S,
+        layer_offload=True, grouped_gemm_per_group_s=TE_MULTI_STREAM_GEMM_PER_GROUP_S, expert_host_op_s=HOST_OP_S,
     ),
     "megatron-2021": FrameworkFacts(
         "megatron-2021",

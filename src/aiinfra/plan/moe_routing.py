@@ -30,6 +30,34 @@ TE_MULTI_STREAM_GEMM_PER_GROUP_S = (2 * 8 * 4096 * 768 * 2048) * (1 / 553.945e12
 TE_MULTI_STREAM_GEMM_FLOOR_S = {"blackwell": 0.267e-3 / 8}
 
 
+# Host work per extra local expert, exposed by the dispatcher's host synchronisation. Megatron-Core's all-to-all token
+# dispatcher (MoEAlltoAllTokenDispatcher, dropless) reads the token counts on the host before the expert-parallel
+# all-to-all ("A synchronization is needed before expert parallel AlltoAll communication to get the input_splits and
+# output_splits CPU values": cuda_sync_point "before_ep_alltoall", whenever EP > 1 or a rank holds more than one
+# expert), so at every MoE layer the GPU's queue drains and the host's per-expert work that follows runs in front of
+# an idle GPU instead of ahead of it. That work, per local expert past the first, in one layer's forward and backward
+# on TE's multi-stream GroupedLinear path: each of the two grouped linears splits its input, quantizes the split into
+# two newly allocated copies (TE issue #1499: "torch.split()" and "torch.empty() (2x num_gemms calls)" are the CPU
+# overheads that make a grouped linear far longer than its GEMMs) and launches one GEMM, 4 host ops; its backward
+# splits the gradient, quantizes it into two copies and launches the dgrad and wgrad GEMMs, 5 ops: 2 x (4 + 5) = 18.
+# Each op costs about 10 us of host time from Python to the kernel launch (the middle of the 5-25 us that the Python
+# binding, autograd, ATen dispatch, library and driver layers add per op on the way to cudaLaunchKernel). The whole
+# exposure is an estimate set from those counts, not fitted: 180 us per extra expert per layer and micro-batch. As a
+# cross-check, TE issue #2897 measured the fused grouped MLP op (fewer ops per expert) at about 1.2 ms forward and
+# 2.1 ms backward of host time for 64 experts on GB200, ~52 us per expert.
+HOST_OPS_PER_EXTRA_EXPERT = 2 * (4 + 5)
+HOST_OP_S = 10e-6
+
+
+def expert_host_exposed_s(local_experts: float, host_op_s: float) -> float:
+    """Host seconds one layer's forward and backward expose per micro-batch after the dispatcher's host sync: the
+    per-expert host ops (`HOST_OPS_PER_EXTRA_EXPERT`) of every local expert past the first; nothing for one expert,
+    which runs like a dense MLP."""
+    if host_op_s <= 0 or local_experts <= 1:
+        return 0.0
+    return (local_experts - 1) * HOST_OPS_PER_EXTRA_EXPERT * host_op_s
+
+
 def grouped_call_s(gemms_s: float, local_experts: float, per_group_s: float, floor_s: float) -> float:
     """Seconds of one grouped expert GEMM call on TE's multi-stream path: its GEMMs' roofline time plus the extra
     GEMMs' cost (`split_gemm_overhead_s`), and never less than the path's floor per expert GEMM

@@ -24,7 +24,13 @@ from aiinfra.plan.layout import (
 )
 from aiinfra.plan.memory import memory_breakdown, offloaded_layer_bytes
 from aiinfra.plan.memory import stored_layer_bytes as _stored_layer_bytes
-from aiinfra.plan.moe_routing import ep_comm_s, expert_gemm_rows, grouped_call_s, multi_stream_floor_s
+from aiinfra.plan.moe_routing import (
+    ep_comm_s,
+    expert_gemm_rows,
+    expert_host_exposed_s,
+    grouped_call_s,
+    multi_stream_floor_s,
+)
 from aiinfra.spec import ModelSpec
 
 # Bytes moved per logit by a fused vocab-parallel cross-entropy (write bf16 logits, read them, write fp32
@@ -278,7 +284,8 @@ class MicroBatchTimes:
 
     compute_s: float
     tp_comm_exposed_s: float
-    other_comm_exposed_s: float  # context and expert parallel, and host transfers of offloaded activations
+    other_comm_exposed_s: float  # context and expert parallel, host transfers of offloaded activations, and the
+    # host work the MoE dispatcher's host sync exposes (`moe_routing.expert_host_exposed_s`)
     backward_s: float  # the backward share, the window that data-parallel reductions overlap
 
     @property
@@ -340,10 +347,11 @@ def layer_micro_batch_times(
         ep_exposed = overlapped_s(2 * fwd.ep_comm_s, fwd_compute + bwd_compute)
     else:
         ep_exposed = 2 * fwd.ep_comm_s  # dispatch/combine block the expert GEMMs in both passes
+    host = expert_host_exposed_s(spec.n_experts / layout.ep, settings.expert_host_op_s) if spec.is_moe else 0.0
     return MicroBatchTimes(
         compute_s=fwd_compute + bwd_compute + recompute,
         tp_comm_exposed_s=tp_exposed,
-        other_comm_exposed_s=cp_exposed + ep_exposed + offload,
+        other_comm_exposed_s=cp_exposed + ep_exposed + offload + host,
         backward_s=bwd_compute + recompute,
     )
 
@@ -418,7 +426,7 @@ class StepBreakdown:
 
     compute_s: float  # all micro-batches' computation on the slowest stage
     tp_comm_s: float  # exposed tensor/sequence-parallel communication
-    other_comm_s: float  # exposed context/expert-parallel communication and host (offload) transfers
+    other_comm_s: float  # exposed context/expert-parallel communication, host (offload) transfers, MoE host sync
     pp_p2p_s: float  # pipeline sends and receives
     bubble_s: float  # pipeline fill and drain
     dp_comm_s: float  # exposed data-parallel / ZeRO / FSDP collectives
