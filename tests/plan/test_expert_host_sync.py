@@ -58,3 +58,11 @@ def test_a_dense_model_is_unchanged() -> None:
     layout = Layout(dp_shard=128, micro_batch=1)
     assert layer_micro_batch_times(dense, replace(plain, expert_host_op_s=HOST_OP_S), layout, cluster) \
         == layer_micro_batch_times(dense, plain, layout, cluster)
+
+
+def test_a_capacity_padded_run_needs_no_host_sync() -> None:
+    cluster = make_cluster("b200", 128)
+    padded = TrainSettings(seq_len=4096, global_batch_seqs=256, precision="fp8", moe_capacity_factor=1.25)
+    layout = Layout(dp_shard=128, ep=8, micro_batch=1)
+    assert layer_micro_batch_times(MOE, replace(padded, expert_host_op_s=HOST_OP_S), layout, cluster) \
+        == layer_micro_batch_times(MOE, padded, layout, cluster)

@@ -347,7 +347,10 @@ def layer_micro_batch_times(
         ep_exposed = overlapped_s(2 * fwd.ep_comm_s, fwd_compute + bwd_compute)
     else:
         ep_exposed = 2 * fwd.ep_comm_s  # dispatch/combine block the expert GEMMs in both passes
-    host = expert_host_exposed_s(spec.n_experts / layout.ep, settings.expert_host_op_s) if spec.is_moe else 0.0
+    # Dropless routing only: a capacity-padded buffer has static sizes and needs no host sync (drop-and-pad is
+    # Megatron's "no_sync" point).
+    dropless = spec.is_moe and settings.moe_capacity_factor <= 0
+    host = expert_host_exposed_s(spec.n_experts / layout.ep, settings.expert_host_op_s) if dropless else 0.0
     return MicroBatchTimes(
         compute_s=fwd_compute + bwd_compute + recompute,
         tp_comm_exposed_s=tp_exposed,
