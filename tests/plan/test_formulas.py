@@ -472,7 +472,8 @@ def test_sequence_parallel_fp8_inputs_are_quantized_before_the_gather_and_moe_ca
 
 def test_whole_layer_cpu_offload_moves_every_saved_tensor_under_the_passes() -> None:
     from aiinfra.plan.memory import layer_activation_bytes, stored_layer_bytes
-    from aiinfra.plan.step import layer_micro_batch_times, layer_offload_exposed_s
+    from aiinfra.plan.offload import layer_offload_exposed_s
+    from aiinfra.plan.step import layer_micro_batch_times
 
     spec = preset("llama3-70b")
     cluster = make_cluster("gb200", 64)

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from aiinfra.plan.cluster import Cluster, collective_time_s
 from aiinfra.plan.dp_comm import dp_comm_s, overlapped_s
 from aiinfra.plan.eager import eager_extra_forward_bytes, foreach_adamw_bytes_per_param
-from aiinfra.plan.errors import PlanError
 from aiinfra.plan.layout import (
     Layout,
     TrainSettings,
@@ -22,8 +21,7 @@ from aiinfra.plan.layout import (
     local_attention_widths,
     micro_batches,
 )
-from aiinfra.plan.memory import memory_breakdown, offloaded_layer_bytes
-from aiinfra.plan.memory import stored_layer_bytes as _stored_layer_bytes
+from aiinfra.plan.memory import memory_breakdown
 from aiinfra.plan.moe_routing import (
     ep_comm_s,
     expert_gemm_rows,
@@ -31,6 +29,7 @@ from aiinfra.plan.moe_routing import (
     grouped_call_s,
     multi_stream_floor_s,
 )
+from aiinfra.plan.offload import host_transfer_exposed_s, layer_offload_exposed_s
 from aiinfra.spec import ModelSpec
 
 # Bytes moved per logit by a fused vocab-parallel cross-entropy (write bf16 logits, read them, write fp32
@@ -357,37 +356,6 @@ def layer_micro_batch_times(
         other_comm_exposed_s=cp_exposed + ep_exposed + offload + host,
         backward_s=bwd_compute + recompute,
     )
-
-
-def layer_offload_exposed_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster,
-                            forward_s: float, backward_s: float) -> float:
-    """Whole-layer CPU offload (Megatron-Core --cpu-offloading with --cpu-offloading-num-layers, activations): every
-    saved tensor of an offloaded layer goes to host memory during its forward and comes back before its backward, by
-    copy engines on their own stream, so only the excess over the pass it runs under is exposed; averaged over the
-    stage's layers (the share `offload_layer_fraction`)."""
-    if layout.offload_layer_fraction <= 0:
-        return 0.0
-    host_gbs = cluster.accelerator.host_bw_gbs
-    if not host_gbs:
-        raise PlanError(f"layer offload: hardware {cluster.accelerator.id!r} has no host_bw_gbs in the catalog")
-    size = _stored_layer_bytes(spec, settings, layout)
-    transfer = size / (host_gbs * 1e9)
-    return layout.offload_layer_fraction * (max(0.0, transfer - forward_s) + max(0.0, transfer - backward_s))
-
-
-def host_transfer_exposed_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster,
-                            forward_s: float, backward_s: float) -> float:
-    """Offloaded activations of one layer and micro-batch: written to the host during the forward, read back during
-    the backward, each through the device's host link by DMA engines that leave the compute units free, so only the
-    excess over the pass they run under is exposed."""
-    size = offloaded_layer_bytes(spec, settings, layout)
-    if size <= 0:
-        return 0.0
-    host_gbs = cluster.accelerator.host_bw_gbs
-    if not host_gbs:
-        raise PlanError(f"activation offload: hardware {cluster.accelerator.id!r} has no host_bw_gbs in the catalog")
-    transfer = size / (host_gbs * 1e9)
-    return max(0.0, transfer - forward_s) + max(0.0, transfer - backward_s)
 
 
 def head_micro_batch_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster) -> float:
