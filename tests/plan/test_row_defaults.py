@@ -104,6 +104,8 @@ def test_a_framework_is_named_by_a_product_it_covers(name: str, word: str) -> No
     ("Megatron-DeepSpeed", "megatron-deepspeed"), ("", "in-house"), ("NeMo Megatron", "megatron"),
     ("DeepSpeed-Megatron", "megatron-deepspeed"), ("Primus-Megatron", "megatron"),
     ("AMD Primus (Megatron)", "megatron"), ("Primus-Torchtitan", "torchtitan"), ("fms-fsdp", "pytorch-fsdp"),
+    ("torch FSDP", "pytorch-fsdp"), ("NeMo Framework", "megatron"), ("llmfoundry", "llm-foundry"),
+    ("MosaicML", "llm-foundry"),
 ])
 def test_a_framework_as_tables_print_it_is_the_schema_word(spelling: str, framework: str) -> None:
     assert framework_facts(spelling).name == framework

@@ -180,7 +180,8 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
 # The products each schema word covers (the reference README's `framework` row), any case: NeMo and Megatron-Bridge
 # run Megatron-Core, MaxText and Pax run on JAX, Composer is llm-foundry's trainer. NeMo Megatron is NeMo's earlier
 # name for the same stack; AMD's Primus-Megatron and Primus-Torchtitan run those two trainers on ROCm; IBM's
-# fms-fsdp is the PyTorch FSDP trainer the pytorch-fsdp facts cite. AXLearn, Levanter and T5X also run on JAX but
+# fms-fsdp is the PyTorch FSDP trainer the pytorch-fsdp facts cite; llmfoundry is llm-foundry's package name, and
+# MosaicML alone names its one public trainer. AXLearn, Levanter and T5X also run on JAX but
 # with their own defaults (weight dtypes, remat), so they are not taken to be MaxText's and stay unknown.
 FRAMEWORK_ALIASES = {
     "megatron-lm": "megatron", "megatron-core": "megatron", "mcore": "megatron", "nemo": "megatron",
@@ -188,7 +189,8 @@ FRAMEWORK_ALIASES = {
     "maxtext": "jax", "pax": "jax", "paxml": "jax", "composer": "llm-foundry",
     "deepspeed-megatron": "megatron-deepspeed", "primus-torchtitan": "torchtitan",
     "fsdp": "pytorch-fsdp", "pytorch-fsdp2": "pytorch-fsdp", "fsdp2": "pytorch-fsdp", "fsdp1": "pytorch-fsdp",
-    "fms-fsdp": "pytorch-fsdp",
+    "fms-fsdp": "pytorch-fsdp", "torch-fsdp": "pytorch-fsdp", "nemo-framework": "megatron",
+    "llmfoundry": "llm-foundry", "mosaicml": "llm-foundry",
 }
 
 
