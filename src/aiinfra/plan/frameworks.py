@@ -48,6 +48,7 @@ class FrameworkFacts:
     grouped_gemm_row_tile: int = 0  # dropless experts' grouped GEMM walks row tiles of this size (0: untiled)
     grouped_gemm_per_group_s: float = 0.0  # a grouped expert GEMM runs one GEMM per expert, each extra one costing this
     expert_host_op_s: float = 0.0  # host seconds per per-expert op the MoE dispatcher's host sync exposes (0: none)
+    split_flash_backward: bool = False  # flash attention's backward as separate dK/dV and dQ kernels (7 matmuls, not 5)
     selective_recomputes_alternate_mms: bool = False  # per-op selective checkpointing reruns every second matmul
     layer_offload: bool = False  # can keep whole layers' activations in host memory (a searched knob when unstated)
     recompute_drops_output_gemm: bool = False  # full recompute leaves out the layer's last GEMM (dead code under XLA)
@@ -158,7 +159,11 @@ FRAMEWORKS: dict[str, FrameworkFacts] = {
         "states no weight dtype and does not fit in fp32 is taken to have used it; XLA fuses elementwise "
         "producers (the norms, the MLP activation) into the matmuls that read them, so a recomputed layer "
         "materializes only matmul outputs (XLA operation fusion: producer-consumer fusion into dot/convolution "
-        "operands)",
+        "operands); the TPU flash attention's backward runs as two kernels, dK/dV then dQ, each recomputing the "
+        "scores (jax/experimental/pallas/ops/tpu/flash_attention.py _flash_attention_bwd_dkv and "
+        "_flash_attention_bwd_dq; splash attention likewise unless sa_use_fused_bwd_kernel, which MaxText's "
+        "configs/types.py defaults to False)",
+        split_flash_backward=True,
         tp_overlap=True, grad_reduce_fp32=False, param_bytes=4, gather_param_bytes=2, optimizer_bytes_per_param=8,
         sequence_parallel=True, shard_within_domain=True, mfu_causal_attention=True, activation_offload=True,
         logit_bytes=2, grouped_gemm_row_tile=512, recompute_drops_output_gemm=True, recompute_fuses_elementwise=True,

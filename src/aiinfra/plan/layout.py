@@ -139,6 +139,7 @@ class TrainSettings:
     grouped_gemm_row_tile: int = 0  # row tile of a tiled grouped expert GEMM (megablox); 0: no per-group waste
     grouped_gemm_per_group_s: float = 0.0  # extra seconds per extra expert GEMM of a one-GEMM-per-expert grouped call
     expert_host_op_s: float = 0.0  # host seconds per per-expert op exposed by the MoE dispatcher's host sync
+    split_flash_backward: bool = False  # flash backward as separate dK/dV and dQ kernels, each recomputing the scores
     selective_recomputes_alternate_mms: bool = False  # selective recompute reruns every second matmul (torchtitan)
     recompute_drops_output_gemm: bool = False  # full recompute skips the MLP down projection (XLA dead code)
     recompute_fuses_elementwise: bool = False  # a recomputed layer's norms and MLP activation live inside fusions

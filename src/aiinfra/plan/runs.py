@@ -415,7 +415,7 @@ def setup_from_row(row: dict[str, str]) -> RunSetup:
         logit_bytes=facts.logit_bytes,
         fp8_amax_pass=facts.fp8_amax_pass, fp8_saved_inputs=facts.fp8_saved_inputs,
         grouped_gemm_row_tile=facts.grouped_gemm_row_tile, grouped_gemm_per_group_s=facts.grouped_gemm_per_group_s,
-        expert_host_op_s=facts.expert_host_op_s,
+        expert_host_op_s=facts.expert_host_op_s, split_flash_backward=facts.split_flash_backward,
         selective_recomputes_alternate_mms=facts.selective_recomputes_alternate_mms,
         recompute_drops_output_gemm=facts.recompute_drops_output_gemm,
         recompute_fuses_elementwise=facts.recompute_fuses_elementwise,

@@ -39,6 +39,10 @@ CROSS_ENTROPY_BYTES_PER_LOGIT = 10
 # the forward traffic. Flash attention's backward does 5 matmuls to the forward's 2 (Dao 2023, FlashAttention-2).
 BACKWARD_ELEMENTWISE_FACTOR = 2.0
 FLASH_BACKWARD_FACTOR = 2.5
+# A backward split into a dK/dV kernel (recompute S = QK^T, then dV, dP = dO V^T, dK: 4 matmuls) and a dQ kernel
+# (S again, dP again, dQ: 3), as JAX's Pallas TPU flash attention runs it (_flash_attention_bwd_dkv and
+# _flash_attention_bwd_dq): 7 matmuls to the forward's 2.
+SPLIT_FLASH_BACKWARD_FACTOR = 3.5
 FLASH_BLOCK = 128  # query/key tile: a causal mask skips every tile above the diagonal
 SELECTIVE_ELEMENTWISE_SHARE = 0.5  # of a layer's elementwise traffic that selective recompute repeats (flash)
 GEMM_INPUT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "fp4": 0.5625}  # NVFP4: 16 values + a scale
@@ -297,7 +301,8 @@ def layer_micro_batch_times(
 ) -> MicroBatchTimes:
     """Forward + backward (+ recomputation) of one layer for one micro-batch."""
     fwd = layer_forward_times(spec, settings, layout, cluster)
-    attention_bwd = FLASH_BACKWARD_FACTOR if settings.attention_kernel == "flash" else 2.0
+    flash_bwd = SPLIT_FLASH_BACKWARD_FACTOR if settings.split_flash_backward else FLASH_BACKWARD_FACTOR
+    attention_bwd = flash_bwd if settings.attention_kernel == "flash" else 2.0
     fwd_compute = fwd.gemm_s + fwd.attention_s + fwd.scores_elementwise_s + fwd.elementwise_s
     bwd_compute = (
         2 * fwd.gemm_s
