@@ -53,9 +53,7 @@ def expert_host_exposed_s(local_experts: float, host_op_s: float) -> float:
     """Host seconds one layer's forward and backward expose per micro-batch after the dispatcher's host sync: the
     per-expert host ops (`HOST_OPS_PER_EXTRA_EXPERT`) of every local expert past the first; nothing for one expert,
     which runs like a dense MLP."""
-    if host_op_s <= 0 or local_experts <= 1:
-        return 0.0
-    return (local_experts - 1) * HOST_OPS_PER_EXTRA_EXPERT * host_op_s
+    return split_gemm_overhead_s(local_experts, HOST_OPS_PER_EXTRA_EXPERT * host_op_s)
 
 
 def grouped_call_s(gemms_s: float, local_experts: float, per_group_s: float, floor_s: float) -> float:

@@ -11,6 +11,16 @@ from aiinfra.plan.memory import stored_layer_bytes as _stored_layer_bytes
 from aiinfra.spec import ModelSpec
 
 
+def _exposed_transfer_s(what: str, cluster: Cluster, size: float, forward_s: float, backward_s: float) -> float:
+    """`size` bytes to the host during the forward and back during the backward over the device's host link: the
+    excess of each transfer over the pass it runs under."""
+    host_gbs = cluster.accelerator.host_bw_gbs
+    if not host_gbs:
+        raise PlanError(f"{what}: hardware {cluster.accelerator.id!r} has no host_bw_gbs in the catalog")
+    transfer = size / (host_gbs * 1e9)
+    return max(0.0, transfer - forward_s) + max(0.0, transfer - backward_s)
+
+
 def layer_offload_exposed_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster,
                             forward_s: float, backward_s: float) -> float:
     """Whole-layer CPU offload (Megatron-Core --cpu-offloading with --cpu-offloading-num-layers, activations): every
@@ -19,12 +29,8 @@ def layer_offload_exposed_s(spec: ModelSpec, settings: TrainSettings, layout: La
     stage's layers (the share `offload_layer_fraction`)."""
     if layout.offload_layer_fraction <= 0:
         return 0.0
-    host_gbs = cluster.accelerator.host_bw_gbs
-    if not host_gbs:
-        raise PlanError(f"layer offload: hardware {cluster.accelerator.id!r} has no host_bw_gbs in the catalog")
     size = _stored_layer_bytes(spec, settings, layout)
-    transfer = size / (host_gbs * 1e9)
-    return layout.offload_layer_fraction * (max(0.0, transfer - forward_s) + max(0.0, transfer - backward_s))
+    return layout.offload_layer_fraction * _exposed_transfer_s("layer offload", cluster, size, forward_s, backward_s)
 
 
 def host_transfer_exposed_s(spec: ModelSpec, settings: TrainSettings, layout: Layout, cluster: Cluster,
@@ -35,8 +41,4 @@ def host_transfer_exposed_s(spec: ModelSpec, settings: TrainSettings, layout: La
     size = offloaded_layer_bytes(spec, settings, layout)
     if size <= 0:
         return 0.0
-    host_gbs = cluster.accelerator.host_bw_gbs
-    if not host_gbs:
-        raise PlanError(f"activation offload: hardware {cluster.accelerator.id!r} has no host_bw_gbs in the catalog")
-    transfer = size / (host_gbs * 1e9)
-    return max(0.0, transfer - forward_s) + max(0.0, transfer - backward_s)
+    return _exposed_transfer_s("activation offload", cluster, size, forward_s, backward_s)
