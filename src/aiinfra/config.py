@@ -174,6 +174,11 @@ class ObserveConfig(Section):
         description="a rank whose straggler score (fastest compute time / its own) is below this is slow",
     )
     straggler_steps: int = Field(3, ge=1, description="steps in a row a rank must be slow to be named the straggler")
+    straggler_min_s: float = Field(
+        0.5, ge=0,
+        description="seconds of its own compute a rank's slow steps must add up to before it is named (a transient "
+        "of the host spans several short steps)",
+    )
     tensorboard: bool = Field(False, description="also write TensorBoard event files under <run.dir>/tensorboard")
 
 

@@ -71,3 +71,16 @@ def test_straggler_clean_30_step_run_names_no_rank(base: list[str], tmp_path: Pa
 def test_straggler_detector_needs_persistence(times: list[list[float]], named: list[int | None]) -> None:
     detector = StragglerDetector(threshold=0.7, steps=3)
     assert [detector.update(step)["straggler_rank"] for step in times] == named
+
+
+def test_straggler_transient_shorter_than_the_time_floor_is_not_named() -> None:
+    """A rank twice as slow for 4 steps of 20 ms (a host transient of 160 ms on a small CPU run) is not named; the
+    same ratio over steps that add up to the floor is."""
+    detector = StragglerDetector(threshold=0.7, steps=3, min_seconds=0.5)
+    transient = [[0.02, 0.02]] * 3 + [[0.02, 0.04]] * 4 + [[0.02, 0.02]] * 3
+    assert [detector.update(step)["straggler_rank"] for step in transient] == [None] * 10
+    detector = StragglerDetector(threshold=0.7, steps=3, min_seconds=0.5)
+    lasting = [[0.1, 0.2]] * 4
+    assert [detector.update(step)["straggler_rank"] for step in lasting] == [None, None, 1, 1]
+    detector = StragglerDetector(threshold=0.7, steps=3, min_seconds=0.0)  # the floor off: steps alone decide
+    assert [detector.update(step)["straggler_rank"] for step in transient][6] == 1

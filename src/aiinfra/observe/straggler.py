@@ -5,7 +5,11 @@ which a rank blocked in a collective or descheduled on a loaded machine does not
 one float per rank per step in the all-gather it already does for the per-rank figures. A rank's score is the
 fastest rank's compute time over its own (1: fastest; NVIDIA's resiliency extension scores ranks 0..1 the same way
 and flags below 0.7). One slow step is noise (a page fault, a garbage collection); a rank is named the straggler
-when it scores below the threshold for `steps` steps in a row, and stops being named after as many good steps.
+when it scores below the threshold for `steps` steps in a row and, over those steps, at least `min_seconds` of its own
+compute, and stops being named after `steps` good steps. The time floor matters only where steps are short: an
+operating-system transient (a garbage-collection pause, page-cache writeback, a neighbour's burst on a shared host)
+lasts up to a few hundred milliseconds, which is one step of real training but several of a small CPU run; a rank
+that is really slow stays slow for longer than that.
 """
 
 from __future__ import annotations
@@ -28,11 +32,14 @@ def slowest_over_median(compute_s: list[float]) -> float:
 
 @dataclass
 class StragglerDetector:
-    """Names the rank that scored below `threshold` for `steps` consecutive steps (None while no rank does)."""
+    """Names the rank that scored below `threshold` for `steps` consecutive steps spanning at least `min_seconds` of
+    its compute (None while no rank does)."""
 
     threshold: float = 0.7
     steps: int = 3
+    min_seconds: float = 0.5
     _slow_streak: dict[int, int] = field(default_factory=dict)
+    _slow_seconds: dict[int, float] = field(default_factory=dict)
     _good_streak: int = 0
     straggler: int | None = None
 
@@ -41,7 +48,9 @@ class StragglerDetector:
         scores = straggler_scores(compute_s)
         slow = {rank for rank, score in enumerate(scores) if score < self.threshold}
         self._slow_streak = {rank: self._slow_streak.get(rank, 0) + 1 for rank in slow}
-        persistent = [rank for rank, streak in self._slow_streak.items() if streak >= self.steps]
+        self._slow_seconds = {rank: self._slow_seconds.get(rank, 0.0) + compute_s[rank] for rank in slow}
+        persistent = [rank for rank, streak in self._slow_streak.items()
+                      if streak >= self.steps and self._slow_seconds[rank] >= self.min_seconds]
         newly_named = None
         if persistent:
             worst = min(persistent, key=lambda rank: scores[rank])

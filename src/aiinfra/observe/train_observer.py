@@ -51,7 +51,7 @@ class TrainObserver:
         self.tokens_per_step = tokens_per_step
         self.is_main = rank == 0
         observe = config.observe
-        self.detector = StragglerDetector(observe.straggler_threshold, observe.straggler_steps)
+        self.detector = StragglerDetector(observe.straggler_threshold, observe.straggler_steps, observe.straggler_min_s)
         self.power = PowerMeter(device)
         self.metrics: TrainMetrics | None = None
         self.rank_log: RankLogger | None = None
@@ -82,6 +82,7 @@ class TrainObserver:
             "predicted_step_time_s": predicted_s, "prediction_source": source,
             "energy": "nvml" if self.power.available else self.power.reason,
             "straggler_threshold": observe.straggler_threshold, "straggler_steps": observe.straggler_steps,
+            "straggler_min_s": observe.straggler_min_s,
         })
         prediction = f"predicted step time {predicted_s:.3f} s" if predicted_s is not None else source
         where = f"metrics at {url}" if url else "metrics off (observe.metrics_port=-1)"
