@@ -38,8 +38,7 @@ class StragglerDetector:
     threshold: float = 0.7
     steps: int = 3
     min_seconds: float = 0.5
-    _slow_streak: dict[int, int] = field(default_factory=dict)
-    _slow_seconds: dict[int, float] = field(default_factory=dict)
+    _slow: dict[int, tuple[int, float]] = field(default_factory=dict)  # rank -> (slow steps in a row, their compute)
     _good_streak: int = 0
     straggler: int | None = None
 
@@ -47,10 +46,12 @@ class StragglerDetector:
         """Feed one step's per-rank compute times; return the step's straggler fields for the record."""
         scores = straggler_scores(compute_s)
         slow = {rank for rank, score in enumerate(scores) if score < self.threshold}
-        self._slow_streak = {rank: self._slow_streak.get(rank, 0) + 1 for rank in slow}
-        self._slow_seconds = {rank: self._slow_seconds.get(rank, 0.0) + compute_s[rank] for rank in slow}
-        persistent = [rank for rank, streak in self._slow_streak.items()
-                      if streak >= self.steps and self._slow_seconds[rank] >= self.min_seconds]
+        previous, self._slow = self._slow, {}
+        for rank in slow:  # a rank's streak ends at its first good step
+            streak, seconds = previous.get(rank, (0, 0.0))
+            self._slow[rank] = (streak + 1, seconds + compute_s[rank])
+        persistent = [rank for rank, (streak, seconds) in self._slow.items()
+                      if streak >= self.steps and seconds >= self.min_seconds]
         newly_named = None
         if persistent:
             worst = min(persistent, key=lambda rank: scores[rank])
